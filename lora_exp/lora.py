@@ -1,0 +1,202 @@
+"""LoRA written from scratch: a wrapper around a frozen ``nn.Linear``, injection by target names, merge.
+
+``h = W0 x + b0 + scaling * B(A(dropout(x)))`` with ``A: r x k`` Kaiming-uniform(a=sqrt(5)), ``B: d x r``
+zeros (so the wrapped model is unchanged at step 0) and ``scaling = alpha / r`` (``alpha / sqrt(r)`` with
+rsLoRA). Attribute names follow PEFT (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``,
+``scaling``) so exporting to the PEFT layout is a key rename.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lora_exp.errors import LoraExpError
+
+# Friendly target aliases, as full-match regexes over ``named_modules()`` paths, per ``config.model_type``.
+# Regexes (not suffixes) because BERT's FFN output ``layer.N.output.dense`` is a suffix of the attention
+# output ``layer.N.attention.output.dense``.
+_BERT = {
+    "q": [r".*\.layer\.\d+\.attention\.self\.query"],
+    "k": [r".*\.layer\.\d+\.attention\.self\.key"],
+    "v": [r".*\.layer\.\d+\.attention\.self\.value"],
+    "o": [r".*\.layer\.\d+\.attention\.output\.dense"],
+    "ffn": [r".*\.layer\.\d+\.intermediate\.dense", r".*\.layer\.\d+\.output\.dense"],
+}
+ALIASES: dict[str, dict[str, list[str]]] = {
+    "distilbert": {
+        "q": [r".*\.attention\.q_lin"],
+        "k": [r".*\.attention\.k_lin"],
+        "v": [r".*\.attention\.v_lin"],
+        "o": [r".*\.attention\.out_lin"],
+        "ffn": [r".*\.ffn\.lin1", r".*\.ffn\.lin2"],
+        "head": [r"pre_classifier"],
+    },
+    "bert": {**_BERT, "head": [r"bert\.pooler\.dense"]},
+    "roberta": {**_BERT, "head": [r"classifier\.dense"]},
+    "xlm-roberta": {**_BERT, "head": [r"classifier\.dense"]},
+}
+ALIAS_NAMES = ("q", "k", "v", "o", "ffn", "head")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``scaling * B @ A``."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        d, k = base.out_features, base.in_features
+        if not 1 <= r <= min(d, k):
+            raise LoraExpError(f"lora.r={r} must be in [1, min(out, in)={min(d, k)}] for this layer")
+        self.base_layer = base.requires_grad_(False)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(k, r, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(r, d, bias=False, device=dev, dtype=dt)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.merged = False
+        self._pristine: torch.Tensor | None = None
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform (as ``nn.Linear`` and PEFT), B zero: the update starts at exactly zero."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32 (merging in low precision drifts)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``W0`` so inference runs the plain ``nn.Linear`` path."""
+        if self.merged:
+            raise LoraExpError("merge(): this LoRA layer is already merged; call unmerge() first")
+        w = self.base_layer.weight
+        merged = w.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise LoraExpError("merge(): the merged weight is not finite; the adapter is broken")
+        if w.dtype != torch.float32:  # subtracting again in bf16/fp16 would not restore W0 exactly
+            self._pristine = w.detach().clone()
+        w.copy_(merged.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W0`` (exactly for low precision, to float tolerance for fp32)."""
+        if not self.merged:
+            raise LoraExpError("unmerge(): this LoRA layer is not merged")
+        w = self.base_layer.weight
+        if self._pristine is not None:
+            w.copy_(self._pristine)
+            self._pristine = None
+        else:
+            w.sub_(self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def target_patterns(model_type: str, targets: Sequence[str]) -> list[tuple[str, str]]:
+    """Map each target to full-match regexes: an alias, ``re:<regex>``, or an exact name / dotted suffix."""
+    out = []
+    for t in targets:
+        if t in ALIAS_NAMES:
+            table = ALIASES.get(model_type)
+            if table is None or t not in table:
+                raise LoraExpError(
+                    f"lora.targets: alias '{t}' is not defined for model_type '{model_type}' "
+                    f"(aliases exist for {sorted(ALIASES)}); give module-name suffixes or 're:<regex>'"
+                )
+            out += [(t, p) for p in table[t]]
+        elif t.startswith("re:"):
+            out.append((t, t[3:]))
+        else:
+            out.append((t, rf"(.*\.)?{re.escape(t)}"))
+    return out
+
+
+def resolve_targets(model: nn.Module, targets: Sequence[str], protected: Sequence[str] = ()) -> list[str]:
+    """Module paths that ``targets`` select; an error if a target matches nothing or a non-Linear.
+
+    ``protected`` are module paths that must never be adapted (the trained classification head).
+    """
+    if not targets:
+        raise LoraExpError("lora.targets is empty; give aliases (q k v o ffn head) or module names")
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    modules = dict(model.named_modules())
+    chosen: list[str] = []
+    for target, pattern in target_patterns(model_type, targets):
+        hits = [n for n in modules if n and re.fullmatch(pattern, n)]
+        if not hits:
+            raise LoraExpError(f"lora.targets: '{target}' matches no module of this {model_type or 'model'}")
+        for name in hits:
+            if name in protected or any(name.startswith(p + ".") for p in protected):
+                raise LoraExpError(
+                    f"lora.targets: '{target}' matches the classification head '{name}', "
+                    "which is trained in full; target encoder layers"
+                )
+            if not isinstance(modules[name], nn.Linear | LoRALinear):
+                kind = type(modules[name]).__name__
+                raise LoraExpError(f"lora.targets: '{target}' matches '{name}', a {kind}, not an nn.Linear")
+            if name not in chosen:
+                chosen.append(name)
+    return chosen
+
+
+def inject(
+    model: nn.Module,
+    targets: Sequence[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    protected: Sequence[str] = (),
+) -> list[str]:
+    """Replace each targeted ``nn.Linear`` with a ``LoRALinear``; returns the replaced module paths."""
+    names = resolve_targets(model, targets, protected)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if isinstance(base, LoRALinear):
+            raise LoraExpError(f"inject(): '{name}' already carries a LoRA adapter")
+        setattr(parent, child, LoRALinear(base, r, alpha, dropout, rslora))
+    return names
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every ``(path, LoRALinear)`` in the model."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def merge(model: nn.Module) -> int:
+    """Merge every LoRA layer; returns how many were merged."""
+    layers = list(lora_layers(model))
+    for _, layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge(model: nn.Module) -> int:
+    """Unmerge every LoRA layer; returns how many were unmerged."""
+    layers = list(lora_layers(model))
+    for _, layer in layers:
+        layer.unmerge()
+    return len(layers)
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA A/B parameters, as in ``model.named_parameters()``."""
+    return [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]

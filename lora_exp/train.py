@@ -1,0 +1,413 @@
+"""``train(cfg, run_dir) -> results``: the one training loop, in execution order.
+
+seed -> data -> model -> method -> optimizer over trainable params -> autocast -> loop (log, eval, keep
+best) -> test with the best weights -> save adapter / weights -> results.json + W&B summary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from lora_exp import adapter, data, models, tracking
+from lora_exp.config import resolved_dict, validate
+from lora_exp.errors import LoraExpError, TrainingFailure
+
+SUB_SEEDS = ("model", "head", "lora", "data", "dropout")
+
+
+def sub_seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for each random stream, derived from ``trainer.seed`` (recorded in results)."""
+    states = np.random.SeedSequence(seed).generate_state(len(SUB_SEEDS))
+    return {k: int(s) for k, s in zip(SUB_SEEDS, states)}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an explicit CUDA request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraExpError(f"trainer.device={name} but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """bf16 where the GPU computes it natively (capability >= 8.0), fp16 + GradScaler below, fp32 on CPU."""
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    if requested == "auto":
+        return "fp32" if device.type != "cuda" else ("bf16" if major >= 8 else "fp16")
+    if requested == "bf16" and device.type == "cuda" and major < 8:
+        raise LoraExpError(
+            f"trainer.precision=bf16 needs compute capability >= 8.0 (this GPU: {major}.x); use fp16 or auto"
+        )
+    if requested == "fp16" and device.type != "cuda":
+        raise LoraExpError("trainer.precision=fp16 needs CUDA; on CPU use fp32 (auto) or bf16")
+    return requested
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any
+) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss over a loader."""
+    model.eval()
+    preds, labels, loss_sum = [], [], torch.zeros((), device=device)
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with amp():
+            out = model(**batch)
+        loss_sum += out.loss.float() * len(batch["labels"])
+        preds.append(out.logits.argmax(-1))
+        labels.append(batch["labels"])
+    model.train()
+    p, y = torch.cat(preds), torch.cat(labels)
+    f1s = []
+    for c in range(out.logits.shape[-1]):
+        tp = ((p == c) & (y == c)).sum()
+        denom = (p == c).sum() + (y == c).sum()
+        f1s.append(2 * tp / denom if denom > 0 else torch.zeros((), device=device))
+    return {
+        "acc": (p == y).float().mean().item(),
+        "f1": torch.stack(f1s).mean().item(),
+        "loss": (loss_sum / len(y)).item(),
+    }
+
+
+def check_gradients(named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool = False) -> None:
+    """After the first update every trainable tensor must have a finite, non-zero gradient.
+
+    LoRA A is exempt here: its gradient is exactly zero while B = 0 (B still is after a warm-up step at
+    lr 0); ``check_lora_moving`` covers it a few steps later.
+    """
+    bad = []
+    for name, p in named:
+        if ".lora_A." in name:
+            continue
+        if p.grad is None:
+            bad.append(f"{name} (no grad)")
+        elif not allow_inf and not torch.isfinite(p.grad).all():  # fp16: the scaler skips such steps
+            bad.append(f"{name} (non-finite grad)")
+        elif not p.grad.abs().sum() > 0:
+            bad.append(f"{name} (zero grad)")
+    _fail_if(bad, "trainable tensors get no usable gradient")
+
+
+def check_lora_moving(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
+    """After a few updates every LoRA B has left zero and every LoRA A gets a non-zero gradient."""
+    bad = [f"{n} (still zero)" for n, p in named if ".lora_B." in n and not p.abs().sum() > 0]
+    bad += [
+        f"{n} (zero grad)"
+        for n, p in named
+        if ".lora_A." in n and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
+    _fail_if(bad, f"LoRA tensors are not training after {step} steps")
+
+
+def _fail_if(bad: list[str], what: str) -> None:
+    if bad:
+        raise TrainingFailure(
+            "untrained", f"{len(bad)} {what}: " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+        )
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one job described by ``cfg``, writing everything into ``run_dir``; returns the results."""
+    validate(cfg)
+    t = cfg.trainer
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = resolved_dict(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = pick_device(t.device)
+    precision = pick_precision(t.precision, device)
+    seeds = sub_seeds(t.seed)
+
+    # Data (raw splits; tokenised after the model's limits are known).
+    splits = data.load_splits(cfg.data)
+    names = splits["train"].features["label"].names
+    id2label = dict(enumerate(names)) if names and not names[0].isdigit() else None
+
+    # Model, then the head re-initialised from its own seed: every method of one seed starts alike.
+    torch.manual_seed(seeds["model"])
+    tokenizer, model, head = models.build(cfg.model, cfg.data.num_labels, id2label)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and cfg.data.max_length > max_pos:
+        raise LoraExpError(f"data.max_length={cfg.data.max_length} exceeds the model's maximum of {max_pos}")
+    torch.manual_seed(seeds["head"])
+    for name in head:
+        model.get_submodule(name).apply(model._init_weights)
+    torch.manual_seed(seeds["lora"])
+    adapted = models.apply_method(model, cfg.method.name, head, cfg.lora)
+    counts = models.count_parameters(model, head)
+    model.to(device)
+    tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
+    loaders = data.make_loaders(
+        tok,
+        tokenizer,
+        t.batch_size,
+        t.eval_batch_size,
+        t.group_by_length,
+        torch.Generator().manual_seed(seeds["data"]),
+    )
+
+    # Optimizer over trainable parameters only; weight decay on >= 2-D weights only.
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    o = cfg.optimizer
+    groups = [
+        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=device.type == "cuda",
+        foreach=None if device.type == "cuda" else True,
+    )
+    steps_per_epoch = math.ceil(len(loaders.train) / t.grad_accum)
+    total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**12)
+    scheduler = get_scheduler(
+        o.scheduler,
+        optimizer,
+        num_warmup_steps=int(o.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    amp_dtype = AMP_DTYPES.get(precision)
+
+    def amp():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    probe_step = min(10, total_steps)  # when LoRA must be seen moving
+
+    print(
+        f"[lora-exp] {cfg.method.name} on {cfg.model.name}/{cfg.data.name}: {counts['trainable']:,} of "
+        f"{counts['total']:,} parameters trainable ({counts['trainable_pct']:.2f}%), "
+        f"{len(adapted)} LoRA layers, head {'+'.join(head)} (newly initialised, trained in full), "
+        f"{len(tok['train'])} train examples, {total_steps} steps, {device} {precision}"
+    )
+    config["derived"] = {
+        "params": counts,
+        "lora_scaling": _scaling(cfg),
+        "adapted_modules": adapted,
+        "head_modules": head,
+        "sub_seeds": seeds,
+        "total_steps": total_steps,
+        "precision": precision,
+    }
+    baseline = tracking.reset_memory(device)
+    with tracking.wandb_run(cfg, run_dir, config) as run:
+        history: list[dict[str, Any]] = []
+        best: dict[str, Any] = {"acc": -1.0}
+        best_state: dict[str, torch.Tensor] = {}
+        step, samples, real_tokens, padded_tokens, train_seconds = 0, 0, 0, 0, 0.0
+        running, n_running = torch.zeros((), device=device), 0
+        torch.manual_seed(seeds["dropout"])
+        model.train()
+        bar = tqdm(
+            total=total_steps, desc=f"{cfg.method.name}", unit="step", mininterval=1.0, dynamic_ncols=True
+        )
+
+        def validate_now(epoch: float) -> None:
+            nonlocal best, best_state
+            m = evaluate(model, loaders.validation, device, amp)
+            row = {
+                "step": step,
+                "epoch": round(epoch, 3),
+                "time_s": round(train_seconds, 3),
+                **{f"val_{k}": v for k, v in m.items()},
+            }
+            history.append(row)
+            run.log(
+                {
+                    "val/acc": m["acc"],
+                    "val/f1": m["f1"],
+                    "val/loss": m["loss"],
+                    "epoch": epoch,
+                    "time/train_s": train_seconds,
+                },
+                step=step,
+            )
+            if m["acc"] > best["acc"]:  # one selection metric; every metric reported at that step
+                best = {**m, "step": step, "epoch": epoch}
+                best_state = adapter.trainable_state(model)
+
+        t0 = time.perf_counter()
+        for epoch in range(t.epochs):
+            for i, batch in enumerate(loaders.train):
+                mask = batch["attention_mask"]
+                real_tokens += int(mask.sum())  # on the CPU batch: no device sync
+                padded_tokens += mask.numel()
+                samples += len(mask)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with amp():
+                    loss = model(**batch).loss / t.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                running += loss.detach()
+                n_running += 1
+                if (i + 1) % t.grad_accum and i + 1 != len(loaders.train):
+                    continue
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
+                    check_gradients(trainable, allow_inf=scaler is not None)
+                elif step == probe_step - 1 and any(".lora_" in n for n, _ in trainable):
+                    check_lora_moving(trainable, step)
+                if t.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update()
+                if step % t.log_every == 0 or step == total_steps:  # the only host sync of the loop
+                    value = running.item() / n_running * t.grad_accum
+                    if not math.isfinite(value):
+                        raise TrainingFailure("nan", f"train loss is {value} at step {step}")
+                    run.log(
+                        {"train/loss": value, "train/lr": scheduler.get_last_lr()[0], "epoch": epoch},
+                        step=step,
+                    )
+                    bar.set_postfix(loss=f"{value:.4f}")
+                    running.zero_()
+                    n_running = 0
+                if t.eval_every and step % t.eval_every == 0:
+                    train_seconds += time.perf_counter() - t0
+                    validate_now(epoch + (i + 1) / len(loaders.train))
+                    t0 = time.perf_counter()
+                if step >= total_steps:
+                    break
+            train_seconds += time.perf_counter() - t0
+            if not history or history[-1]["step"] != step:  # always evaluate the last step
+                validate_now(epoch + (i + 1) / len(loaders.train))
+            t0 = time.perf_counter()
+            if step >= total_steps:
+                break
+        bar.close()
+
+        adapter.load_into(model, best_state, "best checkpoint")
+        test = evaluate(model, loaders.test, device, amp)
+        memory = tracking.peak_memory(device, baseline)
+        results: dict[str, Any] = {
+            "status": "ok",
+            "method": cfg.method.name,
+            "model": cfg.model.name,
+            "data": cfg.data.name,
+            "r": cfg.lora.r if cfg.method.name == "lora" else None,
+            "alpha": cfg.lora.alpha if cfg.method.name == "lora" else None,
+            "rslora": cfg.lora.rslora if cfg.method.name == "lora" else None,
+            "targets": "+".join(cfg.lora.targets) if cfg.method.name == "lora" else None,
+            "lora_scaling": _scaling(cfg),
+            "lora_layers": len(adapted),
+            "lr": o.lr,
+            "trainable_params": counts["trainable"],
+            "total_params": counts["total"],
+            "trainable_pct": counts["trainable_pct"],
+            "adapter_params": counts["adapter"],
+            "head_params": counts["head"],
+            "other_trainable_params": counts["other"],
+            "best_val_acc": best["acc"],
+            "best_val_f1": best["f1"],
+            "best_val_loss": best["loss"],
+            "best_step": best["step"],
+            "best_epoch": best["epoch"],
+            "test_acc": test["acc"],
+            "test_f1": test["f1"],
+            "test_loss": test["loss"],
+            **memory,
+            "train_seconds": train_seconds,
+            "samples_per_s": samples / train_seconds,
+            "tokens_per_s": real_tokens / train_seconds,
+            "padding_efficiency": real_tokens / padded_tokens,
+            "steps": step,
+            "epochs": t.epochs,
+            "batch_size": t.batch_size,
+            "train_examples": len(tok["train"]),
+            "seed": t.seed,
+            "sub_seeds": seeds,
+            "precision": precision,
+            **tracking.environment(device),
+            **tracking.git_info(),
+            **tracking.wandb_ref(run),
+            "history": history,
+        }
+        if cfg.save_weights:
+            results.update(_save_weights(cfg, model, run_dir, head, adapted, id2label))
+        run.summary.update(
+            {k: v for k, v in results.items() if isinstance(v, int | float | str) or v is None}
+        )
+        tracking.write_json(run_dir / "results.json", results)
+    _print_summary(results, run_dir)
+    return results
+
+
+def _scaling(cfg: DictConfig) -> float | None:
+    if cfg.method.name != "lora":
+        return None
+    r, alpha = cfg.lora.r, cfg.lora.alpha
+    return alpha / math.sqrt(r) if cfg.lora.rslora else alpha / r
+
+
+def _save_weights(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    run_dir: Path,
+    head: list[str],
+    adapted: list[str],
+    id2label: dict | None,
+) -> dict[str, Any]:
+    """LoRA / frozen: the adapter alone (A/B + head); full: the whole model in safetensors."""
+    if cfg.method.name == "full":
+        model.save_pretrained(run_dir / "model")
+        size = sum(f.stat().st_size for f in (run_dir / "model").glob("*.safetensors"))
+        return {"weights_dir": str(run_dir / "model"), "weights_bytes": size}
+    meta = {
+        "base_model": models.model_location(cfg.model),
+        "model_name": cfg.model.name,
+        "model_source": cfg.model.source,
+        "method": cfg.method.name,
+        "targets": list(cfg.lora.targets),
+        "r": cfg.lora.r,
+        "alpha": cfg.lora.alpha,
+        "dropout": cfg.lora.dropout,
+        "rslora": cfg.lora.rslora,
+        "head_modules": head,
+        "num_labels": cfg.data.num_labels,
+        "id2label": id2label,
+    }
+    sizes = adapter.save_adapter(model, run_dir / "adapter", meta)
+    return {"weights_dir": str(run_dir / "adapter"), "weights_bytes": sizes["adapter_bytes"]}
+
+
+def _print_summary(r: dict[str, Any], run_dir: Path) -> None:
+    vram = f"{r['peak_vram_bytes'] / 2**30:.2f} GiB" if r["peak_vram_bytes"] else "n/a (CPU)"
+    rows = [
+        ("method", r["method"]),
+        ("trainable params", f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%)"),
+        ("best val acc", f"{r['best_val_acc']:.4f} (step {r['best_step']})"),
+        ("test acc", f"{r['test_acc']:.4f}"),
+        ("train time", f"{r['train_seconds']:.1f} s ({r['samples_per_s']:.1f} samples/s)"),
+        ("peak VRAM", vram),
+        ("peak host RSS", f"{r['peak_host_rss_bytes'] / 2**30:.2f} GiB"),
+        ("run dir", str(run_dir)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
