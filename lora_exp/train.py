@@ -107,11 +107,7 @@ def check_gradients(named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool
 def check_lora_moving(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
     """After a few updates every LoRA B has left zero and every LoRA A gets a non-zero gradient."""
     bad = [f"{n} (still zero)" for n, p in named if ".lora_B." in n and not p.abs().sum() > 0]
-    bad += [
-        f"{n} (zero grad)"
-        for n, p in named
-        if ".lora_A." in n and (p.grad is None or not p.grad.abs().sum() > 0)
-    ]
+    bad += [f"{n} (zero grad)" for n, p in named if ".lora_A." in n and (p.grad is None or not p.grad.abs().sum() > 0)]
     _fail_if(bad, f"LoRA tensors are not training after {step} steps")
 
 
@@ -120,6 +116,26 @@ def _fail_if(bad: list[str], what: str) -> None:
         raise TrainingFailure(
             "untrained", f"{len(bad)} {what}: " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
         )
+
+
+def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tuple[Any, torch.nn.Module, list, list]:
+    """Tokenizer, model with the method applied, head and LoRA module paths; deterministic per seed.
+
+    The head is re-initialised from its own sub-seed so every method of one seed starts from the same
+    head (a paired comparison); LoRA A from another, so adding LoRA does not shift the head's init.
+    """
+    seeds = sub_seeds(cfg.trainer.seed)
+    torch.manual_seed(seeds["model"])  # random-init (tiny) models and anything from_pretrained draws
+    tokenizer, model, head = models.build(cfg.model, cfg.data.num_labels, id2label)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and cfg.data.max_length > max_pos:
+        raise LoraExpError(f"data.max_length={cfg.data.max_length} exceeds the model's maximum of {max_pos}")
+    torch.manual_seed(seeds["head"])
+    for name in head:
+        model.get_submodule(name).apply(model._init_weights)
+    torch.manual_seed(seeds["lora"])
+    adapted = models.apply_method(model, cfg.method.name, head, cfg.lora)
+    return tokenizer, model, head, adapted
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -140,17 +156,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     names = splits["train"].features["label"].names
     id2label = dict(enumerate(names)) if names and not names[0].isdigit() else None
 
-    # Model, then the head re-initialised from its own seed: every method of one seed starts alike.
-    torch.manual_seed(seeds["model"])
-    tokenizer, model, head = models.build(cfg.model, cfg.data.num_labels, id2label)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and cfg.data.max_length > max_pos:
-        raise LoraExpError(f"data.max_length={cfg.data.max_length} exceeds the model's maximum of {max_pos}")
-    torch.manual_seed(seeds["head"])
-    for name in head:
-        model.get_submodule(name).apply(model._init_weights)
-    torch.manual_seed(seeds["lora"])
-    adapted = models.apply_method(model, cfg.method.name, head, cfg.lora)
+    tokenizer, model, head, adapted = build_model(cfg, id2label)
     counts = models.count_parameters(model, head)
     model.to(device)
     tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
@@ -218,9 +224,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         running, n_running = torch.zeros((), device=device), 0
         torch.manual_seed(seeds["dropout"])
         model.train()
-        bar = tqdm(
-            total=total_steps, desc=f"{cfg.method.name}", unit="step", mininterval=1.0, dynamic_ncols=True
-        )
+        bar = tqdm(total=total_steps, desc=f"{cfg.method.name}", unit="step", mininterval=1.0, dynamic_ncols=True)
 
         def validate_now(epoch: float) -> None:
             nonlocal best, best_state
@@ -246,62 +250,64 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 best = {**m, "step": step, "epoch": epoch}
                 best_state = adapter.trainable_state(model)
 
-        t0 = time.perf_counter()
-        for epoch in range(t.epochs):
-            for i, batch in enumerate(loaders.train):
-                mask = batch["attention_mask"]
-                real_tokens += int(mask.sum())  # on the CPU batch: no device sync
-                padded_tokens += mask.numel()
-                samples += len(mask)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with amp():
-                    loss = model(**batch).loss / t.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                running += loss.detach()
-                n_running += 1
-                if (i + 1) % t.grad_accum and i + 1 != len(loaders.train):
-                    continue
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
-                    check_gradients(trainable, allow_inf=scaler is not None)
-                elif step == probe_step - 1 and any(".lora_" in n for n, _ in trainable):
-                    check_lora_moving(trainable, step)
-                if t.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update()
-                if step % t.log_every == 0 or step == total_steps:  # the only host sync of the loop
-                    value = running.item() / n_running * t.grad_accum
-                    if not math.isfinite(value):
-                        raise TrainingFailure("nan", f"train loss is {value} at step {step}")
-                    run.log(
-                        {"train/loss": value, "train/lr": scheduler.get_last_lr()[0], "epoch": epoch},
-                        step=step,
-                    )
-                    bar.set_postfix(loss=f"{value:.4f}")
-                    running.zero_()
-                    n_running = 0
-                if t.eval_every and step % t.eval_every == 0:
-                    train_seconds += time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            for epoch in range(t.epochs):
+                for i, batch in enumerate(loaders.train):
+                    mask = batch["attention_mask"]
+                    real_tokens += int(mask.sum())  # on the CPU batch: no device sync
+                    padded_tokens += mask.numel()
+                    samples += len(mask)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    with amp():
+                        loss = model(**batch).loss / t.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    running += loss.detach()
+                    n_running += 1
+                    if (i + 1) % t.grad_accum and i + 1 != len(loaders.train):
+                        continue
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
+                        check_gradients(trainable, allow_inf=scaler is not None)
+                    elif step == probe_step - 1 and any(".lora_" in n for n, _ in trainable):
+                        check_lora_moving(trainable, step)
+                    if t.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.max_grad_norm)
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    bar.update()
+                    if step % t.log_every == 0 or step == total_steps:  # the only host sync of the loop
+                        value = running.item() / n_running * t.grad_accum
+                        if not math.isfinite(value):
+                            raise TrainingFailure("nan", f"train loss is {value} at step {step}")
+                        run.log(
+                            {"train/loss": value, "train/lr": scheduler.get_last_lr()[0], "epoch": epoch},
+                            step=step,
+                        )
+                        bar.set_postfix(loss=f"{value:.4f}")
+                        running.zero_()
+                        n_running = 0
+                    if t.eval_every and step % t.eval_every == 0:
+                        train_seconds += time.perf_counter() - t0
+                        validate_now(epoch + (i + 1) / len(loaders.train))
+                        t0 = time.perf_counter()
+                    if step >= total_steps:
+                        break
+                train_seconds += time.perf_counter() - t0
+                if not history or history[-1]["step"] != step:  # always evaluate the last step
                     validate_now(epoch + (i + 1) / len(loaders.train))
-                    t0 = time.perf_counter()
+                t0 = time.perf_counter()
                 if step >= total_steps:
                     break
-            train_seconds += time.perf_counter() - t0
-            if not history or history[-1]["step"] != step:  # always evaluate the last step
-                validate_now(epoch + (i + 1) / len(loaders.train))
-            t0 = time.perf_counter()
-            if step >= total_steps:
-                break
-        bar.close()
+        finally:
+            bar.close()
 
         adapter.load_into(model, best_state, "best checkpoint")
         test = evaluate(model, loaders.test, device, amp)
@@ -350,10 +356,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "history": history,
         }
         if cfg.save_weights:
-            results.update(_save_weights(cfg, model, run_dir, head, adapted, id2label))
-        run.summary.update(
-            {k: v for k, v in results.items() if isinstance(v, int | float | str) or v is None}
-        )
+            results.update(_save_weights(cfg, model, tokenizer, run_dir, head, id2label))
+        run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float | str) or v is None})
         tracking.write_json(run_dir / "results.json", results)
     _print_summary(results, run_dir)
     return results
@@ -367,16 +371,12 @@ def _scaling(cfg: DictConfig) -> float | None:
 
 
 def _save_weights(
-    cfg: DictConfig,
-    model: torch.nn.Module,
-    run_dir: Path,
-    head: list[str],
-    adapted: list[str],
-    id2label: dict | None,
+    cfg: DictConfig, model: torch.nn.Module, tokenizer: Any, run_dir: Path, head: list[str], id2label: dict | None
 ) -> dict[str, Any]:
-    """LoRA / frozen: the adapter alone (A/B + head); full: the whole model in safetensors."""
+    """LoRA / frozen: the adapter alone (A/B + head); full: the whole model + tokenizer in safetensors."""
     if cfg.method.name == "full":
         model.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
         size = sum(f.stat().st_size for f in (run_dir / "model").glob("*.safetensors"))
         return {"weights_dir": str(run_dir / "model"), "weights_bytes": size}
     meta = {

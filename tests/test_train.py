@@ -1,0 +1,175 @@
+"""End-to-end on the tiny model: each method trains, writes results.json + an offline W&B run we read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_exp import data, inference, models, train
+from lora_exp.errors import LoraExpError, TrainingFailure
+
+from . import wandb_file
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> dict[str, tuple[Path, dict]]:
+    """One finished run per method, W&B offline, sharing a seed (module-scoped: trained once)."""
+    from .conftest import make_cfg
+
+    out = {}
+    root = tmp_path_factory.mktemp("runs")
+    for method in ("full", "frozen", "lora"):
+        cfg = make_cfg([
+            "model=tiny_bert", f"data.path={reviews}", f"data.cache_dir={root / 'hf'}", "logger=wandb",
+            f"method={method}", "trainer.epochs=6", "trainer.batch_size=16", "trainer.log_every=2",
+            "trainer.device=cpu", "optimizer.warmup_ratio=0.0", "lora.targets=[q,v,ffn]", "optimizer.lr=3e-3",
+        ])
+        run_dir = root / method
+        out[method] = (run_dir, train.train(cfg, run_dir))
+    return out
+
+
+@pytest.mark.parametrize("method", ["full", "frozen", "lora"])
+def test_results_json_is_complete(runs, method: str) -> None:
+    run_dir, returned = runs[method]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["method"] == method
+    assert saved["test_acc"] == returned["test_acc"]
+    for key in ("trainable_params", "total_params", "trainable_pct", "best_val_acc", "test_acc", "train_seconds",
+                "samples_per_s", "peak_host_rss_bytes", "seed", "git_commit", "history", "wandb_id"):
+        assert key in saved, key
+    assert saved["peak_vram_bytes"] is None  # CPU: no VRAM figure rather than a wrong one
+    assert 0 < saved["padding_efficiency"] <= 1
+    assert saved["steps"] == 6 * 8  # 128 examples / 16 per batch * 6 epochs
+    assert [h["step"] for h in saved["history"]] == [8, 16, 24, 32, 40, 48]  # validation each epoch
+    assert saved["best_val_acc"] == max(h["val_acc"] for h in saved["history"])
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_trainable_counts_per_method(runs) -> None:
+    full, frozen, lora = (runs[m][1] for m in ("full", "frozen", "lora"))
+    head = 32 * 2 + 2  # classifier of tiny BERT (hidden 32, 2 labels)
+    per_layer = 8 * (32 + 32) * 2 + 2 * 8 * (32 + 64)  # r=8: q, v, and ffn's two Linears
+    assert frozen["trainable_params"] == frozen["head_params"] == head
+    assert lora["adapter_params"] == 2 * per_layer and lora["head_params"] == head
+    assert lora["trainable_params"] == 2 * per_layer + head
+    assert full["trainable_params"] == full["total_params"] == frozen["total_params"]
+    assert lora["total_params"] == frozen["total_params"] + lora["adapter_params"]
+
+
+def test_training_makes_progress(runs) -> None:
+    """Full FT solves the toy task (5/5 seeds did at this lr/epochs); every method's logged loss falls
+    (a random tiny encoder gives frozen and LoRA little to work with, so their accuracy is not asserted)."""
+    assert runs["full"][1]["test_acc"] >= 0.9
+    for method in ("full", "frozen", "lora"):
+        losses = [r["train/loss"] for r in wandb_file.history(wandb_file.run_file(runs[method][0] / "wandb"))
+                  if "train/loss" in r]
+        assert sum(losses[-3:]) < sum(losses[:3]), method
+
+
+@pytest.mark.parametrize("method", ["full", "frozen", "lora"])
+def test_wandb_offline_run_holds_the_metrics(runs, method: str) -> None:
+    run_dir, res = runs[method]
+    f = wandb_file.run_file(run_dir / "wandb")
+    assert res["wandb_id"] in f.name
+    rows = wandb_file.history(f)
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 48 // 2 and all(v > 0 for v in losses)
+    assert [r["_step"] for r in rows if "val/acc" in r] == [8, 16, 24, 32, 40, 48]
+    summary = wandb_file.summary(f)
+    assert summary["test_acc"] == pytest.approx(res["test_acc"])
+    assert summary["trainable_params"] == res["trainable_params"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_reload_reproduces_test_accuracy(runs, method: str) -> None:
+    run_dir, res = runs[method]
+    tokenizer, model = inference.load_trained(run_dir)
+    again_tok, again = inference.load_trained(run_dir)
+    ids = tokenizer(["good great fun", "bad boring dull"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, again(**ids).logits)  # two reloads agree
+    cfg = __import__("omegaconf").OmegaConf.load(run_dir / "config.yaml")
+    tok = data.tokenize(data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
+    loaders = data.make_loaders(tok, tokenizer, 16, 64, True, torch.Generator().manual_seed(0))
+    acc = train.evaluate(model, loaders.test, torch.device("cpu"), lambda: torch.no_grad())["acc"]
+    assert acc == pytest.approx(res["test_acc"])  # head and adapter both came back
+
+
+def test_adapter_is_small_and_holds_the_head(runs) -> None:
+    run_dir, res = runs["lora"]
+    meta = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert "classifier.weight" in meta["keys"] and meta["r"] == 8 and meta["num_labels"] == 2
+    assert res["weights_bytes"] < runs["full"][1]["weights_bytes"] / 3
+
+
+def test_same_seed_same_head_init_across_methods(tiny_cfg) -> None:
+    heads = {}
+    for method in ("full", "frozen", "lora"):
+        _, model, _, _ = train.build_model(tiny_cfg(f"method={method}"))
+        heads[method] = model.classifier.weight.detach().clone()
+    assert torch.equal(heads["full"], heads["frozen"]) and torch.equal(heads["full"], heads["lora"])
+    _, other, _, _ = train.build_model(tiny_cfg("trainer.seed=7"))
+    assert not torch.equal(other.classifier.weight, heads["full"])
+
+
+def test_nan_loss_stops_the_run(tiny_cfg, tmp_path: Path) -> None:
+    cfg = tiny_cfg("method=full", "optimizer.lr=inf", "trainer.max_grad_norm=0", "trainer.log_every=1")
+    with pytest.raises(TrainingFailure, match=r"train loss is nan at step \d+") as err:
+        train.train(cfg, tmp_path / "run")
+    assert err.value.kind == "nan"
+
+
+def test_untrainable_tensor_is_caught() -> None:
+    layer = torch.nn.Linear(4, 2)
+    extra = torch.nn.Parameter(torch.zeros(3))  # trainable but not in the graph (a frozen-head mistake)
+    layer(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(TrainingFailure, match="extra.weight \\(no grad\\)"):
+        train.check_gradients([("layer.weight", layer.weight), ("extra.weight", extra)])
+
+
+def test_lora_b_stuck_at_zero_is_caught() -> None:
+    b = torch.nn.Parameter(torch.zeros(4, 2))
+    with pytest.raises(TrainingFailure, match="lora_B.weight \\(still zero\\)"):
+        train.check_lora_moving([("x.lora_B.weight", b)], step=9)
+
+
+def test_max_length_beyond_model_is_an_error(tiny_cfg, tmp_path: Path) -> None:
+    with pytest.raises(LoraExpError, match="data.max_length=1024 exceeds the model's maximum of 512"):
+        train.train(tiny_cfg("data.max_length=1024"), tmp_path / "run")
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-m", "lora_exp", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_cli_bad_value_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = _cli(["lora.r=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: lora.r=0 must be an integer >= 1 (and <= min(out, in) of each target)"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "failed" and saved["failure"] == "config"
+
+
+def test_multirun_gives_distinct_wandb_runs(tmp_path: Path, reviews: Path) -> None:
+    """Hydra's basic launcher runs jobs in one process: each must get its own W&B run (no bleed)."""
+    proc = _cli(["-m", "method=full,frozen,lora", "model=tiny_bert", f"data.path={reviews}",
+                 f"data.cache_dir={tmp_path / 'hf'}", "trainer.max_steps=3", "trainer.device=cpu",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert [r["method"] for r in results] == ["full", "frozen", "lora"]
+    ids = {r["wandb_id"] for r in results}
+    assert len(ids) == 3 and None not in ids
+    for job in sorted((tmp_path / "sweep").glob("*_*/")):
+        f = wandb_file.run_file(job / "wandb")
+        assert wandb_file.summary(f)["method"] == json.loads((job / "results.json").read_text())["method"]
