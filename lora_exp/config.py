@@ -7,6 +7,8 @@ before any model or data is loaded.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +124,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     save_weights: bool = True  # adapter (lora/frozen) or full weights (full) in the run dir
-    sweep_name: str | None = None  # set by sweeps/: the W&B group
+    sweep_name: str | None = None  # set by sweeps/: names the multirun dir and the W&B group
+    skip_done: bool = True  # in a multirun, skip a job whose config hash already finished in the sweep dir
 
 
 def register_configs() -> None:
@@ -131,6 +134,8 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("uid"):
         # A short random suffix so two runs started in the same microsecond never share a dir.
         OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
+    if not OmegaConf.has_resolver("mul"):  # alpha = 2r in sweeps: ${mul:${lora.r},2}
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
 
 
 def _one_of(errors: list[str], option: str, value: Any, allowed: tuple) -> None:
@@ -217,3 +222,15 @@ def validate(cfg: DictConfig) -> None:
 def resolved_dict(cfg: DictConfig) -> dict:
     """The config with every interpolation resolved, as plain containers (for W&B and the job dir)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+# Settings that do not change what a job computes: left out of its identity.
+HASH_EXCLUDED = ("logger", "skip_done", "sweep_name", "save_weights", "derived")
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """A deterministic id of what a job computes (resolved config minus logging, caches and paths of output)."""
+    resolved = dict(cfg) if isinstance(cfg, dict) else resolved_dict(cfg)
+    ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
+    ident["data"] = {k: v for k, v in ident.get("data", {}).items() if k != "cache_dir"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lora_exp import adapter, data, models, tracking
-from lora_exp.config import resolved_dict, validate
+from lora_exp.config import config_hash, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 
 SUB_SEEDS = ("model", "head", "lora", "data", "dropout")
@@ -347,6 +347,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "epochs": t.epochs,
             "batch_size": t.batch_size,
             "train_examples": len(tok["train"]),
+            "config_hash": config_hash(config),
             "seed": t.seed,
             "sub_seeds": seeds,
             "precision": precision,

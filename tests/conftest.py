@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 
 from lora_exp.cli import CONF_DIR  # also registers the schema and resolvers
 
-POSITIVE = "good great best fun funny bright love fresh".split()
-NEGATIVE = "bad worst boring dull dark hate rotten plot".split()
-FILLER = "the a film movie story acting it this that of to in and".split()
+POSITIVE = ["good", "great", "best", "fun", "funny", "bright", "love", "fresh"]
+NEGATIVE = ["bad", "worst", "boring", "dull", "dark", "hate", "rotten", "plot"]
+FILLER = ["the", "a", "film", "movie", "story", "acting", "it", "this", "that", "of", "to", "in", "and"]
 
 
 def write_reviews(path: Path, n: int = 160, plot_rows: int = 12, seed: int = 0) -> Path:
@@ -56,9 +56,15 @@ def tiny_cfg(reviews: Path, tmp_path: Path):
 
     def build(*overrides: str) -> DictConfig:
         base = [
-            "model=tiny_bert", f"data.path={reviews}", f"data.cache_dir={tmp_path / 'hf'}",
-            "logger=none", "trainer.epochs=2", "trainer.batch_size=16", "trainer.log_every=2",
-            "trainer.device=cpu", "optimizer.warmup_ratio=0.0",
+            "model=tiny_bert",
+            f"data.path={reviews}",
+            f"data.cache_dir={tmp_path / 'hf'}",
+            "logger=none",
+            "trainer.epochs=2",
+            "trainer.batch_size=16",
+            "trainer.log_every=2",
+            "trainer.device=cpu",
+            "optimizer.warmup_ratio=0.0",
         ]
         return make_cfg(base + list(overrides))
 

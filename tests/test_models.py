@@ -16,8 +16,19 @@ H, FFN, LAYERS, R = 32, 64, 2, 4
 
 
 def tiny(arch: str):
-    cfg = OmegaConf.create({"source": "tiny", "arch": arch, "hidden_size": H, "layers": LAYERS, "heads": 2,
-                            "ffn_size": FFN, "name": f"tiny_{arch}", "path": None, "trust_remote_code": False})
+    cfg = OmegaConf.create(
+        {
+            "source": "tiny",
+            "arch": arch,
+            "hidden_size": H,
+            "layers": LAYERS,
+            "heads": 2,
+            "ffn_size": FFN,
+            "name": f"tiny_{arch}",
+            "path": None,
+            "trust_remote_code": False,
+        }
+    )
     torch.manual_seed(0)
     return models.build(cfg, num_labels=2)
 
@@ -87,17 +98,23 @@ def test_trainable_sets_per_method(arch: str) -> None:
 def test_suffix_and_regex_targets() -> None:
     _, model, _ = tiny("bert")
     assert lora.resolve_targets(model, ["attention.self.query"]) == [
-        f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)]
+        f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)
+    ]
     assert lora.resolve_targets(model, [r"re:.*layer\.0\.attention\.self\.(query|key)"]) == [
-        "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key"]
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.0.attention.self.key",
+    ]
 
 
-@pytest.mark.parametrize(("targets", "message"), [
-    (["nothing_here"], "'nothing_here' matches no module"),
-    (["attention.self"], "not an nn.Linear"),
-    (["classifier"], "matches the classification head"),
-    ([], "lora.targets is empty"),
-])
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (["nothing_here"], "'nothing_here' matches no module"),
+        (["attention.self"], "not an nn.Linear"),
+        (["classifier"], "matches the classification head"),
+        ([], "lora.targets is empty"),
+    ],
+)
 def test_bad_targets(targets: list[str], message: str) -> None:
     _, model, head = tiny("bert")
     with pytest.raises(LoraExpError, match=message):

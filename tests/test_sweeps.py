@@ -1,0 +1,171 @@
+"""Sweeps through the real CLI on the tiny model: W&B isolation, failure tolerance, skip_done, launchers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_exp.cli import CONF_DIR
+from lora_exp.config import validate
+
+from . import wandb_file
+from .conftest import make_cfg
+from .test_train import cli
+
+SWEEPS = Path(CONF_DIR).parent / "sweeps"
+
+
+def tiny(reviews: Path, tmp: Path) -> list[str]:
+    return [
+        "model=tiny_bert",
+        f"data.path={reviews}",
+        f"data.cache_dir={tmp / 'hf'}",
+        "trainer.max_steps=4",
+        "trainer.device=cpu",
+        "trainer.batch_size=16",
+    ]
+
+
+def results(sweep_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
+
+
+@pytest.fixture(scope="module")
+def methods_sweep(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Path:
+    """`lora-exp -m +sweep=methods` on the tiny model, W&B offline."""
+    tmp = tmp_path_factory.mktemp("methods")
+    proc = cli(["-m", "+sweep=methods", *tiny(reviews, tmp), f"hydra.sweep.dir={tmp / 'sweep'}"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "sweep"
+
+
+def test_methods_sweep_one_result_per_job(methods_sweep: Path) -> None:
+    got = results(methods_sweep)
+    assert [r["method"] for r in got] == ["full", "frozen", "lora"]
+    assert all(r["status"] == "ok" for r in got)
+    assert len({r["config_hash"] for r in got}) == 3
+
+
+def test_each_job_is_its_own_wandb_run_in_one_group(methods_sweep: Path) -> None:
+    """The basic launcher runs jobs in one process: runs must not bleed into each other."""
+    ids, groups = set(), set()
+    for job in sorted(p.parent for p in methods_sweep.glob("*/results.json")):
+        res = json.loads((job / "results.json").read_text())
+        f = wandb_file.run_file(job / "wandb")
+        assert wandb_file.summary(f)["method"] == res["method"]
+        run = next(r.run for r in wandb_file.records(f) if r.WhichOneof("record_type") == "run")
+        ids.add(run.run_id)
+        groups.add(run.run_group)
+        assert run.job_type == res["method"]
+    assert len(ids) == 3
+    assert groups == {f"methods-{methods_sweep.name}"}
+
+
+def test_rerun_skips_finished_jobs(methods_sweep: Path, reviews: Path, tmp_path: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in methods_sweep.glob("*/results.json")}
+    proc = cli(
+        ["-m", "+sweep=methods", *tiny(reviews, methods_sweep.parent), f"hydra.sweep.dir={methods_sweep}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("skip: this job already finished") == 3
+    assert before == {p: p.stat().st_mtime_ns for p in methods_sweep.glob("*/results.json")}
+
+
+def test_failed_job_does_not_stop_the_sweep_and_reruns(reviews: Path, tmp_path: Path) -> None:
+    args = [
+        "-m",
+        "method=full,lora,frozen",
+        "lora.targets=[no_such_module]",
+        "logger=none",
+        *tiny(reviews, tmp_path),
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc = cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = {r["method"]: r for r in results(tmp_path / "sweep")}
+    assert got["full"]["status"] == got["frozen"]["status"] == "ok"  # the job after the failure ran too
+    assert got["lora"]["status"] == "failed" and got["lora"]["failure"] == "config"
+    assert got["lora"]["reason"] == "lora.targets: 'no_such_module' matches no module of this bert"
+    proc = cli(args, tmp_path)  # again: finished jobs skipped, the failed one re-run, its old result kept
+    assert proc.stderr.count("skip: this job already finished") == 2
+    assert len(list((tmp_path / "sweep").glob("*_lora/results.failed-0.json"))) == 1
+
+
+def test_sweep_files_document_their_command() -> None:
+    for path in SWEEPS.glob("*.yaml"):
+        head = path.read_text().splitlines()
+        assert head[0] == "# @package _global_", path
+        assert any(f"lora-exp -m +sweep={path.stem}" in line for line in head if line.startswith("#")), path
+
+
+def expand(params: dict[str, str]) -> list[list[str]]:
+    """Hydra's basic-sweeper grid of ``hydra.sweeper.params`` as override lists."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    axes = []
+    for key, value in params.items():
+        override = parser.parse_override(f"{key}={value}")
+        axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+    return [list(c) for c in itertools.product(*axes)]
+
+
+@pytest.mark.parametrize(
+    ("name", "jobs"), [("methods", 3), ("quick", 3), ("rank_alpha", 42), ("targets", 6), ("seeds", 9)]
+)
+def test_sweep_grids_compose_and_validate(name: str, jobs: int) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    grid = expand(dict(hydra_cfg.hydra.sweeper.params))
+    assert len(grid) == jobs
+    for overrides in grid[:: max(1, len(grid) // 7)]:
+        cfg = make_cfg([f"+sweep={name}", *overrides])
+        validate(cfg)
+        assert cfg.sweep_name == name
+        if name == "rank_alpha":
+            alpha = dict(o.split("=", 1) for o in overrides)["lora.alpha"]
+            r = cfg.lora.r
+            assert cfg.lora.alpha == {"'${lora.r}'": r, "'${mul:${lora.r},2}'": 2 * r}.get(alpha, 16)
+
+
+@pytest.mark.parametrize("path", sorted((SWEEPS / "wandb").glob("*.yaml")), ids=lambda p: p.stem)
+def test_wandb_sweep_yaml_renders_valid_commands(path: Path) -> None:
+    spec = yaml.safe_load(path.read_text())
+    assert spec["command"] == ["lora-exp", "${args_no_hyphens}"]
+    assert spec["metric"]["name"] == "best_val_acc"
+    axes = [
+        [(k, v)] if "value" in p else [(k, x) for x in p["values"]]
+        for k, p in spec["parameters"].items()
+        for v in [p.get("value")]
+    ]
+    for point in itertools.product(*axes):
+        args = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in point]  # as args_no_hyphens
+        cfg = make_cfg(args)
+        validate(cfg)
+        assert cfg.logger.mode == "online"
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers_run_jobs_in_fresh_processes(launcher: str, reviews: Path, tmp_path: Path) -> None:
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]
+    proc = cli(
+        [
+            "-m",
+            "method=frozen,lora",
+            "logger=none",
+            f"hydra/launcher={launcher}",
+            *extra,
+            *tiny(reviews, tmp_path),
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = results(tmp_path / "sweep")
+    assert sorted(r["method"] for r in got) == ["frozen", "lora"] and all(r["status"] == "ok" for r in got)
