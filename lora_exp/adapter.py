@@ -23,8 +23,12 @@ WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor (LoRA A/B and head), contiguous, on CPU."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """A copy of every trainable tensor (LoRA A/B and head) on CPU.
+
+    ``copy=True``: on a CPU model ``.to("cpu")`` would return the live parameter itself, and a "best"
+    snapshot would silently follow every later update.
+    """
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[str, int]:

@@ -38,12 +38,49 @@ def finished_job(sweep_dir: Path, digest: str) -> Path | None:
     return None
 
 
+def guard_job_dir(run_dir: Path, digest: str) -> None:
+    """A job dir reused by another grid (job numbers repeat) must not be resumed or overwritten."""
+    from lora_exp import checkpoint
+
+    owners = []
+    if checkpoint.exists(run_dir):
+        owners.append(checkpoint.owner(run_dir))
+    if (run_dir / "results.json").exists():
+        owners.append(_read_json(run_dir / "results.json").get("config_hash"))
+    foreign = [o for o in owners if o and o != digest]
+    if foreign:
+        raise LoraExpError(
+            f"{str(run_dir)!r} holds another configuration's job (config hash {foreign[0]}); "
+            "run this sweep into a new hydra.sweep.dir"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def set_aside_failure(run_dir: Path) -> None:
     """A failed result in this job dir is kept as results.failed-N.json before the job runs again."""
     old = run_dir / "results.json"
-    if old.exists() and json.loads(old.read_text()).get("status") != "ok":
+    if old.exists() and _read_json(old).get("status") != "ok":
         n = len(list(run_dir.glob("results.failed-*.json")))
         os.replace(old, run_dir / f"results.failed-{n}.json")
+
+
+def recorded_config(run_dir: Path) -> DictConfig:
+    """The resolved config a job recorded (``config.yaml``), checked against the schema."""
+    from omegaconf import OmegaConf
+
+    from lora_exp.config import Config
+
+    if not (run_dir / "config.yaml").is_file():
+        raise LoraExpError(f"{str(run_dir)!r} has no config.yaml (not a lora-exp run dir)")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved.pop("derived", None)
+    return OmegaConf.merge(OmegaConf.structured(Config), saved)
 
 
 def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
@@ -51,38 +88,69 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
 
     In a multirun the failure is recorded and the sweep goes on (the sweeper gets NaN); in a single run it
     exits non-zero. With ``skip_done`` a multirun job whose config hash already finished in the sweep dir
-    is not trained again; a failed or interrupted one is.
+    is not trained again; a failed one is trained again, an interrupted one continues from its checkpoint.
+    ``resume=<run dir>`` continues that run with the config it recorded.
     """
+    from lora_exp import checkpoint
     from lora_exp.train import train  # heavy imports only when a job actually runs
 
-    if multirun and cfg.skip_done:
-        done = finished_job(run_dir.parent, config_hash(cfg))
-        if done is not None:
-            print(f"[lora-exp] skip: this job already finished in {done}", file=sys.stderr)
-            return json.loads((done / "results.json").read_text())
-        set_aside_failure(run_dir)
     try:
-        return train(cfg, run_dir)
-    except (LoraExpError, TrainingFailure, RuntimeError) as err:
+        resume = False
+        if cfg.get("resume"):
+            run_dir = Path(cfg.resume)
+            if not checkpoint.exists(run_dir):
+                raise LoraExpError(f"resume={cfg.resume!r}: no checkpoint in that dir")
+            cfg = recorded_config(run_dir)
+            set_aside_failure(run_dir)
+            resume = True
+        elif multirun and cfg.skip_done:
+            digest = config_hash(cfg)
+            done = finished_job(run_dir.parent, digest)
+            if done is not None:
+                print(f"[lora-exp] skip: this job already finished in {done}", file=sys.stderr)
+                return json.loads((done / "results.json").read_text())
+            guard_job_dir(run_dir, digest)
+            set_aside_failure(run_dir)
+            resume = checkpoint.exists(run_dir)
+        return train(cfg, run_dir, resume=resume)
+    except Exception as err:  # recorded, one line; in a multirun the other jobs go on
+        if not isinstance(err, LoraExpError | TrainingFailure | RuntimeError) and not multirun:
+            raise  # an unexpected bug in a single run: keep the traceback
         kind = getattr(err, "kind", "config" if isinstance(err, LoraExpError) else "error")
         if "out of memory" in str(err).lower():
             kind = "oom"
         reason = " | ".join(str(err).strip().splitlines()) or type(err).__name__
-        run_dir.mkdir(parents=True, exist_ok=True)
-        results = {
-            "status": "failed",
-            "failure": kind,
-            "reason": reason,
-            "method": cfg.method.name,
-            "model": cfg.model.name,
-            "data": cfg.data.name,
-        }
-        if not (run_dir / "results.json").exists():  # never overwrite a finished result
-            write_json(run_dir / "results.json", results)
+        _record_failure(cfg, run_dir, kind, reason)
         print(f"error: {reason}" if kind == "config" else f"error ({kind}): {reason}", file=sys.stderr)
         if multirun:
-            return results
+            return {"status": "failed", "failure": kind, "reason": reason}
         raise SystemExit(2 if kind == "config" else 1) from None
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> None:
+    """results.json with status failed, unless the dir already holds a finished result (never overwritten)."""
+    try:
+        digest = config_hash(cfg)
+    except Exception:  # an unresolvable config has no identity
+        digest = None
+    lora = cfg.method.name == "lora"
+    results = {
+        "status": "failed",
+        "failure": kind,
+        "reason": reason,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "config_hash": digest,
+        "r": cfg.lora.r if lora else None,
+        "alpha": cfg.lora.alpha if lora else None,
+        "targets": "+".join(cfg.lora.targets) if lora else None,
+        "seed": cfg.trainer.seed,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    old = run_dir / "results.json"
+    if not (old.exists() and _read_json(old).get("status") == "ok"):
+        write_json(old, results)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -121,7 +189,78 @@ def _report(*args: str) -> int:
     return 0
 
 
-SUBCOMMANDS = {"fetch": _fetch, "report": _report}
+RERUN_COMPARED = ("best_val_acc", "best_step", "test_acc", "test_loss", "trainable_params", "data_order_digest")
+
+
+def _rerun(*args: str) -> int:
+    import argparse
+    import time
+
+    from lora_exp.train import train
+
+    parser = argparse.ArgumentParser(prog="lora-exp rerun", description="Train a finished job again from its config")
+    parser.add_argument("job_dir", type=Path, help="a run dir holding config.yaml and results.json")
+    parser.add_argument("--out", type=Path, default=None, help="new run dir (default: JOB_DIR-rerun-<stamp>)")
+    ns = parser.parse_args(args)
+    cfg = recorded_config(ns.job_dir)
+    out = ns.out or ns.job_dir.with_name(f"{ns.job_dir.name}-rerun-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "results.json").exists():
+        raise LoraExpError(f"rerun: {str(out)!r} already holds results.json; give another --out")
+    new = train(cfg, out)
+    old = json.loads((ns.job_dir / "results.json").read_text()) if (ns.job_dir / "results.json").exists() else {}
+    same = True
+    for key in RERUN_COMPARED:
+        equal = old.get(key) == new.get(key)
+        same &= equal
+        print(f"  {key:<20} {old.get(key)!s:<22} {new.get(key)!s:<22} {'same' if equal else 'DIFFERENT'}")
+    print(f"rerun in {out}: {'identical' if same else 'differs'} (config hash {new['config_hash']})")
+    return 0
+
+
+def _predict(*args: str) -> int:
+    """lora-exp predict adapter=RUN_DIR text="..." [file=TEXTS.txt]  (Hydra-style key=value arguments)."""
+    from lora_exp.inference import predict
+
+    kv = dict(a.split("=", 1) for a in args if "=" in a)
+    bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file")]
+    if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file")):
+        raise LoraExpError(
+            f'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt (got {list(args)})'
+        )
+    run_dir = Path(kv.get("adapter") or kv["run"])
+    if run_dir.name == "adapter":  # the adapter folder itself: its run dir holds the config
+        run_dir = run_dir.parent
+    texts = [kv["text"]] if "text" in kv else []
+    if "file" in kv:
+        if not Path(kv["file"]).is_file():
+            raise LoraExpError(f"predict: file={kv['file']!r}: no such file")
+        texts += [line.strip() for line in Path(kv["file"]).read_text().splitlines() if line.strip()]
+    for (label, prob), text in zip(predict(run_dir, texts), texts):
+        print(f"{label}\t{prob:.4f}\t{text}")
+    return 0
+
+
+def _export_peft(*args: str) -> int:
+    """lora-exp export-peft RUN_DIR OUT_DIR: a LoRA run's adapter (and head) in the PEFT layout."""
+    from lora_exp import adapter
+    from lora_exp.peft_format import export_peft
+    from lora_exp.train import build_model
+
+    if len(args) != 2:
+        raise LoraExpError("export-peft: usage: lora-exp export-peft RUN_DIR OUT_DIR")
+    run_dir, out = Path(args[0]), Path(args[1])
+    cfg = recorded_config(run_dir)
+    if cfg.method.name != "lora":
+        raise LoraExpError(f"export-peft: {str(run_dir)!r} is a method={cfg.method.name} run; only lora exports")
+    meta, tensors = adapter.read_adapter(run_dir / "adapter")
+    _, model, _, _ = build_model(cfg)
+    adapter.load_into(model, tensors, str(run_dir / "adapter"))
+    export_peft(model, out, meta)
+    print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
+    return 0
+
+
+SUBCOMMANDS = {"fetch": _fetch, "report": _report, "rerun": _rerun, "predict": _predict, "export-peft": _export_peft}
 
 
 def main() -> None:
@@ -132,4 +271,8 @@ def main() -> None:
         except LoraExpError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except TrainingFailure as err:
+            print(f"error ({err.kind}): {err}", file=sys.stderr)
+            sys.exit(1)
+
     hydra_app()

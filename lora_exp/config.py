@@ -97,6 +97,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 0  # steps between validations; 0 = at each epoch end
     log_every: int = 20  # steps between loss logs (the only host syncs in the step loop)
+    profile_every: int = 25  # every Nth update is split into forward / backward / optimizer time
+    checkpoint_every: int = 200  # steps between checkpoints (also at each epoch end); 0: epoch ends only
+    keep_checkpoint: bool = False  # keep <run>/checkpoint after a finished run (it holds optimizer state)
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42
     group_by_length: bool = True  # length-grouped batches: less padding, same data order per seed
@@ -126,6 +129,8 @@ class Config:
     save_weights: bool = True  # adapter (lora/frozen) or full weights (full) in the run dir
     sweep_name: str | None = None  # set by sweeps/: names the multirun dir and the W&B group
     skip_done: bool = True  # in a multirun, skip a job whose config hash already finished in the sweep dir
+    lr_index: int | None = None  # the `fair` sweep: optimizer.lr = method.lr_grid[lr_index]
+    resume: str | None = None  # a run dir with a checkpoint: continue that run (its own config is used)
 
 
 def register_configs() -> None:
@@ -136,6 +141,10 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
     if not OmegaConf.has_resolver("mul"):  # alpha = 2r in sweeps: ${mul:${lora.r},2}
         OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+    if not OmegaConf.has_resolver("mkdirs"):  # Optuna's sqlite file must have its folder before the 1st job
+        OmegaConf.register_new_resolver("mkdirs", lambda p: (Path(p).mkdir(parents=True, exist_ok=True), p)[1])
+    if not OmegaConf.has_resolver("at"):  # the fair sweep: ${at:${method.lr_grid},${lr_index}}
+        OmegaConf.register_new_resolver("at", lambda seq, i: seq[i])
 
 
 def _one_of(errors: list[str], option: str, value: Any, allowed: tuple) -> None:
@@ -151,6 +160,9 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise ``LoraExpError`` listing every invalid option (one line each) before anything loads."""
     e: list[str] = []
+    grid = list(cfg.method.lr_grid)
+    if cfg.get("lr_index") is not None and not 0 <= cfg.lr_index < len(grid):
+        raise LoraExpError(f"lr_index={cfg.lr_index} must index method.lr_grid={grid} (0..{len(grid) - 1})")
     m, lo, me, o, d, t, lg = cfg.model, cfg.lora, cfg.method, cfg.optimizer, cfg.data, cfg.trainer, cfg.logger
     _one_of(e, "model.source", m.source, MODEL_SOURCES)
     if m.source == "tiny":
@@ -185,11 +197,11 @@ def validate(cfg: DictConfig) -> None:
     _check(e, 0 <= o.warmup_ratio < 1, f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
     _one_of(e, "data.source", d.source, DATA_SOURCES)
     if d.source == "csv":
-        if not d.path:
+        if OmegaConf.is_missing(d, "path") or not d.path:
             e.append("data.path is required when data.source=csv (a .csv or .csv.bz2 file)")
         elif not Path(d.path).is_file():
             e.append(f"data.path={d.path!r}: no such file")
-    if d.source == "hub" and not d.path:
+    if d.source == "hub" and (OmegaConf.is_missing(d, "path") or not d.path):
         e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
     _check(e, d.num_labels >= 2, f"data.num_labels={d.num_labels} must be >= 2")
     _check(e, 0 < d.val_size < 1, f"data.val_size={d.val_size} must be in (0, 1)")
@@ -212,6 +224,8 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(e, t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0 = each epoch)")
     _check(e, t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
+    _check(e, t.profile_every >= 1, f"trainer.profile_every={t.profile_every} must be >= 1")
+    _check(e, t.checkpoint_every >= 0, f"trainer.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = epoch ends)")
     _check(e, t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
     _check(e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1")
     _one_of(e, "logger.mode", lg.mode, LOGGER_MODES)
@@ -225,7 +239,15 @@ def resolved_dict(cfg: DictConfig) -> dict:
 
 
 # Settings that do not change what a job computes: left out of its identity.
-HASH_EXCLUDED = ("logger", "skip_done", "sweep_name", "save_weights", "derived")
+HASH_EXCLUDED = ("logger", "skip_done", "sweep_name", "save_weights", "derived", "resume")
+TRAINER_COSMETIC = (
+    "log_every",
+    "profile_every",
+    "checkpoint_every",
+    "keep_checkpoint",
+    "num_threads",
+    "eval_batch_size",
+)
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
@@ -233,4 +255,6 @@ def config_hash(cfg: DictConfig | dict) -> str:
     resolved = dict(cfg) if isinstance(cfg, dict) else resolved_dict(cfg)
     ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
     ident["data"] = {k: v for k, v in ident.get("data", {}).items() if k != "cache_dir"}
+    ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k not in TRAINER_COSMETIC}
+
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -53,18 +53,47 @@ def _to_text_label(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
     return ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns="text")
 
 
-def _split(ds: datasets.Dataset, cfg: DictConfig, has_test: datasets.Dataset | None = None) -> DatasetDict:
-    """Stratified, seeded train/validation/test (test taken from ``has_test`` when the source has one)."""
-    names = ds.features["label"].names if isinstance(ds.features["label"], ClassLabel) else None
-    ds = ds.cast_column("label", ClassLabel(num_classes=cfg.num_labels, names=names))
+def _as_classes(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
+    """Labels as a ClassLabel of ``data.num_labels`` classes (needed to stratify); one line when they are not."""
+    feature = ds.features["label"]
+    names = feature.names if isinstance(feature, ClassLabel) else None
+    if names and len(names) != cfg.num_labels:
+        raise LoraExpError(f"data.num_labels={cfg.num_labels} but the data has {len(names)} classes {names}")
+    try:
+        return ds.cast_column("label", ClassLabel(num_classes=cfg.num_labels, names=names))
+    except (ValueError, TypeError) as err:
+        raise LoraExpError(
+            f"data.label_column={cfg.label_column!r}: labels must be integers 0..{cfg.num_labels - 1} "
+            f"({str(err).splitlines()[0]})"
+        ) from err
+
+
+def _split(
+    ds: datasets.Dataset,
+    cfg: DictConfig,
+    test: datasets.Dataset | None = None,
+    validation: datasets.Dataset | None = None,
+) -> DatasetDict:
+    """Stratified, seeded train/validation/test; a split the source already has is kept as it is."""
+    ds = _as_classes(ds, cfg)
     kw = dict(stratify_by_column="label", seed=cfg.split_seed)
-    val_fraction = cfg.val_size
-    if has_test is None:  # carve test first, then validation as val_size of the whole
-        first = ds.train_test_split(test_size=cfg.test_size, **kw)
-        ds, has_test = first["train"], first["test"]
-        val_fraction = cfg.val_size / (1 - cfg.test_size)
-    second = ds.train_test_split(test_size=val_fraction, **kw)
-    return DatasetDict(train=second["train"], validation=second["test"], test=has_test)
+    carve_test = test is None
+    try:
+        if carve_test:  # carve test first, then validation as val_size of the whole
+            first = ds.train_test_split(test_size=cfg.test_size, **kw)
+            ds, test = first["train"], first["test"]
+        if validation is None:
+            fraction = cfg.val_size / (1 - cfg.test_size) if carve_test else cfg.val_size
+
+            second = ds.train_test_split(test_size=fraction, **kw)
+            ds, validation = second["train"], second["test"]
+    except ValueError as err:  # e.g. a class with a single example cannot be stratified
+        raise LoraExpError(f"data: cannot split {cfg.name!r} stratified ({str(err).splitlines()[0]})") from err
+    return DatasetDict(train=ds, validation=validation, test=test)
+
+
+def _subset(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
+    return split.shuffle(seed=seed).select(range(min(n, len(split))))
 
 
 def load_splits(cfg: DictConfig) -> DatasetDict:
@@ -72,10 +101,10 @@ def load_splits(cfg: DictConfig) -> DatasetDict:
     if cfg.source == "hub":
         raw = from_hub("data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir))
         raw = DatasetDict({k: _to_text_label(v, cfg) for k, v in raw.items()})
-        if "validation" in raw and "test" in raw:
-            splits = DatasetDict(train=raw["train"], validation=raw["validation"], test=raw["test"])
-        else:
-            splits = _split(raw["train"], cfg, has_test=raw.get("test"))
+        if "train" not in raw:
+            raise LoraExpError(f"data.path={cfg.path!r}: the dataset has no train split ({sorted(raw)})")
+        splits = _split(raw["train"], cfg, test=raw.get("test"), validation=raw.get("validation"))
+
     else:
         path = cfg.path or str(assets.rotten_tomatoes_file())
         splits = _split(_to_text_label(_load_csv(path, cfg.cache_dir), cfg), cfg)
@@ -85,11 +114,13 @@ def load_splits(cfg: DictConfig) -> DatasetDict:
         labels = set(split.unique("label"))
         if not labels <= set(range(cfg.num_labels)):
             raise LoraExpError(f"data.num_labels={cfg.num_labels} but the {name} labels are {sorted(labels)}")
+    # Limits take a seeded random subset: Hub splits are often sorted by label, a head would be one class.
     if cfg.limit:
-        splits["train"] = splits["train"].select(range(min(cfg.limit, len(splits["train"]))))
+        splits["train"] = _subset(splits["train"], cfg.limit, cfg.split_seed)
     if cfg.eval_limit:
         for name in ("validation", "test"):
-            splits[name] = splits[name].select(range(min(cfg.eval_limit, len(splits[name]))))
+            splits[name] = _subset(splits[name], cfg.eval_limit, cfg.split_seed)
+
     return splits
 
 
@@ -135,6 +166,10 @@ def make_loaders(
     Padding goes to the longest sequence of each batch, rounded up to a multiple of 8 (tensor-core tiles).
     """
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    # Each DataLoader draws a base seed when iterated; from its own generator it leaves the global RNG
+    # (dropout) alone, so a resumed run continues with exactly the same dropout masks.
+    own = {"generator": torch.Generator().manual_seed(0)}
+
     cols = ["input_ids", "attention_mask", "labels"]
     train = tok["train"]
     if group_by_length:
@@ -143,17 +178,19 @@ def make_loaders(
     else:
         sampler = torch.utils.data.RandomSampler(train, generator=generator)
     return Loaders(
-        train=DataLoader(train.select_columns(cols), batch_size=batch_size, sampler=sampler, collate_fn=collate),
+        train=DataLoader(train.select_columns(cols), batch_size=batch_size, sampler=sampler, collate_fn=collate, **own),
         validation=DataLoader(
             tok["validation"].select_columns(cols),
             batch_size=eval_batch_size,
             sampler=_by_length(tok["validation"]),
             collate_fn=collate,
+            **own,
         ),
         test=DataLoader(
             tok["test"].select_columns(cols),
             batch_size=eval_batch_size,
             sampler=_by_length(tok["test"]),
             collate_fn=collate,
+            **own,
         ),
     )

@@ -39,3 +39,61 @@ def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Modul
         if merge:
             lora.merge(model)
     return tokenizer, model.eval()
+
+
+class AdapterBank:
+    """One base model in memory, several adapters (LoRA A/B + head); ``use(name)`` swaps one in by copying
+    its tensors into the model's parameters in place: milliseconds for adapters of this size."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.adapters: dict[str, dict[str, torch.Tensor]] = {}
+        self.active: str | None = None
+
+    def add(self, name: str, folder: Path) -> None:
+        """Read an adapter (``adapter.safetensors`` + config) and keep it next to the model, checked."""
+        _, tensors = adapter.read_adapter(Path(folder))
+        unknown = sorted(set(tensors) - set(self.params))
+        if unknown:
+            raise LoraExpError(f"adapter {name!r} has tensors this model lacks (other targets?): {unknown[:3]}")
+        for key, t in tensors.items():
+            if t.shape != self.params[key].shape:
+                raise LoraExpError(
+                    f"adapter {name!r}: {key} is {tuple(t.shape)}, the model has {tuple(self.params[key].shape)}"
+                )
+        if self.adapters and set(tensors) != set(next(iter(self.adapters.values()))):
+            raise LoraExpError(f"adapter {name!r} covers other tensors than the adapters already loaded")
+        dev = next(iter(self.params.values())).device
+        self.adapters[name] = {k: t.to(dev, self.params[k].dtype) for k, t in tensors.items()}
+
+    @torch.no_grad()
+    def use(self, name: str) -> None:
+        """Make ``name`` the active adapter (LoRA layers must be unmerged: swapping edits A/B, not W0)."""
+        if name not in self.adapters:
+            raise LoraExpError(f"use_adapter: no adapter named {name!r} (have {sorted(self.adapters)})")
+        if any(m.merged for _, m in lora.lora_layers(self.model)):
+            raise LoraExpError("use_adapter: unmerge() before swapping adapters")
+        for key, t in self.adapters[name].items():
+            self.params[key].copy_(t)
+        self.active = name
+
+
+def predict(run_dir: Path, texts: list[str], batch_size: int = 64) -> list[tuple[str, float]]:
+    """(label, probability) for each text with a finished run's merged model."""
+    tokenizer, model = load_trained(run_dir)
+    id2label = model.config.id2label
+    out: list[tuple[str, float]] = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[i : i + batch_size],
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+                return_token_type_ids=False,
+            )
+            probs = model(**enc).logits.float().softmax(-1)
+            p, idx = probs.max(-1)
+            out += [(str(id2label.get(int(k), k)), float(v)) for k, v in zip(idx, p)]
+    return out

@@ -144,9 +144,10 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], protected: Sequenc
         for name in hits:
             if name in protected or any(name.startswith(p + ".") for p in protected):
                 raise LoraExpError(
-                    f"lora.targets: '{target}' matches the classification head '{name}', "
-                    "which is trained in full; target encoder layers"
+                    f"lora.targets: '{target}' matches '{name}', part of the classification head (newly "
+                    "initialised, trained in full); target pretrained layers"
                 )
+
             if not isinstance(modules[name], nn.Linear | LoRALinear):
                 kind = type(modules[name]).__name__
                 raise LoraExpError(f"lora.targets: '{target}' matches '{name}', a {kind}, not an nn.Linear")

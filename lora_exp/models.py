@@ -36,8 +36,7 @@ HEAD_MODULES = {
     "roberta": ["classifier"],
     "xlm-roberta": ["classifier"],
 }
-# The final projection: never a LoRA target (it is trained in full).
-FINAL_LAYER = {"roberta": "classifier.out_proj", "xlm-roberta": "classifier.out_proj"}
+
 TINY_VOCAB = 1000
 hf_logging.set_verbosity_error()  # the load report is replaced by our own line naming the head modules
 
@@ -124,7 +123,12 @@ def build(
     """Tokenizer, fp32 model and the head module paths (trained in full by frozen/lora)."""
     if cfg.source == "tiny":
         model = _tiny_model(cfg, num_labels)
-        return _tiny_tokenizer(), model, HEAD_MODULES[model.config.model_type]
+        if id2label:
+            model.config.id2label = dict(id2label)
+            model.config.label2id = {v: k for k, v in id2label.items()}
+
+        return _tiny_tokenizer(), model, list(HEAD_MODULES[model.config.model_type])  # a copy: callers mutate
+
     where = model_location(cfg)
     if cfg.source == "package" and not (Path(where) / "config.json").is_file():
         raise LoraExpError(f"model.path={where!r} holds no config.json (not a model folder)")
@@ -172,13 +176,12 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
             lora_cfg.alpha,
             lora_cfg.dropout,
             lora_cfg.rslora,
-            protected=[FINAL_LAYER.get(model.config.model_type, "classifier")],
+            protected=head,  # newly initialised: a frozen random base + LoRA would cripple the model
         )
     for name in head:
         model.get_submodule(name).requires_grad_(True)
-    for name in adapted:  # a head module that got LoRA (the `head` alias) keeps its base frozen
+    for name in adapted:
         sub = model.get_submodule(name)
-        sub.base_layer.requires_grad_(False)
         sub.lora_A.requires_grad_(True)
         sub.lora_B.requires_grad_(True)
     return adapted

@@ -18,41 +18,16 @@ import pandas as pd  # noqa: E402
 
 from lora_exp.errors import LoraExpError  # noqa: E402
 
-CONFIG_KEYS = ["method", "targets", "r", "alpha", "rslora", "lr"]  # one configuration; seeds repeat it
+# One configuration; seeds repeat it. Model and data too: runs of two models are never averaged together.
+CONFIG_KEYS = ["model", "data", "method", "targets", "r", "alpha", "rslora", "lr"]
+ARM_KEYS = [k for k in CONFIG_KEYS if k != "lr"]  # an arm of the fair comparison: its lr is chosen on validation
+MEMORY_PARTS = ["mem_params_bytes", "mem_grads_bytes", "mem_optimizer_bytes", "mem_activations_bytes"]
 METHOD_COLORS = {"full": "tab:red", "frozen": "tab:gray", "lora": "tab:blue"}
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96 is close enough.
-T975 = [
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-]
+# fmt: off
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+# fmt: on
 
 
 def load_runs(root: Path) -> pd.DataFrame:
@@ -68,10 +43,24 @@ def load_runs(root: Path) -> pd.DataFrame:
     if not rows:
         raise LoraExpError(f"report: no results.json under {str(root)!r} (is it a run or multirun dir?)")
     df = pd.DataFrame(rows)
-    for col in [*CONFIG_KEYS, "status", "reason", "seed", "test_acc", "history"]:
+    for col in [
+        *CONFIG_KEYS,
+        "status",
+        "reason",
+        "seed",
+        "test_acc",
+        "history",
+        "config_hash",
+        "adapter_params",
+        "head_params",
+        "other_trainable_params",
+    ]:
         if col not in df:
             df[col] = None
-    return df
+    # A rerun (`lora-exp rerun`) repeats a job, it is not another seed: keep one finished row per job identity.
+    done = df["status"] == "ok"
+    twice = done & df["config_hash"].notna() & df.duplicated(["config_hash", "seed"], keep="first")
+    return df[~twice].reset_index(drop=True)
 
 
 def ci95(values: pd.Series) -> float:
@@ -93,11 +82,9 @@ def _config_label(row: pd.Series) -> str:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration over its seeds: costs (params, memory, time) and accuracy (mean, CI)."""
-    ok = df[df["status"] == "ok"].copy()
+    ok = _filled(df, CONFIG_KEYS)
     if ok.empty:
         return pd.DataFrame()
-    keys = ok[CONFIG_KEYS].astype(object).where(ok[CONFIG_KEYS].notna(), "-")
-    ok[CONFIG_KEYS] = keys
     agg = (
         ok.groupby(CONFIG_KEYS, sort=False)
         .agg(
@@ -111,6 +98,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             best_val_acc=("best_val_acc", "mean"),
             test_acc=("test_acc", "mean"),
             test_acc_ci95=("test_acc", ci95),
+            **{c: (c, "mean") for c in MEMORY_PARTS if c in ok},
         )
         .reset_index()
     )
@@ -267,6 +255,156 @@ def plot_rank_alpha_heatmap(summary: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _filled(df: pd.DataFrame, keys: list[str], finished: bool = True) -> pd.DataFrame:
+    """Finished (or failed) runs with missing key values as "-" (pandas drops NaN keys from groups)."""
+    part = df[(df["status"] == "ok") == finished].copy()
+    part[keys] = part[keys].astype(object).where(part[keys].notna(), "-")
+    return part
+
+
+def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The protocol: per arm, the lr with the best mean validation accuracy over seeds; test accuracy at
+    that lr (mean, 95% CI); and the paired difference to full fine-tuning on the same seeds."""
+    ok = _filled(df, CONFIG_KEYS)
+    if ok.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    by_lr = ok.groupby(ARM_KEYS + ["lr"], sort=False).agg(val=("best_val_acc", "mean")).reset_index()
+    # An lr whose seeds partly failed (diverged) must not win on its survivors: each failure costs 1.0.
+    n_failed = _filled(df, CONFIG_KEYS, finished=False).groupby(ARM_KEYS + ["lr"], sort=False).size()
+    by_lr["score"] = by_lr["val"] - [
+        n_failed.get(tuple(k), 0) for k in by_lr[ARM_KEYS + ["lr"]].itertuples(index=False)
+    ]
+    tried = by_lr.groupby(ARM_KEYS, sort=False)["lr"].apply(lambda s: ", ".join(f"{v:g}" for v in sorted(s)))
+    best = by_lr.loc[by_lr.groupby(ARM_KEYS, sort=False)["score"].idxmax(), ARM_KEYS + ["lr"]]
+    chosen = ok.merge(best, on=ARM_KEYS + ["lr"])
+    table = (
+        chosen.groupby(ARM_KEYS + ["lr"], sort=False)
+        .agg(
+            seeds=("seed", "nunique"),
+            val_acc=("best_val_acc", "mean"),
+            test_acc=("test_acc", "mean"),
+            test_acc_ci95=("test_acc", ci95),
+            trainable_params=("trainable_params", "first"),
+            adapter_params=("adapter_params", "first"),
+            head_params=("head_params", "first"),
+            other_params=("other_trainable_params", "first"),
+        )
+        .reset_index()
+    )
+    table["lrs_tried"] = [tried[tuple(row)] for row in table[ARM_KEYS].itertuples(index=False)]
+    table.insert(0, "config", table.apply(_config_label, axis=1))
+    full = chosen[chosen.method == "full"][["model", "data", "seed", "test_acc"]]
+    full = full.rename(columns={"test_acc": "full_acc"})
+    rows = []
+    for _, arm in chosen[chosen.method != "full"].groupby(ARM_KEYS, sort=False):
+        pairs = arm.merge(full, on=["model", "data", "seed"])
+
+        if pairs.empty:
+            continue
+        diff = pairs["test_acc"] - pairs["full_acc"]
+        rows.append(
+            {
+                "config": _config_label(arm.iloc[0]),
+                "pairs": len(diff),
+                "diff_vs_full": diff.mean(),
+                "diff_ci95": ci95(diff),
+            }
+        )
+    return table, pd.DataFrame(rows)
+
+
+def _count(n: float | None) -> str:
+    return "n/a" if n is None or pd.isna(n) else f"{n:,.0f}"
+
+
+def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
+    """The fair comparison as Markdown: chosen lr, test mean ± CI, trainable breakdown, paired differences."""
+    if table.empty:
+        return "No finished runs.\n"
+    show = pd.DataFrame(
+        {
+            "config": table["config"],
+            "lrs tried": table["lrs_tried"],
+            "chosen lr (val)": table["lr"].map("{:g}".format),
+            "val acc": table["val_acc"].map("{:.4f}".format),
+            "test acc (mean ± 95% CI)": [
+                f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(table.test_acc, table.test_acc_ci95)
+            ],
+            "seeds": table["seeds"],
+            "trainable (adapter / head / other)": [
+                f"{_count(t)} ({_count(a)} / {_count(h)} / {_count(o)})"
+                for t, a, h, o in zip(
+                    table.trainable_params, table.adapter_params, table.head_params, table.other_params
+                )
+            ],
+        }
+    )
+    text = show.to_markdown(index=False) + "\n"
+    if not paired.empty:
+        diffs = pd.DataFrame(
+            {
+                "config": paired["config"],
+                "paired seeds": paired["pairs"],
+                "test acc − full FT (mean ± 95% CI)": [
+                    f"{m:+.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}")
+                    for m, c in zip(paired.diff_vs_full, paired.diff_ci95)
+                ],
+            }
+        )
+        text += "\nPaired difference to full fine-tuning (same seed):\n\n" + diffs.to_markdown(index=False) + "\n"
+    return text
+
+
+def plot_pareto(summary: pd.DataFrame, path: Path) -> Path:
+    """Test accuracy (CI bars) against peak memory and against trainable parameters, one point per config."""
+    gpu = summary["peak_vram_gib"].notna().any()
+    mem = summary["peak_vram_gib"] if gpu else summary["peak_host_rss_gib"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for x, ax, label in (
+        (mem, axes[0], "peak GPU memory (GiB)" if gpu else "peak host RSS (GiB), CPU runs"),
+        (summary["trainable_params"], axes[1], "trainable parameters (log scale)"),
+    ):
+        for xv, (_, row) in zip(x, summary.iterrows()):
+            ax.errorbar(
+                xv,
+                row.test_acc,
+                yerr=0 if pd.isna(row.test_acc_ci95) else row.test_acc_ci95,
+                fmt="o",
+                capsize=3,
+                color=METHOD_COLORS.get(row.method, "k"),
+                label=row.config,
+            )
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_title("Accuracy vs memory")
+    axes[1].set_title("Accuracy vs trainable parameters")
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_memory_breakdown(summary: pd.DataFrame, path: Path) -> Path | None:
+    """Stacked bars: parameters, gradients, optimizer state, activations (GPU runs) per configuration."""
+    parts = [c for c in MEMORY_PARTS if c in summary and summary[c].notna().any()]
+    if not parts:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(summary) + 2), 4.2))
+    bottom = pd.Series(0.0, index=summary.index)
+    for part in parts:
+        values = summary[part].fillna(0) / 2**30
+        ax.bar(summary["config"], values, bottom=bottom, label=part.removeprefix("mem_").removesuffix("_bytes"))
+        bottom += values
+    ax.set_ylabel("GiB")
+    gpu = "mem_activations_bytes" in parts
+    ax.set_title("Memory breakdown" + ("" if gpu else " (CPU runs: static parts only, no activation figure)"))
+    ax.legend()
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    for lbl in ax.get_xticklabels():
+        lbl.set_horizontalalignment("right")
+    return _save(fig, path)
+
+
 def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
     """Read the runs under ``root``; write summary.csv, summary.md and the figures into ``out``."""
     root = Path(root)
@@ -283,9 +421,14 @@ def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
     written["accuracy_vs_params.png"] = plot_accuracy_vs_params(summary, out / "accuracy_vs_params.png")
     written["memory.png"] = plot_memory(summary, out / "memory.png")
     written["validation_curves.png"] = plot_validation_curves(df, out / "validation_curves.png")
+    written["pareto.png"] = plot_pareto(summary, out / "pareto.png")
+    table, paired = fair_comparison(df)
+    (out / "fair.md").write_text(fair_markdown(table, paired))
+    written["fair.md"] = out / "fair.md"
     for name, fn in (
         ("accuracy_vs_rank.png", plot_accuracy_vs_rank),
         ("rank_alpha_heatmap.png", plot_rank_alpha_heatmap),
+        ("memory_breakdown.png", plot_memory_breakdown),
     ):
         if (p := fn(summary, out / name)) is not None:
             written[name] = p

@@ -6,8 +6,9 @@ best) -> test with the best weights -> save adapter / weights -> results.json + 
 
 from __future__ import annotations
 
+import hashlib
 import math
-import time
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lora_exp import adapter, data, models, tracking
+from lora_exp import adapter, checkpoint, data, models, tracking
 from lora_exp.config import config_hash, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 
@@ -97,8 +98,9 @@ def check_gradients(named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool
             continue
         if p.grad is None:
             bad.append(f"{name} (no grad)")
-        elif not allow_inf and not torch.isfinite(p.grad).all():  # fp16: the scaler skips such steps
-            bad.append(f"{name} (non-finite grad)")
+        elif not torch.isfinite(p.grad).all():
+            if not allow_inf:  # fp16: an overflowing step is skipped by the scaler, not a broken graph
+                bad.append(f"{name} (non-finite grad)")
         elif not p.grad.abs().sum() > 0:
             bad.append(f"{name} (zero grad)")
     _fail_if(bad, "trainable tensors get no usable gradient")
@@ -138,11 +140,24 @@ def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tupl
     return tokenizer, model, head, adapted
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one job described by ``cfg``, writing everything into ``run_dir``; returns the results."""
+def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train one job described by ``cfg``, writing everything into ``run_dir``; returns the results.
+
+    With ``resume`` it continues from the checkpoint in ``run_dir`` (same data order, RNG and W&B run).
+    """
+    with tracking.RssPeak() as rss:  # this job's own host-memory peak
+        return _train(cfg, run_dir, resume, rss)
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -> dict[str, Any]:
     validate(cfg)
     t = cfg.trainer
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").touch()
+        (run_dir / ".write_test").unlink()
+    except OSError as err:
+        raise LoraExpError(f"output dir {str(run_dir)!r} is not writable ({err.strerror or err})") from err
     config = resolved_dict(cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
     if t.num_threads:
@@ -150,24 +165,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
     seeds = sub_seeds(t.seed)
+    baseline = tracking.reset_memory(device)  # clean state before anything of this job is allocated
 
     # Data (raw splits; tokenised after the model's limits are known).
     splits = data.load_splits(cfg.data)
-    names = splits["train"].features["label"].names
+    names = getattr(splits["train"].features["label"], "names", None)
+
     id2label = dict(enumerate(names)) if names and not names[0].isdigit() else None
 
     tokenizer, model, head, adapted = build_model(cfg, id2label)
     counts = models.count_parameters(model, head)
     model.to(device)
     tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
-    loaders = data.make_loaders(
-        tok,
-        tokenizer,
-        t.batch_size,
-        t.eval_batch_size,
-        t.group_by_length,
-        torch.Generator().manual_seed(seeds["data"]),
-    )
+    generator = torch.Generator().manual_seed(seeds["data"])
+    loaders = data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
 
     # Optimizer over trainable parameters only; weight decay on >= 2-D weights only.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -215,63 +226,100 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "total_steps": total_steps,
         "precision": precision,
     }
-    baseline = tracking.reset_memory(device)
-    with tracking.wandb_run(cfg, run_dir, config) as run:
-        history: list[dict[str, Any]] = []
-        best: dict[str, Any] = {"acc": -1.0}
-        best_state: dict[str, torch.Tensor] = {}
-        step, samples, real_tokens, padded_tokens, train_seconds = 0, 0, 0, 0, 0.0
-        running, n_running = torch.zeros((), device=device), 0
+    timer = tracking.PhaseTimer(device, every=t.profile_every)
+    pg, best_state = checkpoint.Progress(config_hash=config_hash(config)), {}
+
+    if resume:
+        pg, best_state, generator_state = checkpoint.load(run_dir, model, optimizer, scheduler, scaler)
+        generator.set_state(generator_state)
+        print(f"[lora-exp] resuming {run_dir} at step {pg.step} (epoch {pg.epoch}, batch {pg.batches_done})")
+    else:
         torch.manual_seed(seeds["dropout"])
+    order = hashlib.sha256() if pg.step == 0 else None  # fingerprint of the first batches (paired design)
+    with tracking.wandb_run(cfg, run_dir, config, resume_id=pg.wandb_id) as run, tracking.sigterm_flag() as stop:
+        pg.wandb_id = tracking.wandb_ref(run)["wandb_id"]
+        running, n_running = torch.zeros((), device=device), 0
         model.train()
-        bar = tqdm(total=total_steps, desc=f"{cfg.method.name}", unit="step", mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(
+            total=total_steps, initial=pg.step, desc=cfg.method.name, unit="step", mininterval=1.0, dynamic_ncols=True
+        )
 
         def validate_now(epoch: float) -> None:
-            nonlocal best, best_state
+            nonlocal best_state
             m = evaluate(model, loaders.validation, device, amp)
             row = {
-                "step": step,
+                "step": pg.step,
                 "epoch": round(epoch, 3),
-                "time_s": round(train_seconds, 3),
+                "time_s": round(pg.train_seconds, 3),
                 **{f"val_{k}": v for k, v in m.items()},
             }
-            history.append(row)
+            pg.history.append(row)
             run.log(
                 {
                     "val/acc": m["acc"],
                     "val/f1": m["f1"],
                     "val/loss": m["loss"],
                     "epoch": epoch,
-                    "time/train_s": train_seconds,
+                    "time/train_s": pg.train_seconds,
                 },
-                step=step,
+                step=pg.step,
             )
-            if m["acc"] > best["acc"]:  # one selection metric; every metric reported at that step
-                best = {**m, "step": step, "epoch": epoch}
+            if m["acc"] > pg.best["acc"]:  # one selection metric; every metric reported at that step
+                pg.best = {**m, "step": pg.step, "epoch": epoch}
                 best_state = adapter.trainable_state(model)
 
+        def save_checkpoint(epoch_state: torch.Tensor) -> None:
+            # never overwrite the last good checkpoint with a diverged one
+            if (n_running and not math.isfinite(running.item())) or not all(
+                torch.isfinite(p).all() for _, p in trainable
+            ):
+                raise TrainingFailure("nan", f"train loss or weights are not finite at step {pg.step}")
+            checkpoint.save(run_dir, model, best_state, optimizer, scheduler, scaler, epoch_state, pg)
+
         try:
-            t0 = time.perf_counter()
-            for epoch in range(t.epochs):
+            now = tracking.clock(device)  # CUDA: synchronise first, so queued work is charged to training
+            t0 = now()
+            for epoch in range(pg.epoch, t.epochs):
+                if pg.step >= total_steps:  # resumed from the final checkpoint of a max_steps run
+                    break
+
+                pg.epoch = epoch
+                epoch_state = generator.get_state()  # this epoch's batch order is drawn from here
                 for i, batch in enumerate(loaders.train):
+                    if i < pg.batches_done:  # resumed mid-epoch: already trained on
+                        continue
                     mask = batch["attention_mask"]
-                    real_tokens += int(mask.sum())  # on the CPU batch: no device sync
-                    padded_tokens += mask.numel()
-                    samples += len(mask)
+                    pg.real_tokens += int(mask.sum())  # on the CPU batch: no device sync
+                    pg.padded_tokens += mask.numel()
+                    pg.samples += len(mask)
+                    if order is not None and pg.step < 3:
+                        order.update(batch["input_ids"].numpy().tobytes() + batch["labels"].numpy().tobytes())
+                        pg.order_digest = order.hexdigest()[:16]
+                    last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(loaders.train)
+                    timed = last_micro and timer.wants(pg.step)
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    if timed:
+                        timer.mark()
+                    # the last group of an epoch may hold fewer micro-batches: weight them by its real size
+                    group = min(t.grad_accum, len(loaders.train) - i // t.grad_accum * t.grad_accum)
                     with amp():
-                        loss = model(**batch).loss / t.grad_accum
+                        loss = model(**batch).loss / group
+                    if timed:
+                        timer.mark()
                     (scaler.scale(loss) if scaler else loss).backward()
+                    if timed:
+                        timer.mark()
                     running += loss.detach()
                     n_running += 1
-                    if (i + 1) % t.grad_accum and i + 1 != len(loaders.train):
+                    pg.batches_done = i + 1
+                    if not last_micro:
                         continue
                     if scaler:
                         scaler.unscale_(optimizer)
-                    if step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
+                    if pg.step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
                         check_gradients(trainable, allow_inf=scaler is not None)
-                    elif step == probe_step - 1 and any(".lora_" in n for n, _ in trainable):
-                        check_lora_moving(trainable, step)
+                    elif pg.step == probe_step - 1 and any(".lora_" in n for n, _ in trainable):
+                        check_lora_moving(trainable, pg.step)
                     if t.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.max_grad_norm)
                     if scaler:
@@ -281,37 +329,58 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    step += 1
+                    if timed:
+                        timer.mark()
+                    pg.step += 1
                     bar.update()
-                    if step % t.log_every == 0 or step == total_steps:  # the only host sync of the loop
-                        value = running.item() / n_running * t.grad_accum
+                    if pg.step % t.log_every == 0 or pg.step == total_steps:  # the only host sync of the loop
+                        value = running.item() / n_running * group
                         if not math.isfinite(value):
-                            raise TrainingFailure("nan", f"train loss is {value} at step {step}")
+                            raise TrainingFailure("nan", f"train loss is {value} at step {pg.step}")
                         run.log(
-                            {"train/loss": value, "train/lr": scheduler.get_last_lr()[0], "epoch": epoch},
-                            step=step,
+                            {
+                                "train/loss": value,
+                                "train/lr": scheduler.get_last_lr()[0],
+                                "epoch": epoch + (i + 1) / len(loaders.train),
+                            },
+                            step=pg.step,
                         )
                         bar.set_postfix(loss=f"{value:.4f}")
                         running.zero_()
                         n_running = 0
-                    if t.eval_every and step % t.eval_every == 0:
-                        train_seconds += time.perf_counter() - t0
+                    if t.eval_every and pg.step % t.eval_every == 0:
+                        pg.train_seconds += now() - t0
                         validate_now(epoch + (i + 1) / len(loaders.train))
-                        t0 = time.perf_counter()
-                    if step >= total_steps:
+                        t0 = now()
+                    if (t.checkpoint_every and pg.step % t.checkpoint_every == 0) or stop.is_set():
+                        pg.train_seconds += now() - t0
+                        save_checkpoint(epoch_state)
+                        t0 = now()
+                        if stop.is_set():
+                            raise TrainingFailure(
+                                "preempted",
+                                f"SIGTERM at step {pg.step}: checkpoint saved; "
+                                f"continue with: lora-exp resume={run_dir}",
+                            )
+                    if pg.step >= total_steps:
                         break
-                train_seconds += time.perf_counter() - t0
-                if not history or history[-1]["step"] != step:  # always evaluate the last step
-                    validate_now(epoch + (i + 1) / len(loaders.train))
-                t0 = time.perf_counter()
-                if step >= total_steps:
+                pg.train_seconds += now() - t0
+                if not pg.history or pg.history[-1]["step"] != pg.step:  # always evaluate the last step
+                    validate_now(epoch + pg.batches_done / len(loaders.train))
+                pg.epoch, pg.batches_done = epoch + 1, 0
+                save_checkpoint(generator.get_state())  # the next epoch's order is drawn from here
+                t0 = now()
+                if pg.step >= total_steps:
                     break
         finally:
             bar.close()
 
         adapter.load_into(model, best_state, "best checkpoint")
+        best, step, history = pg.best, pg.step, pg.history
         test = evaluate(model, loaders.test, device, amp)
-        memory = tracking.peak_memory(device, baseline)
+        memory = tracking.peak_memory(device, baseline, rss)
+
+        memory.update(tracking.memory_breakdown(model, optimizer, memory["peak_vram_bytes"], baseline))
         results: dict[str, Any] = {
             "status": "ok",
             "method": cfg.method.name,
@@ -339,10 +408,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "test_f1": test["f1"],
             "test_loss": test["loss"],
             **memory,
-            "train_seconds": train_seconds,
-            "samples_per_s": samples / train_seconds,
-            "tokens_per_s": real_tokens / train_seconds,
-            "padding_efficiency": real_tokens / padded_tokens,
+            "train_seconds": pg.train_seconds,
+            "samples_per_s": pg.samples / pg.train_seconds,
+            "tokens_per_s": pg.real_tokens / pg.train_seconds,
+            "padding_efficiency": pg.real_tokens / pg.padded_tokens,
+            **timer.summary(),
+            "data_order_digest": pg.order_digest or None,
+            "resumed": resume,
             "steps": step,
             "epochs": t.epochs,
             "batch_size": t.batch_size,
@@ -352,7 +424,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "sub_seeds": seeds,
             "precision": precision,
             **tracking.environment(device),
-            **tracking.git_info(),
+            **tracking.git_info(diff_to=run_dir / "git.diff"),
             **tracking.wandb_ref(run),
             "history": history,
         }
@@ -360,6 +432,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             results.update(_save_weights(cfg, model, tokenizer, run_dir, head, id2label))
         run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float | str) or v is None})
         tracking.write_json(run_dir / "results.json", results)
+    if not t.keep_checkpoint:  # finished: results and weights are written; optimizer state is not needed
+        shutil.rmtree(run_dir / checkpoint.FOLDER, ignore_errors=True)
     _print_summary(results, run_dir)
     return results
 

@@ -14,7 +14,7 @@ from lora_exp.errors import LoraExpError
 
 from .conftest import make_cfg
 
-GROUPS = ["model", "data", "method", "lora", "optimizer", "trainer", "logger", "experiment"]
+GROUPS = ["model", "data", "method", "lora", "optimizer", "trainer", "logger", "experiment", "hparams_search"]
 
 
 def options(group: str) -> list[str]:

@@ -56,8 +56,11 @@ def test_alias_matches_exactly_the_expected_modules(arch: str, alias: str) -> No
 
 
 def test_head_alias_per_architecture() -> None:
-    assert lora.resolve_targets(tiny("distilbert")[1], ["head"]) == ["pre_classifier"]
-    assert lora.resolve_targets(tiny("bert")[1], ["head"]) == ["bert.pooler.dense"]
+    assert lora.resolve_targets(tiny("bert")[1], ["head"]) == ["bert.pooler.dense"]  # pretrained pooler
+    _, model, head = tiny("distilbert")  # pre_classifier is newly initialised: trained in full, not adapted
+    assert lora.resolve_targets(model, ["head"]) == ["pre_classifier"]
+    with pytest.raises(LoraExpError, match="'pre_classifier', part of the classification head"):
+        models.apply_method(model, "lora", head, lora_cfg("q", "head"))
 
 
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
@@ -111,7 +114,7 @@ def test_suffix_and_regex_targets() -> None:
     [
         (["nothing_here"], "'nothing_here' matches no module"),
         (["attention.self"], "not an nn.Linear"),
-        (["classifier"], "matches the classification head"),
+        (["classifier"], "part of the classification head"),
         ([], "lora.targets is empty"),
     ],
 )
@@ -154,3 +157,17 @@ def test_model_unchanged_at_step0_and_merge_roundtrip() -> None:
     torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)
     lora.unmerge(model)
     torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)
+
+
+def test_best_snapshot_is_a_copy_not_the_live_parameters() -> None:
+    """On CPU `.to("cpu")` returns the tensor itself: a 'best' snapshot must not follow later updates."""
+    from lora_exp.adapter import trainable_state
+
+    _, model, head = tiny("bert")
+    models.apply_method(model, "lora", head, lora_cfg("q"))
+    snap = trainable_state(model)
+    params = dict(model.named_parameters())
+    assert all(snap[k].data_ptr() != params[k].data_ptr() for k in snap)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    assert not torch.equal(snap["classifier.weight"], model.classifier.weight)

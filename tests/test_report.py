@@ -113,3 +113,34 @@ def test_notebook_executes_on_a_sweep(methods_sweep: Path, tmp_path: Path) -> No
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3
     assert (tmp_path / "nb_report" / "summary.csv").is_file()
+
+
+def test_fair_protocol_picks_lr_on_validation_and_pairs_seeds(tmp_path: Path) -> None:
+    # full: lr 1e-4 wins on validation although 5e-5 has the better test accuracy (no peeking at test).
+    grid = {"full": {5e-5: (0.80, 0.90), 1e-4: (0.85, 0.80)}, "lora": {1e-3: (0.70, 0.70), 2e-3: (0.84, 0.82)}}
+    for method, lrs in grid.items():
+        for lr, (val, test) in lrs.items():
+            for seed in (1, 2, 3):
+                _result(
+                    tmp_path,
+                    f"{method}{lr}s{seed}",
+                    method=method,
+                    lr=lr,
+                    seed=seed,
+                    best_val_acc=val,
+                    test_acc=test + seed / 100,
+                    r=8 if method == "lora" else None,
+                    alpha=16 if method == "lora" else None,
+                    targets="q+v" if method == "lora" else None,
+                    adapter_params=10,
+                    head_params=5,
+                    other_trainable_params=0,
+                )
+    table, paired = report.fair_comparison(report.load_runs(tmp_path))
+    chosen = dict(zip(table.method, table.lr))
+    assert chosen == {"full": 1e-4, "lora": 2e-3}
+    assert table.set_index("method").loc["full", "test_acc"] == pytest.approx(0.82)
+    assert paired.iloc[0]["diff_vs_full"] == pytest.approx(0.02)  # 0.82+s - (0.80+s) on each seed
+    assert paired.iloc[0]["diff_ci95"] == pytest.approx(0.0, abs=1e-12)
+    md = report.fair_markdown(table, paired)
+    assert "Paired difference to full fine-tuning" in md and "+0.0200" in md

@@ -169,3 +169,29 @@ def test_parallel_launchers_run_jobs_in_fresh_processes(launcher: str, reviews: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = results(tmp_path / "sweep")
     assert sorted(r["method"] for r in got) == ["frozen", "lora"] and all(r["status"] == "ok" for r in got)
+
+
+def test_fair_grid_uses_each_methods_own_lrs() -> None:
+    for method in ("full", "frozen", "lora"):
+        grid = list(make_cfg([f"method={method}"]).method.lr_grid)
+        got = [make_cfg(["+sweep=fair", f"method={method}", f"lr_index={i}"]).optimizer.lr for i in range(3)]
+        assert got == grid
+
+
+def test_optuna_study_runs_and_persists(reviews: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "study"
+    args = [
+        "-m",
+        "hparams_search=lora_optuna",
+        "hydra.sweeper.n_trials=2",
+        "logger=none",
+        *tiny(reviews, tmp_path),
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = results(sweep)
+    assert len(got) == 2 and all(r["status"] == "ok" and r["method"] == "lora" for r in got)
+    assert all(1e-4 <= r["lr"] <= 1e-2 and r["r"] in (2, 4, 8, 16, 32) for r in got)
+    assert (sweep / "optuna.db").stat().st_size > 0
+    assert "Best parameters" in proc.stdout + proc.stderr or (sweep / "optimization_results.yaml").is_file()

@@ -173,7 +173,9 @@ def test_max_length_beyond_model_is_an_error(tiny_cfg, tmp_path: Path) -> None:
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run ``lora-exp`` as a user would (a fresh process)."""
-    env = {**os.environ, "WANDB_SILENT": "true"}
+    # A fresh process, as a user's: not attached to this test process's W&B service (wandb exports
+    # WANDB_SERVICE to children once it has started one, and a SIGKILLed child's run would stay "in use").
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_SILENT": "true"}
     return subprocess.run(
         [sys.executable, "-m", "lora_exp", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
     )
@@ -186,3 +188,67 @@ def test_cli_bad_value_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert errors == ["error: lora.r=0 must be an integer >= 1 (and <= min(out, in) of each target)"]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["status"] == "failed" and saved["failure"] == "config"
+
+
+def test_paired_design_same_data_order_across_methods(runs) -> None:
+    digests = {m: runs[m][1]["data_order_digest"] for m in ("full", "frozen", "lora")}
+    assert len(set(digests.values())) == 1, digests
+    assert all(runs[m][1]["sub_seeds"] == runs["full"][1]["sub_seeds"] for m in ("frozen", "lora"))
+
+
+@pytest.mark.parametrize("method", ["full", "frozen", "lora"])
+def test_memory_breakdown_counts_params_grads_and_adam_state(runs, method: str) -> None:
+    res = runs[method][1]
+    assert res["mem_params_bytes"] == 4 * res["total_params"]  # fp32 master weights
+    assert res["mem_grads_bytes"] == 4 * res["trainable_params"]
+    assert res["mem_optimizer_bytes"] == 2 * 4 * res["trainable_params"]  # AdamW: exp_avg + exp_avg_sq
+    assert res["mem_activations_bytes"] is None  # CPU: no measured peak to split
+
+
+def test_time_split_is_sampled(runs) -> None:
+    res = runs["lora"][1]
+    assert res["time_sampled_steps"] == 1  # 48 updates, every 25th after step 0
+    assert all(res[f"time_{p}_ms"] > 0 for p in ("forward", "backward", "optimizer"))
+
+
+def test_rerun_reproduces_metrics_on_cpu(runs, tmp_path: Path) -> None:
+    run_dir, res = runs["lora"]
+    proc = cli(["rerun", str(run_dir), "--out", str(tmp_path / "again")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    for key in ("best_val_acc", "test_acc", "test_loss", "config_hash", "data_order_digest"):
+        assert again[key] == res[key], key
+    assert [h["val_loss"] for h in again["history"]] == [h["val_loss"] for h in res["history"]]
+    assert "identical" in proc.stdout
+
+
+def test_predict_cli_prints_label_and_probability(runs, tmp_path: Path) -> None:
+    run_dir, _ = runs["lora"]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good great fun\nbad boring dull\n")
+    proc = cli(["predict", f"adapter={run_dir / 'adapter'}", f"file={texts}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert [t for _, _, t in lines] == ["good great fun", "bad boring dull"]
+    assert all(label in ("rotten", "fresh") and 0.5 <= float(p) <= 1 for label, p, _ in lines)
+    expected = inference.predict(run_dir, ["good great fun", "bad boring dull"])
+    assert [(label, round(p, 4)) for label, p in expected] == [(label, float(p)) for label, p, _ in lines]
+
+
+def test_export_peft_cli_loads_in_peft(runs, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    run_dir, _ = runs["lora"]
+    proc = cli(["export-peft", str(run_dir), str(tmp_path / "peft")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from omegaconf import OmegaConf
+
+    from lora_exp.cli import recorded_config
+
+    tokenizer, ours = inference.load_trained(run_dir, merge=False)
+    # the same seeded base (tiny random weights) without LoRA: method=frozen builds exactly that
+    _, base, _, _ = train.build_model(OmegaConf.merge(recorded_config(run_dir), {"method": {"name": "frozen"}}))
+    ref = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ids = tokenizer(["good great fun", "bad boring dull"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(**ids).logits, ours(**ids).logits, atol=1e-5, rtol=1e-5)
