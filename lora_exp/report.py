@@ -397,7 +397,9 @@ def plot_memory_breakdown(summary: pd.DataFrame, path: Path) -> Path | None:
         bottom += values
     ax.set_ylabel("GiB")
     gpu = "mem_activations_bytes" in parts
-    ax.set_title("Memory breakdown" + ("" if gpu else " (CPU runs: static parts only, no activation figure)"))
+    ax.set_title("Memory breakdown" + ("" if gpu else "\n(CPU runs: parameters, gradients, optimizer state only)"),
+                 fontsize=10)
+
     ax.legend()
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     for lbl in ax.get_xticklabels():
