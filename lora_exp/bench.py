@@ -4,7 +4,7 @@ Same model (offline MiniLM by default), same tokenised examples (the offline def
 the same order for every contender's epoch), batch size, precision (fp32 on CPU), AdamW, lr and number of
 optimizer steps. Each contender reports samples/s over its training window (model loading excluded).
 HF Trainer runs with its defaults (random batches, as a user would pick), and once more with
-``group_by_length=True`` so the effect of length grouping is separated from the rest of the loop.
+``train_sampling_strategy="group_by_length"`` so the effect of length grouping is separated from the rest of the loop.
 Needs ``peft`` (a dev extra) for the PEFT contender.
 """
 
@@ -84,7 +84,8 @@ def _hf(method: str, steps: int, batch: int, grouped: bool, common: list[str]) -
             logging_strategy="no",
             disable_tqdm=True,
             dataloader_num_workers=0,
-            group_by_length=grouped,
+            train_sampling_strategy="group_by_length" if grouped else "random",
+
             seed=42,
             use_cpu=not torch.cuda.is_available(),
         )
