@@ -85,7 +85,6 @@ def _hf(method: str, steps: int, batch: int, grouped: bool, common: list[str]) -
             disable_tqdm=True,
             dataloader_num_workers=0,
             train_sampling_strategy="group_by_length" if grouped else "random",
-
             seed=42,
             use_cpu=not torch.cuda.is_available(),
         )

@@ -1,16 +1,15 @@
 """``lora-exp``: the Hydra app (one training job, or a multirun), plus a few subcommands.
 
-    lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp method=full
-    lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
-    lora-exp resume=RUN_DIR               continue an interrupted run from its checkpoint
-    lora-exp fetch                        fetch the offline model and data once (else done on first use)
-    lora-exp report DIR [--out D]         summary.csv / summary.md / fair.md / figures from results under DIR
-    lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
-    lora-exp predict adapter=RUN_DIR text="..." | file=F    merged inference: label and probability
-    lora-exp export-peft RUN_DIR OUT      a LoRA run's adapter + head in the PEFT layout
-    lora-exp bench [--steps N] [overrides]    our loop vs HF Trainer (+ PEFT) on the same work
+lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp method=full
+lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
+lora-exp resume=RUN_DIR               continue an interrupted run from its checkpoint
+lora-exp fetch                        fetch the offline model and data once (else done on first use)
+lora-exp report DIR [--out D]         summary.csv / summary.md / fair.md / figures from results under DIR
+lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
+lora-exp predict adapter=RUN_DIR text="..." | file=F    merged inference: label and probability
+lora-exp export-peft RUN_DIR OUT      a LoRA run's adapter + head in the PEFT layout
+lora-exp bench [--steps N] [overrides]    our loop vs HF Trainer (+ PEFT) on the same work
 """
-
 
 from __future__ import annotations
 

@@ -102,8 +102,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         )
         .reset_index()
     )
-    agg.insert(0, "config", agg.apply(_config_label, axis=1))
-    return agg.sort_values(["method", "trainable_params"], kind="stable").reset_index(drop=True)
+    labels = agg.apply(_config_label, axis=1)
+    if (agg.groupby(labels)["lr"].nunique() > 1).any():  # lr varies within a config: say which point is which
+        labels = [f"{c} lr={lr:g}" for c, lr in zip(labels, agg["lr"])]
+    agg.insert(0, "config", labels)
+    return agg.sort_values(["method", "trainable_params", "lr"], kind="stable").reset_index(drop=True)
 
 
 def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
@@ -190,11 +193,19 @@ def plot_memory(summary: pd.DataFrame, path: Path) -> Path:
 def plot_validation_curves(df: pd.DataFrame, path: Path) -> Path:
     """Validation accuracy per run against epoch and against training wall-clock time."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for _, row in df[df["status"] == "ok"].iterrows():
+    runs = df[df["status"] == "ok"]
+    by_method = len(runs) > 8  # many runs: one legend entry per method, not per run
+    seen: set[str] = set()
+    for _, row in runs.iterrows():
         hist = pd.DataFrame(row["history"] or [])
         if hist.empty:
             continue
-        label = f"{_config_label(row)} s{row['seed']}"
+        label = str(row["method"]) if by_method else f"{_config_label(row)} s{row['seed']}"
+        if label in seen:
+            label = "_" + label  # matplotlib leaves "_"-labels out of the legend
+        else:
+            seen.add(label)
+
         color = METHOD_COLORS.get(row["method"])
         left.plot(hist["epoch"], hist["val_acc"], marker=".", color=color, alpha=0.8, label=label)
         right.plot(hist["time_s"], hist["val_acc"], marker=".", color=color, alpha=0.8)
@@ -397,8 +408,9 @@ def plot_memory_breakdown(summary: pd.DataFrame, path: Path) -> Path | None:
         bottom += values
     ax.set_ylabel("GiB")
     gpu = "mem_activations_bytes" in parts
-    ax.set_title("Memory breakdown" + ("" if gpu else "\n(CPU runs: parameters, gradients, optimizer state only)"),
-                 fontsize=10)
+    ax.set_title(
+        "Memory breakdown" + ("" if gpu else "\n(CPU runs: parameters, gradients, optimizer state only)"), fontsize=10
+    )
 
     ax.legend()
     ax.tick_params(axis="x", rotation=30, labelsize=8)
