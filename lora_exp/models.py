@@ -207,3 +207,42 @@ def count_parameters(model: nn.Module, head: list[str]) -> dict[str, int | float
             counts["other"] += p.numel()
     counts["trainable_pct"] = 100.0 * counts["trainable"] / counts["total"]
     return counts
+
+
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_base_dtype(base_dtype: str, precision: str) -> None:
+    """A low-precision frozen base needs autocast in that dtype (plain fp32 matmuls would mix dtypes)."""
+    if base_dtype != "fp32" and base_dtype != precision:
+        raise LoraExpError(
+            f"model.base_dtype={base_dtype} needs trainer.precision={base_dtype} (autocast in that dtype); "
+            f"this run computes in {precision}"
+        )
+
+
+def store_frozen_in(model: nn.Module, base_dtype: str) -> int:
+    """Store frozen parameters in ``base_dtype`` (``model.base_dtype``); trainable ones stay fp32 master weights.
+
+    What PEFT users do with a bf16 base: the frozen weights take half the memory, autocast computes in
+    bf16 anyway. Returns how many parameter tensors were converted.
+    """
+    dtype = BASE_DTYPES[base_dtype]
+    if dtype == torch.float32:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' own activation checkpointing, non-reentrant (the reentrant kind leaves LoRA untrained
+    when the inputs do not require grad: peft#1142)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LoraExpError(
+            f"trainer.gradient_checkpointing=true: {type(model).__name__} does not support gradient checkpointing"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,15 +1,19 @@
-"""``train(cfg, run_dir) -> results``: the one training loop, in execution order.
+"""``train(cfg, run_dir) -> results``: one training job, read in execution order.
 
-seed -> data -> model -> method -> optimizer over trainable params -> autocast -> loop (log, eval, keep
-best) -> test with the best weights -> save adapter / weights -> results.json + W&B summary.
+``setup`` (seed -> data -> model -> method -> optimizer over trainable params -> autocast) builds a ``Job``;
+``fit`` runs the loop (micro-step, optimizer step, logging, validation, checkpoints); ``finish`` tests the best
+weights, saves the adapter / weights and writes results.json + the W&B summary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
-from contextlib import nullcontext
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lora_exp import adapter, checkpoint, data, models, tracking
+from lora_exp import adapter, checkpoint, data, features, models, tracking
 from lora_exp.config import config_hash, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 
 SUB_SEEDS = ("model", "head", "lora", "data", "dropout")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sub_seeds(seed: int) -> dict[str, int]:
@@ -33,12 +38,23 @@ def sub_seeds(seed: int) -> dict[str, int]:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an explicit CUDA request without CUDA is an error."""
+    """``auto`` -> CUDA when available, else CPU; an explicit CUDA request without CUDA is an error.
+
+    ``cuda:N`` also becomes the current device, so streams, events and the allocator statistics that the
+    loop reads without an explicit index refer to that GPU.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LoraExpError(f"trainer.device={name} but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LoraExpError(
+                f"trainer.device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..)"
+            )
+        torch.cuda.set_device(device)
+    return device
 
 
 def pick_precision(requested: str, device: torch.device) -> str:
@@ -55,14 +71,17 @@ def pick_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+def make_deterministic(device: torch.device) -> None:
+    """Deterministic kernels (``trainer.deterministic``): reruns on CUDA give bit-identical results."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs a fixed workspace for it
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
 
 
 @torch.inference_mode()
-def evaluate(
-    model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any
-) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean loss over a loader."""
+def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any) -> dict:
+    """Accuracy, macro-F1, mean loss and the predicted-class counts over a loader."""
     model.eval()
     preds, labels, loss_sum = [], [], torch.zeros((), device=device)
     for batch in loader:
@@ -74,8 +93,9 @@ def evaluate(
         labels.append(batch["labels"])
     model.train()
     p, y = torch.cat(preds), torch.cat(labels)
+    n_classes = out.logits.shape[-1]
     f1s = []
-    for c in range(out.logits.shape[-1]):
+    for c in range(n_classes):
         tp = ((p == c) & (y == c)).sum()
         denom = (p == c).sum() + (y == c).sum()
         f1s.append(2 * tp / denom if denom > 0 else torch.zeros((), device=device))
@@ -83,6 +103,7 @@ def evaluate(
         "acc": (p == y).float().mean().item(),
         "f1": torch.stack(f1s).mean().item(),
         "loss": (loss_sum / len(y)).item(),
+        "pred_counts": torch.bincount(p, minlength=n_classes).tolist(),
     }
 
 
@@ -125,6 +146,7 @@ def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tupl
 
     The head is re-initialised from its own sub-seed so every method of one seed starts from the same
     head (a paired comparison); LoRA A from another, so adding LoRA does not shift the head's init.
+    Frozen parameters are then stored in ``model.base_dtype``; trainable ones stay fp32 (master weights).
     """
     seeds = sub_seeds(cfg.trainer.seed)
     torch.manual_seed(seeds["model"])  # random-init (tiny) models and anything from_pretrained draws
@@ -137,7 +159,57 @@ def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tupl
         model.get_submodule(name).apply(model._init_weights)
     torch.manual_seed(seeds["lora"])
     adapted = models.apply_method(model, cfg.method.name, head, cfg.lora)
+    models.store_frozen_in(model, cfg.model.get("base_dtype", "fp32"))
     return tokenizer, model, head, adapted
+
+
+@dataclass
+class Job:
+    """Everything one training job holds while it runs: built by ``setup``, advanced by ``fit``."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    precision: str
+    seeds: dict[str, int]
+    config: dict[str, Any]  # resolved config + derived facts: W&B config and the config hash
+    tokenizer: Any
+    model: torch.nn.Module
+    head: list[str]
+    adapted: list[str]
+    counts: dict[str, Any]
+    tok: Any  # tokenised splits
+    loaders: data.Loaders
+    generator: torch.Generator  # the training data order
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    total_steps: int
+    timer: tracking.PhaseTimer
+    baseline: int  # allocated bytes before this job (CUDA)
+    rss: tracking.RssPeak
+    id2label: dict[int, str] | None
+    pg: checkpoint.Progress
+    resumed: bool = False
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
+    cache: features.FeatureCache | None = None
+    memory: dict[str, Any] = field(default_factory=dict)  # from the sampled step
+    run: Any = None  # the W&B run
+    stop: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM
+    loss_sum: torch.Tensor | None = None  # running train loss on the device (the host syncs only to log)
+    loss_count: int = 0
+
+    def amp(self) -> AbstractContextManager:
+        """Autocast in the run's precision (a null context for fp32)."""
+        dtype = AMP_DTYPES.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
+    @property
+    def probe_step(self) -> int:
+        """The update after which LoRA must be seen moving."""
+        return min(10, self.total_steps)
 
 
 def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -146,12 +218,22 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
     With ``resume`` it continues from the checkpoint in ``run_dir`` (same data order, RNG and W&B run).
     """
     with tracking.RssPeak() as rss:  # this job's own host-memory peak
-        return _train(cfg, run_dir, resume, rss)
+        job = setup(cfg, run_dir, resume, rss)
+        with (
+            tracking.wandb_run(cfg, run_dir, job.config, resume_id=job.pg.wandb_id) as run,
+            tracking.sigterm_flag() as stop,
+        ):
+            job.run, job.stop = run, stop
+            job.pg.wandb_id = tracking.wandb_ref(run)["wandb_id"]
+            fit(job)
+            results = finish(job)
+    if not cfg.trainer.keep_checkpoint:  # finished: results and weights are written; optimizer state is not needed
+        shutil.rmtree(run_dir / checkpoint.FOLDER, ignore_errors=True)
+    _print_summary(results, run_dir)
+    return results
 
 
-def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -> dict[str, Any]:
-    validate(cfg)
-    t = cfg.trainer
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ".write_test").touch()
@@ -160,63 +242,90 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) 
         raise LoraExpError(f"output dir {str(run_dir)!r} is not writable ({err.strerror or err})") from err
     config = resolved_dict(cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    device = pick_device(t.device)
-    precision = pick_precision(t.precision, device)
-    seeds = sub_seeds(t.seed)
-    baseline = tracking.reset_memory(device)  # clean state before anything of this job is allocated
+    return config
 
-    # Data (raw splits; tokenised after the model's limits are known).
-    splits = data.load_splits(cfg.data)
-    names = getattr(splits["train"].features["label"], "names", None)
 
-    id2label = dict(enumerate(names)) if names and not names[0].isdigit() else None
-
-    tokenizer, model, head, adapted = build_model(cfg, id2label)
-    counts = models.count_parameters(model, head)
-    model.to(device)
-    tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
-    generator = torch.Generator().manual_seed(seeds["data"])
-    loaders = data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
-
-    # Optimizer over trainable parameters only; weight decay on >= 2-D weights only.
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    o = cfg.optimizer
+def make_optimizer(trainable: list[tuple[str, torch.nn.Parameter]], o: DictConfig, device: torch.device) -> Any:
+    """AdamW over trainable parameters only; weight decay on >= 2-D weights only (fused on CUDA)."""
     groups = [
         {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
         {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=o.lr,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        fused=device.type == "cuda",
-        foreach=None if device.type == "cuda" else True,
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(
+        groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=cuda, foreach=None if cuda else True
     )
+
+
+def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -> Job:
+    """Validate, then seed -> data -> model -> method -> optimizer -> schedule; restore a checkpoint."""
+    validate(cfg)
+    t = cfg.trainer
+    config = _prepare_run_dir(cfg, run_dir)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = pick_device(t.device)
+    precision = pick_precision(t.precision, device)
+    models.check_base_dtype(cfg.model.get("base_dtype", "fp32"), precision)
+    if t.get("deterministic"):
+        make_deterministic(device)
+    seeds = sub_seeds(t.seed)
+    baseline = tracking.reset_memory(device)  # clean state before anything of this job is allocated
+
+    splits = data.load_splits(cfg.data)  # raw splits; tokenised once the model's limits are known
+    names = getattr(splits["train"].features["label"], "names", None)
+    id2label = dict(enumerate(names)) if names and not names[0].isdigit() else None
+    tokenizer, model, head, adapted = build_model(cfg, id2label)
+    counts = models.count_parameters(model, head)
+    model.to(device)
+    if t.get("gradient_checkpointing"):
+        models.enable_gradient_checkpointing(model)
+    tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
+    generator = torch.Generator().manual_seed(seeds["data"])
+    loaders = data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
+    if device.type == "cuda":
+        data.pin_memory(loaders)
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, cfg.optimizer, device)
     steps_per_epoch = math.ceil(len(loaders.train) / t.grad_accum)
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**12)
     scheduler = get_scheduler(
-        o.scheduler,
+        cfg.optimizer.scheduler,
         optimizer,
-        num_warmup_steps=int(o.warmup_ratio * total_steps),
+        num_warmup_steps=int(cfg.optimizer.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    amp_dtype = AMP_DTYPES.get(precision)
-
-    def amp():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    probe_step = min(10, total_steps)  # when LoRA must be seen moving
-
-    print(
-        f"[lora-exp] {cfg.method.name} on {cfg.model.name}/{cfg.data.name}: {counts['trainable']:,} of "
-        f"{counts['total']:,} parameters trainable ({counts['trainable_pct']:.2f}%), "
-        f"{len(adapted)} LoRA layers, head {'+'.join(head)} (newly initialised, trained in full), "
-        f"{len(tok['train'])} train examples, {total_steps} steps, {device} {precision}"
+    job = Job(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        precision=precision,
+        seeds=seeds,
+        config=config,
+        tokenizer=tokenizer,
+        model=model,
+        head=head,
+        adapted=adapted,
+        counts=counts,
+        tok=tok,
+        loaders=loaders,
+        generator=generator,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+        total_steps=total_steps,
+        timer=tracking.PhaseTimer(device, every=t.profile_every),
+        baseline=baseline,
+        rss=rss,
+        id2label=id2label,
+        pg=checkpoint.Progress(),
+        resumed=resume,
+        loss_sum=torch.zeros((), device=device),
     )
+    job.cache = features.maybe_cache(job)  # a frozen encoder runs once per example, not once per epoch
+    _print_banner(job)
     config["derived"] = {
         "params": counts,
         "lora_scaling": _scaling(cfg),
@@ -225,217 +334,271 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) 
         "sub_seeds": seeds,
         "total_steps": total_steps,
         "precision": precision,
+        "feature_cache": job.cache is not None,
     }
-    timer = tracking.PhaseTimer(device, every=t.profile_every)
-    pg, best_state = checkpoint.Progress(config_hash=config_hash(config)), {}
-
+    job.pg.config_hash = config_hash(config)
     if resume:
-        pg, best_state, generator_state = checkpoint.load(run_dir, model, optimizer, scheduler, scaler)
+        job.pg, job.best_state, generator_state = checkpoint.load(run_dir, model, optimizer, job.scheduler, job.scaler)
         generator.set_state(generator_state)
+        pg = job.pg
         print(f"[lora-exp] resuming {run_dir} at step {pg.step} (epoch {pg.epoch}, batch {pg.batches_done})")
     else:
         torch.manual_seed(seeds["dropout"])
-    order = hashlib.sha256() if pg.step == 0 else None  # fingerprint of the first batches (paired design)
-    with tracking.wandb_run(cfg, run_dir, config, resume_id=pg.wandb_id) as run, tracking.sigterm_flag() as stop:
-        pg.wandb_id = tracking.wandb_ref(run)["wandb_id"]
-        running, n_running = torch.zeros((), device=device), 0
-        model.train()
-        bar = tqdm(
-            total=total_steps, initial=pg.step, desc=cfg.method.name, unit="step", mininterval=1.0, dynamic_ncols=True
-        )
+    if job.cache is not None:  # running the encoder once is part of this run's training cost
+        job.pg.train_seconds += job.cache.seconds
+    job.order = hashlib.sha256() if job.pg.step == 0 else None
+    return job
 
-        def validate_now(epoch: float) -> None:
-            nonlocal best_state
-            m = evaluate(model, loaders.validation, device, amp)
-            row = {
-                "step": pg.step,
-                "epoch": round(epoch, 3),
-                "time_s": round(pg.train_seconds, 3),
-                **{f"val_{k}": v for k, v in m.items()},
-            }
-            pg.history.append(row)
-            run.log(
-                {
-                    "val/acc": m["acc"],
-                    "val/f1": m["f1"],
-                    "val/loss": m["loss"],
-                    "epoch": epoch,
-                    "time/train_s": pg.train_seconds,
-                },
-                step=pg.step,
-            )
-            if m["acc"] > pg.best["acc"]:  # one selection metric; every metric reported at that step
-                pg.best = {**m, "step": pg.step, "epoch": epoch}
-                best_state = adapter.trainable_state(model)
 
-        def save_checkpoint(epoch_state: torch.Tensor) -> None:
-            # never overwrite the last good checkpoint with a diverged one
-            if (n_running and not math.isfinite(running.item())) or not all(
-                torch.isfinite(p).all() for _, p in trainable
-            ):
-                raise TrainingFailure("nan", f"train loss or weights are not finite at step {pg.step}")
-            checkpoint.save(run_dir, model, best_state, optimizer, scheduler, scaler, epoch_state, pg)
+def _print_banner(job: Job) -> None:
+    cfg, c = job.cfg, job.counts
+    print(
+        f"[lora-exp] {cfg.method.name} on {cfg.model.name}/{cfg.data.name}: {c['trainable']:,} of "
+        f"{c['total']:,} parameters trainable ({c['trainable_pct']:.4g}%), "
+        f"{len(job.adapted)} LoRA layers, head {'+'.join(job.head)} (trained in full), "
+        f"{len(job.tok['train'])} train examples, {job.total_steps} steps, {job.device} {job.precision}"
+        + (f", frozen weights in {cfg.model.base_dtype}" if cfg.model.get("base_dtype", "fp32") != "fp32" else "")
+    )
 
-        try:
-            now = tracking.clock(device)  # CUDA: synchronise first, so queued work is charged to training
+
+def fit(job: Job) -> None:
+    """The loop: micro-steps, an optimizer step every ``grad_accum``, logging, validation, checkpoints."""
+    t, pg = job.cfg.trainer, job.pg
+    now = tracking.clock(job.device)  # CUDA: synchronise first, so queued work is charged to training
+    bar = tqdm(total=job.total_steps, initial=pg.step, desc=job.cfg.method.name, unit="step", mininterval=1.0)
+    job.model.train()
+    try:
+        t0 = now()
+        for epoch in range(pg.epoch, t.epochs):
+            if pg.step >= job.total_steps:  # resumed from the final checkpoint of a max_steps run
+                break
+            pg.epoch = epoch
+            epoch_state = job.generator.get_state()  # this epoch's batch order is drawn from here
+            n = len(job.loaders.train)
+            for i, batch in enumerate(job.loaders.train):
+                if i < pg.batches_done:  # resumed mid-epoch: already trained on
+                    continue
+                last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == n
+                # the last group of an epoch may hold fewer micro-batches: weight them by its real size
+                group = min(t.grad_accum, n - i // t.grad_accum * t.grad_accum)
+                timed = last_micro and job.timer.wants(pg.step)
+                micro_step(job, batch, group, timed)
+                pg.batches_done = i + 1
+                if not last_micro:
+                    continue
+                optimizer_step(job, timed)
+                bar.update()
+                position = epoch + (i + 1) / n
+                if pg.step % t.log_every == 0 or pg.step == job.total_steps:  # the only host sync of the loop
+                    bar.set_postfix(loss=f"{log_train_loss(job, position):.4f}")
+                if t.eval_every and pg.step % t.eval_every == 0:
+                    pg.train_seconds += now() - t0
+                    validate_now(job, position)
+                    t0 = now()
+                if (t.checkpoint_every and pg.step % t.checkpoint_every == 0) or job.stop.is_set():
+                    pg.train_seconds += now() - t0
+                    save_checkpoint(job, epoch_state)
+                    t0 = now()
+                    if job.stop.is_set():
+                        how = f"continue with: lora-exp resume={job.run_dir}"
+                        raise TrainingFailure("preempted", f"SIGTERM at step {pg.step}: checkpoint saved; {how}")
+                if pg.step >= job.total_steps:
+                    break
+            pg.train_seconds += now() - t0
+            if not pg.history or pg.history[-1]["step"] != pg.step:  # always evaluate the last step
+                validate_now(job, epoch + pg.batches_done / n)
+            pg.epoch, pg.batches_done = epoch + 1, 0
+            save_checkpoint(job, job.generator.get_state())  # the next epoch's order is drawn from here
             t0 = now()
-            for epoch in range(pg.epoch, t.epochs):
-                if pg.step >= total_steps:  # resumed from the final checkpoint of a max_steps run
-                    break
+            if pg.step >= job.total_steps:
+                break
+    finally:
+        bar.close()
 
-                pg.epoch = epoch
-                epoch_state = generator.get_state()  # this epoch's batch order is drawn from here
-                for i, batch in enumerate(loaders.train):
-                    if i < pg.batches_done:  # resumed mid-epoch: already trained on
-                        continue
-                    mask = batch["attention_mask"]
-                    pg.real_tokens += int(mask.sum())  # on the CPU batch: no device sync
-                    pg.padded_tokens += mask.numel()
-                    pg.samples += len(mask)
-                    if order is not None and pg.step < 3:
-                        order.update(batch["input_ids"].numpy().tobytes() + batch["labels"].numpy().tobytes())
-                        pg.order_digest = order.hexdigest()[:16]
-                    last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(loaders.train)
-                    timed = last_micro and timer.wants(pg.step)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    if timed:
-                        timer.mark()
-                    # the last group of an epoch may hold fewer micro-batches: weight them by its real size
-                    group = min(t.grad_accum, len(loaders.train) - i // t.grad_accum * t.grad_accum)
-                    with amp():
-                        loss = model(**batch).loss / group
-                    if timed:
-                        timer.mark()
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    if timed:
-                        timer.mark()
-                    running += loss.detach()
-                    n_running += 1
-                    pg.batches_done = i + 1
-                    if not last_micro:
-                        continue
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    if pg.step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
-                        check_gradients(trainable, allow_inf=scaler is not None)
-                    elif pg.step == probe_step - 1 and any(".lora_" in n for n, _ in trainable):
-                        check_lora_moving(trainable, pg.step)
-                    if t.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.max_grad_norm)
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if timed:
-                        timer.mark()
-                    pg.step += 1
-                    bar.update()
-                    if pg.step % t.log_every == 0 or pg.step == total_steps:  # the only host sync of the loop
-                        value = running.item() / n_running * group
-                        if not math.isfinite(value):
-                            raise TrainingFailure("nan", f"train loss is {value} at step {pg.step}")
-                        run.log(
-                            {
-                                "train/loss": value,
-                                "train/lr": scheduler.get_last_lr()[0],
-                                "epoch": epoch + (i + 1) / len(loaders.train),
-                            },
-                            step=pg.step,
-                        )
-                        bar.set_postfix(loss=f"{value:.4f}")
-                        running.zero_()
-                        n_running = 0
-                    if t.eval_every and pg.step % t.eval_every == 0:
-                        pg.train_seconds += now() - t0
-                        validate_now(epoch + (i + 1) / len(loaders.train))
-                        t0 = now()
-                    if (t.checkpoint_every and pg.step % t.checkpoint_every == 0) or stop.is_set():
-                        pg.train_seconds += now() - t0
-                        save_checkpoint(epoch_state)
-                        t0 = now()
-                        if stop.is_set():
-                            raise TrainingFailure(
-                                "preempted",
-                                f"SIGTERM at step {pg.step}: checkpoint saved; "
-                                f"continue with: lora-exp resume={run_dir}",
-                            )
-                    if pg.step >= total_steps:
-                        break
-                pg.train_seconds += now() - t0
-                if not pg.history or pg.history[-1]["step"] != pg.step:  # always evaluate the last step
-                    validate_now(epoch + pg.batches_done / len(loaders.train))
-                pg.epoch, pg.batches_done = epoch + 1, 0
-                save_checkpoint(generator.get_state())  # the next epoch's order is drawn from here
-                t0 = now()
-                if pg.step >= total_steps:
-                    break
-        finally:
-            bar.close()
 
-        adapter.load_into(model, best_state, "best checkpoint")
-        best, step, history = pg.best, pg.step, pg.history
-        test = evaluate(model, loaders.test, device, amp)
-        memory = tracking.peak_memory(device, baseline, rss)
+def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool) -> None:
+    """Forward and backward of one micro-batch (its loss divided by the accumulation group's size)."""
+    pg = job.pg
+    mask = batch.get("attention_mask")
+    pg.samples += len(batch["labels"])
+    if mask is not None:  # counted on the CPU batch: no device sync
+        pg.real_tokens += int(mask.sum())
+        pg.padded_tokens += mask.numel()
+    if job.order is not None and pg.step < 3:
+        inputs = batch["input_ids"] if "input_ids" in batch else batch["input_features"]
+        job.order.update(inputs.numpy().tobytes() + batch["labels"].numpy().tobytes())
+        pg.order_digest = job.order.hexdigest()[:16]
+    batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
+    probe = _memory_probe(job) if not job.memory and pg.step == min(1, job.total_steps - 1) else None
+    if timed:
+        job.timer.mark()
+    with probe or nullcontext(), job.amp():
+        loss = job.model(**batch).loss
+    if timed:
+        job.timer.mark()
+    job.loss_sum += loss.detach().float()  # the mean of micro-batch losses is what gets logged
+    job.loss_count += 1
+    scaled = loss / group
+    (job.scaler.scale(scaled) if job.scaler else scaled).backward()
+    if probe is not None:
+        job.memory = probe.result()
+    if timed:
+        job.timer.mark()
 
-        memory.update(tracking.memory_breakdown(model, optimizer, memory["peak_vram_bytes"], baseline))
-        results: dict[str, Any] = {
-            "status": "ok",
-            "method": cfg.method.name,
-            "model": cfg.model.name,
-            "data": cfg.data.name,
-            "r": cfg.lora.r if cfg.method.name == "lora" else None,
-            "alpha": cfg.lora.alpha if cfg.method.name == "lora" else None,
-            "rslora": cfg.lora.rslora if cfg.method.name == "lora" else None,
-            "targets": "+".join(cfg.lora.targets) if cfg.method.name == "lora" else None,
-            "lora_scaling": _scaling(cfg),
-            "lora_layers": len(adapted),
-            "lr": o.lr,
-            "trainable_params": counts["trainable"],
-            "total_params": counts["total"],
-            "trainable_pct": counts["trainable_pct"],
-            "adapter_params": counts["adapter"],
-            "head_params": counts["head"],
-            "other_trainable_params": counts["other"],
-            "best_val_acc": best["acc"],
-            "best_val_f1": best["f1"],
-            "best_val_loss": best["loss"],
-            "best_step": best["step"],
-            "best_epoch": best["epoch"],
-            "test_acc": test["acc"],
-            "test_f1": test["f1"],
-            "test_loss": test["loss"],
-            **memory,
-            "train_seconds": pg.train_seconds,
-            "samples_per_s": pg.samples / pg.train_seconds,
-            "tokens_per_s": pg.real_tokens / pg.train_seconds,
-            "padding_efficiency": pg.real_tokens / pg.padded_tokens,
-            **timer.summary(),
-            "data_order_digest": pg.order_digest or None,
-            "resumed": resume,
-            "steps": step,
-            "epochs": t.epochs,
-            "batch_size": t.batch_size,
-            "train_examples": len(tok["train"]),
-            "config_hash": config_hash(config),
-            "seed": t.seed,
-            "sub_seeds": seeds,
-            "precision": precision,
-            **tracking.environment(device),
-            **tracking.git_info(diff_to=run_dir / "git.diff"),
-            **tracking.wandb_ref(run),
-            "history": history,
+
+def optimizer_step(job: Job, timed: bool) -> None:
+    """Unscale, check (first and probe steps), clip, step, schedule, zero the gradients."""
+    pg, scaler, optimizer, trainable = job.pg, job.scaler, job.optimizer, job.trainable
+    if scaler:
+        scaler.unscale_(optimizer)
+    if pg.step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
+        check_gradients(trainable, allow_inf=scaler is not None)
+    # fp16: the scaler starts at 2**16 and halves at each overflowing (skipped) update, so a smaller scale
+    # means some of the first updates did not happen and B may legitimately still be zero
+    elif (
+        pg.step == job.probe_step - 1
+        and any(".lora_" in n for n, _ in trainable)
+        and not (scaler and scaler.get_scale() < 2.0**16)
+    ):
+        check_lora_moving(trainable, pg.step)
+    if job.cfg.trainer.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], job.cfg.trainer.max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    job.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if timed:
+        job.timer.mark()
+    pg.step += 1
+
+
+def log_train_loss(job: Job, epoch: float) -> float:
+    """Log the mean micro-batch loss since the last log (one host sync); a non-finite loss stops the run."""
+    value = job.loss_sum.item() / max(job.loss_count, 1)
+    if not math.isfinite(value):
+        raise TrainingFailure("nan", f"train loss is {value} at step {job.pg.step}")
+    job.run.log({"train/loss": value, "train/lr": job.scheduler.get_last_lr()[0], "epoch": epoch}, step=job.pg.step)
+    job.loss_sum.zero_()
+    job.loss_count = 0
+    return value
+
+
+def validate_now(job: Job, epoch: float) -> None:
+    """Evaluate on validation, log it, and keep the trainable tensors of the best step."""
+    pg = job.pg
+    m = evaluate(job.model, job.loaders.validation, job.device, job.amp)
+    pg.history.append(
+        {
+            "step": pg.step,
+            "epoch": round(epoch, 3),
+            "time_s": round(pg.train_seconds, 3),
+            **{f"val_{k}": v for k, v in m.items() if k != "pred_counts"},
         }
-        if cfg.save_weights:
-            results.update(_save_weights(cfg, model, tokenizer, run_dir, head, id2label))
-        run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float | str) or v is None})
-        tracking.write_json(run_dir / "results.json", results)
-    if not t.keep_checkpoint:  # finished: results and weights are written; optimizer state is not needed
-        shutil.rmtree(run_dir / checkpoint.FOLDER, ignore_errors=True)
-    _print_summary(results, run_dir)
+    )
+    job.run.log(
+        {
+            "val/acc": m["acc"],
+            "val/f1": m["f1"],
+            "val/loss": m["loss"],
+            "epoch": epoch,
+            "time/train_s": pg.train_seconds,
+        },
+        step=pg.step,
+    )
+    if m["acc"] > pg.best["acc"]:  # one selection metric; every metric reported at that step
+        pg.best = {**{k: v for k, v in m.items() if k != "pred_counts"}, "step": pg.step, "epoch": epoch}
+        job.best_state = adapter.trainable_state(job.model)
+
+
+def save_checkpoint(job: Job, epoch_state: torch.Tensor) -> None:
+    """Write the checkpoint; never overwrite the last good one with a diverged one."""
+    pg = job.pg
+    if (job.loss_count and not math.isfinite(job.loss_sum.item())) or not all(
+        torch.isfinite(p).all() for _, p in job.trainable
+    ):
+        raise TrainingFailure("nan", f"train loss or weights are not finite at step {pg.step}")
+    checkpoint.save(job.run_dir, job.model, job.best_state, job.optimizer, job.scheduler, job.scaler, epoch_state, pg)
+
+
+def finish(job: Job) -> dict[str, Any]:
+    """Test with the best weights, measure, save weights, write results.json and the W&B summary."""
+    cfg, t, pg, counts = job.cfg, job.cfg.trainer, job.pg, job.counts
+    adapter.load_into(job.model, job.best_state, "best checkpoint")
+    test = evaluate(job.model, job.loaders.test, job.device, job.amp)
+    if job.cache is not None:
+        job.cache.restore(job.model)  # the real encoder back in place before measuring and saving
+    memory = tracking.peak_memory(job.device, job.baseline, job.rss)
+    memory.update(_memory_summary(job, memory))
+    lora = cfg.method.name == "lora"
+    results: dict[str, Any] = {
+        "status": "ok",
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "r": cfg.lora.r if lora else None,
+        "alpha": cfg.lora.alpha if lora else None,
+        "rslora": cfg.lora.rslora if lora else None,
+        "targets": "+".join(cfg.lora.targets) if lora else None,
+        "lora_scaling": _scaling(cfg),
+        "lora_layers": len(job.adapted),
+        "lr": cfg.optimizer.lr,
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_pct": counts["trainable_pct"],
+        "adapter_params": counts["adapter"],
+        "head_params": counts["head"],
+        "other_trainable_params": counts["other"],
+        "best_val_acc": pg.best["acc"],
+        "best_val_f1": pg.best["f1"],
+        "best_val_loss": pg.best["loss"],
+        "best_step": pg.best["step"],
+        "best_epoch": pg.best["epoch"],
+        "test_acc": test["acc"],
+        "test_f1": test["f1"],
+        "test_loss": test["loss"],
+        "test_pred_counts": test["pred_counts"],
+        **memory,
+        "train_seconds": pg.train_seconds,
+        "samples_per_s": pg.samples / pg.train_seconds,
+        "tokens_per_s": pg.real_tokens / pg.train_seconds if pg.padded_tokens else None,
+        "padding_efficiency": pg.real_tokens / pg.padded_tokens if pg.padded_tokens else None,
+        **job.timer.summary(),
+        "data_order_digest": pg.order_digest or None,
+        "resumed": job.resumed,
+        "steps": pg.step,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "train_examples": len(job.tok["train"]),
+        "config_hash": config_hash(job.config),
+        "seed": t.seed,
+        "sub_seeds": job.seeds,
+        "precision": job.precision,
+        "base_dtype": cfg.model.get("base_dtype", "fp32"),
+        "gradient_checkpointing": bool(t.get("gradient_checkpointing")),
+        "feature_cache": job.cache is not None,
+        **tracking.environment(job.device),
+        **tracking.git_info(diff_to=job.run_dir / "git.diff"),
+        **tracking.wandb_ref(job.run),
+        "history": pg.history,
+    }
+    if cfg.save_weights:
+        results.update(_save_weights(job))
+    job.run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float | str) or v is None})
+    tracking.write_json(job.run_dir / "results.json", results)
     return results
+
+
+def _memory_probe(job: Job) -> Any:
+    """A context measuring the sampled step's memory (None: not measured)."""
+    return None
+
+
+def _memory_summary(job: Job, measured: dict[str, Any]) -> dict[str, Any]:
+    """Parameters, gradients, optimizer state and activations of this job."""
+    return tracking.memory_breakdown(job.model, job.optimizer, measured["peak_vram_bytes"], job.baseline)
 
 
 def _scaling(cfg: DictConfig) -> float | None:
@@ -445,13 +608,12 @@ def _scaling(cfg: DictConfig) -> float | None:
     return alpha / math.sqrt(r) if cfg.lora.rslora else alpha / r
 
 
-def _save_weights(
-    cfg: DictConfig, model: torch.nn.Module, tokenizer: Any, run_dir: Path, head: list[str], id2label: dict | None
-) -> dict[str, Any]:
+def _save_weights(job: Job) -> dict[str, Any]:
     """LoRA / frozen: the adapter alone (A/B + head); full: the whole model + tokenizer in safetensors."""
+    cfg, run_dir = job.cfg, job.run_dir
     if cfg.method.name == "full":
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
+        job.model.save_pretrained(run_dir / "model")
+        job.tokenizer.save_pretrained(run_dir / "model")
         size = sum(f.stat().st_size for f in (run_dir / "model").glob("*.safetensors"))
         return {"weights_dir": str(run_dir / "model"), "weights_bytes": size}
     meta = {
@@ -464,11 +626,11 @@ def _save_weights(
         "alpha": cfg.lora.alpha,
         "dropout": cfg.lora.dropout,
         "rslora": cfg.lora.rslora,
-        "head_modules": head,
+        "head_modules": job.head,
         "num_labels": cfg.data.num_labels,
-        "id2label": id2label,
+        "id2label": job.id2label,
     }
-    sizes = adapter.save_adapter(model, run_dir / "adapter", meta)
+    sizes = adapter.save_adapter(job.model, run_dir / "adapter", meta)
     return {"weights_dir": str(run_dir / "adapter"), "weights_bytes": sizes["adapter_bytes"]}
 
 
@@ -476,7 +638,7 @@ def _print_summary(r: dict[str, Any], run_dir: Path) -> None:
     vram = f"{r['peak_vram_bytes'] / 2**30:.2f} GiB" if r["peak_vram_bytes"] else "n/a (CPU)"
     rows = [
         ("method", r["method"]),
-        ("trainable params", f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%)"),
+        ("trainable params", f"{r['trainable_params']:,} ({r['trainable_pct']:.4g}%)"),
         ("best val acc", f"{r['best_val_acc']:.4f} (step {r['best_step']})"),
         ("test acc", f"{r['test_acc']:.4f}"),
         ("train time", f"{r['train_seconds']:.1f} s ({r['samples_per_s']:.1f} samples/s)"),
