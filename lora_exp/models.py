@@ -245,4 +245,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         raise LoraExpError(
             f"trainer.gradient_checkpointing=true: {type(model).__name__} does not support gradient checkpointing"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

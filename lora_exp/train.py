@@ -7,11 +7,13 @@ weights, saves the adapter / weights and writes results.json + the W&B summary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +219,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
 
     With ``resume`` it continues from the checkpoint in ``run_dir`` (same data order, RNG and W&B run).
     """
-    with tracking.RssPeak() as rss:  # this job's own host-memory peak
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    with tracking.RssPeak() as rss, _restore_determinism(deterministic_before):  # this job's own host-memory peak
         job = setup(cfg, run_dir, resume, rss)
         with (
             tracking.wandb_run(cfg, run_dir, job.config, resume_id=job.pg.wandb_id) as run,
@@ -231,6 +234,15 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
         shutil.rmtree(run_dir / checkpoint.FOLDER, ignore_errors=True)
     _print_summary(results, run_dir)
     return results
+
+
+@contextlib.contextmanager
+def _restore_determinism(before: bool) -> Iterator[None]:
+    """``trainer.deterministic`` is process-wide: the next job of an in-process sweep gets the old setting."""
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
