@@ -1,12 +1,16 @@
-"""A frozen encoder is a feature extractor: run it once per example, then train the head on its outputs.
+"""A frozen encoder is a feature extractor: run the frozen part once per example, then train the rest.
 
 With ``method=frozen`` nothing inside the base model (``model.<base_model_prefix>``) trains, so its outputs
 for an example never change. ``FeatureCache`` runs the base once over every split (eval mode: no dropout in
 the frozen part; no grad; the run's autocast), keeps each example's outputs at its real length, and puts a
 ``CachedBase`` in the base's place: the model's own head code (dropout, pooling, the classifier) runs as
-before on the looked-up outputs, so each further epoch costs only the head. Examples are found by their
-token ids, so loaders, samplers and the data order are untouched. ``trainer.feature_cache=false`` turns it
-off (the encoder then runs in train mode every step, dropout included).
+before on the looked-up outputs, so each further epoch costs only the head.
+
+The same holds for any run whose layers below the first trainable one are frozen (LoRA on the upper layers
+only): the inputs of that layer are computed once (``PrefixCache``), the frozen layers below it are skipped,
+and training runs from that layer up. Examples are found by their token ids, so loaders, samplers and the
+data order are untouched. ``trainer.feature_cache=false`` turns both off (the frozen part then runs in train
+mode every step, dropout included).
 """
 
 from __future__ import annotations
@@ -25,8 +29,45 @@ if TYPE_CHECKING:
 SEQUENCE, VECTOR = "sequence", "vector"
 
 
-def _key(ids: torch.Tensor, n: int) -> bytes:
-    return ids[:n].cpu().numpy().tobytes()
+class Rows:
+    """Per-example tensors keyed by the example's token ids, stored at its real length."""
+
+    def __init__(self, kinds: dict[str, str]):
+        self.kinds, self.rows = kinds, {}
+
+    @staticmethod
+    def _keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[bytes, int]]:
+        lengths = attention_mask.sum(-1).tolist()
+        ids = input_ids.cpu().numpy()
+        return [(ids[i, :n].tobytes(), n) for i, n in enumerate(lengths)]
+
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Store one batch: sequence fields cut to each example's length, vector fields as they are."""
+        for i, (key, n) in enumerate(self._keys(input_ids, attention_mask)):
+            self.rows[key] = {
+                name: (values[name][i, :n] if kind == SEQUENCE else values[name][i]).detach().clone()
+                for name, kind in self.kinds.items()
+            }
+
+    def gather(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of a batch, sequence fields padded with zeros to the batch's length."""
+        rows = [self.rows[key] for key, _ in self._keys(input_ids, attention_mask)]
+        out = {}
+        for name, kind in self.kinds.items():
+            if kind == VECTOR:
+                out[name] = torch.stack([r[name] for r in rows])
+                continue
+            first = rows[0][name]
+            padded = first.new_zeros((len(rows), input_ids.shape[1], *first.shape[1:]))
+            for i, r in enumerate(rows):
+                padded[i, : len(r[name])] = r[name]
+            out[name] = padded
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(t.numel() * t.element_size() for row in self.rows.values() for t in row.values())
 
 
 class CachedBase(nn.Module):
@@ -35,53 +76,67 @@ class CachedBase(nn.Module):
     def __init__(self, original: nn.Module, output_type: type, kinds: dict[str, str]):
         super().__init__()
         self.__dict__["original"] = original  # not a submodule: its parameters stay out of this model
-        self.output_type, self.kinds = output_type, kinds
-        self.rows: dict[bytes, dict[str, torch.Tensor]] = {}
+        self.output_type, self.store = output_type, Rows(kinds)
 
     def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: Any) -> None:
-        """Store the outputs of one batch, each example at its real length."""
-        lengths = attention_mask.sum(-1).tolist()
-        for i, n in enumerate(lengths):
-            row = {}
-            for name, kind in self.kinds.items():
-                value = getattr(out, name)[i]
-                row[name] = (value[:n] if kind == SEQUENCE else value).detach().clone()
-            self.rows[_key(input_ids[i], n)] = row
+        """Store the outputs of one batch."""
+        self.store.add(input_ids, attention_mask, {name: getattr(out, name) for name in self.store.kinds})
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **_: Any):
         """The stored outputs of these examples, padded (with zeros) to the batch's length."""
         if input_ids is None or attention_mask is None:
             raise RuntimeError("the feature cache needs input_ids and attention_mask")
-        lengths = attention_mask.sum(-1).tolist()
-        rows = [self.rows[_key(input_ids[i], n)] for i, n in enumerate(lengths)]
-        fields = {}
-        for name, kind in self.kinds.items():
-            if kind == VECTOR:
-                fields[name] = torch.stack([r[name] for r in rows])
-                continue
-            first = rows[0][name]
-            padded = first.new_zeros((len(rows), input_ids.shape[1], *first.shape[1:]))
-            for i, r in enumerate(rows):
-                padded[i, : len(r[name])] = r[name]
-            fields[name] = padded
-        return self.output_type(**fields)
+        return self.output_type(**self.store.gather(input_ids, attention_mask))
+
+
+class SkippedLayer(nn.Module):
+    """A frozen layer below the cached one: passes the hidden states through (they are replaced anyway)."""
+
+    def forward(self, hidden_states: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class CachedLayerOutput(nn.Module):
+    """Stands in for the last frozen layer: returns its stored output for the examples of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store, self.batch = Rows({"hidden": SEQUENCE}), None
+
+    def forward(self, hidden_states: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+        return self.store.gather(*self.batch)["hidden"]
 
 
 class FeatureCache:
-    """Builds the cache and swaps it in for the base model (``restore`` swaps the base back)."""
+    """Swaps the cached part in for the frozen modules; ``restore`` puts the real modules back."""
 
-    def __init__(self, model: nn.Module, cached: CachedBase, seconds: float):
-        self.prefix, self.cached, self.seconds = model.base_model_prefix, cached, seconds
+    def __init__(
+        self, swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]], store: Rows, seconds: float, what: str
+    ):
+        self.swaps, self.store, self.seconds, self.what = swaps, store, seconds, what
+        self.hooks: list[Any] = []
+        for parent, name, _, replacement in swaps:
+            _set(parent, name, replacement)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the stored outputs."""
-        return sum(t.numel() * t.element_size() for row in self.cached.rows.values() for t in row.values())
+        return self.store.nbytes
 
-    def restore(self, model: nn.Module) -> None:
-        """Put the real base model back (before saving or measuring the model)."""
-        if getattr(model, self.prefix) is self.cached:
-            setattr(model, self.prefix, self.cached.original)
+    def restore(self, model: nn.Module | None = None) -> None:
+        """Put the real modules back (before saving or measuring the model)."""
+        for parent, name, original, _ in self.swaps:
+            _set(parent, name, original)
+        for hook in self.hooks:
+            hook.remove()
+        self.swaps, self.hooks = [], []
+
+
+def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
+    if isinstance(parent, nn.ModuleList):
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
 
 
 def _describe(out: Any, batch: int, length: int) -> dict[str, str] | None:
@@ -101,6 +156,28 @@ def _describe(out: Any, batch: int, length: int) -> dict[str, str] | None:
     return kinds
 
 
+def layer_stack(base: nn.Module) -> nn.ModuleList | None:
+    """The base model's transformer layers: its longest ``nn.ModuleList``."""
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    return max(lists, key=len) if lists else None
+
+
+def frozen_prefix(base: nn.Module) -> int:
+    """How many layers at the bottom of the stack are frozen while some above train, with everything else of
+    the base outside the trained layers frozen too (0: no such prefix, or no layer trains)."""
+    layers = layer_stack(base)
+    if layers is None:
+        return 0
+    trains = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
+    if not any(trains):
+        return 0
+    k = trains.index(True)
+    upper = {id(p) for layer in list(layers)[k:] for p in layer.parameters()}
+    if any(p.requires_grad for p in base.parameters() if id(p) not in upper):
+        return 0
+    return k
+
+
 def estimated_bytes(job: Job) -> int:
     """fp32 bytes the cache would hold: real tokens of every split x hidden size (+ a pooled vector each)."""
     hidden = getattr(job.model.config, "hidden_size", None) or getattr(job.model.config, "d_model", 0)
@@ -110,54 +187,112 @@ def estimated_bytes(job: Job) -> int:
 
 
 def maybe_cache(job: Job) -> FeatureCache | None:
-    """A ``FeatureCache`` for a run whose whole base model is frozen (``trainer.feature_cache``), else None."""
+    """A ``FeatureCache`` when the whole base (frozen) or its bottom layers (a frozen prefix) are frozen."""
     cfg, model = job.cfg, job.model
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
     if not cfg.trainer.get("feature_cache", True) or base is None or cfg.method.name == "full":
         return None
-    if any(p.requires_grad for p in base.parameters()) or "input_ids" not in job.tok["train"].column_names:
+    if "input_ids" not in job.tok["train"].column_names:
+        return None
+    whole = not any(p.requires_grad for p in base.parameters())
+    k = 0 if whole else frozen_prefix(base)
+    if not whole and k == 0:
         return None
     limit = float(cfg.trainer.get("feature_cache_max_gib", 8.0)) * 2**30
     need = estimated_bytes(job)
     if need > limit:
         print(
             f"[lora-exp] feature cache off: it would hold {need / 2**30:.1f} GiB > trainer.feature_cache_max_gib="
-            f"{cfg.trainer.get('feature_cache_max_gib', 8.0)}; the frozen encoder runs at every step"
+            f"{cfg.trainer.get('feature_cache_max_gib', 8.0)}; the frozen part runs at every step"
         )
         return None
-    return _build(job, base, prefix)
+    start = time.perf_counter()
+    cache = _cache_base(job, model, base, prefix) if whole else _cache_prefix(job, base, k)
+    if cache is None:
+        return None
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)
+    cache.seconds = time.perf_counter() - start
+    n = len(cache.store.rows)
+    print(
+        f"[lora-exp] {cache.what} run once over {n:,} examples in {cache.seconds:.1f} s "
+        f"({cache.nbytes / 2**20:.0f} MiB kept); training runs on top of them (trainer.feature_cache=false: off)"
+    )
+    return cache
+
+
+def _split_batches(job: Job):
+    """(input_ids, attention_mask) of every example of every split, on the device, in eval-sized batches."""
+    collate = DataCollatorWithPadding(job.tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    for split in job.tok.values():
+        loader = DataLoader(
+            split.select_columns(["input_ids", "attention_mask"]),
+            batch_size=job.cfg.trainer.eval_batch_size,
+            collate_fn=collate,
+        )
+        for batch in loader:
+            yield batch["input_ids"].to(job.device), batch["attention_mask"].to(job.device)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing above the cached layer needs computing."""
 
 
 @torch.inference_mode()
-def _build(job: Job, base: nn.Module, prefix: str) -> FeatureCache | None:
-    start = time.perf_counter()
-    collate = DataCollatorWithPadding(job.tokenizer, pad_to_multiple_of=8, return_tensors="pt")
-    cols = ["input_ids", "attention_mask"]
-    was_training = base.training
+def _cache_base(job: Job, model: nn.Module, base: nn.Module, prefix: str) -> FeatureCache | None:
+    was_training, cached = base.training, None
     base.eval()
-    cached = None
-    for split in job.tok.values():
-        loader = DataLoader(split.select_columns(cols), batch_size=job.cfg.trainer.eval_batch_size, collate_fn=collate)
-        for batch in loader:
-            ids, mask = batch["input_ids"].to(job.device), batch["attention_mask"].to(job.device)
+    try:
+        for ids, mask in _split_batches(job):
             with job.amp():
                 out = base(input_ids=ids, attention_mask=mask)
             if cached is None:
                 kinds = _describe(out, *ids.shape)
                 if not kinds:
-                    base.train(was_training)
                     print("[lora-exp] feature cache off: this base model's outputs cannot be cached")
                     return None
                 cached = CachedBase(base, type(out), kinds)
             cached.add(ids, mask, out)
-    base.train(was_training)
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)
-    cache = FeatureCache(job.model, cached, time.perf_counter() - start)
-    setattr(job.model, prefix, cached)
-    print(
-        f"[lora-exp] frozen encoder run once over {len(cached.rows):,} examples in {cache.seconds:.1f} s "
-        f"({cache.nbytes / 2**20:.0f} MiB of features); the head trains on them (trainer.feature_cache=false: off)"
-    )
+    finally:
+        base.train(was_training)
+    return FeatureCache([(model, prefix, base, cached)], cached.store, 0.0, "frozen encoder")
+
+
+@torch.inference_mode()
+def _cache_prefix(job: Job, base: nn.Module, k: int) -> FeatureCache | None:
+    layers = layer_stack(base)
+    lookup, captured = CachedLayerOutput(), {}
+
+    def capture(_: nn.Module, __: Any, out: Any) -> None:
+        captured["hidden"] = out
+        raise _Stop
+
+    was_training = base.training
+    base.eval()
+    hook = layers[k - 1].register_forward_hook(capture)
+    try:
+        for ids, mask in _split_batches(job):
+            try:
+                with job.amp():
+                    base(input_ids=ids, attention_mask=mask)
+            except _Stop:
+                pass
+            if not torch.is_tensor(captured.get("hidden")):
+                print("[lora-exp] feature cache off: this model's layers do not return a plain tensor")
+                return None
+            lookup.store.add(ids, mask, captured)
+    finally:
+        hook.remove()
+        base.train(was_training)
+    swaps = [(layers, str(i), layers[i], SkippedLayer()) for i in range(k - 1)]
+    swaps.append((layers, str(k - 1), layers[k - 1], lookup))
+    cache = FeatureCache(swaps, lookup.store, 0.0, f"frozen embeddings + layers 0..{k - 1}")
+
+    def remember_batch(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        lookup.batch = (ids, mask if mask is not None else torch.ones_like(ids))
+
+    cache.hooks.append(base.register_forward_pre_hook(remember_batch, with_kwargs=True))
     return cache

@@ -147,3 +147,31 @@ def test_deterministic_option_is_restored_after_the_job(tiny_cfg, tmp_path: Path
 def test_store_frozen_in_leaves_trainables_alone(tiny_cfg) -> None:
     _, model, _, _ = train.build_model(tiny_cfg("method=full"))
     assert models.store_frozen_in(model, "bf16") == 0  # full: nothing is frozen
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("method=frozen",),
+        ("method=lora", r"lora.targets=[re:.*layer\.1\.attention\.self\.(query|value)]"),  # layer 0 is a prefix
+    ],
+    ids=["frozen-encoder", "frozen-prefix"],
+)
+def test_cached_model_gives_the_same_logits(tiny_cfg, tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    """In eval mode the model with its frozen part cached computes what the real model computes."""
+    job = train.setup(tiny_cfg(*overrides), tmp_path / "run", False, train.tracking.RssPeak())
+    assert job.cache is not None
+    batch = next(iter(job.loaders.validation))
+    job.model.eval()
+    with torch.no_grad():
+        cached = job.model(**batch).logits
+        job.cache.restore()
+        job.model.eval()  # the real modules were out of the model when it was switched to eval
+        real = job.model(**batch).logits
+    assert torch.allclose(cached, real, atol=1e-5), (cached - real).abs().max()
+
+
+def test_prefix_cache_trains_the_upper_layer(tiny_cfg, tmp_path: Path) -> None:
+    targets = r"lora.targets=[re:.*layer\.1\.attention\.self\.(query|value)]"
+    res = train.train(tiny_cfg(targets, "trainer.max_steps=12"), tmp_path / "run")
+    assert res["status"] == "ok" and res["feature_cache"] is True and res["lora_layers"] == 2
