@@ -153,7 +153,7 @@ def test_store_frozen_in_leaves_trainables_alone(tiny_cfg) -> None:
     "overrides",
     [
         ("method=frozen",),
-        ("method=lora", r"lora.targets=[re:.*layer\.1\.attention\.self\.(query|value)]"),  # layer 0 is a prefix
+        ("method=lora", "lora.targets=['re:.*layer[.]1[.]attention[.]self[.](query|value)']"),  # layer 0 is a prefix
     ],
     ids=["frozen-encoder", "frozen-prefix"],
 )
@@ -172,6 +172,6 @@ def test_cached_model_gives_the_same_logits(tiny_cfg, tmp_path: Path, overrides:
 
 
 def test_prefix_cache_trains_the_upper_layer(tiny_cfg, tmp_path: Path) -> None:
-    targets = r"lora.targets=[re:.*layer\.1\.attention\.self\.(query|value)]"
+    targets = "lora.targets=['re:.*layer[.]1[.]attention[.]self[.](query|value)']"
     res = train.train(tiny_cfg(targets, "trainer.max_steps=12"), tmp_path / "run")
     assert res["status"] == "ok" and res["feature_cache"] is True and res["lora_layers"] == 2
