@@ -1,0 +1,233 @@
+"""The memory model: saved-activation bytes against an analytical count, ordering full > lora > frozen on a
+tiny BERT, autocast copies, the predicted peak, gradient checkpointing, and the CUDA probe.
+
+Analytical count for ``Linear(IN, HID) -> ReLU -> Linear(HID, OUT)`` then ``.sum()`` on an input ``x`` that
+does not require grad (fp32, 4 bytes per element):
+- Linear 1 saves its input ``x`` (B*IN) for its weight's gradient when that weight requires grad; it would
+  save its weight for the input's gradient, but ``x`` needs none;
+- ReLU saves its output (B*HID) when its input requires grad; Linear 2 saves the same tensor (its input)
+  for its weight's gradient (one storage, counted once) and its weight (a parameter: not counted);
+- ``.sum()`` saves nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from lora_exp import memory, models
+from lora_exp.errors import LoraExpError
+from lora_exp.memory import SavedTensorMeter
+
+B, IN, HID, OUT = 5, 8, 16, 4
+SEQ, H, LAYERS = 16, 32, 2
+F32 = 4
+
+
+def mlp(train_first: bool = True, train_second: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, OUT))
+    m[0].requires_grad_(train_first)
+    m[2].requires_grad_(train_second)
+    return m
+
+
+def saved(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> SavedTensorMeter:
+    with SavedTensorMeter(model) as meter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(x).float().sum()
+    if loss.requires_grad:
+        loss.backward()
+    return meter
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        (True, True, B * IN * F32 + B * HID * F32),  # x (for W1's grad) + ReLU output (shared with Linear 2)
+        (False, True, B * HID * F32),  # only Linear 2's input: nothing before it needs a gradient
+        (True, False, B * IN * F32 + B * HID * F32),  # W1's grad needs x; ReLU and W2.t() pass the gradient
+        (False, False, 0),  # no graph at all
+    ],
+)
+def test_mlp_saved_bytes_equal_the_analytical_count(first: bool, second: bool, expected: int) -> None:
+    meter = saved(mlp(first, second), torch.randn(B, IN))
+    assert meter.activations_bytes == expected
+    assert meter.autocast_copies_bytes == 0  # fp32: no casts
+
+
+def test_mlp_autocast_copy_is_counted_apart() -> None:
+    """bf16: Linear 1 saves the bf16 cast of x, ReLU its bf16 output; Linear 2 saves W2's bf16 copy (its
+    input requires grad); W1's copy is not saved (x needs no gradient)."""
+    meter = saved(mlp(), torch.randn(B, IN), autocast=True)
+    assert meter.activations_bytes == B * IN * 2 + B * HID * 2
+    assert meter.autocast_copies_bytes == HID * OUT * 2
+
+
+def test_meter_does_not_change_results() -> None:
+    x = torch.randn(B, IN)
+    ref = mlp()
+    ref(x).sum().backward()
+    m = mlp()
+    saved(m, x)
+    for a, b in zip(ref.parameters(), m.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def tiny_bert(method: str, dropout: float = 0.1) -> nn.Module:
+    torch.manual_seed(0)
+    conf = BertConfig(
+        vocab_size=models.TINY_VOCAB,
+        hidden_size=H,
+        intermediate_size=2 * H,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    model = AutoModelForSequenceClassification.from_config(conf).train()
+    lora_cfg = OmegaConf.create({"targets": ["q", "v"], "r": 4, "alpha": 8.0, "dropout": 0.0, "rslora": False})
+    models.apply_method(model, method, ["classifier"], lora_cfg)
+    return model
+
+
+def batch(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    return {
+        "input_ids": torch.randint(5, models.TINY_VOCAB, (n, SEQ), generator=g),
+        "attention_mask": torch.ones(n, SEQ, dtype=torch.long),
+        "labels": torch.randint(0, 2, (n,), generator=g),
+    }
+
+
+def step(model: nn.Module, n: int, autocast: bool = False) -> SavedTensorMeter:
+    with SavedTensorMeter(model) as meter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch(n)).loss
+    loss.backward()
+    return meter
+
+
+def test_tiny_bert_activations_full_over_lora_over_frozen_and_linear_in_batch() -> None:
+    got = {m: [step(tiny_bert(m), n).activations_bytes for n in (4, 8)] for m in ("full", "lora", "frozen")}
+    print("tiny BERT saved activations (batch 4, 8):", got)
+    assert got["full"][0] > got["lora"][0] > got["frozen"][0] > 0
+    for small, large in got.values():
+        assert large == pytest.approx(2 * small, rel=0.05)
+
+
+def test_tiny_bert_bf16_autocast_copies_counted_apart() -> None:
+    got = {m: step(tiny_bert(m), 4, autocast=True) for m in ("full", "lora", "frozen")}
+    print(
+        "tiny BERT bf16 (activations, copies):",
+        {m: (g.activations_bytes, g.autocast_copies_bytes) for m, g in got.items()},
+    )
+    full = tiny_bert("full")
+    linear_weights = sum(m.weight.numel() for m in full.modules() if isinstance(m, nn.Linear))
+    # full: every Linear's input needs a gradient except none (embeddings train), so every bf16 weight is saved
+    assert got["full"].autocast_copies_bytes == linear_weights * 2
+    assert got["full"].autocast_copies_bytes > got["lora"].autocast_copies_bytes > 0
+    assert got["full"].activations_bytes > got["lora"].activations_bytes > got["frozen"].activations_bytes
+
+
+def test_static_bytes_and_predicted_peak_ordering() -> None:
+    peaks = {}
+    for method in ("full", "lora", "frozen"):
+        model = tiny_bert(method)
+        meter = step(model, 8)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-3)
+        before = memory.breakdown(model, opt, meter)  # state predicted before the first step
+        opt.step()
+        after = memory.breakdown(model, opt, meter)  # state counted from the tensors
+        n_trainable = sum(p.numel() for p in trainable)
+        assert before["mem_optimizer_bytes"] == after["mem_optimizer_bytes"] == 2 * F32 * n_trainable
+        assert after["mem_grads_bytes"] == F32 * n_trainable
+        assert after["mem_params_bytes"] == F32 * sum(p.numel() for p in model.parameters())
+        p, g, o = after["mem_params_bytes"], after["mem_grads_bytes"], after["mem_optimizer_bytes"]
+        a = after["mem_activations_bytes"]
+        assert after["mem_predicted_peak_bytes"] == p + o + max(a, g)
+        assert memory.breakdown(model, opt, meter, grad_accum=2)["mem_predicted_peak_bytes"] == p + o + a + g
+        peaks[method] = after
+    print("tiny BERT breakdown (batch 8, fp32):", peaks)
+    pk = {m: v["mem_predicted_peak_bytes"] for m, v in peaks.items()}
+    assert pk["full"] > pk["lora"] > pk["frozen"]
+
+
+def test_optimizer_states_per_element() -> None:
+    w = [nn.Parameter(torch.zeros(3))]
+    assert memory.optimizer_states_per_element(torch.optim.AdamW(w, amsgrad=True)) == 3
+    assert memory.optimizer_states_per_element(torch.optim.SGD(w, lr=0.1)) == 0
+    assert memory.optimizer_states_per_element(torch.optim.SGD(w, lr=0.1, momentum=0.9)) == 1
+
+
+def grads_and_saved(checkpointing: bool, method: str = "lora") -> tuple[dict[str, torch.Tensor], int]:
+    model = tiny_bert(method, dropout=0.0)
+    if checkpointing:
+        memory.enable_gradient_checkpointing(model)
+    meter = step(model, 8)
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, meter.activations_bytes
+
+
+def test_gradient_checkpointing_saves_less_same_gradients() -> None:
+    plain, plain_bytes = grads_and_saved(False)
+    ckpt, ckpt_bytes = grads_and_saved(True)
+    print(f"tiny BERT lora saved activations: {plain_bytes} plain, {ckpt_bytes} with checkpointing")
+    assert ckpt_bytes < 0.5 * plain_bytes
+    assert plain.keys() == ckpt.keys() and any(".lora_A." in n for n in ckpt)
+    for name, g in plain.items():
+        assert ckpt[name] is not None, f"{name} got no gradient under non-reentrant checkpointing"
+        assert torch.allclose(g, ckpt[name], rtol=1e-4, atol=1e-6), name
+    assert any(g.abs().sum() > 0 for n, g in ckpt.items() if ".lora_B." in n)  # B gets the first nonzero grads
+
+
+def test_gradient_checkpointing_keeps_a_frozen_encoder_out_of_backward() -> None:
+    """Without removing transformers' input-require-grads hook, the frozen encoder would save activations."""
+    plain, plain_bytes = grads_and_saved(False, "frozen")
+    ckpt, ckpt_bytes = grads_and_saved(True, "frozen")
+    assert ckpt_bytes == plain_bytes
+    assert all(torch.allclose(g, ckpt[n], rtol=1e-4, atol=1e-6) for n, g in plain.items())
+
+
+def test_gradient_checkpointing_unsupported_model_is_a_config_error() -> None:
+    with pytest.raises(LoraExpError, match="trainer.gradient_checkpointing"):
+        memory.enable_gradient_checkpointing(mlp())
+
+
+def test_probe_on_cpu_measures_nothing() -> None:
+    probe = memory.StepMemoryProbe(torch.device("cpu"))
+    probe.before_forward()
+    probe.after_backward()
+    assert probe.result(1000) == {
+        "mem_measured_peak_bytes": None,
+        "mem_static_bytes": None,
+        "mem_measured_over_predicted": None,
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_probe_measured_peak_close_to_predicted_on_cuda() -> None:
+    dev = torch.device("cuda")
+    model = tiny_bert("full").to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    probe = memory.StepMemoryProbe(dev)
+    data = {k: v.to(dev) for k, v in batch(64).items()}
+    for i in range(2):  # step 0 creates the optimizer state; step 1 is probed
+        if i == 1:
+            probe.before_forward()
+        with SavedTensorMeter(model) as meter, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**data).loss
+        loss.backward()
+        if i == 1:
+            probe.after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    predicted = memory.breakdown(model, opt, meter)
+    got = probe.result(predicted["mem_predicted_peak_bytes"])
+    print("cuda probe:", predicted, got)
+    static = predicted["mem_params_bytes"] + predicted["mem_optimizer_bytes"]
+    assert static <= got["mem_static_bytes"] <= static * 1.05 + 2**20  # + the batch
+    assert got["mem_measured_peak_bytes"] > got["mem_static_bytes"]
+    assert 0.7 < got["mem_measured_over_predicted"] < 1.5
