@@ -70,10 +70,11 @@ class SavedTensorMeter:
     Storages are identified by weak references, which keep their addresses from being reused while the
     meter runs but hold no memory.
 
-    Results are unchanged: the pack hook returns the tensor itself. Limits: a ``torch.compile``d model runs
-    eagerly under a dispatch mode, so the sampled step measures the eager graph; tensors saved inside a
-    gradient-checkpointed block are packed by the checkpoint's own hooks (nothing is kept), while its
-    inputs are saved by checkpoint and counted.
+    Results are unchanged: the pack hook returns the tensor itself. Build the meter right before use (it
+    reads the parameters' storages then: after ``.to(device)`` and any dtype change). Limits: a
+    ``torch.compile``d model may run eagerly under the dispatch mode, so the sampled step can measure the
+    eager graph; tensors saved inside a gradient-checkpointed block are packed by the checkpoint's own hooks
+    (nothing is kept), while the block's inputs, which checkpoint saves, are counted.
     """
 
     def __init__(self, model: nn.Module | None = None, exclude: Iterable[torch.Tensor] = ()):
@@ -255,6 +256,10 @@ class StepMemoryProbe:
     call ``before_forward()`` before the group's first micro-batch. Sample a step after the first
     (optimizer state exists). ``baseline`` is what the process held before this job (``tracking.
     reset_memory``), subtracted from both figures.
+
+    Resetting the peak statistics hides any earlier peak from a job-level ``max_memory_allocated`` read at
+    the end; the peaks before the window are kept in ``prior_peak_allocated`` / ``prior_peak_reserved``
+    (absolute bytes): fold them in with ``max(probe.prior_peak_allocated, torch.cuda.max_memory_allocated())``.
     """
 
     def __init__(self, device: torch.device, baseline: int = 0):
@@ -262,6 +267,8 @@ class StepMemoryProbe:
         self.cuda = self.device.type == "cuda"
         self.static: int | None = None
         self.peak: int | None = None
+        self.prior_peak_allocated = 0
+        self.prior_peak_reserved = 0
 
     def before_forward(self) -> None:
         """Record the static floor and start a fresh peak window."""
@@ -269,6 +276,8 @@ class StepMemoryProbe:
             return
         torch.cuda.synchronize(self.device)
         self.static = torch.cuda.memory_allocated(self.device) - self.baseline
+        self.prior_peak_allocated = max(self.prior_peak_allocated, torch.cuda.max_memory_allocated(self.device))
+        self.prior_peak_reserved = max(self.prior_peak_reserved, torch.cuda.max_memory_reserved(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def after_backward(self) -> None:

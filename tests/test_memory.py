@@ -76,13 +76,13 @@ def test_meter_does_not_change_results() -> None:
         assert torch.equal(a.grad, b.grad)
 
 
-def tiny_bert(method: str, dropout: float = 0.1) -> nn.Module:
+def tiny_bert(method: str, dropout: float = 0.1, hidden: int = H, layers: int = LAYERS) -> nn.Module:
     torch.manual_seed(0)
     conf = BertConfig(
         vocab_size=models.TINY_VOCAB,
-        hidden_size=H,
-        intermediate_size=2 * H,
-        num_hidden_layers=LAYERS,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_labels=2,
         hidden_dropout_prob=dropout,
@@ -94,11 +94,11 @@ def tiny_bert(method: str, dropout: float = 0.1) -> nn.Module:
     return model
 
 
-def batch(n: int) -> dict[str, torch.Tensor]:
+def batch(n: int, seq: int = SEQ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(n)
     return {
-        "input_ids": torch.randint(5, models.TINY_VOCAB, (n, SEQ), generator=g),
-        "attention_mask": torch.ones(n, SEQ, dtype=torch.long),
+        "input_ids": torch.randint(5, models.TINY_VOCAB, (n, seq), generator=g),
+        "attention_mask": torch.ones(n, seq, dtype=torch.long),
         "labels": torch.randint(0, 2, (n,), generator=g),
     }
 
@@ -130,6 +130,31 @@ def test_tiny_bert_bf16_autocast_copies_counted_apart() -> None:
     assert got["full"].autocast_copies_bytes == linear_weights * 2
     assert got["full"].autocast_copies_bytes > got["lora"].autocast_copies_bytes > 0
     assert got["full"].activations_bytes > got["lora"].activations_bytes > got["frozen"].activations_bytes
+
+
+def test_bf16_frozen_base_saves_no_copies_of_it() -> None:
+    """A frozen base stored in bf16 (``model.base_dtype=bf16``) is used as is by bf16 autocast: the saved
+    weights are parameters (not counted), and only the fp32 trainables (LoRA, head) leave copies."""
+    model = tiny_bert("lora")
+    fp32_base = step(model, 4, autocast=True)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    model.zero_grad(set_to_none=True)
+    bf16_base = step(model, 4, autocast=True)
+    lora_copies = 2 * sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad
+    )
+    # the layer-0 lora_A copies are not saved: their input, the frozen embeddings' output, needs no gradient
+    layer0_a = 2 * sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if n.endswith("layer.0.attention.self.query.lora_A") or n.endswith("layer.0.attention.self.value.lora_A")
+    )
+    assert bf16_base.autocast_copies_bytes == lora_copies - layer0_a > 0
+    assert fp32_base.autocast_copies_bytes > 10 * bf16_base.autocast_copies_bytes  # the frozen base's copies
+    static = memory.static_bytes(model)
+    assert static["mem_params_bytes"] < 0.6 * memory.static_bytes(tiny_bert("lora"))["mem_params_bytes"]
 
 
 def test_static_bytes_and_predicted_peak_ordering() -> None:
@@ -208,12 +233,19 @@ def test_probe_on_cpu_measures_nothing() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_probe_measured_peak_close_to_predicted_on_cuda() -> None:
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_probe_measured_peak_close_to_predicted_on_cuda(method: str) -> None:
+    """Not run on this project's CPU machines: written for the GPU acceptance check. The model is sized so
+    activations (~100s of MB) dwarf allocator rounding; cuBLAS workspaces are made before the baseline."""
     dev = torch.device("cuda")
-    model = tiny_bert("full").to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    probe = memory.StepMemoryProbe(dev)
-    data = {k: v.to(dev) for k, v in batch(64).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # cuBLAS / cuBLASLt workspaces live in the allocator
+        nn.Linear(8, 8, device=dev)(torch.randn(8, 8, device=dev, requires_grad=True)).sum().backward()
+    torch.cuda.synchronize(dev)
+    baseline = torch.cuda.memory_allocated(dev)
+    model = tiny_bert(method, hidden=256, layers=4).to(dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    probe = memory.StepMemoryProbe(dev, baseline=baseline)
+    data = {k: v.to(dev) for k, v in batch(64, seq=128).items()}
     for i in range(2):  # step 0 creates the optimizer state; step 1 is probed
         if i == 1:
             probe.before_forward()
@@ -226,8 +258,9 @@ def test_probe_measured_peak_close_to_predicted_on_cuda() -> None:
         opt.zero_grad(set_to_none=True)
     predicted = memory.breakdown(model, opt, meter)
     got = probe.result(predicted["mem_predicted_peak_bytes"])
-    print("cuda probe:", predicted, got)
+    print(f"cuda probe {method}:", predicted, got)
     static = predicted["mem_params_bytes"] + predicted["mem_optimizer_bytes"]
-    assert static <= got["mem_static_bytes"] <= static * 1.05 + 2**20  # + the batch
+    assert static <= got["mem_static_bytes"] <= static + 2**20 + 4 * 2**20  # + the batch + allocator blocks
     assert got["mem_measured_peak_bytes"] > got["mem_static_bytes"]
     assert 0.7 < got["mem_measured_over_predicted"] < 1.5
+    assert probe.prior_peak_allocated >= baseline + static  # step 0's peak is kept for the job's figure
