@@ -19,8 +19,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_exp.errors import LoraExpError
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
 
 class _CastRecorder(TorchDispatchMode):
     """Records the storages produced by casting a parameter to another floating dtype on its own device:
