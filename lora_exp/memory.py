@@ -9,7 +9,8 @@ and ``measured / predicted`` says how far the model is from the allocator.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -85,9 +86,11 @@ class SavedTensorMeter:
         self._storageless = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._casts = _CastRecorder(self._param_ptrs)
+        self._alive: dict[StorageWeakRef, int] = {}
         self.activations_bytes = 0
         self.autocast_copies_bytes = 0
         self.saved_storages = 0
+        self.backward_live_bytes: int | None = None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         try:
@@ -117,8 +120,33 @@ class SavedTensorMeter:
         self.autocast_copies_bytes = sum(n for ref, n in alive.items() if ref in self._casts.casts)
         self.activations_bytes = sum(alive.values()) - self.autocast_copies_bytes + self._storageless
         self.saved_storages = len(alive)
+        self._alive = alive  # weak references: for watch_backward
         self._saved.clear()
         self._casts.casts.clear()
+
+    @contextlib.contextmanager
+    def watch_backward(self, model: nn.Module) -> Iterator[SavedTensorMeter]:
+        """Around the backward of the metered forward: the most bytes of saved tensors still alive plus
+        gradients existing, sampled each time a trainable parameter's gradient is accumulated, goes to
+        ``backward_live_bytes``. It checks :func:`predicted_peak_bytes`'s claim that backward stays between
+        its two ends (activations freed as gradients appear); transient activation gradients are not seen.
+        """
+        params = [p for p in _unique(model.parameters()) if p.requires_grad]
+        live = [0]
+
+        def sample(_: torch.Tensor) -> None:
+            saved = sum(n for ref, n in self._alive.items() if not ref.expired())
+            grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
+            live[0] = max(live[0], saved + grads)
+
+        handles = [p.register_post_accumulate_grad_hook(sample) for p in params]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.backward_live_bytes = live[0]
+            self._alive = {}
 
 
 def _unique(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -172,7 +200,13 @@ def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
 
 
 def predicted_peak_bytes(
-    params: int, grads: int, optimizer: int, activations: int, autocast_copies: int, grad_accum: int = 1
+    params: int,
+    grads: int,
+    optimizer: int,
+    activations: int,
+    autocast_copies: int,
+    grad_accum: int = 1,
+    backward_live: int | None = None,
 ) -> int:
     """The training step's peak, from its parts, by when each exists.
 
@@ -185,7 +219,9 @@ def predicted_peak_bytes(
     - end of backward: ``params + optimizer + grads`` (every saved tensor freed);
 
     and in between, with activations freed layer by layer as that layer's gradients appear, the live total
-    moves between these two ends, so the peak is ``params + optimizer + max(activations + copies, grads)``.
+    moves between these two ends, so the peak is ``params + optimizer + max(activations + copies, grads)``
+    (checked by :meth:`SavedTensorMeter.watch_backward` on a tiny BERT, batches where either end dominates;
+    when that measurement is given as ``backward_live``, it replaces ``grads`` in the max).
     The sum ``activations + copies + grads`` would be an upper bound that never happens with
     ``set_to_none``: it double-charges full fine-tuning, whose gradients are as large as its parameters.
     With ``grad_accum > 1`` the gradients of the earlier micro-batches are alive during the next forward,
@@ -197,7 +233,7 @@ def predicted_peak_bytes(
     recomputed during backward. ``measured / predicted`` on a GPU shows their size.
     """
     forward = activations + autocast_copies + (grads if grad_accum > 1 else 0)
-    return params + optimizer + max(forward, grads)
+    return params + optimizer + max(forward, grads if backward_live is None else backward_live)
 
 
 def breakdown(
@@ -205,11 +241,12 @@ def breakdown(
     optimizer: torch.optim.Optimizer | None,
     meter: SavedTensorMeter,
     grad_accum: int = 1,
-) -> dict[str, int]:
+) -> dict[str, int | None]:
     """The per-run memory keys: ``mem_params_bytes``, ``mem_grads_bytes``, ``mem_optimizer_bytes``,
-    ``mem_activations_bytes``, ``mem_autocast_copies_bytes`` and ``mem_predicted_peak_bytes`` (see
-    :func:`predicted_peak_bytes`); ``meter`` has measured one sampled micro-batch's forward."""
-    out: dict[str, int] = dict(static_bytes(model, optimizer))
+    ``mem_activations_bytes``, ``mem_autocast_copies_bytes``, ``mem_predicted_peak_bytes`` (see
+    :func:`predicted_peak_bytes`) and ``mem_backward_live_bytes`` (None unless the backward was watched);
+    ``meter`` has measured one sampled micro-batch's forward."""
+    out: dict[str, int | None] = dict(static_bytes(model, optimizer))
     out["mem_activations_bytes"] = meter.activations_bytes
     out["mem_autocast_copies_bytes"] = meter.autocast_copies_bytes
     out["mem_predicted_peak_bytes"] = predicted_peak_bytes(
@@ -219,7 +256,9 @@ def breakdown(
         meter.activations_bytes,
         meter.autocast_copies_bytes,
         grad_accum,
+        meter.backward_live_bytes,
     )
+    out["mem_backward_live_bytes"] = meter.backward_live_bytes
     return out
 
 

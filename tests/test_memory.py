@@ -175,10 +175,26 @@ def test_static_bytes_and_predicted_peak_ordering() -> None:
         a = after["mem_activations_bytes"]
         assert after["mem_predicted_peak_bytes"] == p + o + max(a, g)
         assert memory.breakdown(model, opt, meter, grad_accum=2)["mem_predicted_peak_bytes"] == p + o + a + g
+        assert after["mem_backward_live_bytes"] is None  # not watched
         peaks[method] = after
     print("tiny BERT breakdown (batch 8, fp32):", peaks)
     pk = {m: v["mem_predicted_peak_bytes"] for m, v in peaks.items()}
     assert pk["full"] > pk["lora"] > pk["frozen"]
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])  # gradients dominate, about equal, activations dominate
+def test_backward_stays_between_its_ends(n: int) -> None:
+    """The predicted peak's premise: during backward, saved activations + gradients stay within
+    max(activations, gradients) (+5%) (full fine-tuning, where both are large)."""
+    model = tiny_bert("full")
+    with SavedTensorMeter(model) as meter:
+        loss = model(**batch(n)).loss
+    with meter.watch_backward(model):
+        loss.backward()
+    grads = memory.static_bytes(model)["mem_grads_bytes"]
+    ends = max(meter.activations_bytes, grads)
+    print(f"batch {n}: activations {meter.activations_bytes}, grads {grads}, backward live {meter.backward_live_bytes}")
+    assert grads <= meter.backward_live_bytes <= 1.05 * ends  # samples start after the loss nodes ran
 
 
 def test_optimizer_states_per_element() -> None:
