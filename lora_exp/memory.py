@@ -4,7 +4,8 @@ saved for backward, autocast's weight copies, a predicted step peak, and (on CUD
 Parameters, gradients and optimizer state are counted from the tensors. Activations are measured on one
 sampled training step by :class:`SavedTensorMeter` (``torch.autograd.graph.saved_tensors_hooks``), so the
 split works on CPU too; on CUDA :class:`StepMemoryProbe` measures the real peak of the same kind of step,
-and ``measured / predicted`` says how far the model is from the allocator.
+and ``measured / predicted`` says how far the model is from the allocator. :class:`SampledStep` does all of
+it around one micro-step of the training loop.
 """
 
 from __future__ import annotations
@@ -131,22 +132,30 @@ class SavedTensorMeter:
         ``backward_live_bytes``. It checks :func:`predicted_peak_bytes`'s claim that backward stays between
         its two ends (activations freed as gradients appear); transient activation gradients are not seen.
         """
+        self.start_watch(model)
+        try:
+            yield self
+        finally:
+            self.stop_watch()
+
+    def start_watch(self, model: nn.Module) -> None:
+        """:meth:`watch_backward` in two calls: this one after the metered forward, ..."""
         params = [p for p in _unique(model.parameters()) if p.requires_grad]
-        live = [0]
+        self.backward_live_bytes = 0
 
         def sample(_: torch.Tensor) -> None:
             saved = sum(n for ref, n in self._alive.items() if not ref.expired())
             grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
-            live[0] = max(live[0], saved + grads)
+            self.backward_live_bytes = max(self.backward_live_bytes or 0, saved + grads)
 
-        handles = [p.register_post_accumulate_grad_hook(sample) for p in params]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-            self.backward_live_bytes = live[0]
-            self._alive = {}
+        self._handles = [p.register_post_accumulate_grad_hook(sample) for p in params]
+
+    def stop_watch(self) -> None:
+        """... and this one after the backward."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+        self._alive = {}
 
 
 def _unique(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -333,3 +342,67 @@ class StepMemoryProbe:
             "mem_static_bytes": self.static,
             "mem_measured_over_predicted": ratio,
         }
+
+
+class SampledStep:
+    """One micro-step measured in full, for the training loop: the forward inside ``with``, then the
+    backward, then ``result()``::
+
+        with SampledStep(model, optimizer, device, baseline, grad_accum) as sampled, amp():
+            loss = model(**batch).loss
+        loss.backward()
+        memory_keys = sampled.result()
+
+    ``result()`` gives :func:`breakdown`'s keys (with the backward watched) and :class:`StepMemoryProbe`'s.
+    Enter it right after ``zero_grad(set_to_none=True)``, on the first micro-batch of an update after the
+    first (optimizer state exists). ``mem_predicted_peak_bytes`` is the run's peak with its ``grad_accum``;
+    ``mem_measured_over_predicted`` compares the measured window with the prediction for that same window
+    (gradients of earlier micro-batches included only if they existed when it opened). After it, fold
+    ``prior_peak_allocated`` into any job-level ``max_memory_allocated`` (the probe reset the statistics).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        device: torch.device,
+        baseline: int = 0,
+        grad_accum: int = 1,
+    ):
+        self.model, self.optimizer, self.grad_accum = model, optimizer, grad_accum
+        self.meter = SavedTensorMeter(model)
+        self.probe = StepMemoryProbe(device, baseline)
+        self.grads_in_window = False
+
+    @property
+    def prior_peak_allocated(self) -> int:
+        """Peak allocated bytes before the measured window (0 off CUDA)."""
+        return self.probe.prior_peak_allocated
+
+    def __enter__(self) -> SampledStep:
+        self.grads_in_window = any(p.grad is not None for p in self.model.parameters())
+        self.probe.before_forward()
+        self.meter.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.meter.__exit__(*exc)
+        if exc[0] is None:
+            self.meter.start_watch(self.model)
+
+    def result(self) -> dict[str, Any]:
+        """The memory keys of the run (call after the backward)."""
+        self.probe.after_backward()
+        self.meter.stop_watch()
+        out: dict[str, Any] = breakdown(self.model, self.optimizer, self.meter, self.grad_accum)
+        window = predicted_peak_bytes(
+            out["mem_params_bytes"],
+            out["mem_grads_bytes"],
+            out["mem_optimizer_bytes"],
+            out["mem_activations_bytes"],
+            out["mem_autocast_copies_bytes"],
+            grad_accum=2 if self.grads_in_window else 1,
+            backward_live=out["mem_backward_live_bytes"],
+        )
+        out.update(self.probe.result(window))
+        return out

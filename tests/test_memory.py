@@ -12,6 +12,8 @@ does not require grad (fp32, 4 bytes per element):
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -20,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 
 from lora_exp import memory, models
 from lora_exp.errors import LoraExpError
-from lora_exp.memory import SavedTensorMeter
+from lora_exp.memory import SampledStep, SavedTensorMeter
 
 B, IN, HID, OUT = 5, 8, 16, 4
 SEQ, H, LAYERS = 16, 32, 2
@@ -237,6 +239,33 @@ def test_gradient_checkpointing_unsupported_model_is_a_config_error() -> None:
         memory.enable_gradient_checkpointing(mlp())
 
 
+def test_sampled_step_gives_every_key_and_the_watched_backward() -> None:
+    model = tiny_bert("full")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with SampledStep(model, opt, torch.device("cpu"), grad_accum=1) as sampled:
+        loss = model(**batch(8)).loss
+    loss.backward()
+    got = sampled.result()
+    assert set(got) == {
+        "mem_params_bytes",
+        "mem_grads_bytes",
+        "mem_optimizer_bytes",
+        "mem_activations_bytes",
+        "mem_autocast_copies_bytes",
+        "mem_predicted_peak_bytes",
+        "mem_backward_live_bytes",
+        "mem_measured_peak_bytes",
+        "mem_static_bytes",
+        "mem_measured_over_predicted",
+    }
+    assert got["mem_activations_bytes"] == step(tiny_bert("full"), 8).activations_bytes
+    assert got["mem_grads_bytes"] <= got["mem_backward_live_bytes"] <= 1.05 * got["mem_activations_bytes"]
+    p, o = got["mem_params_bytes"], got["mem_optimizer_bytes"]
+    assert got["mem_predicted_peak_bytes"] == p + o + max(got["mem_activations_bytes"], got["mem_backward_live_bytes"])
+    assert got["mem_measured_peak_bytes"] is None and got["mem_measured_over_predicted"] is None  # CPU
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # hooks removed
+
+
 def test_probe_on_cpu_measures_nothing() -> None:
     probe = memory.StepMemoryProbe(torch.device("cpu"))
     probe.before_forward()
@@ -260,23 +289,19 @@ def test_probe_measured_peak_close_to_predicted_on_cuda(method: str) -> None:
     baseline = torch.cuda.memory_allocated(dev)
     model = tiny_bert(method, hidden=256, layers=4).to(dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
-    probe = memory.StepMemoryProbe(dev, baseline=baseline)
     data = {k: v.to(dev) for k, v in batch(64, seq=128).items()}
-    for i in range(2):  # step 0 creates the optimizer state; step 1 is probed
-        if i == 1:
-            probe.before_forward()
-        with SavedTensorMeter(model) as meter, torch.autocast("cuda", dtype=torch.bfloat16):
+    for i in range(2):  # step 0 creates the optimizer state; step 1 is measured
+        sampled = SampledStep(model, opt, dev, baseline) if i == 1 else contextlib.nullcontext()
+        with sampled, torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**data).loss
         loss.backward()
         if i == 1:
-            probe.after_backward()
+            got = sampled.result()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    predicted = memory.breakdown(model, opt, meter)
-    got = probe.result(predicted["mem_predicted_peak_bytes"])
-    print(f"cuda probe {method}:", predicted, got)
-    static = predicted["mem_params_bytes"] + predicted["mem_optimizer_bytes"]
+    print(f"cuda {method}:", got)
+    static = got["mem_params_bytes"] + got["mem_optimizer_bytes"]
     assert static <= got["mem_static_bytes"] <= static + 2**20 + 4 * 2**20  # + the batch + allocator blocks
     assert got["mem_measured_peak_bytes"] > got["mem_static_bytes"]
     assert 0.7 < got["mem_measured_over_predicted"] < 1.5
-    assert probe.prior_peak_allocated >= baseline + static  # step 0's peak is kept for the job's figure
+    assert sampled.prior_peak_allocated >= baseline + static  # step 0's peak is kept for the job's figure
