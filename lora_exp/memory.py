@@ -373,6 +373,7 @@ class SampledStep:
         self.meter = SavedTensorMeter(model)
         self.probe = StepMemoryProbe(device, baseline)
         self.grads_in_window = False
+        self._done = False
 
     @property
     def prior_peak_allocated(self) -> int:
@@ -390,11 +391,16 @@ class SampledStep:
         if exc[0] is None:
             self.meter.start_watch(self.model)
 
-    def result(self) -> dict[str, Any]:
-        """The memory keys of the run (call after the backward)."""
-        self.probe.after_backward()
-        self.meter.stop_watch()
-        out: dict[str, Any] = breakdown(self.model, self.optimizer, self.meter, self.grad_accum)
+    def result(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The memory keys of the run. The first call ends the measurement (call it right after the backward);
+        later calls may pass ``model`` to count parameters, gradients and optimizer state from another module
+        than the one measured: e.g. at the end of a run whose frozen encoder was swapped for a feature cache
+        during training and is now back in place (the activations stay those of the sampled step)."""
+        if not self._done:
+            self.probe.after_backward()
+            self.meter.stop_watch()
+            self._done = True
+        out: dict[str, Any] = breakdown(model or self.model, self.optimizer, self.meter, self.grad_accum)
         window = predicted_peak_bytes(
             out["mem_params_bytes"],
             out["mem_grads_bytes"],

@@ -264,6 +264,10 @@ def test_sampled_step_gives_every_key_and_the_watched_backward() -> None:
     assert got["mem_predicted_peak_bytes"] == p + o + max(got["mem_activations_bytes"], got["mem_backward_live_bytes"])
     assert got["mem_measured_peak_bytes"] is None and got["mem_measured_over_predicted"] is None  # CPU
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # hooks removed
+    bigger = tiny_bert("full", hidden=64)  # counted from another module later: same activations
+    again = sampled.result(bigger)
+    assert again["mem_activations_bytes"] == got["mem_activations_bytes"]
+    assert again["mem_params_bytes"] == memory.static_bytes(bigger)["mem_params_bytes"] > got["mem_params_bytes"]
 
 
 def test_probe_on_cpu_measures_nothing() -> None:
