@@ -236,17 +236,3 @@ def store_frozen_in(model: nn.Module, base_dtype: str) -> int:
             p.data = p.data.to(dtype)
             n += 1
     return n
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """transformers' own activation checkpointing, non-reentrant (the reentrant kind leaves LoRA untrained
-    when the inputs do not require grad: peft#1142)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise LoraExpError(
-            f"trainer.gradient_checkpointing=true: {type(model).__name__} does not support gradient checkpointing"
-        )
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -103,38 +103,6 @@ def peak_memory(device: torch.device, baseline: int, rss: RssPeak) -> dict[str, 
     }
 
 
-def memory_breakdown(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, peak: int | None, baseline: int
-) -> dict[str, int | None]:
-    """Peak memory split into parameters, gradients, optimizer state and the rest (activations, workspace).
-
-    The first three are counted from the tensors themselves (deduplicated by storage); activations are the
-    measured peak above the job's baseline minus them (GPU only: None on CPU).
-    """
-    seen: set[int] = set()
-    params = grads = 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        params += p.numel() * p.element_size()
-        if p.requires_grad:
-            grads += p.numel() * p.element_size()  # grads are kept in the parameter's dtype
-    state = sum(
-        t.numel() * t.element_size()
-        for st in optimizer.state.values()
-        for t in st.values()
-        if torch.is_tensor(t) and t.dim() > 0
-    )
-    activations = None if peak is None else max(0, peak - baseline - params - grads - state)
-    return {
-        "mem_params_bytes": params,
-        "mem_grads_bytes": grads,
-        "mem_optimizer_bytes": state,
-        "mem_activations_bytes": activations,
-    }
-
-
 def clock(device: torch.device) -> Callable[[], float]:
     """A wall clock for throughput: on CUDA it waits for queued work first (used at window edges only)."""
     if device.type != "cuda":

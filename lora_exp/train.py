@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lora_exp import adapter, checkpoint, data, features, models, tracking
+from lora_exp import adapter, checkpoint, data, features, memory, models, tracking
 from lora_exp.config import config_hash, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 
@@ -198,6 +198,7 @@ class Job:
     order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
     cache: features.FeatureCache | None = None
     memory: dict[str, Any] = field(default_factory=dict)  # from the sampled step
+    sampled: memory.SampledStep | None = None
     run: Any = None  # the W&B run
     stop: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM
     loss_sum: torch.Tensor | None = None  # running train loss on the device (the host syncs only to log)
@@ -291,7 +292,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -
     counts = models.count_parameters(model, head)
     model.to(device)
     if t.get("gradient_checkpointing"):
-        models.enable_gradient_checkpointing(model)
+        memory.enable_gradient_checkpointing(model)
     tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
     generator = torch.Generator().manual_seed(seeds["data"])
     loaders = data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
@@ -453,7 +454,7 @@ def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool
     scaled = loss / group
     (job.scaler.scale(scaled) if job.scaler else scaled).backward()
     if probe is not None:
-        job.memory = probe.result()
+        job.memory, job.sampled = probe.result(), probe
     if timed:
         job.timer.mark()
 
@@ -603,14 +604,31 @@ def finish(job: Job) -> dict[str, Any]:
     return results
 
 
-def _memory_probe(job: Job) -> Any:
-    """A context measuring the sampled step's memory (None: not measured)."""
-    return None
+def _memory_probe(job: Job) -> memory.SampledStep:
+    """Measures one micro-step: saved activations, autocast copies, and on CUDA the real peak."""
+    return memory.SampledStep(job.model, job.optimizer, job.device, job.baseline, job.cfg.trainer.grad_accum)
+
+
+MEMORY_KEYS = (
+    "mem_activations_bytes",
+    "mem_autocast_copies_bytes",
+    "mem_predicted_peak_bytes",
+    "mem_backward_live_bytes",
+    "mem_measured_peak_bytes",
+    "mem_static_bytes",
+    "mem_measured_over_predicted",
+)
 
 
 def _memory_summary(job: Job, measured: dict[str, Any]) -> dict[str, Any]:
-    """Parameters, gradients, optimizer state and activations of this job."""
-    return tracking.memory_breakdown(job.model, job.optimizer, measured["peak_vram_bytes"], job.baseline)
+    """Parameters, gradients, optimizer state (counted), activations (measured on the sampled step), the
+    predicted peak, and on CUDA the measured one. Counted on ``job.model`` with any feature cache restored."""
+    if job.sampled is None:  # never sampled (a single update, or resumed past it): static counts only
+        return {**memory.static_bytes(job.model, job.optimizer), **dict.fromkeys(MEMORY_KEYS)}
+    if measured.get("peak_vram_bytes") is not None:  # the probe reset the peak statistics: fold the earlier peak in
+        peak = max(measured["peak_vram_bytes"], job.sampled.prior_peak_allocated)
+        measured.update(peak_vram_bytes=peak, peak_vram_above_baseline_bytes=peak - job.baseline)
+    return job.sampled.result(job.model)
 
 
 def _scaling(cfg: DictConfig) -> float | None:
