@@ -306,3 +306,12 @@ def test_truncated_safetensors_is_one_line_and_a_failed_run(checkpoint, tiny_cfg
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {line}"
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["status"] == "failed" and saved["reason"] == line
+
+
+def test_head_fine_tuned_for_other_labels_is_reinitialised(tmp_path: Path) -> None:
+    conf = tc.config("roberta")
+    conf.num_labels = 3
+    AutoModelForSequenceClassification.from_config(conf).save_pretrained(tmp_path / "three")
+    models._tiny_tokenizer().save_pretrained(tmp_path / "three")
+    _, model, head = models.build(model_cfg(tmp_path / "three", "roberta"), 2)
+    assert head == ["classifier"] and model.classifier.out_proj.weight.shape == (C, H)
