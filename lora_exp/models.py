@@ -1,8 +1,10 @@
 """Build the HF model + tokenizer from ``cfg.model``, apply the method (full / frozen / lora), count.
 
-The classification head is the set of modules the pretrained checkpoint does not contain (what
-``from_pretrained`` reports as newly initialised) plus the architecture's known head modules, so a
-frozen or LoRA run always trains (and saves) the whole head: DistilBERT's ``pre_classifier`` too.
+The classification head is found from the model's structure, for any architecture: every parameter of
+the ``*ForSequenceClassification`` model outside its base model (``getattr(model, base_model_prefix)``),
+plus every parameter ``from_pretrained`` reports as newly initialised (a missing pooler inside the base).
+So a frozen or LoRA run trains (and saves) the whole head, DistilBERT's ``pre_classifier`` and
+DeBERTa's ``pooler`` too, whether the checkpoint already holds head weights or not.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -29,13 +32,6 @@ from transformers import logging as hf_logging
 from lora_exp import assets, lora
 from lora_exp.errors import LoraExpError
 from lora_exp.hub import from_hub
-
-HEAD_MODULES = {
-    "distilbert": ["pre_classifier", "classifier"],
-    "bert": ["classifier"],
-    "roberta": ["classifier"],
-    "xlm-roberta": ["classifier"],
-}
 
 TINY_VOCAB = 1000
 hf_logging.set_verbosity_error()  # the load report is replaced by our own line naming the head modules
@@ -120,14 +116,13 @@ def model_location(cfg: DictConfig) -> str:
 def build(
     cfg: DictConfig, num_labels: int, id2label: dict[int, str] | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, list[str]]:
-    """Tokenizer, fp32 model and the head module paths (trained in full by frozen/lora)."""
+    """Tokenizer, fp32 model and the head (module paths or bare parameter names, trained in full by frozen/lora)."""
     if cfg.source == "tiny":
         model = _tiny_model(cfg, num_labels)
         if id2label:
             model.config.id2label = dict(id2label)
             model.config.label2id = {v: k for k, v in id2label.items()}
-
-        return _tiny_tokenizer(), model, list(HEAD_MODULES[model.config.model_type])  # a copy: callers mutate
+        return _tiny_tokenizer(), model, find_head(model)  # random init everywhere: structure alone
 
     where = model_location(cfg)
     if cfg.source == "package" and not (Path(where) / "config.json").is_file():
@@ -138,9 +133,10 @@ def build(
     def load() -> tuple:
         config = AutoConfig.from_pretrained(where, **labels, **kw)
         # dtype=fp32: transformers 5 keeps a checkpoint's stored dtype otherwise (fp16 copies would train
-        # in fp16); master weights stay fp32 and autocast does the low precision.
+        # in fp16); master weights stay fp32 and autocast does the low precision. ignore_mismatched_sizes:
+        # a head fine-tuned for another number of labels is re-initialised (reported as mismatched).
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            where, config=config, dtype=torch.float32, output_loading_info=True, **kw
+            where, config=config, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True, **kw
         )
         return AutoTokenizer.from_pretrained(where, **kw), model, info
 
@@ -149,16 +145,115 @@ def build(
     else:
         try:
             tokenizer, model, info = load()
-        except (OSError, ValueError, RuntimeError) as err:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # SafetensorError: truncated file
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise LoraExpError(f"model.path={where!r}: cannot load the model ({first})") from err
-    new = {k.rsplit(".", 1)[0] for k in info["missing_keys"]}
-    known = HEAD_MODULES.get(model.config.model_type, [])
+    set_padding(tokenizer, model, where)
+    new = set(info["missing_keys"]) | {k[0] for k in info.get("mismatched_keys", ())}
+    return tokenizer, model, find_head(model, new)
+
+
+def set_padding(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, where: str) -> None:
+    """Decoders ship without a pad token: pad with EOS (tokenizer and ``config.pad_token_id``), and say so.
+
+    Sequence classification pools the last non-pad token, found through ``config.pad_token_id``.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LoraExpError(
+                f"model.path={where!r}: the tokenizer has neither a pad nor an EOS token, so batches cannot be "
+                "padded; save a tokenizer with a pad_token in the model folder"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        print(
+            f"[lora-exp] {model.config.model_type}: the tokenizer has no pad token; padding with its EOS token "
+            f"{tokenizer.eos_token!r} (id {tokenizer.pad_token_id}, also set as config.pad_token_id)"
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+    elif getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def find_head(model: nn.Module, new_keys: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The classification head: module paths (or bare parameter names) that train in full with frozen/lora.
+
+    A parameter belongs to the head when it lies outside the base (``getattr(model, base_model_prefix)``) or
+    is in ``new_keys`` (newly initialised by ``from_pretrained``); a parameter whose storage is shared with
+    a pretrained one is not. The list is minimal: each head parameter is named through its largest
+    enclosing module whose parameters are all head (``classifier``, ``pre_classifier``, ``bert.pooler``),
+    or by its own name where no such module exists (a bare ``layer_weights``).
+    """
+    base_path = _base_path(model)
+    named = list(model.named_parameters(remove_duplicate=False))
+    outside = {n for n, _ in named if base_path is None or not lora.is_under(n, [base_path])}
+    head = outside | (set(new_keys) & {n for n, _ in named})
+    shared = {p.data_ptr() for n, p in named if n not in head}
+    head = {n for n, p in named if n in head and p.data_ptr() not in shared}
+    mixed = {n.rsplit(".", i)[0] for n in {n for n, _ in named} - head for i in range(1, n.count(".") + 1)}
+    out = set()
+    for name in head:
+        parts = name.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]  # outermost first, the model root excluded
+        out.add(next((m for m in prefixes if m not in mixed), name))
+    return _ordered(model, out)
+
+
+def _base_path(model: nn.Module) -> str | None:
+    """Path of the pretrained base inside the task model: ``base_model_prefix``, else the largest child.
+
+    The fallback covers task models that name their base otherwise (``WhisperForAudioClassification``
+    keeps ``encoder`` although its prefix is ``model``).
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, nn.Module) and base is not model:
+        return next((n for n, m in model.named_modules() if m is base and n), None)
+    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
+def _ordered(model: nn.Module, paths: set[str]) -> list[str]:
+    """``paths`` in the model's own definition order (parameters first seen)."""
+    order = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    first = {p: next(i for i, n in enumerate(order) if lora.is_under(n, [p])) for p in paths}
+    return sorted(paths, key=first.__getitem__)
+
+
+def head_parameters(model: nn.Module, head: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every head parameter (deduplicated), modules and bare parameters alike."""
+    return [(n, p) for n, p in model.named_parameters() if lora.is_under(n, head)]
+
+
+@torch.no_grad()
+def init_head(model: PreTrainedModel, head: list[str]) -> None:
+    """Re-initialise the head with the model's own ``_init_weights`` (from the caller's RNG state).
+
+    transformers 5 marks loaded tensors ``_is_hf_initialized`` and its init functions skip them, so a
+    checkpoint that already holds a head would silently keep it: the marks are lifted on the head first,
+    and the rest of the model is marked while a bare parameter's owner is initialised, so only the head
+    changes.
+    """
+    params = head_parameters(model, head)
+    marks = {n: getattr(p, "_is_hf_initialized", None) for n, p in model.named_parameters()}
+    for _, p in params:
+        p._is_hf_initialized = False
     modules = dict(model.named_modules())
-    head = sorted(
-        {m for m in new | set(known) if m in modules} - {m for m in new if any(m.startswith(k + ".") for k in known)}
-    )
-    return tokenizer, model, head
+    bare = [h for h in head if h not in modules]
+    for name in head:
+        if name in modules:
+            modules[name].apply(model._init_weights)
+    if bare:
+        heads = {n for n, _ in params}
+        for n, p in model.named_parameters():
+            if n not in heads:
+                p._is_hf_initialized = True
+        for owner in dict.fromkeys(h.rpartition(".")[0] for h in bare):
+            model._init_weights(modules[owner])
+    for n, p in model.named_parameters():  # restore the loader's marks
+        if marks[n] is None:
+            p.__dict__.pop("_is_hf_initialized", None)
+        else:
+            p._is_hf_initialized = marks[n]
 
 
 def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictConfig | None = None) -> list[str]:
@@ -166,6 +261,12 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
     if method == "full":
         model.requires_grad_(True)
         return []
+    params = head_parameters(model, head)
+    if not params:
+        raise LoraExpError(
+            f"method={method}: the model has no classification head parameter to train (head: "
+            f"{'+'.join(head) or 'none found'}; nothing outside its base model nor newly initialised); use method=full"
+        )
     model.requires_grad_(False)
     adapted: list[str] = []
     if method == "lora":
@@ -178,8 +279,8 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
             lora_cfg.rslora,
             protected=head,  # newly initialised: a frozen random base + LoRA would cripple the model
         )
-    for name in head:
-        model.get_submodule(name).requires_grad_(True)
+    for _, p in params:
+        p.requires_grad_(True)
     for name in adapted:
         sub = model.get_submodule(name)
         sub.lora_A.requires_grad_(True)
@@ -201,7 +302,7 @@ def count_parameters(model: nn.Module, head: list[str]) -> dict[str, int | float
         counts["trainable"] += p.numel()
         if ".lora_A." in name or ".lora_B." in name:
             counts["adapter"] += p.numel()
-        elif any(name.startswith(h + ".") for h in head):
+        elif lora.is_under(name, head):
             counts["head"] += p.numel()
         else:
             counts["other"] += p.numel()

@@ -4,7 +4,8 @@ PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` and the trained head under its plain
 path (``base_model.model.classifier.weight``: PEFT strips ``modules_to_save.<adapter>`` when saving).
 Our ``LoRALinear`` uses PEFT's attribute names, so the mapping is a prefix: the module paths are the HF
-model's own ``named_modules()`` paths.
+model's own ``named_modules()`` paths. ``fan_in_fan_out`` follows the layers (true for GPT-2's ``Conv1D``);
+on import it is read from each layer's type, as PEFT itself corrects it per layer.
 """
 
 from __future__ import annotations
@@ -34,10 +35,16 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
     first = next(iter(layers.values()))
     if any((m.r, m.alpha, m.rslora) != (first.r, first.alpha, first.rslora) for m in layers.values()):
         raise LoraExpError("export_peft(): layers with different r/alpha need PEFT rank_pattern, not supported")
+    fan_in_fan_out = {m.fan_in_fan_out for m in layers.values()}
+    if len(fan_in_fan_out) > 1:
+        raise LoraExpError(
+            "export_peft(): the adapter mixes transformers Conv1D layers (fan_in_fan_out) with nn.Linear ones; "
+            "PEFT takes one fan_in_fan_out per adapter"
+        )
     head = list(meta.get("head_modules", []))
     state = {}
     for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name or p.requires_grad and any(name.startswith(h + ".") for h in head):
+        if ".lora_A." in name or ".lora_B." in name or p.requires_grad and lora.is_under(name, head):
             state[PREFIX + name] = p.detach().cpu().contiguous()
     config = {
         "peft_type": "LORA",
@@ -49,7 +56,7 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
         "target_modules": sorted(layers),
         "modules_to_save": head,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out.pop(),  # GPT-2's Conv1D stores weights in x out
         "init_lora_weights": True,
         "inference_mode": True,
         "base_model_name_or_path": str(meta.get("base_model", "")),
@@ -90,7 +97,7 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
     params = dict(model.named_parameters())
     expected = {n for n in params if ".lora_A." in n or ".lora_B." in n}
     saved_head = list(config.get("modules_to_save") or [])
-    expected |= {n for n in params if any(n.startswith(h + ".") for h in saved_head)}
+    expected |= {n for n in params if lora.is_under(n, saved_head)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:  # PEFT itself loads non-strictly; a silent partial load is how heads get lost
         raise LoraExpError(f"peft adapter {str(folder)!r}: missing {missing[:3]} unexpected {unexpected[:3]}")

@@ -157,8 +157,7 @@ def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tupl
     if max_pos and cfg.data.max_length > max_pos:
         raise LoraExpError(f"data.max_length={cfg.data.max_length} exceeds the model's maximum of {max_pos}")
     torch.manual_seed(seeds["head"])
-    for name in head:
-        model.get_submodule(name).apply(model._init_weights)
+    models.init_head(model, head)
     torch.manual_seed(seeds["lora"])
     adapted = models.apply_method(model, cfg.method.name, head, cfg.lora)
     models.store_frozen_in(model, cfg.model.get("base_dtype", "fp32"))

@@ -110,3 +110,45 @@ def test_dropout_applies_to_input_in_train_only() -> None:
     assert not torch.allclose(layer(x), layer(x))  # different masks
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x))
+
+
+def _conv1d_layer() -> LoRALinear:
+    """GPT-2's Conv1D (weight stored in x out: 12 -> 20) wrapped, B trained."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(20, 12)  # nf=out, nx=in
+    nn.init.normal_(base.weight, std=0.2)
+    nn.init.normal_(base.bias, std=0.2)
+    layer = LoRALinear(base, r=4, alpha=8.0)
+    _train_b(layer)
+    return layer
+
+
+def test_conv1d_is_adapted_with_fan_in_fan_out() -> None:
+    layer = _conv1d_layer()
+    assert layer.fan_in_fan_out and not LoRALinear(nn.Linear(12, 20), r=4, alpha=8.0).fan_in_fan_out
+    assert layer.base_layer.weight.shape == (12, 20)  # in x out, as stored
+    assert layer.lora_A.weight.shape == (4, 12) and layer.lora_B.weight.shape == (20, 4)  # as for a Linear
+    x = torch.randn(3, 5, 12)
+    w0, b0 = layer.base_layer.weight, layer.base_layer.bias
+    expected = x @ w0 + b0 + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_conv1d_merge_adds_the_transposed_delta_and_unmerge_restores_w0() -> None:
+    layer = _conv1d_layer()
+    x = torch.randn(4, 12)
+    w0, before = layer.base_layer.weight.detach().clone(), layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, w0 + layer.delta_weight().T)
+    torch.testing.assert_close(layer.base_layer(x), before, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_conv1d_rank_bound_uses_its_stored_shape() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    with pytest.raises(LoraExpError, match=r"min\(out, in\)=6"):
+        LoRALinear(Conv1D(6, 8), r=7, alpha=1.0)  # 8 -> 6

@@ -55,12 +55,19 @@ def test_alias_matches_exactly_the_expected_modules(arch: str, alias: str) -> No
     assert sorted(got) == sorted(want)
 
 
-def test_head_alias_per_architecture() -> None:
+def test_head_alias_only_where_it_names_a_pretrained_module() -> None:
     assert lora.resolve_targets(tiny("bert")[1], ["head"]) == ["bert.pooler.dense"]  # pretrained pooler
-    _, model, head = tiny("distilbert")  # pre_classifier is newly initialised: trained in full, not adapted
-    assert lora.resolve_targets(model, ["head"]) == ["pre_classifier"]
-    with pytest.raises(LoraExpError, match="'pre_classifier', part of the classification head"):
+    _, model, head = tiny("distilbert")  # pre_classifier is head (trained in full): no alias can reach it
+    with pytest.raises(LoraExpError) as err:
         models.apply_method(model, "lora", head, lora_cfg("q", "head"))
+    assert str(err.value) == (
+        "lora.targets: alias 'head' is not defined for model_type 'distilbert' (its classification head trains "
+        "in full and is never a target); its aliases: ffn k o q v"
+    )
+    for model_type in ("roberta", "xlm-roberta"):
+        assert "head" not in lora.ALIASES[model_type]
+    with pytest.raises(LoraExpError, match="part of the classification head"):  # by name, still refused
+        models.apply_method(model, "lora", head, lora_cfg("pre_classifier"))
 
 
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
@@ -80,6 +87,7 @@ def test_lora_trainable_count_formula(arch: str, targets: tuple[str, ...]) -> No
 
 
 def test_head_modules_per_architecture() -> None:
+    """Tiny models go through the structural rule too (all of their weights are newly initialised)."""
     assert tiny("distilbert")[2] == ["pre_classifier", "classifier"]
     assert tiny("bert")[2] == ["classifier"]
 
@@ -128,10 +136,10 @@ def test_alias_unknown_for_architecture() -> None:
     class Custom(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.config = OmegaConf.create({"model_type": "gpt2"})
+            self.config = OmegaConf.create({"model_type": "custom"})
             self.proj = torch.nn.Linear(4, 4)
 
-    with pytest.raises(LoraExpError, match="alias 'q' is not defined for model_type 'gpt2'"):
+    with pytest.raises(LoraExpError, match="alias 'q' is not defined for model_type 'custom'"):
         lora.resolve_targets(Custom(), ["q"])
     assert lora.resolve_targets(Custom(), ["proj"]) == ["proj"]
 

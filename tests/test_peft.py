@@ -87,3 +87,78 @@ def test_export_keys_follow_peft_layout(tmp_path: Path) -> None:
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
     assert "base_model.model.classifier.weight" in keys and "base_model.model.classifier.bias" in keys
     assert len(keys) == 2 * 2 + 2
+
+
+def _tiny_gpt2() -> tuple[torch.nn.Module, list[str]]:
+    from transformers import AutoModelForSequenceClassification
+
+    from .tiny_checkpoints import config
+
+    torch.manual_seed(0)
+    conf = config("gpt2")
+    conf.pad_token_id = 1
+    base = AutoModelForSequenceClassification.from_config(conf).eval()
+    return base, models.find_head(base)
+
+
+def test_gpt2_conv1d_parity_with_peft(tmp_path: Path) -> None:
+    """GPT-2's Conv1D layers (fan_in_fan_out): PEFT built from our tensors, export, import, merge."""
+    import json
+
+    from lora_exp import lora
+
+    base, head = _tiny_gpt2()
+    assert head == ["score"]
+    ours = copy.deepcopy(base)
+    adapted = models.apply_method(ours, "lora", head, lora_cfg("qkv", "o", "ffn"))
+    assert len(adapted) == 2 * 4 and all(m.fan_in_fan_out for _, m in lora.lora_layers(ours))
+    _randomise_trainables(ours)
+    ours.eval()
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        task_type="SEQ_CLS",
+        modules_to_save=head,
+    )
+    ref = get_peft_model(copy.deepcopy(base), config)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():  # the same tensors, placed by PEFT's names
+        copied = 0
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                key = name.removeprefix("base_model.model.").replace(".default.", ".")
+                p.copy_(mine[key.replace(".modules_to_save.", ".")])
+                copied += 1
+        assert copied == 2 * 2 * 4 + 1  # A and B of 8 layers + score
+        expected = ours(input_ids=_ids()).logits
+        assert not torch.allclose(expected, base(input_ids=_ids()).logits)  # the adapter matters
+        torch.testing.assert_close(ref.eval()(input_ids=_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+
+        export_peft(ours, tmp_path / "peft", {"head_modules": head})
+        assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+
+        back = copy.deepcopy(base)
+        assert sorted(import_peft(back, tmp_path / "peft", head)) == sorted(adapted)
+        torch.testing.assert_close(back.eval()(input_ids=_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+
+        w0 = base.transformer.h[0].attn.c_attn.weight.clone()
+        assert lora.merge(ours) == 8
+        torch.testing.assert_close(ours(input_ids=_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+        lora.unmerge(ours)
+        torch.testing.assert_close(ours.transformer.h[0].attn.c_attn.base_layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_export_refuses_a_mix_of_conv1d_and_linear(tmp_path: Path) -> None:
+    base, head = _tiny_gpt2()
+    base.transformer.h[0].attn.c_attn = torch.nn.Linear(16, 48)  # a Linear among Conv1D layers
+    models.apply_method(base, "lora", head, lora_cfg("qkv", "o"))
+    with pytest.raises(LoraExpError) as err:
+        export_peft(base, tmp_path / "p", {"head_modules": head})
+    assert str(err.value) == (
+        "export_peft(): the adapter mixes transformers Conv1D layers (fan_in_fan_out) with nn.Linear ones; "
+        "PEFT takes one fan_in_fan_out per adapter"
+    )

@@ -1,0 +1,317 @@
+"""Any architecture's head trains: local checkpoints saved WITH their head, for 8 architectures, run
+lora / frozen / full end to end; the head is found from the structure, trained, saved, counted by formula.
+
+Formulas (H hidden, F ffn, L layers, C labels, r rank): each adapted layer ``k -> d`` adds ``r (k + d)``;
+the head is what the architecture puts outside its base model (e.g. RoBERTa: ``H H + H + H C + C``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+from lora_exp import cli, lora, models, train
+from lora_exp.errors import LoraExpError
+
+from . import tiny_checkpoints as tc
+from .tiny_checkpoints import FFN as F
+from .tiny_checkpoints import LABELS as C
+from .tiny_checkpoints import LAYERS as L
+from .tiny_checkpoints import H
+
+R = 4
+TARGETS = {
+    **{a: ["q", "v"] for a in ("bert", "distilbert", "roberta", "electra", "deberta-v2")},
+    "modernbert": ["qkv", "o", "ffn"],
+    "gpt2": ["qkv", "o", "ffn"],
+    "llama": ["q", "v", "ffn"],
+}
+ADAPTER = {  # sum of r (in + out) over the adapted layers, from the architecture's shapes
+    **{a: L * 2 * R * (H + H) for a in ("bert", "distilbert", "roberta", "electra", "deberta-v2")},
+    "modernbert": L * R * ((H + 3 * H) + (H + H) + (H + 2 * F) + (F + H)),  # Wqkv, Wo, Wi (GLU: 2F), mlp.Wo
+    "gpt2": L * R * ((H + 3 * H) + (H + H) + (H + F) + (F + H)),  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    "llama": L * R * ((H + H) + (H + H) + 3 * (H + F)),  # q, v, gate, up, down
+}
+LAYERS_ADAPTED = {**{a: 2 for a in ADAPTER}, "modernbert": 4, "gpt2": 4, "llama": 5}  # per block
+_DENSE, _OUT = ["weight", "bias"], ["weight", "bias"]
+HEAD_KEYS = {  # the head's tensors, as the architecture defines them outside its base
+    "bert": ["classifier.weight", "classifier.bias"],
+    "distilbert": ["pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"],
+    "roberta": [f"classifier.dense.{x}" for x in _DENSE] + [f"classifier.out_proj.{x}" for x in _OUT],
+    "electra": [f"classifier.dense.{x}" for x in _DENSE] + [f"classifier.out_proj.{x}" for x in _OUT],
+    "deberta-v2": ["pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias"],
+    "modernbert": ["head.dense.weight", "head.norm.weight", "classifier.weight", "classifier.bias"],
+    "gpt2": ["score.weight"],
+    "llama": ["score.weight"],
+}
+HEAD_PARAMS = {
+    "bert": H * C + C,
+    **{a: (H * H + H) + (H * C + C) for a in ("distilbert", "roberta", "electra", "deberta-v2")},
+    "modernbert": H * H + H + (H * C + C),  # dense and norm without bias (ModernBERT's defaults)
+    "gpt2": H * C,
+    "llama": H * C,
+}
+HEAD_MODULES = {
+    "bert": ["classifier"],
+    "distilbert": ["pre_classifier", "classifier"],
+    "roberta": ["classifier"],
+    "electra": ["classifier"],
+    "deberta-v2": ["pooler", "classifier"],
+    "modernbert": ["head", "classifier"],
+    "gpt2": ["score"],
+    "llama": ["score"],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """``checkpoint(arch)``: a saved tiny checkpoint with its head (built once per module and arch)."""
+    root, made = tmp_path_factory.mktemp("ckpt"), {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = tc.save(arch, root / arch)
+        return made[arch]
+
+    return get
+
+
+def model_cfg(path: Path, arch: str):
+    return OmegaConf.create({"source": "local", "path": str(path), "name": arch, "trust_remote_code": False})
+
+
+def local(path: Path, arch: str) -> list[str]:
+    return [
+        "model.source=local",
+        f"model.path={path}",
+        f"model.name={arch}",
+        "trainer.max_steps=3",
+        "trainer.epochs=1",
+        "trainer.batch_size=8",
+        "trainer.eval_batch_size=32",
+        "data.limit=24",
+        "data.eval_limit=16",
+        "data.max_length=32",
+    ]
+
+
+@pytest.mark.parametrize("method", ["lora", "frozen", "full"])
+@pytest.mark.parametrize("arch", tc.ARCHS)
+def test_checkpoint_with_head_trains_each_method(arch: str, method: str, checkpoint, tiny_cfg, tmp_path: Path) -> None:
+    ckpt = checkpoint(arch)
+    cfg = tiny_cfg(*local(ckpt, arch), f"method={method}", f"lora.targets=[{','.join(TARGETS[arch])}]", f"lora.r={R}")
+    res = train.train(cfg, tmp_path / "run")
+    assert res["status"] == "ok" and res["steps"] == 3
+    total = sum(p.numel() for p in AutoModelForSequenceClassification.from_config(tc.config(arch)).parameters())
+    assert res["total_params"] == total + res["adapter_params"]
+    assert res["head_params"] == HEAD_PARAMS[arch]
+    if method == "full":
+        assert res["trainable_params"] == total and res["adapter_params"] == 0
+        return
+    assert res["adapter_params"] == (ADAPTER[arch] if method == "lora" else 0)
+    assert res["trainable_params"] == res["adapter_params"] + HEAD_PARAMS[arch] and res["other_trainable_params"] == 0
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+    assert sorted(k for k in saved if ".lora_" not in k) == sorted(HEAD_KEYS[arch])
+    assert sum(saved[k].numel() for k in HEAD_KEYS[arch]) == HEAD_PARAMS[arch]
+    stored = load_file(str(ckpt / "model.safetensors"))
+    assert not torch.equal(saved[HEAD_KEYS[arch][0]], stored[HEAD_KEYS[arch][0]])  # re-initialised, trained
+    adapted = [k for k in saved if ".lora_B." in k]
+    assert len(adapted) == res["lora_layers"] == (L * LAYERS_ADAPTED[arch] if method == "lora" else 0)
+
+
+@pytest.mark.parametrize("arch", tc.ARCHS)
+def test_head_found_with_and_without_saved_head(arch: str, tmp_path: Path) -> None:
+    """The structural rule gives the same head whether the checkpoint holds it or not."""
+    with_head, base = tc.save_pair(arch, tmp_path)
+    assert models.build(model_cfg(with_head, arch), 2)[2] == HEAD_MODULES[arch]
+    assert models.build(model_cfg(base, arch), 2)[2] == HEAD_MODULES[arch]
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "gpt2"])
+def test_checkpoint_with_head_builds_exactly_like_its_base(arch: str, tiny_cfg, tmp_path: Path) -> None:
+    """Same base weights, head saved or not: the same model after build (head re-initialised per seed)."""
+    with_head, base = tc.save_pair(arch, tmp_path)
+    targets = f"lora.targets=[{','.join(TARGETS[arch])}]"
+    built = [train.build_model(tiny_cfg(*local(p, arch), "method=lora", targets))[1] for p in (with_head, base)]
+    a, b = (dict(m.named_parameters()) for m in built)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_missing_pooler_inside_the_base_is_head(tmp_path: Path) -> None:
+    conf = BertConfig(**tc.CONFIGS["bert"])
+    BertModel(conf, add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
+    models._tiny_tokenizer().save_pretrained(tmp_path / "nopool")
+    _, model, head = models.build(model_cfg(tmp_path / "nopool", "bert"), 2)
+    assert head == ["bert.pooler", "classifier"]
+    models.apply_method(model, "frozen", head)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "classifier.weight",
+        "classifier.bias",
+    }
+
+
+def test_bare_parameter_head_found_and_reinitialised() -> None:
+    """Whisper's audio classifier: a bare ``layer_weights`` and a base named otherwise than its prefix."""
+    from transformers import WhisperConfig, WhisperForAudioClassification
+
+    conf = WhisperConfig(
+        d_model=16,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=64,
+        num_mel_bins=8,
+        max_source_positions=16,
+        use_weighted_layer_sum=True,
+        classifier_proj_size=8,
+    )
+    model = WhisperForAudioClassification(conf)
+    head = models.find_head(model)
+    assert head == ["layer_weights", "projector", "classifier"]
+    with torch.no_grad():
+        model.layer_weights.fill_(5.0)
+        model.projector.weight.fill_(5.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    models.init_head(model, head)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {"layer_weights", "projector.weight", "classifier.weight"}  # biases were zero; encoder kept
+    torch.testing.assert_close(model.layer_weights, torch.full((3,), 1 / 3))
+    models.apply_method(model, "frozen", head)
+    assert models.count_parameters(model, head)["head"] == 3 + (16 * 8 + 8) + (8 * 2 + 2)
+
+
+@pytest.mark.parametrize("head", [[], ["dropout"]])
+def test_head_without_parameters_is_refused(head: list[str], checkpoint) -> None:
+    _, model, _ = models.build(model_cfg(checkpoint("bert"), "bert"), 2)
+    for method in ("lora", "frozen"):
+        with pytest.raises(LoraExpError, match=f"method={method}: the model has no classification head") as err:
+            models.apply_method(model, method, head, OmegaConf.create({"targets": ["q"], "r": 4, "alpha": 8.0}))
+        assert "\n" not in str(err.value)
+    assert models.apply_method(model, "full", head) == []  # full needs no head
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoder_pads_with_eos(arch: str, checkpoint, capsys) -> None:
+    tokenizer, model, _ = models.build(model_cfg(checkpoint(arch), arch), 2)
+    assert tokenizer.pad_token == tc.EOS and tokenizer.pad_token_id == model.config.pad_token_id == 1
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pad" in x]
+    assert lines == [
+        f"[lora-exp] {arch}: the tokenizer has no pad token; padding with its EOS token '{tc.EOS}' "
+        "(id 1, also set as config.pad_token_id)"
+    ]
+    model.eval()
+    batch = tokenizer(["good film", "the bad movie was dull"], padding=True, return_tensors="pt")
+    alone = tokenizer(["good film"], return_tensors="pt")
+    with torch.no_grad():  # the padded row pools its own last token, not a pad
+        torch.testing.assert_close(model(**batch).logits[0], model(**alone).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_without_pad_and_eos_is_refused(tmp_path: Path) -> None:
+    tc.save("gpt2", tmp_path / "g", eos=False)
+    with pytest.raises(LoraExpError, match="the tokenizer has neither a pad nor an EOS token") as err:
+        models.build(model_cfg(tmp_path / "g", "gpt2"), 2)
+    assert str(err.value).startswith(f"model.path={str(tmp_path / 'g')!r}: ") and "\n" not in str(err.value)
+
+
+EXPECTED_ALIASES = {  # alias -> the module paths of layer {i}, real transformers names
+    "electra": {
+        "q": ["electra.encoder.layer.{i}.attention.self.query"],
+        "o": ["electra.encoder.layer.{i}.attention.output.dense"],
+        "ffn": ["electra.encoder.layer.{i}.intermediate.dense", "electra.encoder.layer.{i}.output.dense"],
+    },
+    "deberta-v2": {
+        "q": ["deberta.encoder.layer.{i}.attention.self.query_proj"],
+        "k": ["deberta.encoder.layer.{i}.attention.self.key_proj"],
+        "v": ["deberta.encoder.layer.{i}.attention.self.value_proj"],
+        "o": ["deberta.encoder.layer.{i}.attention.output.dense"],
+        "ffn": ["deberta.encoder.layer.{i}.intermediate.dense", "deberta.encoder.layer.{i}.output.dense"],
+    },
+    "llama": {
+        "k": ["model.layers.{i}.self_attn.k_proj"],
+        "o": ["model.layers.{i}.self_attn.o_proj"],
+        "ffn": [f"model.layers.{{i}}.mlp.{m}_proj" for m in ("gate", "up", "down")],
+    },
+    "qwen2": {"q": ["model.layers.{i}.self_attn.q_proj"], "v": ["model.layers.{i}.self_attn.v_proj"]},
+    "gpt2": {
+        "qkv": ["transformer.h.{i}.attn.c_attn"],
+        "o": ["transformer.h.{i}.attn.c_proj"],
+        "ffn": ["transformer.h.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_proj"],
+    },
+    "modernbert": {
+        "qkv": ["model.layers.{i}.attn.Wqkv"],
+        "o": ["model.layers.{i}.attn.Wo"],
+        "ffn": ["model.layers.{i}.mlp.Wi", "model.layers.{i}.mlp.Wo"],
+    },
+}
+
+
+@pytest.mark.parametrize(("arch", "alias"), [(a, x) for a, t in EXPECTED_ALIASES.items() for x in t])
+def test_alias_matches_real_module_names(arch: str, alias: str) -> None:
+    model = AutoModelForSequenceClassification.from_config(tc.config(arch))
+    want = [p.format(i=i) for i in range(L) for p in EXPECTED_ALIASES[arch][alias]]
+    assert sorted(lora.resolve_targets(model, [alias])) == sorted(want)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen3", "gemma", "gemma2"])
+def test_llama_like_aliases(model_type: str) -> None:
+    from transformers import AutoConfig
+
+    conf = AutoConfig.for_model(model_type, **tc.CONFIGS["llama"], head_dim=8, num_labels=2)
+    model = AutoModelForSequenceClassification.from_config(conf)
+    got = lora.resolve_targets(model, ["q", "k", "v", "o", "ffn"])
+    assert len(got) == L * 7 and all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in got)
+
+
+@pytest.mark.parametrize(("arch", "fused"), [("gpt2", "attn.c_attn"), ("modernbert", "attn.Wqkv")])
+@pytest.mark.parametrize("alias", ["q", "k", "v"])
+def test_fused_qkv_families_point_to_qkv(arch: str, fused: str, alias: str) -> None:
+    model = AutoModelForSequenceClassification.from_config(tc.config(arch))
+    with pytest.raises(LoraExpError) as err:
+        lora.resolve_targets(model, [alias])
+    assert str(err.value) == (
+        f"lora.targets: '{alias}' does not exist for model_type '{arch}': its attention projects q, k and v in "
+        f"one fused layer ({fused}); use 'qkv'"
+    )
+
+
+def test_truncated_safetensors_is_one_line_and_a_failed_run(checkpoint, tiny_cfg, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in checkpoint("bert").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    line = (
+        f"model.path={str(folder)!r}: cannot load the model "
+        "(Error while deserializing header: incomplete metadata, file not fully covered)"
+    )
+    with pytest.raises(LoraExpError) as err:
+        models.build(model_cfg(folder, "bert"), 2)
+    assert str(err.value) == line
+    with pytest.raises(SystemExit) as exit_:  # as the CLI runs a job: one line, status failed
+        cli.run_job(tiny_cfg(*local(folder, "bert")), tmp_path / "run")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {line}"
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "failed" and saved["reason"] == line
+
+
+def test_head_fine_tuned_for_other_labels_is_reinitialised(tmp_path: Path) -> None:
+    conf = tc.config("roberta")
+    conf.num_labels = 3
+    AutoModelForSequenceClassification.from_config(conf).save_pretrained(tmp_path / "three")
+    models._tiny_tokenizer().save_pretrained(tmp_path / "three")
+    _, model, head = models.build(model_cfg(tmp_path / "three", "roberta"), 2)
+    assert head == ["classifier"] and model.classifier.out_proj.weight.shape == (C, H)
