@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -28,15 +27,9 @@ from transformers import get_scheduler
 from lora_exp import adapter, checkpoint, data, features, memory, models, tracking
 from lora_exp.config import config_hash, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
+from lora_exp.models import build_model, sub_seeds  # noqa: F401  (build_model: the public entry)
 
-SUB_SEEDS = ("model", "head", "lora", "data", "dropout")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sub_seeds(seed: int) -> dict[str, int]:
-    """Independent seeds for each random stream, derived from ``trainer.seed`` (recorded in results)."""
-    states = np.random.SeedSequence(seed).generate_state(len(SUB_SEEDS))
-    return {k: int(s) for k, s in zip(SUB_SEEDS, states)}
 
 
 def pick_device(name: str) -> torch.device:
@@ -141,27 +134,6 @@ def _fail_if(bad: list[str], what: str) -> None:
         raise TrainingFailure(
             "untrained", f"{len(bad)} {what}: " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
         )
-
-
-def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tuple[Any, torch.nn.Module, list, list]:
-    """Tokenizer, model with the method applied, head and LoRA module paths; deterministic per seed.
-
-    The head is re-initialised from its own sub-seed so every method of one seed starts from the same
-    head (a paired comparison); LoRA A from another, so adding LoRA does not shift the head's init.
-    Frozen parameters are then stored in ``model.base_dtype``; trainable ones stay fp32 (master weights).
-    """
-    seeds = sub_seeds(cfg.trainer.seed)
-    torch.manual_seed(seeds["model"])  # random-init (tiny) models and anything from_pretrained draws
-    tokenizer, model, head = models.build(cfg.model, cfg.data.num_labels, id2label)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and cfg.data.max_length > max_pos:
-        raise LoraExpError(f"data.max_length={cfg.data.max_length} exceeds the model's maximum of {max_pos}")
-    torch.manual_seed(seeds["head"])
-    models.init_head(model, head)
-    torch.manual_seed(seeds["lora"])
-    adapted = models.apply_method(model, cfg.method.name, head, cfg.lora)
-    models.store_frozen_in(model, cfg.model.get("base_dtype", "fp32"))
-    return tokenizer, model, head, adapted
 
 
 @dataclass
