@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lora_exp import adapter, checkpoint, data, models, tracking
-from lora_exp.config import config_hash, resolved_dict, validate
+from lora_exp.config import arm_hash, config_hash, group_hash, model_facts, recorded, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 
 SUB_SEEDS = ("model", "head", "lora", "data", "dropout")
@@ -83,6 +83,7 @@ def evaluate(
         "acc": (p == y).float().mean().item(),
         "f1": torch.stack(f1s).mean().item(),
         "loss": (loss_sum / len(y)).item(),
+        "pred_counts": torch.bincount(p, minlength=out.logits.shape[-1]).tolist(),  # all one class: a flag
     }
 
 
@@ -225,6 +226,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) 
         "sub_seeds": seeds,
         "total_steps": total_steps,
         "precision": precision,
+        "model": model_facts(model),
     }
     timer = tracking.PhaseTimer(device, every=t.profile_every)
     pg, best_state = checkpoint.Progress(config_hash=config_hash(config)), {}
@@ -236,7 +238,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) 
     else:
         torch.manual_seed(seeds["dropout"])
     order = hashlib.sha256() if pg.step == 0 else None  # fingerprint of the first batches (paired design)
-    with tracking.wandb_run(cfg, run_dir, config, resume_id=pg.wandb_id) as run, tracking.sigterm_flag() as stop:
+    with (
+        tracking.wandb_run(cfg, run_dir, recorded(config), resume_id=pg.wandb_id) as run,
+        tracking.sigterm_flag() as stop,
+    ):
         pg.wandb_id = tracking.wandb_ref(run)["wandb_id"]
         running, n_running = torch.zeros((), device=device), 0
         model.train()
@@ -420,6 +425,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) 
             "batch_size": t.batch_size,
             "train_examples": len(tok["train"]),
             "config_hash": config_hash(config),
+            "group_hash": group_hash(config),  # the report's configuration: every setting but the seed
+            "arm_hash": arm_hash(config),  # ... and but the lr: an arm of the fair comparison
+            "majority_baseline_acc": float(np.bincount(tok["test"]["labels"].numpy()).max() / len(tok["test"])),
+            "test_pred_counts": test["pred_counts"],
+            "model_facts": config["derived"]["model"],
             "seed": t.seed,
             "sub_seeds": seeds,
             "precision": precision,
