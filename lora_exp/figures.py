@@ -156,8 +156,8 @@ def _lora(summary: pd.DataFrame) -> pd.DataFrame:
     lo = summary[summary.method == "lora"].copy()
     if lo.empty:
         return lo
-    first = lo.iloc[0]
-    return lo[(lo["model"] == first["model"]) & (lo["data"] == first["data"])]
+    which = lo["model"].astype(object).fillna("-").astype(str) + "/" + lo["data"].astype(object).fillna("-").astype(str)
+    return lo[which == which.iloc[0]]
 
 
 def plot_accuracy_vs_rank(summary: pd.DataFrame, path: Path) -> Path | None:

@@ -125,9 +125,10 @@ def _labels(table: pd.DataFrame, key: str, with_lr: bool = True) -> list[str]:
     """Readable, distinct labels: method and LoRA settings; model / data where they vary in the table;
     the lr where it varies within a label; a short hash where two configurations would still look alike."""
     labels = table.apply(_config_label, axis=1)
-    varying = [c for c in ("model", "data") if table[c].astype(str).nunique() > 1]
+    names = table[["model", "data"]].astype(object).fillna("-").astype(str)
+    varying = [c for c in names if names[c].nunique() > 1]
     if varying:
-        labels = labels + " · " + table[varying].astype(str).agg("/".join, axis=1)
+        labels = labels + " · " + names[varying].agg("/".join, axis=1)
     if with_lr and (table.groupby(labels)["lr"].nunique() > 1).any():
         labels = labels + [f" lr={lr:g}" for lr in table["lr"]]
     twins = labels.duplicated(keep=False)
