@@ -36,10 +36,11 @@ def _majority(ax: plt.Axes, table: pd.DataFrame) -> None:
     if "majority_baseline_acc" not in table:
         return
     lines = table[["data", "majority_baseline_acc"]].dropna().drop_duplicates("data")
-    several = len(lines) > 1
-    for _, row in lines.iterrows():
-        label = "majority class (test)" + (f": {row['data']}" if several else "")
-        ax.axhline(row["majority_baseline_acc"], color="k", ls="--", lw=1, alpha=0.6, label=label)
+    for i, (_, row) in enumerate(lines.iterrows()):
+        y = row["majority_baseline_acc"]
+        ax.axhline(y, color="k", ls="--", lw=1, alpha=0.6, label="majority class (test)" if i == 0 else None)
+        if len(lines) > 1:  # which data set each line belongs to, written on the line
+            ax.text(0.01, y, str(row["data"]), transform=ax.get_yaxis_transform(), va="bottom", fontsize=TEXT_PT)
 
 
 def _method_legend(ax: plt.Axes, methods: set[str]) -> None:

@@ -210,7 +210,7 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
             show["all one class"] = [
                 f"{k} of {n} runs" if k else "" for k, n in zip(summary.one_class_runs.astype(int), summary.runs)
             ]
-        table = show.to_markdown(index=False)
+        table = show.to_markdown(index=False, disable_numparse=True)
         if len(baselines) == 1:
             table += f"\n\nMajority-class baseline (always the test split's most frequent class): {baselines[0]:.4f}"
         flagged = df[(df["status"] == "ok") & df["one_class"]]
