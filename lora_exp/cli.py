@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lora_exp.config import config_hash, register_configs
+from lora_exp.config import arm_hash, config_hash, group_hash, register_configs
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.tracking import write_json
 
@@ -137,8 +137,9 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
     """results.json with status failed, unless the dir already holds a finished result (never overwritten)."""
     try:
         digest = config_hash(cfg)
+        ident = {"group_hash": group_hash(cfg), "arm_hash": arm_hash(cfg), "lr": cfg.optimizer.lr}  # report: fair.md
     except Exception:  # an unresolvable config has no identity
-        digest = None
+        digest, ident = None, {}
     lora = cfg.method.name == "lora"
     results = {
         "status": "failed",
@@ -148,6 +149,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
         "model": cfg.model.name,
         "data": cfg.data.name,
         "config_hash": digest,
+        **ident,
         "r": cfg.lora.r if lora else None,
         "alpha": cfg.lora.alpha if lora else None,
         "targets": "+".join(cfg.lora.targets) if lora else None,

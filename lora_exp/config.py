@@ -7,8 +7,10 @@ before any model or data is loaded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +153,29 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("mkdirs", lambda p: (Path(p).mkdir(parents=True, exist_ok=True), p)[1])
     if not OmegaConf.has_resolver("at"):  # the fair sweep: ${at:${method.lr_grid},${lr_index}}
         OmegaConf.register_new_resolver("at", lambda seq, i: seq[i])
+    if not OmegaConf.has_resolver("name_from"):  # conf/model, conf/data: name: ${name_from:${model.path},minilm}
+        OmegaConf.register_new_resolver("name_from", name_from)
+
+
+NAME_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
+
+
+def name_from(path: str | None, default: str) -> str:
+    """A run's short name from what it loads: the last part of a Hub id, a folder's name, a file's stem
+    (``reviews.csv.bz2`` -> ``reviews``); ``default`` when there is no path. Runs of two checkpoints or two
+    CSVs are then never recorded under one name (an explicit ``model.name=...`` replaces the interpolation)."""
+    if path is None or str(path).strip() in ("", "???"):
+        return default
+    text = str(path).strip().rstrip("/\\")
+    name = Path(text).name or Path(text).resolve().name
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in NAME_SUFFIXES:
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                name, stripped = name[: -len(suffix)], True
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._")
+    return name or default
 
 
 def _one_of(errors: list[str], option: str, value: Any, allowed: tuple) -> None:
@@ -259,11 +284,92 @@ TRAINER_COSMETIC = (
 )
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """A deterministic id of what a job computes (resolved config minus logging, caches and paths of output)."""
-    resolved = dict(cfg) if isinstance(cfg, dict) else resolved_dict(cfg)
+def _identity(resolved: dict) -> dict:
     ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
     ident["data"] = {k: v for k, v in ident.get("data", {}).items() if k != "cache_dir"}
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k not in TRAINER_COSMETIC}
+    return ident
 
+
+def _digest(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resolved(cfg: DictConfig | dict) -> dict:
+    return copy.deepcopy(dict(cfg)) if isinstance(cfg, dict) else resolved_dict(cfg)
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """A deterministic id of what a job computes (resolved config minus logging, caches and paths of output)."""
+    return _digest(_identity(_resolved(cfg)))
+
+
+def _group_identity(cfg: DictConfig | dict) -> dict:
+    """What a job computes except its seed: the settings that apply (``recorded``), with the learning rate
+    only as the optimizer uses it (``method.lr``, ``method.lr_grid`` and ``lr_index`` only route to it)."""
+    ident = _identity(recorded(_resolved(cfg)))
+    ident.pop("lr_index", None)
+    ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k != "seed"}
+    ident["method"] = {k: v for k, v in ident.get("method", {}).items() if k not in ("lr", "lr_grid")}
+    return ident
+
+
+def group_hash(cfg: DictConfig | dict) -> str:
+    """One configuration of the report: every setting that changes what a job computes except the seed.
+
+    Runs that differ in model, data, epochs, limits, batch, dropout, warm-up, precision or device differ here,
+    so the report never averages them as if they were seeds.
+    """
+    return _digest(_group_identity(cfg))
+
+
+def arm_hash(cfg: DictConfig | dict) -> str:
+    """An arm of the fair comparison: ``group_hash`` without the learning rate (chosen on validation)."""
+    ident = _group_identity(cfg)
+    ident["optimizer"] = {k: v for k, v in ident.get("optimizer", {}).items() if k != "lr"}
+    return _digest(ident)
+
+
+TINY_ONLY = ("arch", "hidden_size", "layers", "heads", "ffn_size")
+
+
+def recorded(config: dict) -> dict:
+    """The resolved config with only the fields that apply to this run (for W&B and results.json).
+
+    Tiny-model fields only for ``model.source=tiny`` (which has no path and runs no remote code); the lora
+    section only for ``method=lora``; the lr grid only when the fair sweep indexes it. ``config.yaml`` keeps
+    everything: it is what ``resume`` and ``rerun`` rebuild the job from.
+    """
+    out = copy.deepcopy(config)
+    model = out.get("model", {})
+    drop = ("path", "trust_remote_code") if model.get("source") == "tiny" else TINY_ONLY
+    out["model"] = {k: v for k, v in model.items() if k not in drop}
+    if out.get("method", {}).get("name") != "lora":
+        out.pop("lora", None)
+    if out.get("lr_index") is None:
+        out.pop("lr_index", None)
+        out["method"] = {k: v for k, v in out.get("method", {}).items() if k != "lr_grid"}
+    return out
+
+
+def model_facts(model: Any) -> dict[str, Any]:
+    """Facts read from the loaded model (not the config): type, hidden size, layers, parameter count.
+
+    The count is of the model's own tensors (LoRA A/B left out), deduplicated by storage (tied embeddings).
+    """
+    c = model.config
+
+    def first(*names: str) -> Any:
+        return next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if ".lora_" not in name and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return {
+        "model_type": getattr(c, "model_type", None),
+        "hidden_size": first("hidden_size", "dim", "d_model", "n_embd"),
+        "num_layers": first("num_hidden_layers", "n_layers", "num_layers", "n_layer"),
+        "num_params": n,
+    }

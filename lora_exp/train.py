@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lora_exp import adapter, checkpoint, data, features, memory, models, tracking
-from lora_exp.config import config_hash, resolved_dict, validate
+from lora_exp.config import arm_hash, config_hash, group_hash, model_facts, recorded, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.models import build_model, sub_seeds  # noqa: F401  (build_model: the public entry)
 
@@ -98,7 +98,8 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
         "acc": (p == y).float().mean().item(),
         "f1": torch.stack(f1s).mean().item(),
         "loss": (loss_sum / len(y)).item(),
-        "pred_counts": torch.bincount(p, minlength=n_classes).tolist(),
+        "pred_counts": torch.bincount(p, minlength=n_classes).tolist(),  # all one class: a flag in the report
+        "label_counts": torch.bincount(y, minlength=n_classes).tolist(),  # the majority-class baseline
     }
 
 
@@ -195,7 +196,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
     with tracking.RssPeak() as rss, _restore_determinism(deterministic_before):  # this job's own host-memory peak
         job = setup(cfg, run_dir, resume, rss)
         with (
-            tracking.wandb_run(cfg, run_dir, job.config, resume_id=job.pg.wandb_id) as run,
+            tracking.wandb_run(cfg, run_dir, recorded(job.config), resume_id=job.pg.wandb_id) as run,
             tracking.sigterm_flag() as stop,
         ):
             job.run, job.stop = run, stop
@@ -319,6 +320,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -
         "total_steps": total_steps,
         "precision": precision,
         "feature_cache": job.cache is not None,
+        "model": model_facts(model),
     }
     job.pg.config_hash = config_hash(config)
     if resume:
@@ -479,7 +481,7 @@ def validate_now(job: Job, epoch: float) -> None:
             "step": pg.step,
             "epoch": round(epoch, 3),
             "time_s": round(pg.train_seconds, 3),
-            **{f"val_{k}": v for k, v in m.items() if k != "pred_counts"},
+            **{f"val_{k}": v for k, v in m.items() if not k.endswith("_counts")},
         }
     )
     job.run.log(
@@ -493,7 +495,7 @@ def validate_now(job: Job, epoch: float) -> None:
         step=pg.step,
     )
     if m["acc"] > pg.best["acc"]:  # one selection metric; every metric reported at that step
-        pg.best = {**{k: v for k, v in m.items() if k != "pred_counts"}, "step": pg.step, "epoch": epoch}
+        pg.best = {**{k: v for k, v in m.items() if not k.endswith("_counts")}, "step": pg.step, "epoch": epoch}
         job.best_state = adapter.trainable_state(job.model)
 
 
@@ -557,6 +559,10 @@ def finish(job: Job) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "train_examples": len(job.tok["train"]),
         "config_hash": config_hash(job.config),
+        "group_hash": group_hash(job.config),  # the report's configuration: every setting but the seed
+        "arm_hash": arm_hash(job.config),  # ... and but the lr: an arm of the fair comparison
+        "majority_baseline_acc": max(test["label_counts"]) / sum(test["label_counts"]),
+        "model_facts": job.config["derived"]["model"],
         "seed": t.seed,
         "sub_seeds": job.seeds,
         "precision": job.precision,

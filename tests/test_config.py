@@ -132,3 +132,76 @@ def test_tiny_arch_checked() -> None:
         validate(make_cfg(["model=tiny_bert", "model.arch=gpt"]))
     with pytest.raises(LoraExpError, match="model.hidden_size=30 must be a positive multiple of model.heads=4"):
         validate(make_cfg(["model=tiny_bert", "model.hidden_size=30", "model.heads=4"]))
+
+
+def test_names_come_from_the_path_unless_given(tmp_path: Path) -> None:
+    folder = tmp_path / "my-bert_v2"
+    folder.mkdir()
+    cfg = make_cfg(["model.source=local", f"model.path={folder}/", "data=csv", "data.path=/d/tweets 2024.csv.bz2"])
+    assert (cfg.model.name, cfg.data.name) == ("my-bert_v2", "tweets_2024")
+    assert make_cfg(["model=distilbert", "data=rotten_tomatoes"]).data.name == "rotten_tomatoes"  # a Hub id's last part
+    assert make_cfg(["model=bert_base", "model.path=org/bert-large"]).model.name == "bert-large"
+    assert make_cfg(["data=csv"]).data.name == "csv"  # no path yet: validate() names the missing option
+    assert make_cfg([f"model.path={folder}", "model.name=mine", "data.name=theirs"]).model.name == "mine"
+    defaults = make_cfg()
+    assert (defaults.model.name, defaults.data.name) == ("minilm", "rotten_tomatoes_offline")
+    assert make_cfg(["model=tiny_distilbert"]).model.name == "tiny_distilbert"
+
+
+def test_group_hash_leaves_out_only_the_seed_and_arm_hash_also_the_lr() -> None:
+    from lora_exp.config import arm_hash, config_hash, group_hash
+
+    base = make_cfg(["model=tiny_bert", "data.path=/x.csv.bz2"])
+    seeded = make_cfg(["model=tiny_bert", "data.path=/x.csv.bz2", "trainer.seed=7"])
+    assert config_hash(base) != config_hash(seeded)
+    assert (group_hash(base), arm_hash(base)) == (group_hash(seeded), arm_hash(seeded))
+    lr = make_cfg(["model=tiny_bert", "data.path=/x.csv.bz2", "optimizer.lr=0.1"])
+    assert group_hash(lr) != group_hash(base) and arm_hash(lr) == arm_hash(base)
+    for other in (
+        "model=tiny_distilbert",
+        "data.path=/y.csv.bz2",
+        "trainer.epochs=5",
+        "data.limit=100",
+        "trainer.batch_size=8",
+        "lora.dropout=0.1",
+        "optimizer.warmup_ratio=0.1",
+        "trainer.precision=fp32",
+        "trainer.device=cpu",
+    ):
+        changed = make_cfg(["model=tiny_bert", "data.path=/x.csv.bz2", other])
+        assert group_hash(changed) != group_hash(base) and arm_hash(changed) != arm_hash(base), other
+    cosmetic = make_cfg(["model=tiny_bert", "data.path=/x.csv.bz2", "trainer.log_every=3", "logger=none"])
+    assert group_hash(cosmetic) == group_hash(base)
+
+
+def test_fair_sweep_arms_share_a_hash_across_lr_index() -> None:
+    from lora_exp.config import arm_hash, group_hash
+
+    cfgs = [make_cfg(["+sweep=fair", "method=lora", f"lr_index={i}"]) for i in (0, 1)]
+    assert cfgs[0].optimizer.lr != cfgs[1].optimizer.lr
+    assert arm_hash(cfgs[0]) == arm_hash(cfgs[1]) and group_hash(cfgs[0]) != group_hash(cfgs[1])
+
+
+def test_recorded_config_keeps_only_fields_that_apply() -> None:
+    from lora_exp.config import TINY_ONLY, recorded, resolved_dict
+
+    real = recorded(resolved_dict(make_cfg(["method=full"])))
+    assert not set(TINY_ONLY) & set(real["model"]) and "path" in real["model"]
+    assert "lora" not in real and "lr_grid" not in real["method"]
+    tiny = recorded(resolved_dict(make_cfg(["model=tiny_bert"])))
+    assert set(TINY_ONLY) <= set(tiny["model"]) and "path" not in tiny["model"] and tiny["lora"]["r"] == 8
+    fair = recorded(resolved_dict(make_cfg(["+sweep=fair", "lr_index=1"])))
+    assert fair["lr_index"] == 1 and fair["method"]["lr_grid"]
+
+
+def test_model_facts_read_from_the_loaded_model() -> None:
+    from lora_exp import models
+    from lora_exp.config import model_facts
+
+    cfg = make_cfg(["model=tiny_distilbert", "model.layers=3", "model.hidden_size=48", "model.heads=3"])
+    _, model, head = models.build(cfg.model, 2)
+    before = model_facts(model)
+    total = models.count_parameters(model, head)["total"]
+    models.apply_method(model, "lora", head, cfg.lora)
+    assert model_facts(model) == before  # LoRA tensors are not the model's own
+    assert before == {"model_type": "distilbert", "hidden_size": 48, "num_layers": 3, "num_params": total}

@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from lora_exp import models, report
+from lora_exp import figures, models, report
 from lora_exp.cli import CONF_DIR
 
-from .conftest import make_cfg
+from .conftest import make_cfg, write_reviews
 from .test_sweeps import methods_sweep  # noqa: F401  (module fixture: one tiny sweep)
 
 
@@ -42,7 +42,11 @@ def test_markdown_table(written: dict[str, Path]) -> None:
     assert "n/a (CPU)" in md
 
 
-@pytest.mark.parametrize("name", ["accuracy_vs_params.png", "memory.png", "validation_curves.png"])
+def test_no_fair_md_without_an_lr_grid(written: dict[str, Path]) -> None:
+    assert "fair.md" not in written and not (written["summary.md"].parent / "fair.md").exists()
+
+
+@pytest.mark.parametrize("name", ["accuracy_vs_params.png", "memory.png", "validation_curves.png", "cost.png"])
 def test_figures_are_non_trivial_images(written: dict[str, Path], name: str) -> None:
     img = mpimg.imread(written[name])
     assert img.shape[0] > 300 and img.shape[1] > 500
@@ -144,3 +148,107 @@ def test_fair_protocol_picks_lr_on_validation_and_pairs_seeds(tmp_path: Path) ->
     assert paired.iloc[0]["diff_ci95"] == pytest.approx(0.0, abs=1e-12)
     md = report.fair_markdown(table, paired)
     assert "Paired difference to full fine-tuning" in md and "+0.0200" in md
+
+
+def test_two_models_on_two_csvs_give_four_rows_and_seeds_still_pool(tmp_path: Path) -> None:
+    # Same method, lr and labels everywhere: only model and data tell the runs apart (the pooling bug).
+    for model in ("local-bert", "minilm"):
+        for data in ("reviews", "tweets"):
+            for seed, acc in ((1, 0.7), (2, 0.8)):
+                _result(
+                    tmp_path,
+                    f"{model}-{data}-{seed}",
+                    model=model,
+                    data=data,
+                    seed=seed,
+                    test_acc=acc,
+                    r=8,
+                    alpha=16,
+                    group_hash=f"{model}{data}".ljust(16, "0"),
+                    arm_hash=f"{model}{data}".ljust(16, "1"),
+                )
+    summary = report.summarize(report.load_runs(tmp_path))
+    assert len(summary) == 4 and (summary["seeds"] == 2).all()
+    assert summary["test_acc"].tolist() == pytest.approx([0.75] * 4)
+    assert summary["config"].nunique() == 4
+    assert all(f"{m}/{d}" in c for c, m, d in zip(summary.config, summary.model, summary.data))
+
+
+def test_group_hash_splits_what_config_keys_cannot_see(tmp_path: Path) -> None:
+    # Two epochs settings: the same CONFIG_KEYS, different group_hash -> two rows, distinct labels.
+    for epochs in (1, 3):
+        for seed in (1, 2):
+            _result(tmp_path, f"e{epochs}s{seed}", r=8, alpha=16, seed=seed, epochs=epochs, group_hash=f"g{epochs}")
+    summary = report.summarize(report.load_runs(tmp_path))
+    assert len(summary) == 2 and (summary["seeds"] == 2).all()
+    assert summary["config"].nunique() == 2 and all(" #" in c for c in summary["config"])
+
+
+def test_majority_baseline_one_class_flag_and_small_trainable_share(tmp_path: Path) -> None:
+    common = {"method": "frozen", "r": None, "alpha": None, "targets": None, "majority_baseline_acc": 0.6}
+    _result(tmp_path, "s1", seed=1, trainable_pct=0.00339, test_pred_counts=[0, 128], test_acc=0.6, **common)
+    _result(tmp_path, "s2", seed=2, trainable_pct=0.00339, test_pred_counts=[40, 88], test_acc=0.7, **common)
+    written = report.write_report(tmp_path)
+    md = written["summary.md"].read_text()
+    assert "Majority-class baseline (always the test split's most frequent class): 0.6000" in md
+    assert "| all one class" in md and "1 of 2 runs" in md
+    assert "Runs whose test predictions are all one class" in md and "`s1`" in md and "`s2`" not in md
+    assert "(0.0034%)" in md
+    assert report.pct(100.0) == "100%" and report.pct(0.328) == "0.33%" and report.pct(1.5) == "1.5%"
+    assert "fair.md" not in written
+
+
+def test_fair_md_written_for_an_lr_grid(tmp_path: Path) -> None:
+    for lr in (1e-3, 2e-3):
+        for seed in (1, 2):
+            _result(tmp_path, f"{lr}s{seed}", r=8, alpha=16, lr=lr, seed=seed, best_val_acc=0.7 + lr * 10)
+    written = report.write_report(tmp_path)
+    assert "fair.md" in written and "0.001, 0.002" in written["fair.md"].read_text()
+
+
+def test_legend_and_annotation_text_at_least_8_pt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for r in (2, 4):
+        for seed in (1, 2):
+            _result(
+                tmp_path,
+                f"r{r}s{seed}",
+                r=r,
+                alpha=2 * r,
+                seed=seed,
+                majority_baseline_acc=0.55,
+                history=[{"epoch": 1, "time_s": 1.0, "val_acc": 0.7}],
+                mem_params_bytes=1e6,
+            )
+    sizes: list[float] = []
+    save = figures._save
+
+    def spy(fig, path):  # noqa: ANN001, ANN202
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            sizes.extend(t.get_fontsize() for t in (legend.get_texts() if legend else []))
+            sizes.extend(t.get_fontsize() for t in ax.texts)
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", spy)
+    written = report.write_report(tmp_path)
+    assert {"accuracy_vs_rank.png", "cost.png", "memory_breakdown.png"} <= set(written)
+    assert sizes and min(sizes) >= 8
+
+
+def test_two_tiny_models_on_two_csvs_end_to_end(tiny_cfg, tmp_path: Path) -> None:  # noqa: ANN001
+    from lora_exp.train import train
+
+    files = [write_reviews(tmp_path / f"{name}.csv.bz2", n=60, seed=i) for i, name in enumerate(("films", "books"))]
+    for model in ("tiny_bert", "tiny_distilbert"):
+        for path in files:
+            cfg = tiny_cfg(
+                f"model={model}", f"data.path={path}", "trainer.max_steps=2", "trainer.epochs=1", "save_weights=false"
+            )
+            res = train(cfg, tmp_path / "runs" / f"{model}-{path.stem}")
+            assert res["model"] == model and res["data"] == path.name.removesuffix(".csv.bz2")
+            assert 0.5 <= res["majority_baseline_acc"] <= 1 and sum(res["test_pred_counts"]) > 0
+    summary = report.summarize(report.load_runs(tmp_path / "runs"))
+    assert len(summary) == 4 and summary["group_hash"].nunique() == 4
+    assert sorted(zip(summary.model, summary.data)) == sorted(
+        (m, d) for m in ("tiny_bert", "tiny_distilbert") for d in ("films", "books")
+    )

@@ -1,0 +1,275 @@
+"""The report's matplotlib figures, drawn from the tables of ``lora_exp.report`` (files only, headless).
+
+Every function takes the summary (one row per configuration) or the runs (one row per job, with a
+``config`` label column) and a path, and returns the path (``None`` where the figure does not apply).
+Accuracy figures draw the majority-class baseline; legend and annotation text is at least 8 pt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+METHOD_COLORS = {"full": "tab:red", "frozen": "tab:gray", "lora": "tab:blue"}
+MEMORY_PARTS = ["mem_params_bytes", "mem_grads_bytes", "mem_optimizer_bytes", "mem_activations_bytes"]
+TEXT_PT = 8  # smallest legend / annotation text
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _colors(frame: pd.DataFrame) -> list[str]:
+    return [METHOD_COLORS.get(m, "k") for m in frame["method"]]
+
+
+def _majority(ax: plt.Axes, table: pd.DataFrame) -> None:
+    """A dashed horizontal line per distinct majority-class baseline (one per data set in the table)."""
+    if "majority_baseline_acc" not in table:
+        return
+    lines = table[["data", "majority_baseline_acc"]].dropna().drop_duplicates("data")
+    for i, (_, row) in enumerate(lines.iterrows()):
+        y = row["majority_baseline_acc"]
+        ax.axhline(y, color="k", ls="--", lw=1, alpha=0.6, label="majority class (test)" if i == 0 else None)
+        if len(lines) > 1:  # which data set each line belongs to, written on the line
+            ax.text(0.01, y, str(row["data"]), transform=ax.get_yaxis_transform(), va="bottom", fontsize=TEXT_PT)
+
+
+def _method_legend(ax: plt.Axes, methods: set[str]) -> None:
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=c, label=m) for m, c in METHOD_COLORS.items() if m in methods
+    ]
+    handles += [h for h, lbl in zip(*ax.get_legend_handles_labels()) if lbl.startswith("majority")]
+    ax.legend(handles=handles, title="method", fontsize=TEXT_PT, title_fontsize=TEXT_PT + 1)
+
+
+def _marked(row: pd.Series) -> str:
+    return row.config + (" [one class]" if row.get("one_class_runs", 0) > 0 else "")
+
+
+def plot_accuracy_vs_params(summary: pd.DataFrame, path: Path) -> Path:
+    """Test accuracy (mean, 95% CI) against trainable parameters on a log axis, with the majority baseline."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, row in summary.iterrows():
+        ci = 0 if pd.isna(row.test_acc_ci95) else row.test_acc_ci95
+        ax.errorbar(
+            row.trainable_params, row.test_acc, yerr=ci, fmt="o", capsize=3, color=METHOD_COLORS.get(row.method, "k")
+        )
+        ax.annotate(
+            _marked(row),
+            (row.trainable_params, row.test_acc),
+            fontsize=TEXT_PT,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    _majority(ax, summary)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("What each method buys: accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    _method_legend(ax, set(summary.method))
+    return _save(fig, path)
+
+
+def _bar_labels(ax: plt.Axes) -> None:
+    ax.tick_params(axis="x", rotation=30, labelsize=TEXT_PT)
+    for lbl in ax.get_xticklabels():
+        lbl.set_horizontalalignment("right")
+
+
+def plot_memory(summary: pd.DataFrame, path: Path) -> Path:
+    """Peak GPU memory per configuration (host peak RSS when the runs were on CPU)."""
+    gpu = summary["peak_vram_gib"].notna().any()
+    values = summary["peak_vram_gib"] if gpu else summary["peak_host_rss_gib"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(summary) + 2), 4))
+    ax.bar(summary["config"], values, color=_colors(summary))
+    ax.set_ylabel("peak GPU memory allocated (GiB)" if gpu else "peak host RSS (GiB), CPU runs")
+    ax.set_title("What each method costs: peak memory")
+    _bar_labels(ax)
+    return _save(fig, path)
+
+
+def plot_cost(summary: pd.DataFrame, path: Path) -> Path:
+    """Training time and throughput (samples/s) per configuration, side by side."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(9, 1.4 * len(summary) + 4), 4.2))
+    left.bar(summary["config"], summary["train_s"], color=_colors(summary))
+    left.set_ylabel("training time (s, mean over seeds)")
+    left.set_title("Training time")
+    right.bar(summary["config"], summary["samples_per_s"], color=_colors(summary))
+    right.set_ylabel("training samples / s")
+    right.set_title("Throughput")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+        _bar_labels(ax)
+    return _save(fig, path)
+
+
+def plot_validation_curves(runs: pd.DataFrame, path: Path) -> Path:
+    """Validation accuracy per run against epoch and against training wall-clock time.
+
+    ``runs`` holds one row per job with a ``config`` label; many runs get one legend entry per method.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    runs = runs[runs["status"] == "ok"]
+    by_method = len(runs) > 8
+    seen: set[str] = set()
+    for _, row in runs.iterrows():
+        hist = pd.DataFrame(row["history"] or [])
+        if hist.empty:
+            continue
+        label = str(row["method"]) if by_method else str(row["config"])
+        if label in seen:
+            label = "_" + label  # matplotlib leaves "_"-labels out of the legend
+        else:
+            seen.add(label)
+        color = METHOD_COLORS.get(row["method"])
+        left.plot(hist["epoch"], hist["val_acc"], marker=".", color=color, alpha=0.8, label=label)
+        right.plot(hist["time_s"], hist["val_acc"], marker=".", color=color, alpha=0.8)
+    _majority(left, runs)
+    _majority(right, runs)
+    left.set_xlabel("epoch")
+    right.set_xlabel("training wall-clock time (s)")
+    left.set_ylabel("validation accuracy")
+    left.set_title("Validation accuracy vs epoch")
+    right.set_title("Validation accuracy vs training time")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=TEXT_PT)
+    return _save(fig, path)
+
+
+def _alpha_rule(r: float, alpha: float) -> str:
+    return "alpha=r" if alpha == r else "alpha=2r" if alpha == 2 * r else f"alpha={alpha:g}"
+
+
+def _lora(summary: pd.DataFrame) -> pd.DataFrame:
+    """LoRA rows of one model and data (rank figures of two models would mix their lines)."""
+    lo = summary[summary.method == "lora"].copy()
+    if lo.empty:
+        return lo
+    which = lo["model"].astype(object).fillna("-").astype(str) + "/" + lo["data"].astype(object).fillna("-").astype(str)
+    return lo[which == which.iloc[0]]
+
+
+def plot_accuracy_vs_rank(summary: pd.DataFrame, path: Path) -> Path | None:
+    """LoRA test accuracy against rank, one line per alpha rule (None with fewer than two ranks)."""
+    lo = _lora(summary)
+    if lo.empty or lo["r"].nunique() < 2:
+        return None
+    lo["rule"] = [_alpha_rule(r, a) + (" rsLoRA" if rs is True else "") for r, a, rs in zip(lo.r, lo.alpha, lo.rslora)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rule, part in lo.groupby("rule"):
+        part = part.sort_values("r")
+        ax.errorbar(
+            part.r.astype(float), part.test_acc, yerr=part.test_acc_ci95.fillna(0), marker="o", capsize=3, label=rule
+        )
+    _majority(ax, lo)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank r (log2 scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"LoRA: accuracy vs rank ({lo.iloc[0]['model']} on {lo.iloc[0]['data']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=TEXT_PT)
+    return _save(fig, path)
+
+
+def plot_rank_alpha_heatmap(summary: pd.DataFrame, path: Path) -> Path | None:
+    """Mean test accuracy over rank x alpha rule (None unless both vary)."""
+    lo = _lora(summary)
+    lo = lo[lo.rslora != True]  # noqa: E712 (object column)
+    if lo.empty or lo["r"].nunique() < 2 or lo["alpha"].nunique() < 2:
+        return None
+    lo = lo.assign(rule=[_alpha_rule(r, a) for r, a in zip(lo.r, lo.alpha)])
+    grid = lo.pivot_table(index="r", columns="rule", values="test_acc", aggfunc="mean").sort_index()
+    fig, ax = plt.subplots(figsize=(1.6 * grid.shape[1] + 2.5, 0.5 * grid.shape[0] + 2))
+    im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
+    for (i, j), v in pd.DataFrame(grid.values).stack().items():
+        ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=TEXT_PT)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("rank r")
+    ax.set_title("LoRA test accuracy: rank x alpha")
+    fig.colorbar(im, ax=ax, label="test accuracy")
+    return _save(fig, path)
+
+
+def plot_pareto(summary: pd.DataFrame, path: Path) -> Path:
+    """Test accuracy (CI bars) against peak memory and against trainable parameters, one point per config."""
+    gpu = summary["peak_vram_gib"].notna().any()
+    mem = summary["peak_vram_gib"] if gpu else summary["peak_host_rss_gib"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for x, ax, label in (
+        (mem, axes[0], "peak GPU memory (GiB)" if gpu else "peak host RSS (GiB), CPU runs"),
+        (summary["trainable_params"], axes[1], "trainable parameters (log scale)"),
+    ):
+        for xv, (_, row) in zip(x, summary.iterrows()):
+            ax.errorbar(
+                xv,
+                row.test_acc,
+                yerr=0 if pd.isna(row.test_acc_ci95) else row.test_acc_ci95,
+                fmt="o",
+                capsize=3,
+                color=METHOD_COLORS.get(row.method, "k"),
+                label=_marked(row),
+            )
+        _majority(ax, summary)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_title("Accuracy vs memory")
+    axes[1].set_title("Accuracy vs trainable parameters")
+    axes[1].legend(fontsize=TEXT_PT)
+    return _save(fig, path)
+
+
+def plot_memory_breakdown(summary: pd.DataFrame, path: Path) -> Path | None:
+    """Stacked bars: parameters, gradients, optimizer state, activations (GPU runs) per configuration."""
+    parts = [c for c in MEMORY_PARTS if c in summary and summary[c].notna().any()]
+    if not parts:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(summary) + 2), 4.2))
+    bottom = pd.Series(0.0, index=summary.index)
+    for part in parts:
+        values = summary[part].fillna(0) / 2**30
+        ax.bar(summary["config"], values, bottom=bottom, label=part.removeprefix("mem_").removesuffix("_bytes"))
+        bottom += values
+    ax.set_ylabel("GiB")
+    gpu = "mem_activations_bytes" in parts
+    ax.set_title(
+        "Memory breakdown" + ("" if gpu else "\n(CPU runs: parameters, gradients, optimizer state only)"), fontsize=10
+    )
+    ax.legend(fontsize=TEXT_PT)
+    _bar_labels(ax)
+    return _save(fig, path)
+
+
+def write_figures(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> dict[str, Path]:
+    """Every figure that applies, into ``out``; returns file name -> path."""
+    out = Path(out)
+    written = {
+        "accuracy_vs_params.png": plot_accuracy_vs_params(summary, out / "accuracy_vs_params.png"),
+        "memory.png": plot_memory(summary, out / "memory.png"),
+        "cost.png": plot_cost(summary, out / "cost.png"),
+        "validation_curves.png": plot_validation_curves(runs, out / "validation_curves.png"),
+        "pareto.png": plot_pareto(summary, out / "pareto.png"),
+    }
+    for name, fn in (
+        ("accuracy_vs_rank.png", plot_accuracy_vs_rank),
+        ("rank_alpha_heatmap.png", plot_rank_alpha_heatmap),
+        ("memory_breakdown.png", plot_memory_breakdown),
+    ):
+        if (p := fn(summary, out / name)) is not None:
+            written[name] = p
+    return written
