@@ -16,7 +16,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 METHOD_COLORS = {"full": "tab:red", "frozen": "tab:gray", "lora": "tab:blue"}
-MEMORY_PARTS = ["mem_params_bytes", "mem_grads_bytes", "mem_optimizer_bytes", "mem_activations_bytes"]
+MEMORY_PARTS = [
+    "mem_params_bytes",
+    "mem_grads_bytes",
+    "mem_optimizer_bytes",
+    "mem_activations_bytes",
+    "mem_autocast_copies_bytes",
+]
+
+
+def peak_memory(summary: pd.DataFrame) -> tuple[pd.Series, str]:
+    """The memory a figure shows: the measured GPU peak when the runs were on a GPU, else the predicted peak
+    (parameters, gradients, optimizer state counted; activations measured on a sampled step); old CPU results
+    without a prediction fall back to host RSS. Returns the values (GiB) and the axis label."""
+    if summary["peak_vram_gib"].notna().any():
+        return summary["peak_vram_gib"], "peak GPU memory allocated (GiB), measured"
+    if "predicted_peak_gib" in summary and summary["predicted_peak_gib"].notna().any():
+        return summary["predicted_peak_gib"], "predicted peak training memory (GiB), CPU runs"
+    return summary["peak_host_rss_gib"], "peak host RSS (GiB), CPU runs"
+
+
 TEXT_PT = 8  # smallest legend / annotation text
 
 
@@ -87,12 +106,11 @@ def _bar_labels(ax: plt.Axes) -> None:
 
 
 def plot_memory(summary: pd.DataFrame, path: Path) -> Path:
-    """Peak GPU memory per configuration (host peak RSS when the runs were on CPU)."""
-    gpu = summary["peak_vram_gib"].notna().any()
-    values = summary["peak_vram_gib"] if gpu else summary["peak_host_rss_gib"]
+    """Peak GPU memory per configuration (the predicted peak when the runs were on CPU)."""
+    values, label = peak_memory(summary)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(summary) + 2), 4))
     ax.bar(summary["config"], values, color=_colors(summary))
-    ax.set_ylabel("peak GPU memory allocated (GiB)" if gpu else "peak host RSS (GiB), CPU runs")
+    ax.set_ylabel(label)
     ax.set_title("What each method costs: peak memory")
     _bar_labels(ax)
     return _save(fig, path)
@@ -206,11 +224,10 @@ def plot_rank_alpha_heatmap(summary: pd.DataFrame, path: Path) -> Path | None:
 
 def plot_pareto(summary: pd.DataFrame, path: Path) -> Path:
     """Test accuracy (CI bars) against peak memory and against trainable parameters, one point per config."""
-    gpu = summary["peak_vram_gib"].notna().any()
-    mem = summary["peak_vram_gib"] if gpu else summary["peak_host_rss_gib"]
+    mem, mem_label = peak_memory(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for x, ax, label in (
-        (mem, axes[0], "peak GPU memory (GiB)" if gpu else "peak host RSS (GiB), CPU runs"),
+        (mem, axes[0], mem_label),
         (summary["trainable_params"], axes[1], "trainable parameters (log scale)"),
     ):
         for xv, (_, row) in zip(x, summary.iterrows()):
@@ -235,7 +252,7 @@ def plot_pareto(summary: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_memory_breakdown(summary: pd.DataFrame, path: Path) -> Path | None:
-    """Stacked bars: parameters, gradients, optimizer state, activations (GPU runs) per configuration."""
+    """Stacked bars: parameters, gradients, optimizer state, activations, autocast copies per configuration."""
     parts = [c for c in MEMORY_PARTS if c in summary and summary[c].notna().any()]
     if not parts:
         return None
@@ -246,10 +263,7 @@ def plot_memory_breakdown(summary: pd.DataFrame, path: Path) -> Path | None:
         ax.bar(summary["config"], values, bottom=bottom, label=part.removeprefix("mem_").removesuffix("_bytes"))
         bottom += values
     ax.set_ylabel("GiB")
-    gpu = "mem_activations_bytes" in parts
-    ax.set_title(
-        "Memory breakdown" + ("" if gpu else "\n(CPU runs: parameters, gradients, optimizer state only)"), fontsize=10
-    )
+    ax.set_title("Memory breakdown (activations measured on a sampled step)", fontsize=10)
     ax.legend(fontsize=TEXT_PT)
     _bar_labels(ax)
     return _save(fig, path)

@@ -46,6 +46,9 @@ COLUMNS = [
     "adapter_params",
     "head_params",
     "other_trainable_params",
+    "mem_predicted_peak_bytes",
+    "peak_vram_bytes",
+    "peak_host_rss_bytes",
 ]
 
 
@@ -135,6 +138,11 @@ def _labels(table: pd.DataFrame, key: str, with_lr: bool = True) -> list[str]:
     return [f"{lbl} #{_short(k)}" if twin else lbl for lbl, k, twin in zip(labels, table[key], twins)]
 
 
+def _gib(values: pd.Series) -> float:
+    """Mean in GiB (NaN when no run measured it)."""
+    return values.mean() / 2**30 if values.notna().any() else math.nan
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (``group_hash``) over its seeds: costs (params, memory, time), accuracy
     (mean, CI), the majority-class baseline and how many runs predicted a single class."""
@@ -152,6 +160,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             trainable_pct=("trainable_pct", "first"),
             peak_vram_gib=("peak_vram_bytes", lambda s: s.mean() / 2**30 if s.notna().any() else math.nan),
             peak_host_rss_gib=("peak_host_rss_bytes", lambda s: s.mean() / 2**30),
+            predicted_peak_gib=(
+                "mem_predicted_peak_bytes",
+                lambda s: s.mean() / 2**30 if s.notna().any() else math.nan,
+            ),
             train_s=("train_seconds", "mean"),
             samples_per_s=("samples_per_s", "mean"),
             best_val_acc=("best_val_acc", "mean"),
@@ -192,6 +204,7 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                     f"{n:,.0f} ({pct(p)})" for n, p in zip(summary.trainable_params, summary.trainable_pct)
                 ],
                 "peak VRAM (GiB)": summary["peak_vram_gib"].map(lambda v: "n/a (CPU)" if pd.isna(v) else f"{v:.2f}"),
+                "predicted peak (GiB)": summary["predicted_peak_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}"),
                 "host RSS (GiB)": summary["peak_host_rss_gib"].map("{:.2f}".format),
                 "train time (s)": summary["train_s"].map("{:.0f}".format),
                 "samples/s": summary["samples_per_s"].map("{:.1f}".format),
