@@ -252,3 +252,18 @@ def test_two_tiny_models_on_two_csvs_end_to_end(tiny_cfg, tmp_path: Path) -> Non
     assert sorted(zip(summary.model, summary.data)) == sorted(
         (m, d) for m in ("tiny_bert", "tiny_distilbert") for d in ("films", "books")
     )
+
+
+def test_memory_figures_use_measured_gpu_peak_else_predicted() -> None:
+    import pandas as pd
+
+    from lora_exp import figures
+
+    cpu = pd.DataFrame(
+        {"peak_vram_gib": [float("nan")] * 2, "predicted_peak_gib": [1.5, 0.5], "peak_host_rss_gib": [9, 9]}
+    )
+    values, label = figures.peak_memory(cpu)
+    assert list(values) == [1.5, 0.5] and "predicted" in label and "CPU" in label
+    gpu = cpu.assign(peak_vram_gib=[2.0, 1.0])
+    values, label = figures.peak_memory(gpu)
+    assert list(values) == [2.0, 1.0] and "measured" in label
