@@ -361,3 +361,88 @@ def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> 
 )
 def test_variant_label(over: dict, method: str, ratio: float | None, label: str) -> None:
     assert variants.variant_label(OmegaConf.create(over), method, ratio) == label
+
+
+VARIANT_LABELS = {"lora", "rslora", "dora", "pissa", "lora+", "bitfit", "full", "frozen"}
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    from hydra import compose, initialize_config_dir
+
+    from lora_exp.cli import CONF_DIR
+
+    from .test_sweeps import expand
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    return expand(dict(hydra_cfg.hydra.sweeper.params))
+
+
+def label(cfg) -> str:
+    return variants.variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio)
+
+
+def test_variants_sweep_composes_every_arm() -> None:
+    from lora_exp.config import validate
+
+    from .conftest import make_cfg
+
+    jobs = sweep_jobs("variants")
+    assert len(jobs) == 5 * 2 * 2 + 3
+    arms = set()
+    for overrides in jobs:
+        cfg = make_cfg(["+sweep=variants", *overrides])
+        validate(cfg)
+        shape = (cfg.lora.r, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
+        arms.add((label(cfg), shape))
+    assert {a for a, _ in arms} == VARIANT_LABELS and len(arms) == len(jobs)
+    assert {s for _, s in arms if s} == {(r, t) for r in (8, 32) for t in (("q", "v"), ("q", "k", "v", "o", "ffn"))}
+
+
+def test_fair_variants_each_over_its_own_grid() -> None:
+    from .conftest import make_cfg
+
+    jobs = sweep_jobs("fair_variants")
+    assert len(jobs) == 8 * 3 * 3
+    grids = {}
+    for v in ("lora", "rslora", "dora", "pissa", "loraplus", "bitfit", "full", "frozen"):
+        cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={v}", f"lr_index={i}"]) for i in range(3)]
+        assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
+        assert all((c.lora.r, list(c.lora.targets)) == (8, ["q", "v"]) for c in cfgs)
+        grids[label(cfgs[0])] = list(cfgs[0].method.lr_grid)
+    assert max(grids["dora"]) < max(grids["lora"])  # DoRA's authors: a lower lr than LoRA's
+    assert grids["full"] == list(make_cfg(["method=full"]).method.lr_grid)
+
+
+@pytest.mark.slow
+def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
+    """`lora-exp -m +sweep=variants` on the tiny model, 2 steps per job: every arm trains and is counted."""
+    import json
+
+    from .test_sweeps import tiny as tiny_overrides
+    from .test_train import cli
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "+sweep=variants", *tiny_overrides(reviews, tmp_path), "trainer.max_steps=2", "logger=none"]
+    proc = cli([*args, "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = []
+    for res_path in sorted(sweep.glob("*/results.json")):
+        res = json.loads(res_path.read_text())
+        cfg = OmegaConf.load(res_path.parent / "config.yaml")
+        runs.append((label(cfg), cfg, res))
+    assert len(runs) == 23 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
+    by = {(lab, cfg.lora.r, tuple(cfg.lora.targets)): res for lab, cfg, res in runs}
+    qv = ("q", "v")
+    # DoRA = LoRA's A/B + one magnitude per output row of each adapted layer (tiny_bert: 2 layers, hidden 32).
+    assert by[("dora", 8, qv)]["adapter_params"] == by[("lora", 8, qv)]["adapter_params"] + 2 * 2 * 32
+    assert by[("lora", 32, qv)]["adapter_params"] == 4 * by[("lora", 8, qv)]["adapter_params"]
+    assert by[("pissa", 8, qv)]["adapter_params"] == by[("lora", 8, qv)]["adapter_params"]
+    bitfit = by[("bitfit", 8, qv)]
+    assert bitfit["adapter_params"] == 0 and bitfit["other_trainable_params"] > 0
+    assert by[("frozen", 8, qv)]["other_trainable_params"] == 0
+    saved = json.loads(next(sweep.glob("*/adapter/adapter_config.json")).read_text())
+    assert "variant" in saved and "init" in saved
+    if any("variant" not in res for *_, res in runs):
+        pytest.xfail("train.py does not record results['variant'] yet (the lead wires variant_label/optimizer_groups)")
+    assert {res["variant"] for *_, res in runs} == VARIANT_LABELS
