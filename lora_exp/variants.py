@@ -62,6 +62,10 @@ class DoRALinear(LoRALinear):
         lora_w = (self.lora_B.weight @ self.lora_A.weight).detach().to(w.dtype)
         return torch.linalg.norm(w + self.scaling * lora_w, dim=1).to(w.dtype).detach()
 
+    def _delta(self) -> torch.Tensor:
+        """``scaling * B @ A`` as (out, in) in fp32 (independent of how ``delta_weight`` orients Conv1D)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
     @torch.no_grad()
     def reset_magnitude(self) -> None:
         """``m = ||W0 + scaling * B A||_row``: the model is unchanged at initialisation (PEFT's DoRA init)."""
@@ -88,7 +92,7 @@ class DoRALinear(LoRALinear):
         if self.merged:
             raise LoraExpError("merge(): this LoRA layer is already merged; call unmerge() first")
         w = base_weight(self)
-        delta = self.delta_weight()
+        delta = self._delta()
         norm = torch.linalg.norm(w.float() + delta, dim=1)
         merged = (self.lora_magnitude_vector.float() / norm).view(-1, 1) * (w.float() + delta)
         if not torch.isfinite(merged).all():
@@ -109,7 +113,7 @@ class DoRALinear(LoRALinear):
             self._pristine = None
         else:
             factor = (self.lora_magnitude_vector.float() / self._merged_norm).view(-1, 1)
-            _set_base_weight(self, base_weight(self).float() / factor - self.delta_weight())
+            _set_base_weight(self, base_weight(self).float() / factor - self._delta())
         self._merged_norm = None
         self.merged = False
 

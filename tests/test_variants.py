@@ -446,3 +446,37 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
     if any("variant" not in res for *_, res in runs):
         pytest.xfail("train.py does not record results['variant'] yet (the lead wires variant_label/optimizer_groups)")
     assert {res["variant"] for *_, res in runs} == VARIANT_LABELS
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.variant=vera", "lora.variant='vera' is not one of lora, dora"),
+        ("lora.init=svd", "lora.init='svd' is not one of default, gaussian, pissa, olora"),
+        ("lora.bias=some", "lora.bias='some' is not one of none, lora_only, all"),
+        ("lora.layers=[]", "lora.layers=[] must be null or a non-empty list of block indices >= 0"),
+        ("lora.rank_pattern={query: 0}", "lora.rank_pattern={'query': 0} must map module regexes to ranks >= 1"),
+        ("optimizer.loraplus_lr_ratio=0", "optimizer.loraplus_lr_ratio=0.0 must be > 0 or null"),
+    ],
+)
+def test_bad_variant_options_are_one_line_errors(override: str, message: str) -> None:
+    from lora_exp.config import validate
+
+    from .conftest import make_cfg
+
+    with pytest.raises(LoraExpError) as err:
+        validate(make_cfg([override]))
+    assert str(err.value).splitlines()[0].startswith(message)
+
+
+def test_loraplus_needs_lora_and_use_dora_is_an_alias() -> None:
+    from lora_exp.config import validate
+
+    from .conftest import make_cfg
+
+    with pytest.raises(LoraExpError, match="loraplus_lr_ratio=16.0 needs method.name=lora"):
+        validate(make_cfg(["method=full", "optimizer.loraplus_lr_ratio=16"]))
+    _, model, head = tiny_built("bert")
+    models.apply_method(model, "lora", head, ours_cfg("bert", use_dora=True))
+    assert all(isinstance(m, variants.DoRALinear) for _, m in lora.lora_layers(model))
+    assert all(m.lora_magnitude_vector.requires_grad for _, m in lora.lora_layers(model))
