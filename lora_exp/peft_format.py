@@ -108,6 +108,8 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
     tensors = {
         k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()
     }
+    # PEFT's bias="all" also saves the head's biases as <head>.modules_to_save.bias and the frozen originals.
+    tensors = {k.replace(".modules_to_save.", "."): v for k, v in tensors.items() if ".original_module." not in k}
     params = dict(model.named_parameters())
     expected = {n for n in params if variants.is_adapter_param(n)}
     if config.get("bias", "none") != "none":

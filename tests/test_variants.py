@@ -480,3 +480,30 @@ def test_loraplus_needs_lora_and_use_dora_is_an_alias() -> None:
     models.apply_method(model, "lora", head, ours_cfg("bert", use_dora=True))
     assert all(isinstance(m, variants.DoRALinear) for _, m in lora.lora_layers(model))
     assert all(m.lora_magnitude_vector.requires_grad for _, m in lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_round_trip_with_trained_biases(bias: str, tmp_path: Path) -> None:
+    ours, ref, head, base = pair("bert", "dora", ours={"bias": bias}, peft={"bias": bias})
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith(".bias") and p.requires_grad:
+                p.add_(0.1)
+    export_peft(ours, tmp_path / "ours", {"head_modules": head})
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids()).logits
+        close(loaded(input_ids=ids()).logits, expected)
+    back = copy.deepcopy(base)
+    import_peft(back, tmp_path / "ours", head)
+    with torch.no_grad():
+        close(back.eval()(input_ids=ids()).logits, expected)
+    with torch.no_grad():  # and PEFT's own save of a model whose biases trained
+        for n, p in ref.named_parameters():
+            if n.endswith(".bias") and p.requires_grad:
+                p.add_(0.1)
+    ref.save_pretrained(tmp_path / "ref")
+    back = copy.deepcopy(base)
+    import_peft(back, tmp_path / "ref", head)
+    with torch.no_grad():
+        close(back.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
