@@ -272,9 +272,9 @@ def optimizer_groups(
 def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = None) -> str:
     """Short name of what trains, for run names, results and report rows.
 
-    ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA the variant parts joined by ``+``-free
-    words: ``lora``, ``rslora``, ``dora``, ``pissa``, ``olora``, ``lora+`` (``dora-rslora``, ``pissa-lora+``
-    when combined). ``loraplus_lr_ratio`` may also be read from ``lora_cfg`` when given there.
+    ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, ``dora``, ``pissa``,
+    ``olora``, ``gaussian`` or ``lora+`` (``loraplus_lr_ratio`` is ``cfg.optimizer.loraplus_lr_ratio``),
+    joined by ``-`` when combined (``dora-rslora``, ``pissa-lora+``). r and targets are not part of it.
     """
     if method != "lora":
         return method

@@ -432,6 +432,8 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
         cfg = OmegaConf.load(res_path.parent / "config.yaml")
         runs.append((label(cfg), cfg, res))
     assert len(runs) == 23 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
+    arms = {o.split("=", 1)[1] for (o,) in sweep_jobs("variants")}
+    assert {p.parent.name.split("_", 1)[1] for p in sweep.glob("*/results.json")} == arms  # dirs named by variant
     by = {(lab, cfg.lora.r, tuple(cfg.lora.targets)): res for lab, cfg, res in runs}
     qv = ("q", "v")
     # DoRA = LoRA's A/B + one magnitude per output row of each adapted layer (tiny_bert: 2 layers, hidden 32).
