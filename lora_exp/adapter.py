@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_exp import lora
+from lora_exp import lora, variants
 from lora_exp.errors import LoraExpError
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -40,7 +40,7 @@ def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[s
     if merged:
         raise LoraExpError(f"save_adapter(): {len(merged)} LoRA layers are merged; unmerge() before saving")
     save_file(state, str(folder / WEIGHTS))
-    config = {**meta, "adapted_modules": sorted(layers), "keys": sorted(state)}
+    config = {**meta, **variants.layers_meta(layers), "adapted_modules": sorted(layers), "keys": sorted(state)}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return {"adapter_bytes": (folder / WEIGHTS).stat().st_size}
 

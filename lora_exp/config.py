@@ -21,7 +21,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_exp.errors import LoraExpError
 
-METHODS = ("full", "frozen", "lora")
+METHODS = ("full", "frozen", "lora", "bitfit")
+LORA_VARIANTS = ("lora", "dora")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+LORA_BIASES = ("none", "lora_only", "all")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BASE_DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -53,6 +56,13 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
     dropout: float = 0.0
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    variant: str = "lora"  # lora | dora (weight-decomposed: a trainable magnitude per output row)
+    use_dora: bool = False  # alias of variant=dora (PEFT's name)
+    init: str = "default"  # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0)
+    bias: str = "none"  # none | lora_only (biases of adapted layers train) | all (every bias trains)
+    layers: list[int] | None = None  # block indices that get adapters (PEFT layers_to_transform); null: all
+    rank_pattern: Any = None  # per-module r {regex: r}, first match wins (PEFT): lora.rank_pattern={query: 4}
+    alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
 
 
 @dataclass
@@ -71,6 +81,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     scheduler: str = "linear"  # linear | cosine | constant
     warmup_ratio: float = 0.06
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's lr = ratio x A's (PEFT create_loraplus_optimizer)
 
 
 @dataclass
@@ -217,6 +228,31 @@ def validate(cfg: DictConfig) -> None:
         _check(e, lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
         _check(e, 0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
         _check(e, len(lo.targets) > 0, "lora.targets is empty; give aliases (q k v o ffn head) or module names")
+        _one_of(e, "lora.variant", lo.variant, LORA_VARIANTS)
+        _one_of(e, "lora.init", lo.init, LORA_INITS)
+        _one_of(e, "lora.bias", lo.bias, LORA_BIASES)
+        _check(
+            e,
+            lo.layers is None or (len(lo.layers) > 0 and all(i >= 0 for i in lo.layers)),
+            f"lora.layers={lo.layers} must be null or a non-empty list of block indices >= 0",
+        )
+        _check(
+            e,
+            all(int(v) >= 1 for v in (lo.rank_pattern or {}).values()),
+            f"lora.rank_pattern={lo.rank_pattern} must map module regexes to ranks >= 1",
+        )
+        _check(
+            e,
+            all(v > 0 for v in (lo.alpha_pattern or {}).values()),
+            f"lora.alpha_pattern={lo.alpha_pattern} must map module regexes to alphas > 0",
+        )
+    lp = o.get("loraplus_lr_ratio")
+    _check(e, lp is None or lp > 0, f"optimizer.loraplus_lr_ratio={lp} must be > 0 or null (LoRA+: B's lr / A's)")
+    _check(
+        e,
+        lp is None or me.name == "lora",
+        f"optimizer.loraplus_lr_ratio={lp} needs method.name=lora (LoRA+ scales LoRA B's lr), not {me.name}",
+    )
     _one_of(e, "optimizer.name", o.name, OPTIMIZERS)
     _check(e, o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
     _check(e, o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")

@@ -229,16 +229,30 @@ def inject(
     dropout: float = 0.0,
     rslora: bool = False,
     protected: Sequence[str] = (),
+    *,
+    variant: str = "lora",
+    init: str = "default",
+    layers: Sequence[int] | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> list[str]:
-    """Replace each targeted ``nn.Linear`` / ``Conv1D`` with a ``LoRALinear``; returns the replaced paths."""
-    names = resolve_targets(model, targets, protected)
+    """Replace each targeted ``nn.Linear`` / ``Conv1D`` with a ``LoRALinear``; returns the replaced module paths.
+
+    ``variant`` (lora | dora), ``init`` (default | gaussian | pissa | olora), ``layers`` (block indices),
+    ``rank_pattern`` / ``alpha_pattern`` (per-module r / alpha, PEFT's matching): see ``lora_exp.variants``.
+    """
+    from lora_exp import variants  # variants builds on LoRALinear
+
+    names = variants.select_layers(resolve_targets(model, targets, protected), layers)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         if isinstance(base, LoRALinear):
             raise LoraExpError(f"inject(): '{name}' already carries a LoRA adapter")
-        setattr(parent, child, LoRALinear(base, r, alpha, dropout, rslora))
+        r_i = variants.pattern_value(rank_pattern, name, r)
+        alpha_i = variants.pattern_value(alpha_pattern, name, alpha)
+        setattr(parent, child, variants.make_layer(base, r_i, alpha_i, dropout, rslora, variant, init))
     return names
 
 

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
-from lora_exp import assets, lora
+from lora_exp import assets, lora, variants
 from lora_exp.errors import LoraExpError
 from lora_exp.hub import from_hub
 
@@ -259,7 +259,10 @@ def init_head(model: PreTrainedModel, head: list[str]) -> None:
 
 
 def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictConfig | None = None) -> list[str]:
-    """Set ``requires_grad`` for ``method``; for lora inject adapters. Returns the LoRA module paths."""
+    """Set ``requires_grad`` for ``method``; for lora inject adapters. Returns the LoRA module paths.
+
+    bitfit: every bias + the head; lora: ``lora.bias`` (none | lora_only | all) biases train too.
+    """
     if method == "full":
         model.requires_grad_(True)
         return []
@@ -272,6 +275,7 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
     model.requires_grad_(False)
     adapted: list[str] = []
     if method == "lora":
+        get = lora_cfg.get
         adapted = lora.inject(
             model,
             list(lora_cfg.targets),
@@ -280,6 +284,11 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
             lora_cfg.dropout,
             lora_cfg.rslora,
             protected=head,  # newly initialised: a frozen random base + LoRA would cripple the model
+            variant=variants.variant_of(lora_cfg),
+            init=get("init", "default"),
+            layers=None if get("layers") is None else list(get("layers")),
+            rank_pattern=dict(get("rank_pattern") or {}),
+            alpha_pattern=dict(get("alpha_pattern") or {}),
         )
     for _, p in params:
         p.requires_grad_(True)
@@ -287,6 +296,12 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
         sub = model.get_submodule(name)
         sub.lora_A.requires_grad_(True)
         sub.lora_B.requires_grad_(True)
+        if isinstance(sub, variants.DoRALinear):
+            sub.lora_magnitude_vector.requires_grad_(True)
+    bias = "all" if method == "bitfit" else (lora_cfg.get("bias", "none") if method == "lora" else "none")
+    params = dict(model.named_parameters())
+    for name in variants.bias_parameters(model, bias, adapted):
+        params[name].requires_grad_(True)
     return adapted
 
 
@@ -302,7 +317,7 @@ def count_parameters(model: nn.Module, head: list[str]) -> dict[str, int | float
         if not p.requires_grad:
             continue
         counts["trainable"] += p.numel()
-        if ".lora_A." in name or ".lora_B." in name:
+        if variants.is_adapter_param(name):  # LoRA A/B and DoRA's lora_magnitude_vector
             counts["adapter"] += p.numel()
         elif lora.is_under(name, head):
             counts["head"] += p.numel()

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_exp import lora
+from lora_exp import lora, variants
 from lora_exp.errors import LoraExpError
 
 PREFIX = "base_model.model."
@@ -33,8 +33,8 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
     if any(m.merged for m in layers.values()):
         raise LoraExpError("export_peft(): unmerge() the LoRA layers first")
     first = next(iter(layers.values()))
-    if any((m.r, m.alpha, m.rslora) != (first.r, first.alpha, first.rslora) for m in layers.values()):
-        raise LoraExpError("export_peft(): layers with different r/alpha need PEFT rank_pattern, not supported")
+    if any(m.rslora != first.rslora for m in layers.values()):
+        raise LoraExpError("export_peft(): layers mix rslora on and off; PEFT has one use_rslora per adapter")
     fan_in_fan_out = {m.fan_in_fan_out for m in layers.values()}
     if len(fan_in_fan_out) > 1:
         raise LoraExpError(
@@ -42,9 +42,12 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
             "PEFT takes one fan_in_fan_out per adapter"
         )
     head = list(meta.get("head_modules", []))
+    vmeta = variants.layers_meta(layers)
+    biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
     state = {}
     for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name or p.requires_grad and lora.is_under(name, head):
+        trained_head = p.requires_grad and lora.is_under(name, head)
+        if variants.is_adapter_param(name) or trained_head or name in biases:
             state[PREFIX + name] = p.detach().cpu().contiguous()
     config = {
         "peft_type": "LORA",
@@ -55,9 +58,12 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
         "lora_dropout": float(meta.get("dropout", 0.0)),
         "target_modules": sorted(layers),
         "modules_to_save": head,
-        "bias": "none",
+        "bias": _bias_mode(layers, biases, head),
         "fan_in_fan_out": fan_in_fan_out.pop(),  # GPT-2's Conv1D stores weights in x out
-        "init_lora_weights": True,
+        "init_lora_weights": {"default": True}.get(vmeta["init"], vmeta["init"]),
+        "use_dora": vmeta["variant"] == "dora",
+        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != first.r},
+        "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != first.alpha},
         "inference_mode": True,
         "base_model_name_or_path": str(meta.get("base_model", "")),
     }
@@ -65,6 +71,14 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
     save_file(state, str(folder / WEIGHTS))
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _bias_mode(layers: dict, biases: list[str], head: list[str]) -> str:
+    """PEFT's ``bias`` for the trained biases outside the head: none, lora_only or all."""
+    outside = [n for n in biases if not any(n.startswith(h + ".") for h in head)]
+    if not outside:
+        return "none"
+    return "lora_only" if all(n.removesuffix(".base_layer.bias") in layers for n in outside) else "all"
 
 
 def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
@@ -76,8 +90,10 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
     config = json.loads((folder / CONFIG).read_text())
     if config.get("peft_type") != "LORA":
         raise LoraExpError(f"peft adapter {str(folder)!r}: peft_type={config.get('peft_type')!r}, only LORA")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise LoraExpError(f"peft adapter {str(folder)!r}: rank_pattern/alpha_pattern are not supported")
+    init = config.get("init_lora_weights", True)
+    init = "default" if init in (True, False) else str(init)  # the trained tensors replace A and B anyway
+    if init not in variants.INITS:
+        raise LoraExpError(f"peft adapter {str(folder)!r}: init_lora_weights={init!r}, supported {variants.INITS}")
     targets = config["target_modules"]
     targets = [targets] if isinstance(targets, str) else list(targets)
     if isinstance(config["target_modules"], str):  # PEFT: a string is a full-match regex
@@ -89,13 +105,22 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
         float(config["lora_alpha"]),
         float(config.get("lora_dropout", 0.0)),
         bool(config.get("use_rslora", False)),
+        variant="dora" if config.get("use_dora") else "lora",
+        init=init,
+        layers=[lt] if isinstance(lt := config.get("layers_to_transform"), int) else lt,
+        rank_pattern=config.get("rank_pattern") or {},
+        alpha_pattern=config.get("alpha_pattern") or {},
     )
     tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / WEIGHTS)).items()}
     tensors = {
         k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()
     }
+    # PEFT's bias="all" also saves the head's biases as <head>.modules_to_save.bias and the frozen originals.
+    tensors = {k.replace(".modules_to_save.", "."): v for k, v in tensors.items() if ".original_module." not in k}
     params = dict(model.named_parameters())
-    expected = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    expected = {n for n in params if variants.is_adapter_param(n)}
+    if config.get("bias", "none") != "none":
+        expected |= set(variants.bias_parameters(model, config["bias"], adapted))
     saved_head = list(config.get("modules_to_save") or [])
     expected |= {n for n in params if lora.is_under(n, saved_head)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(params))

@@ -20,7 +20,7 @@ from lora_exp import figures
 from lora_exp.errors import LoraExpError
 
 # The fallback identity of a configuration for results without group_hash / arm_hash.
-CONFIG_KEYS = ["model", "data", "method", "targets", "r", "alpha", "rslora", "lr"]
+CONFIG_KEYS = ["model", "data", "method", "variant", "targets", "r", "alpha", "rslora", "lr"]
 ARM_KEYS = [k for k in CONFIG_KEYS if k != "lr"]  # an arm of the fair comparison: its lr is chosen on validation
 # A lora/frozen arm is paired with the full fine-tuning runs that share these (and the seed).
 PAIR_KEYS = ["model", "data", "epochs", "batch_size", "train_examples", "precision"]
@@ -116,8 +116,10 @@ def pct(p: float) -> str:
 def _config_label(row: pd.Series) -> str:
     if row["method"] != "lora":
         return str(row["method"])
-    rs = " rs" if row.get("rslora") is True else ""
-    return f"lora r={row['r']:g} a={row['alpha']:g} {row['targets']}{rs}"
+    variant = row.get("variant")
+    if not isinstance(variant, str) or variant in ("", "-"):  # results written before variants existed
+        variant = "lora rs" if row.get("rslora") is True else "lora"
+    return f"{variant} r={row['r']:g} a={row['alpha']:g} {row['targets']}"
 
 
 def _short(key: str) -> str:
@@ -158,12 +160,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             runs=("seed", "size"),
             trainable_params=("trainable_params", "first"),
             trainable_pct=("trainable_pct", "first"),
-            peak_vram_gib=("peak_vram_bytes", lambda s: s.mean() / 2**30 if s.notna().any() else math.nan),
-            peak_host_rss_gib=("peak_host_rss_bytes", lambda s: s.mean() / 2**30),
-            predicted_peak_gib=(
-                "mem_predicted_peak_bytes",
-                lambda s: s.mean() / 2**30 if s.notna().any() else math.nan,
-            ),
+            peak_vram_gib=("peak_vram_bytes", _gib),
+            peak_host_rss_gib=("peak_host_rss_bytes", _gib),
+            predicted_peak_gib=("mem_predicted_peak_bytes", _gib),
             train_s=("train_seconds", "mean"),
             samples_per_s=("samples_per_s", "mean"),
             best_val_acc=("best_val_acc", "mean"),

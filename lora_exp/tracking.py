@@ -192,12 +192,12 @@ class PhaseTimer:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """Compact, readable W&B run name: method, LoRA shape, lr, seed."""
-    parts = [cfg.method.name]
+    """Compact, readable W&B run name: variant (lora, dora, pissa, lora+, ...), LoRA shape, lr, seed."""
+    from lora_exp.variants import variant_label
+
+    parts = [variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio"))]
     if cfg.method.name == "lora":
         parts += [f"r{cfg.lora.r}", f"a{cfg.lora.alpha:g}", "+".join(cfg.lora.targets)]
-        if cfg.lora.rslora:
-            parts.append("rs")
     parts += [f"lr{cfg.optimizer.lr:g}", f"s{cfg.trainer.seed}"]
     return "-".join(parts)
 
@@ -225,6 +225,8 @@ def wandb_run(cfg: DictConfig, run_dir: Path, config: dict, resume_id: str | Non
     """
     import wandb
 
+    from lora_exp.variants import variant_label
+
     lg = cfg.logger
     os.environ.setdefault("WANDB_SILENT", "true")
     kwargs = dict(
@@ -232,7 +234,7 @@ def wandb_run(cfg: DictConfig, run_dir: Path, config: dict, resume_id: str | Non
         project=lg.project,
         entity=lg.entity,
         group=lg.group,
-        job_type=lg.job_type,
+        job_type=lg.job_type or variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio")),
         name=lg.name or run_name(cfg),
         tags=list(lg.tags),
         dir=str(run_dir),

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lora_exp import adapter, checkpoint, data, features, memory, models, tracking
+from lora_exp import adapter, checkpoint, data, features, memory, models, tracking, variants
 from lora_exp.config import arm_hash, config_hash, group_hash, model_facts, recorded, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.models import build_model, sub_seeds  # noqa: F401  (build_model: the public entry)
@@ -230,12 +230,10 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return config
 
 
-def make_optimizer(trainable: list[tuple[str, torch.nn.Parameter]], o: DictConfig, device: torch.device) -> Any:
-    """AdamW over trainable parameters only; weight decay on >= 2-D weights only (fused on CUDA)."""
-    groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
+def make_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device) -> Any:
+    """AdamW over trainable parameters only (groups from ``variants.optimizer_groups``: weight decay on >= 2-D
+    weights; with ``optimizer.loraplus_lr_ratio`` PEFT's LoRA+ groups); fused on CUDA."""
+    groups = variants.optimizer_groups(model, o.lr, o.weight_decay, o.get("loraplus_lr_ratio"))
     cuda = device.type == "cuda"
     return torch.optim.AdamW(
         groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=cuda, foreach=None if cuda else True
@@ -272,7 +270,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -
         data.pin_memory(loaders)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, cfg.optimizer, device)
+    optimizer = make_optimizer(model, cfg.optimizer, device)
     steps_per_epoch = math.ceil(len(loaders.train) / t.grad_accum)
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or 10**12)
     scheduler = get_scheduler(
@@ -522,6 +520,7 @@ def finish(job: Job) -> dict[str, Any]:
     results: dict[str, Any] = {
         "status": "ok",
         "method": cfg.method.name,
+        "variant": variants.variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio")),
         "model": cfg.model.name,
         "data": cfg.data.name,
         "r": cfg.lora.r if lora else None,
@@ -530,6 +529,9 @@ def finish(job: Job) -> dict[str, Any]:
         "targets": "+".join(cfg.lora.targets) if lora else None,
         "lora_scaling": _scaling(cfg),
         "lora_layers": len(job.adapted),
+        "lora_init": cfg.lora.get("init", "default") if lora else None,
+        "loraplus_lr_ratio": cfg.optimizer.get("loraplus_lr_ratio"),
+        **variants.variant_counts(job.model),
         "lr": cfg.optimizer.lr,
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],

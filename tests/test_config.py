@@ -77,7 +77,7 @@ BAD = [
     ("lora.alpha=-1", "lora.alpha=-1.0 must be > 0"),
     ("lora.dropout=1.5", r"lora.dropout=1.5 must be in \[0, 1\)"),
     ("lora.targets=[]", "lora.targets is empty"),
-    ("method.name=adapter", "method.name='adapter' is not one of full, frozen, lora"),
+    ("method.name=adapter", "method.name='adapter' is not one of full, frozen, lora, bitfit"),
     ("optimizer.lr=0", "optimizer.lr=0.0 must be > 0"),
     ("optimizer.lr=-1e-3", "optimizer.lr=-0.001 must be > 0"),
     ("optimizer.name=sgd", "optimizer.name='sgd' is not one of adamw"),

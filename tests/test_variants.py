@@ -1,0 +1,521 @@
+"""LoRA variants against the installed peft (test-only reference) on tiny BERT, DistilBERT and RoBERTa.
+
+(a) same initial tensors -> equal forward (atol 1e-5) before and after identical AdamW steps (dropout on,
+same RNG); (b) PEFT export / import round trips; (c) merge / unmerge; (d) LoRA+ groups; (e) PiSSA / OLoRA
+residual W0 and A, B; plus bias / BitFit trainable sets, layers, rank / alpha patterns, counts, saving.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.optimizers import create_loraplus_optimizer
+from transformers import AutoModelForSequenceClassification, RobertaConfig
+
+from lora_exp import adapter, lora, models, variants
+from lora_exp.errors import LoraExpError
+from lora_exp.peft_format import export_peft, import_peft
+
+from .test_models import tiny as tiny_built
+
+ARCHS = ("bert", "distilbert", "roberta")
+TARGETS = {
+    "bert": ["query", "value", "intermediate.dense"],
+    "roberta": ["query", "value", "intermediate.dense"],
+    "distilbert": ["q_lin", "v_lin", "lin1"],
+}
+# name -> (our lora config overrides, PEFT LoraConfig kwargs)
+VARIANTS = {
+    "lora": ({}, {}),
+    "rslora": ({"rslora": True}, {"use_rslora": True}),
+    "dora": ({"variant": "dora"}, {"use_dora": True}),
+    "gaussian": ({"init": "gaussian"}, {"init_lora_weights": "gaussian"}),
+    "pissa": ({"init": "pissa"}, {"init_lora_weights": "pissa"}),
+    "olora": ({"init": "olora"}, {"init_lora_weights": "olora"}),
+    "dora-pissa": ({"variant": "dora", "init": "pissa"}, {"use_dora": True, "init_lora_weights": "pissa"}),
+}
+R, ALPHA = 4, 8.0
+
+
+def tiny(arch: str):
+    """(model, head) for a tiny random model; RoBERTa built here (models.build knows bert/distilbert)."""
+    if arch != "roberta":
+        _, model, head = tiny_built(arch)
+        return model.eval(), head
+    torch.manual_seed(0)
+    conf = RobertaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return AutoModelForSequenceClassification.from_config(conf).eval(), ["classifier"]
+
+
+def ours_cfg(arch: str, dropout: float = 0.0, **over):
+    base = {"targets": TARGETS[arch], "r": R, "alpha": ALPHA, "dropout": dropout, "rslora": False}
+    return OmegaConf.create({**base, **over})
+
+
+def peft_cfg(arch: str, head: list[str], dropout: float = 0.0, **over) -> LoraConfig:
+    kw = dict(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=TARGETS[arch], task_type="SEQ_CLS")
+    return LoraConfig(**kw, modules_to_save=list(head), **over)  # PEFT appends to the list it gets
+
+
+def peft_name(name: str, head: list[str]) -> str:
+    """Our parameter path -> the PEFT model's."""
+    for part in ("lora_A", "lora_B"):
+        name = name.replace(f".{part}.", f".{part}.default.")
+    if name.endswith("." + variants.MAGNITUDE):
+        name += ".default.weight"
+    for h in head:
+        if name.startswith(h + "."):
+            name = f"{h}.modules_to_save.default.{name[len(h) + 1 :]}"
+    return "base_model.model." + name
+
+
+def pair(arch: str, variant: str, dropout: float = 0.0, **extra):
+    """(ours, PEFT's, head, base) built from one base with identical trainable tensors (B randomised)."""
+    base, head = tiny(arch)
+    ours_over, peft_over = VARIANTS[variant]
+    ref = get_peft_model(copy.deepcopy(base), peft_cfg(arch, head, dropout, **peft_over, **extra.get("peft", {})))
+    ours = copy.deepcopy(base)
+    models.apply_method(ours, "lora", head, ours_cfg(arch, dropout, **ours_over, **extra.get("ours", {})))
+    torch.manual_seed(5)
+    ref_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for n, p in ref_params.items():
+            if ".lora_B." in n:
+                p.normal_(std=0.1)
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(ref_params[peft_name(n, head)])
+    return ours, ref, head, base
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(5, 100, (3, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(123)  # the same dropout masks in both models (they draw in the same order)
+    return model(input_ids=ids(seed)).logits
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_and_training_steps_equal_peft(arch: str, variant: str) -> None:
+    """(a) Equal logits at the start and after 3 identical AdamW steps, in train mode with dropout 0.1."""
+    ours, ref, head, base = pair(arch, variant, dropout=0.1)
+    ours.train(), ref.train()
+    close(logits(ours), logits(ref))
+    names = [n for n, p in ours.named_parameters() if p.requires_grad]
+    ref_params = dict(ref.named_parameters())
+    assert {peft_name(n, head) for n in names} == {n for n, p in ref.named_parameters() if p.requires_grad}
+    opt_ours = torch.optim.AdamW([dict(ours.named_parameters())[n] for n in names], lr=1e-2)
+    opt_ref = torch.optim.AdamW([ref_params[peft_name(n, head)] for n in names], lr=1e-2)
+    labels = torch.tensor([0, 1, 1])
+    for step in range(3):
+        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
+            torch.manual_seed(10 + step)
+            loss = torch.nn.functional.cross_entropy(model(input_ids=ids(step)).logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        after = logits(ours)
+        close(after, logits(ref))
+        assert not torch.allclose(after, base(input_ids=ids()).logits, atol=1e-3)  # training moved it
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["dora", "pissa", "olora", "dora-pissa", "rslora"])
+def test_peft_export_import_round_trip(arch: str, variant: str, tmp_path: Path) -> None:
+    """(b) Ours -> PEFT format -> PeftModel, and PEFT's save -> import_peft: equal logits both ways."""
+    ours, ref, head, base = pair(arch, variant)
+    with torch.no_grad():
+        for p in ours.parameters():  # a trained-looking adapter, magnitude included
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    export_peft(ours, tmp_path / "ours", {"head_modules": head})
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        close(loaded(input_ids=ids()).logits, ours.eval()(input_ids=ids()).logits)
+    if "dora" in variant:
+        keys = (tmp_path / "ours" / "adapter_model.safetensors").read_bytes()
+        assert b"lora_magnitude_vector" in keys
+    ref.save_pretrained(tmp_path / "ref")
+    back = copy.deepcopy(base)
+    import_peft(back, tmp_path / "ref", head)
+    with torch.no_grad():
+        close(back.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["lora", "dora", "pissa", "dora-pissa"])
+def test_merge_unmerge(arch: str, variant: str) -> None:
+    """(c) Merged logits equal unmerged; unmerge restores W0 (the residual for PiSSA)."""
+    ours, _, _, _ = pair(arch, variant)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith(variants.MAGNITUDE):
+                p.mul_(1 + 0.1 * torch.rand_like(p))
+    w0 = {n: m.base_layer.weight.detach().clone() for n, m in lora.lora_layers(ours)}
+    with torch.no_grad():
+        before = ours(input_ids=ids()).logits
+        lora.merge(ours)
+        assert all(not torch.equal(m.base_layer.weight, w0[n]) for n, m in lora.lora_layers(ours))
+        close(ours(input_ids=ids()).logits, before)
+        lora.unmerge(ours)
+    for n, m in lora.lora_layers(ours):
+        torch.testing.assert_close(m.base_layer.weight, w0[n], atol=1e-6, rtol=1e-5)
+
+
+def test_dora_merge_low_precision_restores_exactly() -> None:
+    torch.manual_seed(0)
+    layer = variants.make_layer(torch.nn.Linear(16, 24).to(torch.bfloat16), 4, 8.0, 0.0, False, "dora")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_dora_magnitude_init_and_detached_norm() -> None:
+    torch.manual_seed(0)
+    layer = variants.make_layer(torch.nn.Linear(12, 20), 4, 8.0, 0.0, False, "dora")
+    torch.testing.assert_close(layer.lora_magnitude_vector, layer.base_layer.weight.norm(dim=1))
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))  # unchanged at init
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    layer(x).sum().backward()
+    assert layer.lora_magnitude_vector.grad.abs().sum() > 0 and layer.lora_B.weight.grad.abs().sum() > 0
+    # The norm is a constant in backward: the gradient of m equals (W0 x + s B A x) / norm summed over rows.
+    norm = layer.weight_norm()
+    expected = (
+        (x @ layer.base_layer.weight.T + layer.scaling * x @ (layer.lora_B.weight @ layer.lora_A.weight).T) / norm
+    ).sum(0)
+    torch.testing.assert_close(layer.lora_magnitude_vector.grad, expected.detach())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_and_factors_equal_peft(arch: str, init: str) -> None:
+    """(e) PiSSA / OLoRA: the residual base weight and A, B equal PEFT's; the model is unchanged at init."""
+    base, head = tiny(arch)
+    ref = get_peft_model(copy.deepcopy(base), peft_cfg(arch, head, init_lora_weights=init))
+    ours = copy.deepcopy(base)
+    models.apply_method(ours, "lora", head, ours_cfg(arch, init=init))
+    refp = dict(ref.named_parameters())
+    layers = dict(lora.lora_layers(ours))
+    assert len(layers) == 6
+    for n, m in layers.items():
+        p = f"base_model.model.{n}"
+        close(m.base_layer.weight, refp[f"{p}.base_layer.weight"])
+        close(m.lora_A.weight, refp[f"{p}.lora_A.default.weight"])
+        close(m.lora_B.weight, refp[f"{p}.lora_B.default.weight"])
+        assert not torch.allclose(m.base_layer.weight, base.get_submodule(n).weight)  # W0 was replaced
+    with torch.no_grad():
+        close(ours(input_ids=ids()).logits, base(input_ids=ids()).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_loraplus_groups_equal_peft(arch: str, variant: str, bias: str) -> None:
+    """(d) Groups (members; order within a group differs for DoRA and does not matter), lrs, decays equal PEFT's."""
+    ours, ref, head, _ = pair(arch, variant, ours={"bias": bias}, peft={"bias": bias})
+    want = create_loraplus_optimizer(
+        ref, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.01, weight_decay=0.01
+    )
+    ref_names = {id(p): n for n, p in ref.named_parameters()}
+    want_groups = [
+        (sorted(ref_names[id(p)] for p in g["params"]), g["lr"], g["weight_decay"])
+        for g in want.param_groups
+        if g["params"]
+    ]
+    got = variants.optimizer_groups(ours, lr=1e-3, weight_decay=0.01, loraplus_lr_ratio=16.0)
+    got_groups = [(sorted(peft_name(n, head) for n in g["names"]), g["lr"], g["weight_decay"]) for g in got]
+    assert got_groups == want_groups
+    assert {lr for _, lr, _ in got_groups} == {1e-3, 16e-3}
+    torch.optim.AdamW(got, lr=1e-3)  # usable as is (the extra "names" key is kept by torch)
+
+
+def test_optimizer_groups_without_loraplus() -> None:
+    ours, _, _, _ = pair("bert", "dora", ours={"bias": "all"}, peft={"bias": "all"})
+    got = variants.optimizer_groups(ours, lr=2e-3, weight_decay=0.01)
+    assert [(g["weight_decay"], g["lr"]) for g in got] == [(0.01, 2e-3), (0.0, 2e-3)]
+    assert all(p.ndim >= 2 for p in got[0]["params"]) and all(p.ndim < 2 for p in got[1]["params"])
+    assert any(n.endswith(variants.MAGNITUDE) for n in got[1]["names"])
+    assert sum(len(g["params"]) for g in got) == sum(p.requires_grad for p in ours.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_bias_trainable_sets_equal_peft(arch: str, bias: str) -> None:
+    ours, ref, head, _ = pair(arch, "lora", ours={"bias": bias}, peft={"bias": bias})
+    got = {peft_name(n, head) for n, p in ours.named_parameters() if p.requires_grad}
+    assert got == {n for n, p in ref.named_parameters() if p.requires_grad}
+    assert any(n.endswith("base_layer.bias") for n in got)
+    assert (bias == "all") == any("LayerNorm.bias" in n or "layer_norm.bias" in n for n in got)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_bitfit_trains_biases_and_head_only(arch: str) -> None:
+    _, model, head = tiny_built(arch)
+    models.apply_method(model, "bitfit", head)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    in_head = [n for n in trainable if any(n.startswith(h + ".") for h in head)]
+    assert set(trainable) - set(in_head) == {n for n, _ in model.named_parameters() if n.endswith(".bias")} - set(
+        in_head
+    )
+    assert len(set(trainable) - set(in_head)) > 10
+    counts = models.count_parameters(model, head)
+    assert counts["adapter"] == 0 and counts["other"] == sum(
+        p.numel() for n, p in model.named_parameters() if n in trainable and n not in in_head
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layers_and_patterns_equal_peft(arch: str, tmp_path: Path) -> None:
+    """lora.layers = PEFT layers_to_transform; rank_pattern / alpha_pattern as PEFT (first match wins)."""
+    key = TARGETS[arch][0]
+    ours_over = {"layers": [1], "rank_pattern": {key: 2, "value|v_lin": 3}, "alpha_pattern": {key: 3.0}}
+    peft_over = {"layers_to_transform": [1], "rank_pattern": ours_over["rank_pattern"], "alpha_pattern": {key: 3.0}}
+    ours, ref, head, base = pair(arch, "lora", ours=ours_over, peft=peft_over)
+    layers = dict(lora.lora_layers(ours))
+    assert len(layers) == 3 and all(variants.layer_index(n) == 1 for n in layers)
+    assert sorted(m.r for m in layers.values()) == [2, 3, 4]
+    assert {m.scaling for n, m in layers.items() if n.endswith(key)} == {3.0 / 2}
+    with torch.no_grad():
+        close(ours.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
+    export_peft(ours, tmp_path / "p", {"head_modules": head})  # per-layer r / alpha travel as rank_pattern
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    with torch.no_grad():
+        close(loaded(input_ids=ids()).logits, ours(input_ids=ids()).logits)
+
+
+def test_layers_that_select_nothing_is_an_error() -> None:
+    _, model, head = tiny_built("bert")
+    with pytest.raises(LoraExpError, match=r"lora.layers=\[7\] selects none .*\[0, 1\]"):
+        models.apply_method(model, "lora", head, ours_cfg("bert", layers=[7]))
+
+
+def test_dora_magnitude_counts_as_adapter() -> None:
+    _, model, head = tiny_built("bert")
+    models.apply_method(model, "lora", head, ours_cfg("bert", variant="dora"))
+    counts = models.count_parameters(model, head)
+    ab = 2 * (R * (32 + 32) * 2 + R * (32 + 64))  # 2 layers x (query, value: 32->32; intermediate 32->64)
+    magnitudes = 2 * (32 + 32 + 64)
+    assert counts["adapter"] == ab + magnitudes
+    assert variants.variant_counts(model) == {"lora_ab_params": ab, "dora_magnitude_params": magnitudes}
+
+
+@pytest.mark.parametrize("variant", ["dora", "pissa", "dora-pissa"])
+def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> None:
+    """Save, load into a fresh model built from the pristine base the same way: equal logits."""
+    ours, _, head, base = pair("bert", variant)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapter.save_adapter(ours, tmp_path / "a", {"head_modules": head})
+    meta, tensors = adapter.read_adapter(tmp_path / "a")
+    assert meta["variant"] == ("dora" if "dora" in variant else "lora")
+    assert ("residual_base" in meta) == ("pissa" in variant)
+    fresh = copy.deepcopy(base)
+    ours_over, _ = VARIANTS[variant]
+    models.apply_method(fresh, "lora", head, ours_cfg("bert", **ours_over))
+    adapter.load_into(fresh, tensors, "test")
+    with torch.no_grad():
+        close(fresh.eval()(input_ids=ids()).logits, ours.eval()(input_ids=ids()).logits)
+
+
+@pytest.mark.parametrize(
+    ("over", "method", "ratio", "label"),
+    [
+        ({}, "lora", None, "lora"),
+        ({"rslora": True}, "lora", None, "rslora"),
+        ({"variant": "dora"}, "lora", None, "dora"),
+        ({"use_dora": True}, "lora", None, "dora"),
+        ({"init": "pissa"}, "lora", None, "pissa"),
+        ({}, "lora", 16.0, "lora+"),
+        ({}, "bitfit", None, "bitfit"),
+        ({"variant": "dora"}, "full", None, "full"),
+    ],
+)
+def test_variant_label(over: dict, method: str, ratio: float | None, label: str) -> None:
+    assert variants.variant_label(OmegaConf.create(over), method, ratio) == label
+
+
+VARIANT_LABELS = {"lora", "rslora", "dora", "pissa", "lora+", "bitfit", "full", "frozen"}
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    from hydra import compose, initialize_config_dir
+
+    from lora_exp.cli import CONF_DIR
+
+    from .test_sweeps import expand
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    return expand(dict(hydra_cfg.hydra.sweeper.params))
+
+
+def label(cfg) -> str:
+    return variants.variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio)
+
+
+def test_variants_sweep_composes_every_arm() -> None:
+    from lora_exp.config import validate
+
+    from .conftest import make_cfg
+
+    jobs = sweep_jobs("variants")
+    assert len(jobs) == 5 * 2 * 2 + 3
+    arms = set()
+    for overrides in jobs:
+        cfg = make_cfg(["+sweep=variants", *overrides])
+        validate(cfg)
+        shape = (cfg.lora.r, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
+        arms.add((label(cfg), shape))
+    assert {a for a, _ in arms} == VARIANT_LABELS and len(arms) == len(jobs)
+    assert {s for _, s in arms if s} == {(r, t) for r in (8, 32) for t in (("q", "v"), ("q", "k", "v", "o", "ffn"))}
+
+
+def test_fair_variants_each_over_its_own_grid() -> None:
+    from .conftest import make_cfg
+
+    jobs = sweep_jobs("fair_variants")
+    assert len(jobs) == 8 * 3 * 3
+    grids = {}
+    for v in ("lora", "rslora", "dora", "pissa", "loraplus", "bitfit", "full", "frozen"):
+        cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={v}", f"lr_index={i}"]) for i in range(3)]
+        assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
+        assert all((c.lora.r, list(c.lora.targets)) == (8, ["q", "v"]) for c in cfgs)
+        grids[label(cfgs[0])] = list(cfgs[0].method.lr_grid)
+    assert max(grids["dora"]) < max(grids["lora"])  # DoRA's authors: a lower lr than LoRA's
+    assert grids["full"] == list(make_cfg(["method=full"]).method.lr_grid)
+
+
+@pytest.mark.slow
+def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
+    """`lora-exp -m +sweep=variants` on the tiny model, 2 steps per job: every arm trains and is counted."""
+    import json
+
+    from .test_sweeps import tiny as tiny_overrides
+    from .test_train import cli
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "+sweep=variants", *tiny_overrides(reviews, tmp_path), "trainer.max_steps=2", "logger=none"]
+    proc = cli([*args, "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = []
+    for res_path in sorted(sweep.glob("*/results.json")):
+        res = json.loads(res_path.read_text())
+        cfg = OmegaConf.load(res_path.parent / "config.yaml")
+        runs.append((label(cfg), cfg, res))
+    assert len(runs) == 23 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
+    arms = {o.split("=", 1)[1] for (o,) in sweep_jobs("variants")}
+    assert {p.parent.name.split("_", 1)[1] for p in sweep.glob("*/results.json")} == arms  # dirs named by variant
+    by = {(lab, cfg.lora.r, tuple(cfg.lora.targets)): res for lab, cfg, res in runs}
+    qv = ("q", "v")
+    # DoRA = LoRA's A/B + one magnitude per output row of each adapted layer (tiny_bert: 2 layers, hidden 32).
+    assert by[("dora", 8, qv)]["adapter_params"] == by[("lora", 8, qv)]["adapter_params"] + 2 * 2 * 32
+    assert by[("lora", 32, qv)]["adapter_params"] == 4 * by[("lora", 8, qv)]["adapter_params"]
+    assert by[("pissa", 8, qv)]["adapter_params"] == by[("lora", 8, qv)]["adapter_params"]
+    bitfit = by[("bitfit", 8, qv)]
+    assert bitfit["adapter_params"] == 0 and bitfit["other_trainable_params"] > 0
+    assert by[("frozen", 8, qv)]["other_trainable_params"] == 0
+    saved = json.loads(next(sweep.glob("*/adapter/adapter_config.json")).read_text())
+    assert "variant" in saved and "init" in saved
+    assert {res["variant"] for *_, res in runs} == VARIANT_LABELS
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.variant=vera", "lora.variant='vera' is not one of lora, dora"),
+        ("lora.init=svd", "lora.init='svd' is not one of default, gaussian, pissa, olora"),
+        ("lora.bias=some", "lora.bias='some' is not one of none, lora_only, all"),
+        ("lora.layers=[]", "lora.layers=[] must be null or a non-empty list of block indices >= 0"),
+        ("lora.rank_pattern={query: 0}", "lora.rank_pattern={'query': 0} must map module regexes to ranks >= 1"),
+        ("optimizer.loraplus_lr_ratio=0", "optimizer.loraplus_lr_ratio=0.0 must be > 0 or null"),
+    ],
+)
+def test_bad_variant_options_are_one_line_errors(override: str, message: str) -> None:
+    from lora_exp.config import validate
+
+    from .conftest import make_cfg
+
+    with pytest.raises(LoraExpError) as err:
+        validate(make_cfg([override]))
+    assert str(err.value).splitlines()[0].startswith(message)
+
+
+def test_loraplus_needs_lora_and_use_dora_is_an_alias() -> None:
+    from lora_exp.config import validate
+
+    from .conftest import make_cfg
+
+    with pytest.raises(LoraExpError, match="loraplus_lr_ratio=16.0 needs method.name=lora"):
+        validate(make_cfg(["method=full", "optimizer.loraplus_lr_ratio=16"]))
+    _, model, head = tiny_built("bert")
+    models.apply_method(model, "lora", head, ours_cfg("bert", use_dora=True))
+    assert all(isinstance(m, variants.DoRALinear) for _, m in lora.lora_layers(model))
+    assert all(m.lora_magnitude_vector.requires_grad for _, m in lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_round_trip_with_trained_biases(bias: str, tmp_path: Path) -> None:
+    ours, ref, head, base = pair("bert", "dora", ours={"bias": bias}, peft={"bias": bias})
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith(".bias") and p.requires_grad:
+                p.add_(0.1)
+    export_peft(ours, tmp_path / "ours", {"head_modules": head})
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids()).logits
+        close(loaded(input_ids=ids()).logits, expected)
+    back = copy.deepcopy(base)
+    import_peft(back, tmp_path / "ours", head)
+    with torch.no_grad():
+        close(back.eval()(input_ids=ids()).logits, expected)
+    with torch.no_grad():  # and PEFT's own save of a model whose biases trained
+        for n, p in ref.named_parameters():
+            if n.endswith(".bias") and p.requires_grad:
+                p.add_(0.1)
+    ref.save_pretrained(tmp_path / "ref")
+    back = copy.deepcopy(base)
+    import_peft(back, tmp_path / "ref", head)
+    with torch.no_grad():
+        close(back.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
+
+
+def test_loop_uses_loraplus_groups(tiny_cfg, tmp_path) -> None:
+    """optimizer.loraplus_lr_ratio reaches the loop's optimizer: B trains at ratio x A's lr."""
+    from lora_exp import train
+
+    cfg = tiny_cfg("optimizer.loraplus_lr_ratio=16", "trainer.max_steps=1", "optimizer.scheduler=constant")
+    job = train.setup(cfg, tmp_path / "run", False, train.tracking.RssPeak())
+    lrs = {n: g["lr"] for g in job.optimizer.param_groups for n in g["names"]}
+    a = [lr for n, lr in lrs.items() if ".lora_A." in n]
+    b = [lr for n, lr in lrs.items() if ".lora_B." in n]
+    assert a and b and all(x == cfg.optimizer.lr for x in a) and all(x == 16 * cfg.optimizer.lr for x in b)
