@@ -86,28 +86,45 @@ def evaluate(
     }
 
 
-def check_gradients(named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool = False) -> None:
+def check_finite(named: list[tuple[str, torch.nn.Parameter]], step: int, loss: torch.Tensor | None = None) -> None:
+    """A diverged run is reported as ``nan`` before any other check can call it untrained."""
+    bad = ["loss"] if loss is not None and not torch.isfinite(loss).all() else []
+    bad += [n for n, p in named if not torch.isfinite(p).all()]
+    if bad:
+        more = " ..." if len(bad) > 4 else ""
+        raise TrainingFailure("nan", f"train loss or weights are not finite at step {step}: {', '.join(bad[:4])}{more}")
+
+
+def check_gradients(
+    named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool = False, loss: torch.Tensor | None = None
+) -> None:
     """After the first update every trainable tensor must have a finite, non-zero gradient.
 
     LoRA A is exempt here: its gradient is exactly zero while B = 0 (B still is after a warm-up step at
-    lr 0); ``check_lora_moving`` covers it a few steps later.
+    lr 0); ``check_lora_moving`` covers it a few steps later. A non-finite loss or gradient is ``nan``.
     """
+    check_finite(named, 0, None if allow_inf else loss)
+    if not allow_inf:  # fp16: an overflowing step is skipped by the scaler, not a broken graph
+        inf = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if inf:
+            raise TrainingFailure(
+                "nan", f"{len(inf)} trainable tensors have a non-finite gradient: {', '.join(inf[:4])}"
+            )
     bad = []
     for name, p in named:
         if ".lora_A." in name:
             continue
         if p.grad is None:
             bad.append(f"{name} (no grad)")
-        elif not torch.isfinite(p.grad).all():
-            if not allow_inf:  # fp16: an overflowing step is skipped by the scaler, not a broken graph
-                bad.append(f"{name} (non-finite grad)")
-        elif not p.grad.abs().sum() > 0:
+        elif torch.isfinite(p.grad).all() and not p.grad.abs().sum() > 0:
             bad.append(f"{name} (zero grad)")
     _fail_if(bad, "trainable tensors get no usable gradient")
 
 
-def check_lora_moving(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
-    """After a few updates every LoRA B has left zero and every LoRA A gets a non-zero gradient."""
+def check_lora_moving(named: list[tuple[str, torch.nn.Parameter]], step: int, loss: torch.Tensor | None = None) -> None:
+    """After a few updates every LoRA B has left zero and every LoRA A gets a non-zero gradient (weights and
+    loss finite first: a diverged run is ``nan``, not untrained)."""
+    check_finite(named, step, loss)
     bad = [f"{n} (still zero)" for n, p in named if ".lora_B." in n and not p.abs().sum() > 0]
     bad += [f"{n} (zero grad)" for n, p in named if ".lora_A." in n and (p.grad is None or not p.grad.abs().sum() > 0)]
     _fail_if(bad, f"LoRA tensors are not training after {step} steps")
@@ -317,9 +334,9 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) 
                     if scaler:
                         scaler.unscale_(optimizer)
                     if pg.step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
-                        check_gradients(trainable, allow_inf=scaler is not None)
+                        check_gradients(trainable, allow_inf=scaler is not None, loss=running)
                     elif pg.step == probe_step - 1 and any(".lora_" in n for n, _ in trainable):
-                        check_lora_moving(trainable, pg.step)
+                        check_lora_moving(trainable, pg.step, loss=running)
                     if t.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t.max_grad_norm)
                     if scaler:
@@ -452,6 +469,7 @@ def _save_weights(
     if cfg.method.name == "full":
         model.save_pretrained(run_dir / "model")
         tokenizer.save_pretrained(run_dir / "model")
+        adapter.make_readable(run_dir / "model")
         size = sum(f.stat().st_size for f in (run_dir / "model").glob("*.safetensors"))
         return {"weights_dir": str(run_dir / "model"), "weights_bytes": size}
     meta = {
