@@ -30,6 +30,7 @@ def test_real_corpus_splits_and_label_balance(splits) -> None:
     assert not texts["test"] & texts["train"] and not texts["validation"] & texts["train"]  # no leak
 
 
+
 def test_real_minilm_loads_with_a_new_head_and_expected_lora_count() -> None:
     cfg = make_cfg()
     tokenizer, model, head = models.build(cfg.model, 2, {0: "rotten", 1: "fresh"})
