@@ -81,11 +81,14 @@ def _read_json(path: Path) -> dict:
 
 
 def set_aside_failure(run_dir: Path) -> None:
-    """A failed result in this job dir is kept as results.failed-N.json before the job runs again."""
+    """A failed result in this job dir is kept as results.failed-N.json (error.txt as error.failed-N.txt)
+    before the job runs again."""
     old = run_dir / "results.json"
     if old.exists() and _read_json(old).get("status") != "ok":
         n = len(list(run_dir.glob("results.failed-*.json")))
         os.replace(old, run_dir / f"results.failed-{n}.json")
+        if (run_dir / ERROR_FILE).exists():  # its traceback goes with it
+            os.replace(run_dir / ERROR_FILE, run_dir / f"error.failed-{n}.txt")
 
 
 def recorded_config(run_dir: Path) -> DictConfig:

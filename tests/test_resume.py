@@ -113,6 +113,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(straight: Path, reviews:
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(run_dir, straight)
     assert len(list(run_dir.glob("results.failed-*.json"))) == 1  # the preemption record is kept
+    assert (run_dir / "error.failed-0.txt").is_file() and not (run_dir / "error.txt").exists()  # with its traceback
 
 
 def test_resume_without_checkpoint_is_one_line(tmp_path: Path) -> None:
