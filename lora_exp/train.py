@@ -103,28 +103,45 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
     }
 
 
-def check_gradients(named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool = False) -> None:
+def check_finite(named: list[tuple[str, torch.nn.Parameter]], step: int, loss: torch.Tensor | None = None) -> None:
+    """A diverged run is reported as ``nan`` before any other check can call it untrained."""
+    bad = ["loss"] if loss is not None and not torch.isfinite(loss).all() else []
+    bad += [n for n, p in named if not torch.isfinite(p).all()]
+    if bad:
+        more = " ..." if len(bad) > 4 else ""
+        raise TrainingFailure("nan", f"train loss or weights are not finite at step {step}: {', '.join(bad[:4])}{more}")
+
+
+def check_gradients(
+    named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool = False, loss: torch.Tensor | None = None
+) -> None:
     """After the first update every trainable tensor must have a finite, non-zero gradient.
 
     LoRA A is exempt here: its gradient is exactly zero while B = 0 (B still is after a warm-up step at
-    lr 0); ``check_lora_moving`` covers it a few steps later.
+    lr 0); ``check_lora_moving`` covers it a few steps later. A non-finite loss or gradient is ``nan``.
     """
+    check_finite(named, 0, None if allow_inf else loss)
+    if not allow_inf:  # fp16: an overflowing step is skipped by the scaler, not a broken graph
+        inf = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if inf:
+            raise TrainingFailure(
+                "nan", f"{len(inf)} trainable tensors have a non-finite gradient: {', '.join(inf[:4])}"
+            )
     bad = []
     for name, p in named:
         if ".lora_A." in name:
             continue
         if p.grad is None:
             bad.append(f"{name} (no grad)")
-        elif not torch.isfinite(p.grad).all():
-            if not allow_inf:  # fp16: an overflowing step is skipped by the scaler, not a broken graph
-                bad.append(f"{name} (non-finite grad)")
-        elif not p.grad.abs().sum() > 0:
+        elif torch.isfinite(p.grad).all() and not p.grad.abs().sum() > 0:
             bad.append(f"{name} (zero grad)")
     _fail_if(bad, "trainable tensors get no usable gradient")
 
 
-def check_lora_moving(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
-    """After a few updates every LoRA B has left zero and every LoRA A gets a non-zero gradient."""
+def check_lora_moving(named: list[tuple[str, torch.nn.Parameter]], step: int, loss: torch.Tensor | None = None) -> None:
+    """After a few updates every LoRA B has left zero and every LoRA A gets a non-zero gradient (weights and
+    loss finite first: a diverged run is ``nan``, not untrained)."""
+    check_finite(named, step, loss)
     bad = [f"{n} (still zero)" for n, p in named if ".lora_B." in n and not p.abs().sum() > 0]
     bad += [f"{n} (zero grad)" for n, p in named if ".lora_A." in n and (p.grad is None or not p.grad.abs().sum() > 0)]
     _fail_if(bad, f"LoRA tensors are not training after {step} steps")
@@ -436,7 +453,7 @@ def optimizer_step(job: Job, timed: bool) -> None:
     if scaler:
         scaler.unscale_(optimizer)
     if pg.step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
-        check_gradients(trainable, allow_inf=scaler is not None)
+        check_gradients(trainable, allow_inf=scaler is not None, loss=job.loss_sum)
     # fp16: the scaler starts at 2**16 and halves at each overflowing (skipped) update, so a smaller scale
     # means some of the first updates did not happen and B may legitimately still be zero
     elif (
@@ -444,7 +461,7 @@ def optimizer_step(job: Job, timed: bool) -> None:
         and any(".lora_" in n for n, _ in trainable)
         and not (scaler and scaler.get_scale() < 2.0**16)
     ):
-        check_lora_moving(trainable, pg.step)
+        check_lora_moving(trainable, pg.step, loss=job.loss_sum)
     if job.cfg.trainer.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for _, p in trainable], job.cfg.trainer.max_grad_norm)
     if scaler:
@@ -623,6 +640,7 @@ def _save_weights(job: Job) -> dict[str, Any]:
     if cfg.method.name == "full":
         job.model.save_pretrained(run_dir / "model")
         job.tokenizer.save_pretrained(run_dir / "model")
+        adapter.make_readable(run_dir / "model")
         size = sum(f.stat().st_size for f in (run_dir / "model").glob("*.safetensors"))
         return {"weights_dir": str(run_dir / "model"), "weights_bytes": size}
     meta = {

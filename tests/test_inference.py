@@ -47,3 +47,32 @@ def test_swap_adapters_matches_each_adapters_own_model(tmp_path: Path) -> None:
     lora.merge(shared)
     with pytest.raises(Exception, match="unmerge"):
         bank.use("news")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_predict_prints_string_label_names(tiny_cfg, tmp_path: Path, method: str) -> None:
+    """A csv labelled neg/pos trains with ids 0/1 (sorted names) and predict answers with the names."""
+    import json
+
+    from lora_exp import train
+
+    from .test_data import write_string_labels
+    from .test_train import cli
+
+    path = write_string_labels(tmp_path / "reviews.csv", ("pos", "neg"), n=80)
+    cfg = tiny_cfg(
+        "data=csv",
+        f"data.path={path}",
+        "data.text_column=review",
+        "data.label_column=sentiment",
+        f"method={method}",
+        "trainer.max_steps=3",
+    )
+    run = tmp_path / "run"
+    train.train(cfg, run)
+    if method == "lora":
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    proc = cli(["predict", f"adapter={run}", "text=good great film", "text=bad dull film"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert lines and all(label in ("neg", "pos") for label, _, _ in lines)

@@ -113,6 +113,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(straight: Path, reviews:
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(run_dir, straight)
     assert len(list(run_dir.glob("results.failed-*.json"))) == 1  # the preemption record is kept
+    assert (run_dir / "error.failed-0.txt").is_file() and not (run_dir / "error.txt").exists()  # with its traceback
 
 
 def test_resume_without_checkpoint_is_one_line(tmp_path: Path) -> None:
@@ -131,3 +132,54 @@ def test_divergence_never_checkpoints_non_finite_weights(tiny_cfg, tmp_path: Pat
     with pytest.raises(TrainingFailure, match="not finite at step 1"):
         train.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint").exists()  # nothing diverged was saved
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for folders): equal snapshots = nothing written."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_resume_that_cannot_resume_writes_nothing(tiny_cfg, tmp_path: Path) -> None:
+    """A missing dir and a failed run without a checkpoint: one line, exit 2, not one byte changed anywhere."""
+    from lora_exp import train
+    from lora_exp.errors import LoraExpError
+
+    failed = tmp_path / "work" / "failed"
+    with pytest.raises(LoraExpError):  # a run that failed before any checkpoint (max_length beyond the model)
+        train.train(tiny_cfg("data.max_length=1024"), failed)
+    (failed / "results.json").write_text(json.dumps({"status": "failed", "reason": "the original reason"}))
+    before = snapshot(tmp_path)
+    missing = tmp_path / "work" / "missing"
+    for target, line in (
+        (missing, f"error: resume='{missing}': no such folder"),
+        (failed, f"error: resume='{failed}': no checkpoint in that dir"),
+    ):
+        proc = cli([f"resume={target}"], tmp_path / "work")
+        assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error")] == [line]
+        assert snapshot(tmp_path) == before  # no results.json rewritten, no run dir, no resume dir created
+    assert not missing.exists()
+
+
+def test_single_run_into_a_dir_holding_another_run_refuses(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("theirs\n")
+    (run / "results.json").write_text(json.dumps({"status": "ok", "test_acc": 0.9}))
+    before = snapshot(tmp_path)
+    proc = cli(["logger=none", f"hydra.run.dir={run}"], tmp_path)
+    assert proc.returncode == 2
+    assert [x for x in proc.stderr.splitlines() if x.startswith("error")] == [
+        f"error: hydra.run.dir='{run}' already holds a run (results.json); give a new hydra.run.dir"
+    ]
+    assert snapshot(tmp_path) == before  # Hydra's .hydra/ of that run is untouched too
+
+
+def test_run_rejected_by_validation_leaves_no_run_dir(tmp_path: Path) -> None:
+    proc = cli(["trainer.seed=-1", "logger=none", f"hydra.run.dir={tmp_path / 'runs' / 'r'}"], tmp_path)
+    assert proc.returncode == 2
+    assert [x for x in proc.stderr.splitlines() if x.startswith("error")] == [
+        "error: trainer.seed=-1 must be an integer in [0, 2**32)"
+    ]
+    assert list(tmp_path.iterdir()) == []  # not even runs/
+    proc = cli(["trainer.seed=-1", "logger=none"], tmp_path)  # the default run dir (runs/<date>/<time>_...)
+    assert proc.returncode == 2 and list(tmp_path.iterdir()) == []

@@ -134,7 +134,7 @@ def test_sweep_grids_compose_and_validate(name: str, jobs: int) -> None:
             assert cfg.lora.alpha == {"'${lora.r}'": r, "'${mul:${lora.r},2}'": 2 * r}.get(alpha, 16)
 
 
-@pytest.mark.parametrize("path", sorted((SWEEPS / "wandb").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((SWEEPS.parent / "wandb_sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_wandb_sweep_yaml_renders_valid_commands(path: Path) -> None:
     spec = yaml.safe_load(path.read_text())
     assert spec["command"] == ["lora-exp", "${args_no_hyphens}"]
