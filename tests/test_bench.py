@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_exp import bench
 from lora_exp.errors import LoraExpError
@@ -72,3 +73,24 @@ def test_peak_table() -> None:
 def test_too_few_repetitions_is_a_one_line_error() -> None:
     with pytest.raises(LoraExpError, match=r"--reps=2 must be >= 3"):
         bench.main("--reps", "2")
+
+
+def test_imdb_like_texts_have_imdb_lengths(tmp_path: Path) -> None:
+    from lora_exp.gpu_acceptance import write_imdb_like
+    from lora_exp.models import _tiny_tokenizer
+
+    shape = write_imdb_like(tmp_path / "r.csv", n=400)
+    texts = [line.rsplit(",", 1)[0] for line in (tmp_path / "r.csv").read_text().splitlines()[1:]]
+    lengths = sorted(len(ids) for ids in _tiny_tokenizer()(texts, truncation=True, max_length=512)["input_ids"])
+    assert 200 <= lengths[200] <= 260  # IMDB's median is ~230 tokens
+    assert lengths[200] == shape["median_tokens_after_cut"]
+    assert 0.01 < sum(n == 512 for n in lengths) / 400 < 0.2  # a long tail, cut at 512
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_gpu_acceptance_without_cuda_is_a_one_line_error(tmp_path: Path) -> None:
+    from lora_exp import gpu_acceptance
+
+    with pytest.raises(LoraExpError, match="no CUDA device is visible"):
+        gpu_acceptance.main(["--out", str(tmp_path / "s.json")])
+    assert not (tmp_path / "s.json").exists()
