@@ -10,13 +10,14 @@ same logging interval (the loss is read on the host every ``trainer.log_every`` 
 Timing window: from the end of optimizer step ``warmup`` to the end of step ``warmup + steps``, so model
 loading, tokenisation, the first steps (allocator growth, kernel selection) and our end-of-run evaluation
 are outside. Our loop is timed with a global optimizer step post-hook
-(``torch.optim.optimizer.register_optimizer_step_post_hook``), HF Trainer with a ``TrainerCallback`` at
-``on_step_end``; on CUDA both synchronise at the two window edges only. Samples and tokens (real and
-padded) are counted in each side's collate function, the same wrapper for both. Contenders alternate
-(ours, hf, ours, hf, ...) over ``--reps`` >= 3 repetitions; medians and min/max are reported and
-``speedup`` per method is the ratio of the median samples/s (ours / hf). On a GPU, MFU is the FLOPs of one
-training step (forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode`` on a batch of
-the window's mean padded length) per second against the GPU's peak dense bf16 FLOP/s.
+(``torch.optim.optimizer.register_optimizer_step_post_hook``; with fp16 at ``GradScaler.update``, as the
+scaler skips the optimizer on overflowing steps), HF Trainer with a ``TrainerCallback`` at ``on_step_end``;
+on CUDA both synchronise at the two window edges only. Samples and tokens (real and padded) are counted in
+each side's collate function, the same wrapper for both. Contenders alternate (ours, hf, ours, hf, ...)
+over ``--reps`` >= 3 repetitions; medians and min/max are reported, and ``speedup`` per method is the ratio
+of the median samples/s (ours / hf). On a GPU, MFU is the FLOPs of one training step (forward + backward,
+counted by ``torch.utils.flop_counter.FlopCounterMode`` on a batch of the window's mean padded length) per
+second against the GPU's peak dense bf16 FLOP/s.
 Needs ``peft`` (a dev extra) for the PEFT contender.
 """
 
@@ -29,7 +30,8 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,42 @@ def job_config(method: str, warmup: int, steps: int, batch: int, overrides: list
     )
 
 
+def device_name(device: str | torch.device) -> str:
+    """``cuda`` resolved to ``cuda:<current>``, so both sides' records compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+@contextmanager
+def step_hook(window: StepWindow, fp16: bool) -> Iterator[None]:
+    """Call ``window.step()`` after every optimizer step of our loop.
+
+    A global optimizer post-hook; with fp16 the GradScaler skips ``optimizer.step()`` on overflowing steps
+    (the first few, while the scale settles), so there each step is counted at ``GradScaler.update``,
+    which our loop calls once per step (as HF's ``on_step_end`` fires once per step, skipped or not).
+    """
+    if not fp16:
+        handle = register_optimizer_step_post_hook(lambda *_: window.step())
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    update = torch.amp.GradScaler.update
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        update(self, *args, **kwargs)
+        window.step()
+
+    torch.amp.GradScaler.update = counted
+    try:
+        yield
+    finally:
+        torch.amp.GradScaler.update = update
+
+
 def _flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
@@ -152,7 +190,7 @@ def _flags(precision: str) -> dict[str, bool]:
 def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
     """Our loop via ``train()``; the window hooks every optimizer step and wraps the training collate."""
     from lora_exp import data
-    from lora_exp.train import train
+    from lora_exp.train import pick_device, pick_precision, train
 
     make_loaders = data.make_loaders
 
@@ -161,21 +199,21 @@ def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
         loaders.train.collate_fn = window.collate(loaders.train.collate_fn)
         return loaders
 
-    hook = register_optimizer_step_post_hook(lambda *_: window.step())
+    device = pick_device(cfg.trainer.device)
+    fp16 = pick_precision(cfg.trainer.precision, device) == "fp16"
     data.make_loaders = counted_loaders
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, step_hook(window, fp16):
             res = train(cfg, Path(tmp) / "run")
     finally:
         data.make_loaders = make_loaders
-        hook.remove()
     return {
         "precision": res["precision"],
         "precision_flags": _flags(res["precision"]),
         "batch_size": res["batch_size"],
         "pad_to_multiple_of": PAD_MULTIPLE,
         "group_by_length": bool(cfg.trainer.group_by_length),
-        "device": res["device"],
+        "device": device_name(res["device"]),
         "trainable_params": res["trainable_params"],
     }
 
@@ -241,7 +279,7 @@ def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
     t = cfg.trainer
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # HF/accelerate place the model on the current CUDA device
     tokenizer, model = _hf_model(cfg)
     model.to(device)
@@ -290,7 +328,7 @@ def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
         "batch_size": args.per_device_train_batch_size,
         "pad_to_multiple_of": collator.pad_to_multiple_of,
         "group_by_length": args.train_sampling_strategy == "group_by_length",
-        "device": str(next(model.parameters()).device),
+        "device": device_name(next(model.parameters()).device),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 

@@ -83,7 +83,7 @@ def test_resume_on_gpu_finishes_like_the_straight_run(tiny_cfg, tmp_path: Path) 
     assert resumed["steps"] == straight["steps"]
     assert resumed["data_order_digest"] == straight["data_order_digest"]
     # CUDA kernels are not bitwise deterministic unless trainer.deterministic: equal within a tolerance
-    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=0.02)
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=0.05)
 
 
 def test_last_visible_gpu_is_used(tiny_cfg, tmp_path: Path) -> None:
