@@ -9,6 +9,8 @@
 #   bash ../shared/gpu/offline_assets.sh                                       # -> .gpu_assets/ (MiniLM + corpus)
 # (with --no-wandb, runs use logger=none, which needs no wandb). Then, on the GPU machine:
 #   bash scripts/gpu_acceptance.sh [SUMMARY.json]       default: $OUT/gpu_acceptance.json (or ./ without $OUT)
+# Expected to take 5-8 minutes on an H100 (stages time out at 5 / 5 / 7 minutes; the summary is rewritten after
+# each stage, so a run cut off by a 10-minute limit keeps what finished; --skip splits it over calls).
 # Extra options go to the Python module, e.g. --skip tests or --steps 100:
 #   bash scripts/gpu_acceptance.sh "$OUT/gpu.json" --skip sweep
 set -euo pipefail
