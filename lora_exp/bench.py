@@ -143,6 +143,8 @@ def job_config(method: str, warmup: int, steps: int, batch: int, overrides: list
             "trainer.checkpoint_every=0",
             "logger=none",
             "save_weights=false",
+            # the same work on both sides: our frozen-encoder cache would skip the encoder HF runs every step
+            "trainer.feature_cache=false",
         ]
     )
 
@@ -219,19 +221,14 @@ def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
 
 
 def _adamw(model: torch.nn.Module, cfg: Any, device: torch.device, total_steps: int) -> tuple[Any, Any]:
-    """AdamW and schedule exactly as our loop builds them (decay on >= 2-D trainable weights only)."""
+    """AdamW and schedule exactly as our loop builds them (``train.make_optimizer``: the same groups, LoRA+
+    included, as PEFT's parameter names hold ``lora_A`` / ``lora_B`` too)."""
     from transformers import get_scheduler
 
+    from lora_exp.train import make_optimizer
+
     o = cfg.optimizer
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(
-        groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=cuda, foreach=None if cuda else True
-    )
+    opt = make_optimizer(model, o, device)
     sched = get_scheduler(
         o.scheduler, opt, num_warmup_steps=int(o.warmup_ratio * total_steps), num_training_steps=total_steps
     )

@@ -27,11 +27,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.config import arm_hash, config_hash, group_hash, register_configs, validate
+from lora_exp.config import CONF_DIR, arm_hash, config_hash, group_hash, register_configs, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.tracking import write_json
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
