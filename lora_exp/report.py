@@ -257,7 +257,8 @@ def _filled(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The protocol: per arm (``arm_hash``), the lr with the best mean validation accuracy over seeds; test
-    accuracy at that lr (mean, 95% CI); and the paired difference to full fine-tuning on the same seeds."""
+    accuracy at that lr (mean, 95% CI); and the paired differences (same seeds) to the reference arms: full
+    fine-tuning, and plain LoRA (``variant`` lora) of the same rank and targets when the dir holds it."""
     ok = _filled(df[df["status"] == "ok"], PAIR_KEYS)
     if ok.empty:
         return pd.DataFrame(), pd.DataFrame()
@@ -281,20 +282,34 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             adapter_params=("adapter_params", "first"),
             head_params=("head_params", "first"),
             other_params=("other_trainable_params", "first"),
+            predicted_peak_gib=("mem_predicted_peak_bytes", _gib),
+            samples_per_s=("samples_per_s", "mean"),
         )
         .reset_index()
     )
     table["lrs_tried"] = [tried[a] for a in table["_arm"]]
     table.insert(0, "config", _labels(table, "_arm", with_lr=False))
     label = dict(zip(table["_arm"], table["config"]))
-    full = chosen[chosen.method == "full"][[*PAIR_KEYS, "seed", "test_acc"]].rename(columns={"test_acc": "full_acc"})
     rows = []
-    for arm, runs in chosen[chosen.method != "full"].groupby("_arm", sort=False):
-        diff = (lambda p: p["test_acc"] - p["full_acc"])(runs.merge(full, on=[*PAIR_KEYS, "seed"]))
-        if len(diff):
-            rows.append(
-                {"config": label[arm], "pairs": len(diff), "diff_vs_full": diff.mean(), "diff_ci95": ci95(diff)}
-            )
+    plain = chosen["variant"].eq("lora") & chosen["method"].eq("lora") if "variant" in chosen else None
+    references = [("full fine-tuning", chosen["method"].eq("full"), PAIR_KEYS)]
+    if plain is not None and plain.any():  # LoRA of the same shape: what each variant claims to beat
+        references.append(("LoRA", plain, [*PAIR_KEYS, "r", "targets"]))
+    for ref_name, is_ref, keys in references:
+        ref = chosen[is_ref][[*keys, "seed", "test_acc"]].rename(columns={"test_acc": "ref_acc"})
+        for arm, runs in chosen[~is_ref].groupby("_arm", sort=False):
+            pairs = runs.merge(ref, on=[*keys, "seed"])
+            diff = pairs["test_acc"] - pairs["ref_acc"]
+            if len(diff):
+                rows.append(
+                    {
+                        "config": label[arm],
+                        "reference": ref_name,
+                        "pairs": len(diff),
+                        "diff": diff.mean(),
+                        "diff_ci95": ci95(diff),
+                    }
+                )
     return table, pd.DataFrame(rows)
 
 
@@ -316,6 +331,8 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
                 f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(table.test_acc, table.test_acc_ci95)
             ],
             "seeds": table["seeds"],
+            "predicted peak (GiB)": table["predicted_peak_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}"),
+            "samples/s": table["samples_per_s"].map("{:.1f}".format),
             "trainable (adapter / head / other)": [
                 f"{_count(t)} ({_count(a)} / {_count(h)} / {_count(o)})"
                 for t, a, h, o in zip(
@@ -325,18 +342,17 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
         }
     )
     text = show.to_markdown(index=False) + "\n"
-    if not paired.empty:
+    for ref_name, rows in paired.groupby("reference", sort=False) if not paired.empty else []:
         diffs = pd.DataFrame(
             {
-                "config": paired["config"],
-                "paired seeds": paired["pairs"],
-                "test acc − full FT (mean ± 95% CI)": [
-                    f"{m:+.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}")
-                    for m, c in zip(paired.diff_vs_full, paired.diff_ci95)
+                "config": rows["config"],
+                "paired seeds": rows["pairs"],
+                f"test acc − {ref_name} (mean ± 95% CI)": [
+                    f"{m:+.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(rows["diff"], rows.diff_ci95)
                 ],
             }
         )
-        text += "\nPaired difference to full fine-tuning (same seed):\n\n" + diffs.to_markdown(index=False) + "\n"
+        text += f"\nPaired difference to {ref_name} (same seed):\n\n" + diffs.to_markdown(index=False) + "\n"
     return text
 
 

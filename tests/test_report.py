@@ -144,7 +144,8 @@ def test_fair_protocol_picks_lr_on_validation_and_pairs_seeds(tmp_path: Path) ->
     chosen = dict(zip(table.method, table.lr))
     assert chosen == {"full": 1e-4, "lora": 2e-3}
     assert table.set_index("method").loc["full", "test_acc"] == pytest.approx(0.82)
-    assert paired.iloc[0]["diff_vs_full"] == pytest.approx(0.02)  # 0.82+s - (0.80+s) on each seed
+    assert paired.iloc[0]["reference"] == "full fine-tuning"
+    assert paired.iloc[0]["diff"] == pytest.approx(0.02)  # 0.82+s - (0.80+s) on each seed
     assert paired.iloc[0]["diff_ci95"] == pytest.approx(0.0, abs=1e-12)
     md = report.fair_markdown(table, paired)
     assert "Paired difference to full fine-tuning" in md and "+0.0200" in md
@@ -267,3 +268,25 @@ def test_memory_figures_use_measured_gpu_peak_else_predicted() -> None:
     gpu = cpu.assign(peak_vram_gib=[2.0, 1.0])
     values, label = figures.peak_memory(gpu)
     assert list(values) == [2.0, 1.0] and "measured" in label
+
+
+def test_variants_pair_with_plain_lora_of_the_same_shape(tmp_path: Path) -> None:
+    """DoRA is compared with LoRA at the same r and targets on the same seeds (and both with full FT)."""
+    accs = {
+        ("full", "full", None): 0.80,
+        ("lora", "lora", 8): 0.82,
+        ("lora", "dora", 8): 0.85,
+        ("lora", "lora", 32): 0.9,
+    }
+    for (method, variant, r), acc in accs.items():
+        for lr in (1e-3, 2e-3):
+            for seed in (1, 2):
+                name = f"{variant}{r}{lr}s{seed}"
+                fields = dict(method=method, variant=variant, lr=lr, seed=seed, r=r, alpha=16 if r else None)
+                fields.update(test_acc=acc + seed / 100, best_val_acc=acc, targets="q+v" if r else None)
+                _result(tmp_path, name, **fields)
+    _, paired = report.fair_comparison(report.load_runs(tmp_path))
+    vs_lora = paired[paired.reference == "LoRA"].set_index("config")["diff"]
+    assert len(vs_lora) == 1 and vs_lora.iloc[0] == pytest.approx(0.03)  # dora r=8 - lora r=8; r=32 has no twin
+    assert "dora" in vs_lora.index[0]
+    assert (paired.reference == "full fine-tuning").sum() == 3
