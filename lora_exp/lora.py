@@ -39,6 +39,13 @@ ALIASES: dict[str, dict[str, list[str]]] = {
     "bert": {**_BERT, "head": [r"bert\.pooler\.dense"]},
     "roberta": {**_BERT, "head": [r"classifier\.dense"]},
     "xlm-roberta": {**_BERT, "head": [r"classifier\.dense"]},
+    "whisper": {  # the encoder's layers (WhisperForAudioClassification, or a seq2seq model's encoder)
+        "q": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.q_proj"],
+        "k": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.k_proj"],
+        "v": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.v_proj"],
+        "o": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.out_proj"],
+        "ffn": [r"(.*\.)?encoder\.layers\.\d+\.fc1", r"(.*\.)?encoder\.layers\.\d+\.fc2"],
+    },
 }
 ALIAS_NAMES = ("q", "k", "v", "o", "ffn", "head")
 
