@@ -142,7 +142,7 @@ def set_window(model: PreTrainedModel, fe: Any, seconds: float) -> None:
     enc.embed_positions = new
     enc.max_source_positions = positions
     model.config.max_source_positions = positions  # the encoder checks input length against this
-    fe.chunk_length = seconds
+    fe.chunk_length = int(seconds) if float(seconds).is_integer() else seconds  # saved; reloads give n_samples
     fe.n_samples = int(round(seconds * fe.sampling_rate))
     fe.nb_max_frames = fe.n_samples // fe.hop_length
 
@@ -228,3 +228,19 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int | None]:
         x = np.load(path).astype(np.float32)
         return x.reshape(-1) if x.ndim > 1 else x, None
     raise LoraExpError(f"predict: {str(path)!r} is not a .wav or .npy file")
+
+
+@torch.inference_mode()
+def predict(
+    model: PreTrainedModel, fe: Any, signals: list[np.ndarray], source_rate: int, batch_size: int = 32
+) -> list[tuple[str, float]]:
+    """``(label, probability)`` per mono signal at ``source_rate`` (e.g. from ``read_audio`` or a generated clip)."""
+    collate, out = AudioCollator(fe, source_rate), []
+    device = next(model.parameters()).device
+    model.eval()
+    for i in range(0, len(signals), batch_size):
+        batch = {k: v.to(device) for k, v in collate.features(signals[i : i + batch_size]).items()}
+        probs = torch.softmax(model(**batch).logits.float(), -1)
+        conf, idx = probs.max(-1)
+        out += [(model.config.id2label[int(j)], float(c)) for j, c in zip(idx, conf)]
+    return out

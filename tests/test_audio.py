@@ -65,6 +65,24 @@ def test_tiny_whisper_runs_on_the_clip_length() -> None:
     assert head == ["classifier", "projector"]
 
 
+def test_shortened_window_survives_save_and_reload(tmp_path: Path) -> None:
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+    fe, model, _ = models.build(whisper_cfg(audio_max_seconds=6.0), 2, {0: "noise", 1: "signal"})
+    fe.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    fe2, model2 = (
+        AutoFeatureExtractor.from_pretrained(tmp_path),
+        AutoModelForAudioClassification.from_pretrained(tmp_path),
+    )
+    assert fe2.n_samples == 96000 and model2.config.max_source_positions == 300
+    x = features(fe2, 6.0)
+    torch.testing.assert_close(model2.eval()(input_features=x).logits, model.eval()(input_features=x).logits)
+    clip = np.random.default_rng(0).standard_normal(3 * 4096).astype(np.float32)
+    ((label, prob),) = audio.predict(model2, fe2, [clip], 2048)
+    assert label in ("noise", "signal") and 0.5 <= prob <= 1.0
+
+
 def test_window_must_be_whole_frames_and_fit_the_table() -> None:
     with pytest.raises(LoraExpError, match=r"model.audio_max_seconds=0.01 must be a positive multiple of 0.02"):
         models.build(whisper_cfg(audio_max_seconds=0.01), 2)
