@@ -192,6 +192,21 @@ def test_audio_presets_compose_and_validate(preset: str) -> None:
     assert cfg.lora.r == 8 and list(cfg.lora.targets) == ["q", "v"]
 
 
+@pytest.mark.parametrize("preset", ["gw_whisper", "gw_whisper_offline"])
+def test_gw_methods_sweep_gives_three_valid_jobs(preset: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from lora_exp.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["+sweep=gw_methods", f"experiment={preset}"], return_hydra_config=True)
+    assert hydra_cfg.hydra.sweeper.params.method == "full,frozen,lora"
+    for method in ("full", "frozen", "lora"):
+        cfg = make_cfg(["+sweep=gw_methods", f"experiment={preset}", f"method={method}"])
+        config.validate(cfg)
+        assert (cfg.sweep_name, cfg.method.name, cfg.trainer.monitor) == ("gw_methods", method, "val/auc")
+
+
 def test_audio_config_errors_are_one_line_each() -> None:
     cfg = make_cfg(
         ["model=tiny_whisper", "trainer.monitor=val/precision", "model.audio_max_seconds=2.0", "data=gw_synthetic"]
