@@ -270,9 +270,10 @@ def test_monitor_auc_picks_the_best_auc_step(gw_cache: Path) -> None:
     from lora_exp.train import train
 
     r = train(make_cfg([*E2E, "method=lora", "trainer.eval_every=1", "trainer.monitor=val/auc"]), gw_cache / "m")
-    history = [h for h in r["history"] if "auc" in h or "val/auc" in h]
-    aucs = [h.get("val/auc", h.get("auc")) for h in history]
-    best = history[int(np.nanargmax(aucs))]
+    history = r["history"]  # one row per evaluation: step, epoch, time_s, val_acc, val_f1, val_auc, val_loss
+    aucs = [h["val_auc"] for h in history]
+    assert len(aucs) == r["steps"]  # eval_every=1: every step evaluated
+    best = history[int(np.nanargmax(aucs))]  # the first of equal maxima, as is_better keeps ties
     assert r["best_step"] == best["step"] and r["best_val_auc"] == pytest.approx(max(aucs))
 
 
