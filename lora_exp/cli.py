@@ -309,19 +309,24 @@ def _rerun(*args: str) -> int:
 
 
 def _predict(*args: str) -> int:
-    """lora-exp predict adapter=RUN_DIR text="..." [file=TEXTS.txt]  (Hydra-style key=value arguments)."""
+    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy  (key=value arguments)."""
     from lora_exp.inference import predict
 
     kv = dict(a.split("=", 1) for a in args if "=" in a)
-    bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file")]
-    if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file")):
+    bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file", "audio")]
+    if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file") or kv.get("audio")):
         raise LoraExpError(
-            f'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt (got {list(args)})'
+            'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav '
+            f"(got {list(args)})"
         )
     run_dir = Path(kv.get("adapter") or kv["run"])
     if run_dir.name == "adapter":  # the adapter folder itself: its run dir holds the config
         run_dir = run_dir.parent
     texts = [kv["text"]] if "text" in kv else []
+    if "audio" in kv:  # an audio run: the clip's path (.wav, or .npy at the data's sample rate)
+        if not Path(kv["audio"]).is_file():
+            raise LoraExpError(f"predict: audio={kv['audio']!r}: no such file")
+        texts.append(kv["audio"])
     if "file" in kv:
         if not Path(kv["file"]).is_file():
             raise LoraExpError(f"predict: file={kv['file']!r}: no such file")

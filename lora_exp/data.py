@@ -163,7 +163,11 @@ def _subset(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
 
 def load_splits(cfg: DictConfig) -> DatasetDict:
     """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured."""
-    if cfg.source == "hub":
+    if cfg.source == "gw":  # synthetic gravitational-wave audio (lora_exp/gw_data.py), generated once to the cache
+        from lora_exp import gw_data
+
+        splits = gw_data.as_splits(gw_data.GwOptions.from_cfg(cfg.gw))
+    elif cfg.source == "hub":
         raw = from_hub("data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir))
         raw = DatasetDict({k: _to_text_label(v, cfg) for k, v in raw.items()})
         if "train" not in raw:

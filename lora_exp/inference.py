@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -14,7 +15,12 @@ from lora_exp.errors import LoraExpError
 
 def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and eval-mode model of a finished run (LoRA merged: no extra latency)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoFeatureExtractor,
+        AutoModelForAudioClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     from lora_exp.train import build_model
 
@@ -26,8 +32,12 @@ def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Modul
     if cfg.method.name == "full":
         if not (run_dir / "model").is_dir():
             raise LoraExpError(f"run dir {str(run_dir)!r} has no saved model/ (trained with save_weights=false?)")
-        tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
-        model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
+        if cfg.model.get("task", "text") == "audio":
+            tokenizer = AutoFeatureExtractor.from_pretrained(run_dir / "model")
+            model = AutoModelForAudioClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+            model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
     else:
         meta, tensors = adapter.read_adapter(run_dir / "adapter")
         if meta.get("num_labels") != cfg.data.num_labels:
@@ -80,8 +90,19 @@ class AdapterBank:
 
 
 def predict(run_dir: Path, texts: list[str], batch_size: int = 64) -> list[tuple[str, float]]:
-    """(label, probability) for each text with a finished run's merged model."""
+    """(label, probability) for each text (audio runs: each .wav / .npy path) with a finished run's merged model."""
     tokenizer, model = load_trained(run_dir)
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    if cfg.model.get("task", "text") == "audio":
+        from lora_exp import audio
+
+        signals = []
+        for path in texts:
+            signal, rate = audio.read_audio(path)
+            if rate not in (None, cfg.data.gw.sample_rate):
+                signal = audio.resample(signal, rate, cfg.data.gw.sample_rate)
+            signals.append(np.asarray(signal, dtype=np.float32).reshape(-1))  # (detectors, n): back to back
+        return audio.predict(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size)
     id2label = model.config.id2label
     out: list[tuple[str, float]] = []
     with torch.inference_mode():

@@ -66,6 +66,13 @@ ALIASES: dict[str, dict[str, list[str]]] = {
     **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
     "gpt2": _GPT2,
     "modernbert": _MODERNBERT,
+    "whisper": {  # the encoder's layers (WhisperForAudioClassification, or a seq2seq model's encoder)
+        "q": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.q_proj"],
+        "k": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.k_proj"],
+        "v": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.v_proj"],
+        "o": [r"(.*\.)?encoder\.layers\.\d+\.self_attn\.out_proj"],
+        "ffn": [r"(.*\.)?encoder\.layers\.\d+\.fc1", r"(.*\.)?encoder\.layers\.\d+\.fc2"],
+    },
 }
 ALIAS_NAMES = ("q", "k", "v", "qkv", "o", "ffn", "head")
 # Families whose attention computes q, k and v in one fused layer: q/k/v alone cannot be adapted.

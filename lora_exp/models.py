@@ -118,7 +118,12 @@ def model_location(cfg: DictConfig) -> str:
 def build(
     cfg: DictConfig, num_labels: int, id2label: dict[int, str] | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, list[str]]:
-    """Tokenizer, fp32 model and the head (module paths or bare parameter names, trained in full by frozen/lora)."""
+    """Tokenizer (feature extractor for ``task=audio``), fp32 model and the head (module paths or bare
+    parameter names, trained in full by frozen/lora)."""
+    if cfg.get("task", "text") == "audio":  # lora_exp/audio.py: AutoModelForAudioClassification / tiny Whisper
+        from lora_exp import audio
+
+        return audio.build(cfg, num_labels, id2label)
     if cfg.source == "tiny":
         model = _tiny_model(cfg, num_labels)
         if id2label:

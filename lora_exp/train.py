@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lora_exp import adapter, checkpoint, data, features, memory, models, tracking, variants
+from lora_exp import adapter, checkpoint, data, features, memory, metrics, models, tracking, variants
 from lora_exp.config import arm_hash, config_hash, group_hash, model_facts, recorded, resolved_dict, validate
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.models import build_model, sub_seeds  # noqa: F401  (build_model: the public entry)
@@ -76,29 +76,23 @@ def make_deterministic(device: torch.device) -> None:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any) -> dict:
-    """Accuracy, macro-F1, mean loss and the predicted-class counts over a loader."""
+    """Accuracy, macro-F1, ROC-AUC (binary), mean loss and the predicted / true class counts over a loader."""
     model.eval()
-    preds, labels, loss_sum = [], [], torch.zeros((), device=device)
+    logits, labels, loss_sum = [], [], torch.zeros((), device=device)
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with amp():
             out = model(**batch)
         loss_sum += out.loss.float() * len(batch["labels"])
-        preds.append(out.logits.argmax(-1))
+        logits.append(out.logits.float())
         labels.append(batch["labels"])
     model.train()
-    p, y = torch.cat(preds), torch.cat(labels)
-    n_classes = out.logits.shape[-1]
-    f1s = []
-    for c in range(n_classes):
-        tp = ((p == c) & (y == c)).sum()
-        denom = (p == c).sum() + (y == c).sum()
-        f1s.append(2 * tp / denom if denom > 0 else torch.zeros((), device=device))
+    z, y = torch.cat(logits), torch.cat(labels)
+    n_classes = z.shape[-1]
     return {
-        "acc": (p == y).float().mean().item(),
-        "f1": torch.stack(f1s).mean().item(),
+        **metrics.classification_metrics(z, y),
         "loss": (loss_sum / len(y)).item(),
-        "pred_counts": torch.bincount(p, minlength=n_classes).tolist(),  # all one class: a flag in the report
+        "pred_counts": torch.bincount(z.argmax(-1), minlength=n_classes).tolist(),  # all one class: a flag
         "label_counts": torch.bincount(y, minlength=n_classes).tolist(),  # the majority-class baseline
     }
 
@@ -280,9 +274,17 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -
     model.to(device)
     if t.get("gradient_checkpointing"):
         memory.enable_gradient_checkpointing(model)
-    tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
     generator = torch.Generator().manual_seed(seeds["data"])
-    loaders = data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
+    if cfg.model.get("task", "text") == "audio":  # fixed-length clips: features per batch, no length grouping
+        from lora_exp import audio
+
+        tok = splits
+        loaders = audio.make_loaders(
+            splits, tokenizer, cfg.data.gw.sample_rate, t.batch_size, t.eval_batch_size, generator
+        )
+    else:
+        tok = data.tokenize(splits, tokenizer, cfg.data.max_length)
+        loaders = data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
     if device.type == "cuda":
         data.pin_memory(loaders)
 
@@ -501,17 +503,20 @@ def validate_now(job: Job, epoch: float) -> None:
     )
     job.run.log(
         {
-            "val/acc": m["acc"],
-            "val/f1": m["f1"],
-            "val/loss": m["loss"],
+            **{f"val/{k}": v for k, v in m.items() if not k.endswith("_counts") and not _is_nan(v)},
             "epoch": epoch,
             "time/train_s": pg.train_seconds,
         },
         step=pg.step,
     )
-    if m["acc"] > pg.best["acc"]:  # one selection metric; every metric reported at that step
+    monitor = job.cfg.trainer.get("monitor", "val/acc")  # one selection metric; every metric reported at that step
+    if metrics.is_better(monitor, m[metrics.monitor_key(monitor)], pg.best.get(metrics.monitor_key(monitor))):
         pg.best = {**{k: v for k, v in m.items() if not k.endswith("_counts")}, "step": pg.step, "epoch": epoch}
         job.best_state = adapter.trainable_state(job.model)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def save_checkpoint(job: Job, epoch_state: torch.Tensor) -> None:
@@ -559,11 +564,14 @@ def finish(job: Job) -> dict[str, Any]:
         "best_val_acc": pg.best["acc"],
         "best_val_f1": pg.best["f1"],
         "best_val_loss": pg.best["loss"],
+        "best_val_auc": _none_if_nan(pg.best.get("auc")),
+        "monitor": t.get("monitor", "val/acc"),
         "best_step": pg.best["step"],
         "best_epoch": pg.best["epoch"],
         "test_acc": test["acc"],
         "test_f1": test["f1"],
         "test_loss": test["loss"],
+        "test_auc": _none_if_nan(test.get("auc")),
         "test_pred_counts": test["pred_counts"],
         **memory,
         "train_seconds": pg.train_seconds,
@@ -625,6 +633,11 @@ def _memory_summary(job: Job, measured: dict[str, Any]) -> dict[str, Any]:
         peak = max(measured["peak_vram_bytes"], job.sampled.prior_peak_allocated)
         measured.update(peak_vram_bytes=peak, peak_vram_above_baseline_bytes=peak - job.baseline)
     return job.sampled.result(job.model)
+
+
+def _none_if_nan(value: float | None) -> float | None:
+    """NaN (AUC of a one-class split) as null in results.json."""
+    return None if value is None or _is_nan(value) else value
 
 
 def _scaling(cfg: DictConfig) -> float | None:

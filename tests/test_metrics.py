@@ -1,0 +1,57 @@
+"""AUC from scikit-learn on fixed inputs, accuracy / macro-F1, and the monitor's selection rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+
+from lora_exp.errors import LoraExpError
+from lora_exp.metrics import classification_metrics, initial_best, is_better, monitor_key
+
+LOGITS = torch.tensor([[2.0, 0.1], [0.3, 0.2], [0.0, 1.5], [1.0, 1.2], [0.5, -0.5], [-1.0, 0.4]])
+LABELS = torch.tensor([0, 1, 1, 0, 0, 1])
+
+
+def test_auc_acc_f1_equal_scikit_learn() -> None:
+    m = classification_metrics(LOGITS, LABELS)
+    p1 = torch.softmax(LOGITS, -1)[:, 1].numpy()
+    pred = LOGITS.argmax(-1).numpy()
+    assert m["auc"] == pytest.approx(roc_auc_score(LABELS.numpy(), p1))
+    assert m["auc"] == pytest.approx(8 / 9)  # by hand: 8 of the 9 (positive, negative) pairs ordered right
+    assert m["acc"] == pytest.approx((pred == LABELS.numpy()).mean())
+    assert m["f1"] == pytest.approx(f1_score(LABELS.numpy(), pred, average="macro"))
+
+
+def test_auc_is_nan_for_one_class_or_multiclass() -> None:
+    assert math.isnan(classification_metrics(LOGITS, torch.zeros(6, dtype=torch.long))["auc"])
+    three = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    m = classification_metrics(three, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert math.isnan(m["auc"]) and 0 <= m["f1"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("monitor", "new", "best", "expected"),
+    [
+        ("val/auc", 0.9, 0.8, True),
+        ("val/auc", 0.8, 0.9, False),
+        ("val/acc", 0.8, 0.8, False),  # a tie keeps the earlier step
+        ("val/f1", 0.7, None, True),
+        ("val/loss", 0.2, 0.3, True),
+        ("val/loss", 0.4, 0.3, False),
+        ("val/auc", math.nan, 0.5, False),  # a NaN (one-class validation) never wins
+        ("val/auc", 0.5, math.nan, True),
+        ("val/loss", 5.0, initial_best("val/loss"), True),
+        ("val/auc", 0.0, initial_best("val/auc"), True),
+    ],
+)
+def test_is_better_per_monitor(monitor: str, new: float, best: float, expected: bool) -> None:
+    assert is_better(monitor, new, best) is expected
+
+
+def test_unknown_monitor_is_an_error() -> None:
+    with pytest.raises(LoraExpError, match=r"trainer.monitor='val/precision' is not one of"):
+        is_better("val/precision", 1.0, 0.0)
+    assert monitor_key("val/auc") == "auc"
