@@ -131,13 +131,22 @@ def plot_cost(summary: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def monitored(runs: pd.DataFrame) -> str:
+    """The metric the runs selected their best step by (``acc`` unless every run monitored another)."""
+    monitors = set(runs["monitor"].fillna("val/acc")) if "monitor" in runs else set()
+    return monitors.pop().split("/", 1)[1] if len(monitors) == 1 else "acc"
+
+
 def plot_validation_curves(runs: pd.DataFrame, path: Path) -> Path:
-    """Validation accuracy per run against epoch and against training wall-clock time.
+    """The monitored validation metric (``trainer.monitor``: accuracy by default, AUC for the detector) per
+    run against epoch and against training wall-clock time (the seed's two figures).
 
     ``runs`` holds one row per job with a ``config`` label; many runs get one legend entry per method.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     runs = runs[runs["status"] == "ok"]
+    key = monitored(runs)
+    name = {"acc": "accuracy", "f1": "macro-F1", "auc": "ROC-AUC", "loss": "loss"}[key]
     by_method = len(runs) > 8
     seen: set[str] = set()
     for _, row in runs.iterrows():
@@ -150,15 +159,18 @@ def plot_validation_curves(runs: pd.DataFrame, path: Path) -> Path:
         else:
             seen.add(label)
         color = METHOD_COLORS.get(row["method"])
-        left.plot(hist["epoch"], hist["val_acc"], marker=".", color=color, alpha=0.8, label=label)
-        right.plot(hist["time_s"], hist["val_acc"], marker=".", color=color, alpha=0.8)
-    _majority(left, runs)
-    _majority(right, runs)
+        if f"val_{key}" not in hist:
+            continue
+        left.plot(hist["epoch"], hist[f"val_{key}"], marker=".", color=color, alpha=0.8, label=label)
+        right.plot(hist["time_s"], hist[f"val_{key}"], marker=".", color=color, alpha=0.8)
+    if key == "acc":
+        _majority(left, runs)
+        _majority(right, runs)
     left.set_xlabel("epoch")
     right.set_xlabel("training wall-clock time (s)")
-    left.set_ylabel("validation accuracy")
-    left.set_title("Validation accuracy vs epoch")
-    right.set_title("Validation accuracy vs training time")
+    left.set_ylabel(f"validation {name}")
+    left.set_title(f"Validation {name} vs epoch")
+    right.set_title(f"Validation {name} vs training time")
     for ax in (left, right):
         ax.grid(alpha=0.3)
     if left.get_legend_handles_labels()[0]:

@@ -47,6 +47,9 @@ COLUMNS = [
     "head_params",
     "other_trainable_params",
     "mem_predicted_peak_bytes",
+    "monitor",
+    "best_val_auc",
+    "test_auc",
     "peak_vram_bytes",
     "peak_host_rss_bytes",
 ]
@@ -145,6 +148,16 @@ def _gib(values: pd.Series) -> float:
     return values.mean() / 2**30 if values.notna().any() else math.nan
 
 
+def _auc_columns(summary: pd.DataFrame) -> dict[str, list[str]]:
+    """Validation / test ROC-AUC columns when a run selected its best step by AUC (``trainer.monitor``)."""
+    if not (summary["monitor"] == "val/auc").any():
+        return {}
+    return {
+        "best val AUC": [("-" if pd.isna(v) else f"{v:.4f}") for v in summary.best_val_auc],
+        "test AUC": [("-" if pd.isna(m) else _acc(m, c)) for m, c in zip(summary.test_auc, summary.test_auc_ci95)],
+    }
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (``group_hash``) over its seeds: costs (params, memory, time), accuracy
     (mean, CI), the majority-class baseline and how many runs predicted a single class."""
@@ -168,6 +181,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             best_val_acc=("best_val_acc", "mean"),
             test_acc=("test_acc", "mean"),
             test_acc_ci95=("test_acc", ci95),
+            monitor=("monitor", "first"),
+            best_val_auc=("best_val_auc", "mean"),
+            test_auc=("test_auc", "mean"),
+            test_auc_ci95=("test_auc", ci95),
             majority_baseline_acc=("majority_baseline_acc", "mean"),
             one_class_runs=("one_class", "sum"),
             **{c: (c, "mean") for c in MEMORY_PARTS if c in ok},
@@ -210,6 +227,7 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                 "lr": summary["lr"].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v)),
                 "best val acc": summary["best_val_acc"].map("{:.4f}".format),
                 "test acc": [_acc(m, c) for m, c in zip(summary.test_acc, summary.test_acc_ci95)],
+                **_auc_columns(summary),
                 "seeds": summary["seeds"],
             }
         )

@@ -290,3 +290,30 @@ def test_variants_pair_with_plain_lora_of_the_same_shape(tmp_path: Path) -> None
     assert len(vs_lora) == 1 and vs_lora.iloc[0] == pytest.approx(0.03)  # dora r=8 - lora r=8; r=32 has no twin
     assert "dora" in vs_lora.index[0]
     assert (paired.reference == "full fine-tuning").sum() == 3
+
+
+def test_auc_monitor_gives_auc_columns_and_auc_curves(tmp_path: Path) -> None:
+    """Runs that selected their best step by val/auc (the detector) show AUC in the table and the figures."""
+    from lora_exp import figures
+
+    for seed in (1, 2):
+        history = [{"step": s, "epoch": s, "time_s": 2.0 * s, "val_acc": 0.5, "val_auc": 0.7 + s / 10} for s in (1, 2)]
+        _result(
+            tmp_path,
+            f"s{seed}",
+            seed=seed,
+            monitor="val/auc",
+            best_val_auc=0.9,
+            test_auc=0.88 + seed / 100,
+            history=history,
+            r=8,
+            alpha=16,
+        )
+    _result(tmp_path, "text", method="full", seed=1, best_val_auc=None, test_auc=None, lr=5e-5)
+    df = report.load_runs(tmp_path)
+    md = report.to_markdown(report.summarize(df), df)
+    assert "test AUC" in md and "0.8950 ± " in md  # mean of 0.89 and 0.90 over two seeds
+    ok = df[df.status == "ok"].assign(config="x")
+    assert figures.monitored(ok[ok.monitor == "val/auc"]) == "auc" and figures.monitored(ok) == "acc"
+    figures.plot_validation_curves(ok[ok.monitor == "val/auc"], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
