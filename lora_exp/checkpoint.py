@@ -127,5 +127,12 @@ def load(
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+        restore_cuda_rng(state["rng_cuda"])
     return progress, best, state["data_generator"]
+
+
+def restore_cuda_rng(states: list[torch.Tensor]) -> None:
+    """Restore per-GPU RNG states, tolerant of a different number of visible GPUs (a job resumed under another
+    ``CUDA_VISIBLE_DEVICES``): the first ``min(saved, visible)`` devices get theirs back."""
+    for index, state in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)

@@ -299,13 +299,29 @@ def _rerun(*args: str) -> int:
         raise LoraExpError(f"rerun: {str(out)!r} already holds results.json; give another --out")
     new = train(cfg, out)
     old = json.loads((ns.job_dir / "results.json").read_text()) if (ns.job_dir / "results.json").exists() else {}
+    tolerance = rerun_tolerance(new)
     same = True
     for key in RERUN_COMPARED:
-        equal = old.get(key) == new.get(key)
+        equal = same_metric(old.get(key), new.get(key), tolerance)
         same &= equal
         print(f"  {key:<20} {old.get(key)!s:<22} {new.get(key)!s:<22} {'same' if equal else 'DIFFERENT'}")
-    print(f"rerun in {out}: {'identical' if same else 'differs'} (config hash {new['config_hash']})")
+    how = "identical" if tolerance == 0 else f"within {tolerance:g} (CUDA without trainer.deterministic)"
+    print(f"rerun in {out}: {how if same else 'differs'} (config hash {new['config_hash']})")
     return 0
+
+
+def rerun_tolerance(results: dict) -> float:
+    """0 (bit-identical) on CPU or with ``trainer.deterministic``; on CUDA otherwise non-deterministic kernels
+    (atomics in backward, cuBLAS split-K) move metrics slightly, so floats are compared to 0.01."""
+    cuda = str(results.get("device", "cpu")).startswith("cuda")
+    return 0.0 if not cuda or results.get("deterministic") else 0.01
+
+
+def same_metric(old: object, new: object, tolerance: float) -> bool:
+    """Equal, or (floats) within ``tolerance``."""
+    if tolerance and isinstance(old, float) and isinstance(new, float):
+        return abs(old - new) <= tolerance
+    return old == new
 
 
 def _predict(*args: str) -> int:

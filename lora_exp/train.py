@@ -595,6 +595,7 @@ def finish(job: Job) -> dict[str, Any]:
         "precision": job.precision,
         "base_dtype": cfg.model.get("base_dtype", "fp32"),
         "gradient_checkpointing": bool(t.get("gradient_checkpointing")),
+        "deterministic": bool(t.get("deterministic")),
         "feature_cache": job.cache is not None,
         **tracking.environment(job.device),
         **tracking.git_info(diff_to=job.run_dir / "git.diff"),

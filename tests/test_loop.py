@@ -175,3 +175,23 @@ def test_prefix_cache_trains_the_upper_layer(tiny_cfg, tmp_path: Path) -> None:
     targets = "lora.targets=['re:.*layer[.]1[.]attention[.]self[.](query|value)']"
     res = train.train(tiny_cfg(targets, "trainer.max_steps=12"), tmp_path / "run")
     assert res["status"] == "ok" and res["feature_cache"] is True and res["lora_layers"] == 2
+
+
+def test_rerun_tolerance_only_for_cuda_without_determinism() -> None:
+    from lora_exp.cli import rerun_tolerance, same_metric
+
+    assert rerun_tolerance({"device": "cpu"}) == 0
+    assert rerun_tolerance({"device": "cuda:0", "deterministic": True}) == 0
+    tol = rerun_tolerance({"device": "cuda:0", "deterministic": False})
+    assert tol > 0 and same_metric(0.801, 0.805, tol) and not same_metric(0.80, 0.85, tol)
+    assert not same_metric(0.801, 0.805, 0.0) and same_metric("abc", "abc", tol)
+
+
+def test_cuda_rng_restore_takes_what_fits(monkeypatch) -> None:
+    from lora_exp import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
+    checkpoint.restore_cuda_rng([torch.zeros(4, dtype=torch.uint8)] * 3)  # saved on 3 GPUs, resumed on 1
+    assert restored == [0]
