@@ -159,7 +159,8 @@ def test_store_frozen_in_leaves_trainables_alone(tiny_cfg) -> None:
 )
 def test_cached_model_gives_the_same_logits(tiny_cfg, tmp_path: Path, overrides: tuple[str, ...]) -> None:
     """In eval mode the model with its frozen part cached computes what the real model computes."""
-    job = train.setup(tiny_cfg(*overrides), tmp_path / "run", False, train.tracking.RssPeak())
+    # fp32: the cache is computed in the run's precision; the comparison below runs without autocast
+    job = train.setup(tiny_cfg(*overrides, "trainer.precision=fp32"), tmp_path / "run", False, train.tracking.RssPeak())
     assert job.cache is not None
     batch = next(iter(job.loaders.validation))
     job.model.eval()
@@ -195,3 +196,21 @@ def test_cuda_rng_restore_takes_what_fits(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
     checkpoint.restore_cuda_rng([torch.zeros(4, dtype=torch.uint8)] * 3)  # saved on 3 GPUs, resumed on 1
     assert restored == [0]
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native: bool, expected: str) -> None:
+    monkeypatch.setattr(train, "cpu_computes_bf16", lambda: native)
+    assert train.pick_precision("auto", torch.device("cpu")) == expected
+    assert train.pick_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice always wins
+
+
+def test_zero_bias_gradient_is_excused_only_when_its_weight_moves() -> None:
+    from lora_exp.errors import TrainingFailure
+
+    w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    w.grad, b.grad = torch.ones(2, 2), torch.zeros(2)  # a balanced batch at p = 0.5: bias gradient exactly 0
+    train.check_gradients([("head.weight", w), ("head.bias", b)])
+    w.grad = torch.zeros(2, 2)  # nothing reaches the module: a broken graph
+    with pytest.raises(TrainingFailure, match="head.weight"):
+        train.check_gradients([("head.weight", w), ("head.bias", b)])
