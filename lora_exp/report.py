@@ -48,6 +48,8 @@ COLUMNS = [
     "other_trainable_params",
     "mem_predicted_peak_bytes",
     "monitor",
+    "precision",
+    "base_dtype",
     "best_val_auc",
     "test_auc",
     "peak_vram_bytes",
@@ -137,6 +139,9 @@ def _labels(table: pd.DataFrame, key: str, with_lr: bool = True) -> list[str]:
     varying = [c for c in names if names[c].nunique() > 1]
     if varying:
         labels = labels + " · " + names[varying].agg("/".join, axis=1)
+    for col in ("precision", "base_dtype"):  # cost settings a comparison varies on purpose: say which is which
+        if col in table and table[col].nunique(dropna=True) > 1:
+            labels = labels + [f" {v}" if isinstance(v, str) else "" for v in table[col]]
     if with_lr and (table.groupby(labels)["lr"].nunique() > 1).any():
         labels = labels + [f" lr={lr:g}" for lr in table["lr"]]
     twins = labels.duplicated(keep=False)
@@ -182,6 +187,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             test_acc=("test_acc", "mean"),
             test_acc_ci95=("test_acc", ci95),
             monitor=("monitor", "first"),
+            precision=("precision", "first"),
+            base_dtype=("base_dtype", "first"),
             best_val_auc=("best_val_auc", "mean"),
             test_auc=("test_auc", "mean"),
             test_auc_ci95=("test_auc", ci95),
