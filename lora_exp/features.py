@@ -207,25 +207,27 @@ def maybe_cache(job: Job) -> FeatureCache | None:
             f"{cfg.trainer.get('feature_cache_max_gib', 8.0)}; the frozen part runs at every step"
         )
         return None
-    start = time.perf_counter()
-    cache = _cache_base(job, model, base, prefix) if whole else _cache_prefix(job, base, k)
+    clock: dict[str, float] = {}
+    cache = _cache_base(job, model, base, prefix, clock) if whole else _cache_prefix(job, base, k, clock)
     if cache is None:
         return None
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)
-    cache.seconds = time.perf_counter() - start
+    cache.seconds = clock.get("train", 0.0)  # charged to training; the evaluation splits' share is not
     n = len(cache.store.rows)
     print(
-        f"[lora-exp] {cache.what} run once over {n:,} examples in {cache.seconds:.1f} s "
+        f"[lora-exp] {cache.what} run once over {n:,} examples in {sum(clock.values()):.1f} s "
         f"({cache.nbytes / 2**20:.0f} MiB kept); training runs on top of them (trainer.feature_cache=false: off)"
     )
     return cache
 
 
-def _split_batches(job: Job):
-    """(input_ids, attention_mask) of every example of every split, on the device, in eval-sized batches."""
+def _split_batches(job: Job, clock: dict[str, float]):
+    """(input_ids, attention_mask) of every example of every split, on the device, in eval-sized batches.
+
+    ``clock["train"]`` gets the seconds spent on the training split: only that is training cost (encoding the
+    evaluation splits replaces work the uncached run does at evaluation, which is not in ``train_seconds``)."""
     collate = DataCollatorWithPadding(job.tokenizer, pad_to_multiple_of=8, return_tensors="pt")
-    for split in job.tok.values():
+    for name, split in job.tok.items():
+        start = time.perf_counter()
         loader = DataLoader(
             split.select_columns(["input_ids", "attention_mask"]),
             batch_size=job.cfg.trainer.eval_batch_size,
@@ -233,6 +235,9 @@ def _split_batches(job: Job):
         )
         for batch in loader:
             yield batch["input_ids"].to(job.device), batch["attention_mask"].to(job.device)
+        if job.device.type == "cuda":
+            torch.cuda.synchronize(job.device)
+        clock[name] = clock.get(name, 0.0) + time.perf_counter() - start
 
 
 class _Stop(Exception):
@@ -240,11 +245,13 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def _cache_base(job: Job, model: nn.Module, base: nn.Module, prefix: str) -> FeatureCache | None:
+def _cache_base(
+    job: Job, model: nn.Module, base: nn.Module, prefix: str, clock: dict[str, float]
+) -> FeatureCache | None:
     was_training, cached = base.training, None
     base.eval()
     try:
-        for ids, mask in _split_batches(job):
+        for ids, mask in _split_batches(job, clock):
             with job.amp():
                 out = base(input_ids=ids, attention_mask=mask)
             if cached is None:
@@ -260,7 +267,7 @@ def _cache_base(job: Job, model: nn.Module, base: nn.Module, prefix: str) -> Fea
 
 
 @torch.inference_mode()
-def _cache_prefix(job: Job, base: nn.Module, k: int) -> FeatureCache | None:
+def _cache_prefix(job: Job, base: nn.Module, k: int, clock: dict[str, float]) -> FeatureCache | None:
     layers = layer_stack(base)
     lookup, captured = CachedLayerOutput(), {}
 
@@ -272,7 +279,7 @@ def _cache_prefix(job: Job, base: nn.Module, k: int) -> FeatureCache | None:
     base.eval()
     hook = layers[k - 1].register_forward_hook(capture)
     try:
-        for ids, mask in _split_batches(job):
+        for ids, mask in _split_batches(job, clock):
             try:
                 with job.amp():
                     base(input_ids=ids, attention_mask=mask)

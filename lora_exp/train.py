@@ -361,7 +361,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: tracking.RssPeak) -
         print(f"[lora-exp] resuming {run_dir} at step {pg.step} (epoch {pg.epoch}, batch {pg.batches_done})")
     else:
         torch.manual_seed(seeds["dropout"])
-    if job.cache is not None:  # running the encoder once is part of this run's training cost
+    if job.cache is not None:  # running the encoder once over the training split is part of the training cost
         job.pg.train_seconds += job.cache.seconds
     job.order = hashlib.sha256() if job.pg.step == 0 else None
     return job
