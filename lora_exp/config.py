@@ -138,7 +138,7 @@ class TrainerConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     grad_accum: int = 1
-    precision: str = "auto"  # auto: bf16 on CUDA with compute capability >= 8, fp16 below, bf16 on CPUs with native bf16, else fp32
+    precision: str = "auto"  # auto: bf16 on CUDA (capability >= 8) and on CPUs with native bf16; fp16 on old GPUs; fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 0  # steps between validations; 0 = at each epoch end
     log_every: int = 20  # steps between loss logs (the only host syncs in the step loop)
