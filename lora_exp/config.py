@@ -202,6 +202,9 @@ def register_configs() -> None:
 NAME_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
 
 
+GENERIC_FOLDERS = ("model", "checkpoint", "checkpoints", "final", "best", "weights")
+
+
 def name_from(path: str | None, default: str) -> str:
     """A run's short name from what it loads: the last part of a Hub id, a folder's name, a file's stem
     (``reviews.csv.bz2`` -> ``reviews``); ``default`` when there is no path. Runs of two checkpoints or two
@@ -210,6 +213,9 @@ def name_from(path: str | None, default: str) -> str:
         return default
     text = str(path).strip().rstrip("/\\")
     name = Path(text).name or Path(text).resolve().name
+    parent = Path(text).parent.name
+    if name.lower() in GENERIC_FOLDERS and parent:  # a run's saved model/ or a checkpoint/ says nothing alone
+        name = f"{parent}_{name}"
     stripped = True
     while stripped:
         stripped = False

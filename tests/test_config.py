@@ -205,3 +205,10 @@ def test_model_facts_read_from_the_loaded_model() -> None:
     models.apply_method(model, "lora", head, cfg.lora)
     assert model_facts(model) == before  # LoRA tensors are not the model's own
     assert before == {"model_type": "distilbert", "hidden_size": 48, "num_layers": 3, "num_params": total}
+
+
+def test_generic_model_folders_are_named_with_their_parent() -> None:
+    from lora_exp.config import name_from
+
+    assert name_from("/runs/2026-11-24/12-00_full/model", "minilm") == "12-00_full_model"
+    assert name_from("/ckpts/my-bert", "minilm") == "my-bert"
