@@ -194,8 +194,7 @@ class Job:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
     cache: features.FeatureCache | None = None
-    memory: dict[str, Any] = field(default_factory=dict)  # from the sampled step
-    sampled: memory.SampledStep | None = None
+    sampled: memory.SampledStep | None = None  # the step whose memory was measured
     run: Any = None  # the W&B run
     stop: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM
     loss_sum: torch.Tensor | None = None  # running train loss on the device (the host syncs only to log)
@@ -446,7 +445,7 @@ def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool
         job.order.update(inputs.numpy().tobytes() + batch["labels"].numpy().tobytes())
         pg.order_digest = job.order.hexdigest()[:16]
     batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
-    probe = _memory_probe(job) if not job.memory and pg.step == min(1, job.total_steps - 1) else None
+    probe = _memory_probe(job) if job.sampled is None and pg.step == min(1, job.total_steps - 1) else None
     if timed:
         job.timer.mark()
     with probe or nullcontext(), job.amp():
@@ -458,7 +457,8 @@ def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool
     scaled = loss / group
     (job.scaler.scale(scaled) if job.scaler else scaled).backward()
     if probe is not None:
-        job.memory, job.sampled = probe.result(), probe
+        probe.result()  # ends the measurement right after the backward; finish() reads it again
+        job.sampled = probe
     if timed:
         job.timer.mark()
 
