@@ -27,9 +27,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.config import CONF_DIR, arm_hash, config_hash, group_hash, register_configs, validate
+from lora_exp.config.checks import validate
+from lora_exp.config.identity import arm_hash, config_hash, group_hash
+from lora_exp.config.schema import CONF_DIR, register_configs
 from lora_exp.errors import LoraExpError, TrainingFailure
-from lora_exp.tracking import write_json
+from lora_exp.measure.tracking import write_json
 
 register_configs()
 
@@ -57,7 +59,7 @@ def finished_job(sweep_dir: Path, digest: str) -> Path | None:
 
 def guard_job_dir(run_dir: Path, digest: str) -> None:
     """A job dir reused by another grid (job numbers repeat) must not be resumed or overwritten."""
-    from lora_exp import checkpoint
+    from lora_exp.training import checkpoint
 
     owners = []
     if checkpoint.exists(run_dir):
@@ -94,7 +96,7 @@ def recorded_config(run_dir: Path) -> DictConfig:
     """The resolved config a job recorded (``config.yaml``), checked against the schema."""
     from omegaconf import OmegaConf
 
-    from lora_exp.config import Config
+    from lora_exp.config.schema import Config
 
     if not (run_dir / "config.yaml").is_file():
         raise LoraExpError(f"{str(run_dir)!r} has no config.yaml (not a lora-exp run dir)")
@@ -105,7 +107,7 @@ def recorded_config(run_dir: Path) -> DictConfig:
 
 def check_resume(value: str) -> tuple[Path, DictConfig]:
     """The run dir and recorded config behind ``resume=<dir>``; one line, nothing written, when it cannot resume."""
-    from lora_exp import checkpoint
+    from lora_exp.training import checkpoint
 
     run_dir = Path(value)
     if not run_dir.is_dir():
@@ -117,7 +119,7 @@ def check_resume(value: str) -> tuple[Path, DictConfig]:
 
 def check_single_run_dir(run_dir: Path) -> None:
     """A single run never writes into a dir that already holds a run (results or a checkpoint)."""
-    from lora_exp import checkpoint
+    from lora_exp.training import checkpoint
 
     held = [f for f in ("results.json", "config.yaml") if (run_dir / f).exists()]
     if checkpoint.exists(run_dir):
@@ -166,8 +168,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
     again; a failed one is trained again, an interrupted one continues from its checkpoint.
     ``resume=<run dir>`` continues that run with the config it recorded; when it cannot, nothing is written.
     """
-    from lora_exp import checkpoint
-    from lora_exp.train import train  # heavy imports only when a job actually runs
+    from lora_exp.training import checkpoint
+    from lora_exp.training.loop import train  # heavy imports only when a job actually runs
 
     resume = False
     if cfg.get("resume"):  # refused before anything is written (no results.json in a dir we cannot resume)
@@ -256,7 +258,7 @@ def hydra_app(cfg: DictConfig) -> float:
 
 
 def _fetch() -> int:
-    from lora_exp import assets
+    from lora_exp.data import assets
 
     print(f"model: {assets.minilm_dir()}\ndata:  {assets.rotten_tomatoes_file()}")
     return 0
@@ -265,7 +267,7 @@ def _fetch() -> int:
 def _report(*args: str) -> int:
     import argparse
 
-    from lora_exp.report import load_runs, summarize, to_markdown, write_report
+    from lora_exp.analysis.report import load_runs, summarize, to_markdown, write_report
 
     parser = argparse.ArgumentParser(prog="lora-exp report", description="Table + figures from a (multi)run dir")
     parser.add_argument("dir", type=Path, help="a run or multirun dir (every results.json below it is read)")
@@ -287,7 +289,7 @@ def _rerun(*args: str) -> int:
     import argparse
     import time
 
-    from lora_exp.train import train
+    from lora_exp.training.loop import train
 
     parser = argparse.ArgumentParser(prog="lora-exp rerun", description="Train a finished job again from its config")
     parser.add_argument("job_dir", type=Path, help="a run dir holding config.yaml and results.json")
@@ -354,9 +356,9 @@ def _predict(*args: str) -> int:
 
 def _export_peft(*args: str) -> int:
     """lora-exp export-peft RUN_DIR OUT_DIR: a LoRA run's adapter (and head) in the PEFT layout."""
-    from lora_exp import adapter
-    from lora_exp.peft_format import export_peft
-    from lora_exp.train import build_model
+    from lora_exp.adapters import store
+    from lora_exp.adapters.peft_format import export_peft
+    from lora_exp.models.build import build_model
 
     force = "--force" in args
     paths = [a for a in args if a != "--force"]
@@ -373,11 +375,11 @@ def _export_peft(*args: str) -> int:
     cfg = recorded_config(run_dir)
     if cfg.method.name != "lora":
         raise LoraExpError(f"export-peft: {str(run_dir)!r} is a method={cfg.method.name} run; only lora exports")
-    meta, tensors = adapter.read_adapter(run_dir / "adapter")
+    meta, tensors = store.read_adapter(run_dir / "adapter")
     _, model, _, _ = build_model(cfg)
-    adapter.load_into(model, tensors, str(run_dir / "adapter"))
+    store.load_into(model, tensors, str(run_dir / "adapter"))
     export_peft(model, out, meta)
-    adapter.make_readable(out)
+    store.make_readable(out)
     print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
     return 0
 

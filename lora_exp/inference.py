@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lora_exp import adapter, lora
+from lora_exp.adapters import store
+from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 
 
@@ -22,7 +23,7 @@ def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Modul
         AutoTokenizer,
     )
 
-    from lora_exp.train import build_model
+    from lora_exp.models.build import build_model
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -39,15 +40,15 @@ def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Modul
             tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
             model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
     else:
-        meta, tensors = adapter.read_adapter(run_dir / "adapter")
+        meta, tensors = store.read_adapter(run_dir / "adapter")
         if meta.get("num_labels") != cfg.data.num_labels:
             raise LoraExpError(
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
         tokenizer, model, _, _ = build_model(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
-        adapter.load_into(model, tensors, str(run_dir / "adapter"))
+        store.load_into(model, tensors, str(run_dir / "adapter"))
         if merge:
-            lora.merge(model)
+            injection.merge(model)
     return tokenizer, model.eval()
 
 
@@ -63,15 +64,8 @@ class AdapterBank:
 
     def add(self, name: str, folder: Path) -> None:
         """Read an adapter (``adapter.safetensors`` + config) and keep it next to the model, checked."""
-        _, tensors = adapter.read_adapter(Path(folder))
-        unknown = sorted(set(tensors) - set(self.params))
-        if unknown:
-            raise LoraExpError(f"adapter {name!r} has tensors this model lacks (other targets?): {unknown[:3]}")
-        for key, t in tensors.items():
-            if t.shape != self.params[key].shape:
-                raise LoraExpError(
-                    f"adapter {name!r}: {key} is {tuple(t.shape)}, the model has {tuple(self.params[key].shape)}"
-                )
+        _, tensors = store.read_adapter(Path(folder))
+        store.check_tensors(self.params, tensors, f"adapter {name!r}")
         if self.adapters and set(tensors) != set(next(iter(self.adapters.values()))):
             raise LoraExpError(f"adapter {name!r} covers other tensors than the adapters already loaded")
         dev = next(iter(self.params.values())).device
@@ -82,7 +76,7 @@ class AdapterBank:
         """Make ``name`` the active adapter (LoRA layers must be unmerged: swapping edits A/B, not W0)."""
         if name not in self.adapters:
             raise LoraExpError(f"use_adapter: no adapter named {name!r} (have {sorted(self.adapters)})")
-        if any(m.merged for _, m in lora.lora_layers(self.model)):
+        if any(m.merged for _, m in injection.lora_layers(self.model)):
             raise LoraExpError("use_adapter: unmerge() before swapping adapters")
         for key, t in self.adapters[name].items():
             self.params[key].copy_(t)
@@ -94,7 +88,7 @@ def predict(run_dir: Path, texts: list[str], batch_size: int = 64) -> list[tuple
     tokenizer, model = load_trained(run_dir)
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     if cfg.model.get("task", "text") == "audio":
-        from lora_exp import audio
+        from lora_exp.data import audio
 
         signals = []
         for path in texts:
@@ -102,7 +96,7 @@ def predict(run_dir: Path, texts: list[str], batch_size: int = 64) -> list[tuple
             if rate not in (None, cfg.data.gw.sample_rate):
                 signal = audio.resample(signal, rate, cfg.data.gw.sample_rate)
             signals.append(np.asarray(signal, dtype=np.float32).reshape(-1))  # (detectors, n): back to back
-        return audio.predict(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size)
+        return predict_audio(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size)
     id2label = model.config.id2label
     out: list[tuple[str, float]] = []
     with torch.inference_mode():
@@ -117,4 +111,22 @@ def predict(run_dir: Path, texts: list[str], batch_size: int = 64) -> list[tuple
             probs = model(**enc).logits.float().softmax(-1)
             p, idx = probs.max(-1)
             out += [(str(id2label.get(int(k), k)), float(v)) for k, v in zip(idx, p)]
+    return out
+
+
+@torch.inference_mode()
+def predict_audio(
+    model: torch.nn.Module, fe: Any, signals: list[np.ndarray], source_rate: int, batch_size: int = 32
+) -> list[tuple[str, float]]:
+    """``(label, probability)`` per mono signal at ``source_rate`` (e.g. from ``read_audio`` or a generated clip)."""
+    from lora_exp.data.audio import AudioCollator
+
+    collate, out = AudioCollator(fe, source_rate), []
+    device = next(model.parameters()).device
+    model.eval()
+    for i in range(0, len(signals), batch_size):
+        batch = {k: v.to(device) for k, v in collate.features(signals[i : i + batch_size]).items()}
+        probs = torch.softmax(model(**batch).logits.float(), -1)
+        conf, idx = probs.max(-1)
+        out += [(model.config.id2label[int(j)], float(c)) for j, c in zip(idx, conf)]
     return out

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU acceptance check (issue 11, item 8): one command on a machine with CUDA. It runs the tests marked
 # `gpu`, the bench on a random DistilBERT-base at IMDB-like lengths, and the methods sweep for one epoch
-# with model.base_dtype=bf16, and writes ONE JSON summary (details: lora_exp/gpu_acceptance.py).
+# with model.base_dtype=bf16, and writes ONE JSON summary (details: lora_exp/bench/gpu_acceptance.py).
 #
 # Prepare on the CPU machine, from the project root (the GPU image has torch, transformers, peft, pandas,
 # matplotlib; it lacks hydra-core, omegaconf, datasets, wandb and maybe pytest; the Hub is unreachable):
@@ -24,4 +24,4 @@ fi
 out="${1:-${OUT:-.}/gpu_acceptance.json}"
 shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec python3 -m lora_exp.gpu_acceptance --out "$out" "$@"
+exec python3 -m lora_exp.bench.gpu_acceptance --out "$out" "$@"

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from lora_exp.cli import CONF_DIR  # also registers the schema and resolvers
+from lora_exp.cli import CONF_DIR
 
 POSITIVE = ["good", "great", "best", "fun", "funny", "bright", "love", "fresh"]
 NEGATIVE = ["bad", "worst", "boring", "dull", "dark", "hate", "rotten", "plot"]

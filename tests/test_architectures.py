@@ -16,8 +16,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-from lora_exp import cli, lora, models, train
+from lora_exp import cli
+from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
+from lora_exp.models import build as model_build
+from lora_exp.models import heads as model_heads
+from lora_exp.models import methods as model_methods
+from lora_exp.models import text as text_models
+from lora_exp.training import loop
 
 from . import tiny_checkpoints as tc
 from .tiny_checkpoints import FFN as F
@@ -106,7 +112,7 @@ def local(path: Path, arch: str) -> list[str]:
 def test_checkpoint_with_head_trains_each_method(arch: str, method: str, checkpoint, tiny_cfg, tmp_path: Path) -> None:
     ckpt = checkpoint(arch)
     cfg = tiny_cfg(*local(ckpt, arch), f"method={method}", f"lora.targets=[{','.join(TARGETS[arch])}]", f"lora.r={R}")
-    res = train.train(cfg, tmp_path / "run")
+    res = loop.train(cfg, tmp_path / "run")
     assert res["status"] == "ok" and res["steps"] == 3
     total = sum(p.numel() for p in AutoModelForSequenceClassification.from_config(tc.config(arch)).parameters())
     assert res["total_params"] == total + res["adapter_params"]
@@ -129,8 +135,8 @@ def test_checkpoint_with_head_trains_each_method(arch: str, method: str, checkpo
 def test_head_found_with_and_without_saved_head(arch: str, tmp_path: Path) -> None:
     """The structural rule gives the same head whether the checkpoint holds it or not."""
     with_head, base = tc.save_pair(arch, tmp_path)
-    assert models.build(model_cfg(with_head, arch), 2)[2] == HEAD_MODULES[arch]
-    assert models.build(model_cfg(base, arch), 2)[2] == HEAD_MODULES[arch]
+    assert text_models.build(model_cfg(with_head, arch), 2)[2] == HEAD_MODULES[arch]
+    assert text_models.build(model_cfg(base, arch), 2)[2] == HEAD_MODULES[arch]
 
 
 @pytest.mark.parametrize("arch", ["distilbert", "gpt2"])
@@ -138,7 +144,7 @@ def test_checkpoint_with_head_builds_exactly_like_its_base(arch: str, tiny_cfg, 
     """Same base weights, head saved or not: the same model after build (head re-initialised per seed)."""
     with_head, base = tc.save_pair(arch, tmp_path)
     targets = f"lora.targets=[{','.join(TARGETS[arch])}]"
-    built = [train.build_model(tiny_cfg(*local(p, arch), "method=lora", targets))[1] for p in (with_head, base)]
+    built = [model_build.build_model(tiny_cfg(*local(p, arch), "method=lora", targets))[1] for p in (with_head, base)]
     a, b = (dict(m.named_parameters()) for m in built)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -147,10 +153,10 @@ def test_checkpoint_with_head_builds_exactly_like_its_base(arch: str, tiny_cfg, 
 def test_missing_pooler_inside_the_base_is_head(tmp_path: Path) -> None:
     conf = BertConfig(**tc.CONFIGS["bert"])
     BertModel(conf, add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
-    models._tiny_tokenizer().save_pretrained(tmp_path / "nopool")
-    _, model, head = models.build(model_cfg(tmp_path / "nopool", "bert"), 2)
+    text_models._tiny_tokenizer().save_pretrained(tmp_path / "nopool")
+    _, model, head = text_models.build(model_cfg(tmp_path / "nopool", "bert"), 2)
     assert head == ["bert.pooler", "classifier"]
-    models.apply_method(model, "frozen", head)
+    model_methods.apply_method(model, "frozen", head)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "bert.pooler.dense.weight",
         "bert.pooler.dense.bias",
@@ -178,33 +184,33 @@ def test_bare_parameter_head_found_and_reinitialised() -> None:
         classifier_proj_size=8,
     )
     model = WhisperForAudioClassification(conf)
-    head = models.find_head(model)
+    head = model_heads.find_head(model)
     assert head == ["layer_weights", "projector", "classifier"]
     with torch.no_grad():
         model.layer_weights.fill_(5.0)
         model.projector.weight.fill_(5.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    models.init_head(model, head)
+    model_heads.init_head(model, head)
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed == {"layer_weights", "projector.weight", "classifier.weight"}  # biases were zero; encoder kept
     torch.testing.assert_close(model.layer_weights, torch.full((3,), 1 / 3))
-    models.apply_method(model, "frozen", head)
-    assert models.count_parameters(model, head)["head"] == 3 + (16 * 8 + 8) + (8 * 2 + 2)
+    model_methods.apply_method(model, "frozen", head)
+    assert model_methods.count_parameters(model, head)["head"] == 3 + (16 * 8 + 8) + (8 * 2 + 2)
 
 
 @pytest.mark.parametrize("head", [[], ["dropout"]])
 def test_head_without_parameters_is_refused(head: list[str], checkpoint) -> None:
-    _, model, _ = models.build(model_cfg(checkpoint("bert"), "bert"), 2)
+    _, model, _ = text_models.build(model_cfg(checkpoint("bert"), "bert"), 2)
     for method in ("lora", "frozen"):
         with pytest.raises(LoraExpError, match=f"method={method}: the model has no classification head") as err:
-            models.apply_method(model, method, head, OmegaConf.create({"targets": ["q"], "r": 4, "alpha": 8.0}))
+            model_methods.apply_method(model, method, head, OmegaConf.create({"targets": ["q"], "r": 4, "alpha": 8.0}))
         assert "\n" not in str(err.value)
-    assert models.apply_method(model, "full", head) == []  # full needs no head
+    assert model_methods.apply_method(model, "full", head) == []  # full needs no head
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_decoder_pads_with_eos(arch: str, checkpoint, capsys) -> None:
-    tokenizer, model, _ = models.build(model_cfg(checkpoint(arch), arch), 2)
+    tokenizer, model, _ = text_models.build(model_cfg(checkpoint(arch), arch), 2)
     assert tokenizer.pad_token == tc.EOS and tokenizer.pad_token_id == model.config.pad_token_id == 1
     lines = [x for x in capsys.readouterr().out.splitlines() if "pad" in x]
     assert lines == [
@@ -221,7 +227,7 @@ def test_decoder_pads_with_eos(arch: str, checkpoint, capsys) -> None:
 def test_tokenizer_without_pad_and_eos_is_refused(tmp_path: Path) -> None:
     tc.save("gpt2", tmp_path / "g", eos=False)
     with pytest.raises(LoraExpError, match="the tokenizer has neither a pad nor an EOS token") as err:
-        models.build(model_cfg(tmp_path / "g", "gpt2"), 2)
+        text_models.build(model_cfg(tmp_path / "g", "gpt2"), 2)
     assert str(err.value).startswith(f"model.path={str(tmp_path / 'g')!r}: ") and "\n" not in str(err.value)
 
 
@@ -261,7 +267,7 @@ EXPECTED_ALIASES = {  # alias -> the module paths of layer {i}, real transformer
 def test_alias_matches_real_module_names(arch: str, alias: str) -> None:
     model = AutoModelForSequenceClassification.from_config(tc.config(arch))
     want = [p.format(i=i) for i in range(L) for p in EXPECTED_ALIASES[arch][alias]]
-    assert sorted(lora.resolve_targets(model, [alias])) == sorted(want)
+    assert sorted(injection.resolve_targets(model, [alias])) == sorted(want)
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen3", "gemma", "gemma2"])
@@ -270,7 +276,7 @@ def test_llama_like_aliases(model_type: str) -> None:
 
     conf = AutoConfig.for_model(model_type, **tc.CONFIGS["llama"], head_dim=8, num_labels=2)
     model = AutoModelForSequenceClassification.from_config(conf)
-    got = lora.resolve_targets(model, ["q", "k", "v", "o", "ffn"])
+    got = injection.resolve_targets(model, ["q", "k", "v", "o", "ffn"])
     assert len(got) == L * 7 and all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in got)
 
 
@@ -279,7 +285,7 @@ def test_llama_like_aliases(model_type: str) -> None:
 def test_fused_qkv_families_point_to_qkv(arch: str, fused: str, alias: str) -> None:
     model = AutoModelForSequenceClassification.from_config(tc.config(arch))
     with pytest.raises(LoraExpError) as err:
-        lora.resolve_targets(model, [alias])
+        injection.resolve_targets(model, [alias])
     assert str(err.value) == (
         f"lora.targets: '{alias}' does not exist for model_type '{arch}': its attention projects q, k and v in "
         f"one fused layer ({fused}); use 'qkv'"
@@ -298,7 +304,7 @@ def test_truncated_safetensors_is_one_line_and_a_failed_run(checkpoint, tiny_cfg
         "(Error while deserializing header: incomplete metadata, file not fully covered)"
     )
     with pytest.raises(LoraExpError) as err:
-        models.build(model_cfg(folder, "bert"), 2)
+        text_models.build(model_cfg(folder, "bert"), 2)
     assert str(err.value) == line
     with pytest.raises(SystemExit) as exit_:  # as the CLI runs a job: one line, status failed
         cli.run_job(tiny_cfg(*local(folder, "bert")), tmp_path / "run")
@@ -312,6 +318,6 @@ def test_head_fine_tuned_for_other_labels_is_reinitialised(tmp_path: Path) -> No
     conf = tc.config("roberta")
     conf.num_labels = 3
     AutoModelForSequenceClassification.from_config(conf).save_pretrained(tmp_path / "three")
-    models._tiny_tokenizer().save_pretrained(tmp_path / "three")
-    _, model, head = models.build(model_cfg(tmp_path / "three", "roberta"), 2)
+    text_models._tiny_tokenizer().save_pretrained(tmp_path / "three")
+    _, model, head = text_models.build(model_cfg(tmp_path / "three", "roberta"), 2)
     assert head == ["classifier"] and model.classifier.out_proj.weight.shape == (C, H)

@@ -12,9 +12,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lora_exp import audio, config, lora, models
+from lora_exp import inference
+from lora_exp.adapters import targets as injection
+from lora_exp.adapters.peft_format import export_peft, import_peft
+from lora_exp.config import checks as config_checks
+from lora_exp.data import audio as audio_data
 from lora_exp.errors import LoraExpError
-from lora_exp.peft_format import export_peft, import_peft
+from lora_exp.models import audio as audio_models
+from lora_exp.models import heads as model_heads
+from lora_exp.models import methods as model_methods
 
 from .conftest import make_cfg
 
@@ -44,18 +50,18 @@ def lora_cfg(*targets: str):
 def features(fe, seconds: float, n: int = 3, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     clips = [rng.standard_normal(int(seconds * 2048)).astype(np.float32) for _ in range(n)]
-    return audio.AudioCollator(fe, 2048).features(clips)["input_features"]
+    return audio_data.AudioCollator(fe, 2048).features(clips)["input_features"]
 
 
 def test_tiny_whisper_runs_on_the_clip_length() -> None:
-    fe, model, head = models.build(whisper_cfg(), 2)
+    fe, model, head = audio_models.build(whisper_cfg(), 2)
     table = model.encoder.embed_positions.weight.detach().clone()
     assert table.shape[0] == 1500 and fe.n_samples == 30 * 16000  # stock Whisper: 30 s
     full = features(fe, 2.0)
     assert full.shape == (3, 80, 3000)
     assert model.eval()(input_features=full).logits.shape == (3, 2)
 
-    fe, model, head = models.build(whisper_cfg(audio_max_seconds=2.0), 2)
+    fe, model, head = audio_models.build(whisper_cfg(audio_max_seconds=2.0), 2)
     x = features(fe, 2.0)
     assert x.shape == (3, 80, 200)  # 2 s = 200 mel frames
     assert model.config.max_source_positions == 100 and model.encoder.embed_positions.num_embeddings == 100
@@ -68,7 +74,7 @@ def test_tiny_whisper_runs_on_the_clip_length() -> None:
 def test_shortened_window_survives_save_and_reload(tmp_path: Path) -> None:
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
-    fe, model, _ = models.build(whisper_cfg(audio_max_seconds=6.0), 2, {0: "noise", 1: "signal"})
+    fe, model, _ = audio_models.build(whisper_cfg(audio_max_seconds=6.0), 2, {0: "noise", 1: "signal"})
     fe.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
     fe2, model2 = (
@@ -79,31 +85,31 @@ def test_shortened_window_survives_save_and_reload(tmp_path: Path) -> None:
     x = features(fe2, 6.0)
     torch.testing.assert_close(model2.eval()(input_features=x).logits, model.eval()(input_features=x).logits)
     clip = np.random.default_rng(0).standard_normal(3 * 4096).astype(np.float32)
-    ((label, prob),) = audio.predict(model2, fe2, [clip], 2048)
+    ((label, prob),) = inference.predict_audio(model2, fe2, [clip], 2048)
     assert label in ("noise", "signal") and 0.5 <= prob <= 1.0
 
 
 def test_window_must_be_whole_frames_and_fit_the_table() -> None:
     with pytest.raises(LoraExpError, match=r"model.audio_max_seconds=0.01 must be a positive multiple of 0.02"):
-        models.build(whisper_cfg(audio_max_seconds=0.01), 2)
+        audio_models.build(whisper_cfg(audio_max_seconds=0.01), 2)
     with pytest.raises(LoraExpError, match="needs 1550 positions; the encoder has 1500"):
-        models.build(whisper_cfg(audio_max_seconds=31.0), 2)
+        audio_models.build(whisper_cfg(audio_max_seconds=31.0), 2)
 
 
 def test_weighted_layer_sum_parameter_is_part_of_the_head() -> None:
-    _, model, _ = models.build(whisper_cfg(), 2)
+    _, model, _ = audio_models.build(whisper_cfg(), 2)
     model.config.use_weighted_layer_sum = True
     fresh = type(model)(model.config)
-    assert sorted(audio.head_modules(fresh)) == ["classifier", "layer_weights", "projector"]
+    assert sorted(model_heads.find_head(fresh)) == ["classifier", "layer_weights", "projector"]
 
 
 def test_lora_injects_into_encoder_q_v_and_counts_follow_a_formula() -> None:
-    _, model, head = models.build(whisper_cfg(audio_max_seconds=2.0), 2)
-    adapted = models.apply_method(model, "lora", head, lora_cfg("q", "v"))
+    _, model, head = audio_models.build(whisper_cfg(audio_max_seconds=2.0), 2)
+    adapted = model_methods.apply_method(model, "lora", head, lora_cfg("q", "v"))
     assert sorted(adapted) == sorted(
         f"encoder.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in ("q", "v")
     )
-    counts = models.count_parameters(model, head)
+    counts = model_methods.count_parameters(model, head)
     head_params = sum(p.numel() for h in head for p in model.get_submodule(h).parameters())
     assert counts["adapter"] == LAYERS * 2 * R * (H + H)
     assert counts["head"] == head_params == (H * (H // 2) + H // 2) + (H // 2 * 2 + 2)
@@ -112,18 +118,18 @@ def test_lora_injects_into_encoder_q_v_and_counts_follow_a_formula() -> None:
 
 @pytest.mark.parametrize(("alias", "names"), [("k", ["k_proj"]), ("o", ["out_proj"]), ("ffn", ["fc1", "fc2"])])
 def test_whisper_aliases_select_encoder_linears(alias: str, names: list[str]) -> None:
-    _, model, head = models.build(whisper_cfg(), 2)
-    picked = lora.resolve_targets(model, [alias], head)
+    _, model, head = audio_models.build(whisper_cfg(), 2)
+    picked = injection.resolve_targets(model, [alias], head)
     prefix = {"k_proj": "self_attn.", "out_proj": "self_attn.", "fc1": "", "fc2": ""}
     assert sorted(picked) == sorted(f"encoder.layers.{i}.{prefix[n]}{n}" for i in range(LAYERS) for n in names)
 
 
 def test_frozen_trains_the_head_only_and_full_everything() -> None:
-    _, model, head = models.build(whisper_cfg(audio_max_seconds=2.0), 2)
-    models.apply_method(model, "frozen", head)
+    _, model, head = audio_models.build(whisper_cfg(audio_max_seconds=2.0), 2)
+    model_methods.apply_method(model, "frozen", head)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if n.split(".")[0] in head}
-    models.apply_method(model, "full", head)
+    model_methods.apply_method(model, "full", head)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -138,10 +144,10 @@ def _randomise_trainables(model: torch.nn.Module) -> None:
 def test_peft_export_import_equal_logits_on_tiny_whisper(tmp_path: Path) -> None:
     from peft import PeftModel
 
-    fe, base, head = models.build(whisper_cfg(audio_max_seconds=2.0), 2)
+    fe, base, head = audio_models.build(whisper_cfg(audio_max_seconds=2.0), 2)
     x = features(fe, 2.0)
     ours = copy.deepcopy(base)
-    models.apply_method(ours, "lora", head, lora_cfg("q", "v", "ffn"))
+    model_methods.apply_method(ours, "lora", head, lora_cfg("q", "v", "ffn"))
     _randomise_trainables(ours)
     export_peft(ours, tmp_path / "peft", {"head_modules": head})
     with torch.no_grad():
@@ -155,8 +161,8 @@ def test_peft_export_import_equal_logits_on_tiny_whisper(tmp_path: Path) -> None
 
 
 def test_collator_resamples_and_pads_to_the_window() -> None:
-    fe, _, _ = models.build(whisper_cfg(audio_max_seconds=6.0), 2)
-    col = audio.AudioCollator(fe, 2048)
+    fe, _, _ = audio_models.build(whisper_cfg(audio_max_seconds=6.0), 2)
+    col = audio_data.AudioCollator(fe, 2048)
     rows = [
         {"audio": np.sin(2 * np.pi * 100 * np.arange(n) / 2048).astype(np.float32), "labels": lab}
         for n, lab in ((3 * 4096, 1), (4096, 0))
@@ -164,7 +170,7 @@ def test_collator_resamples_and_pads_to_the_window() -> None:
     batch = col(rows)
     assert set(batch) == {"input_features", "labels"}
     assert batch["input_features"].shape == (2, 80, 600) and batch["labels"].tolist() == [1, 0]
-    assert audio.resample(np.zeros(4096), 2048, 16000).shape == (32000,)
+    assert audio_data.resample(np.zeros(4096), 2048, 16000).shape == (32000,)
     # a 100 Hz tone stays at 100 Hz: its energy sits in the lowest mel bands, not above 1 kHz
     spec = batch["input_features"][0, :, :500].mean(-1)
     assert spec[:10].max() > spec[40:].max() + 0.5
@@ -175,19 +181,19 @@ def test_read_audio_wav_and_npy(tmp_path: Path) -> None:
 
     x = (np.sin(np.arange(800) / 5) * 20000).astype(np.int16)
     wavfile.write(tmp_path / "a.wav", 8000, x)
-    y, rate = audio.read_audio(tmp_path / "a.wav")
+    y, rate = audio_data.read_audio(tmp_path / "a.wav")
     assert rate == 8000 and y.shape == (800,) and abs(y.max() - 20000 / 32767) < 1e-3
     np.save(tmp_path / "g.npy", np.ones((3, 10), np.float32))
-    z, rate = audio.read_audio(tmp_path / "g.npy")
+    z, rate = audio_data.read_audio(tmp_path / "g.npy")
     assert rate is None and z.shape == (30,)
     with pytest.raises(LoraExpError, match="not a .wav or .npy"):
-        audio.read_audio(tmp_path / "a.mp3")
+        audio_data.read_audio(tmp_path / "a.mp3")
 
 
 @pytest.mark.parametrize("preset", ["gw_whisper", "gw_whisper_offline"])
 def test_audio_presets_compose_and_validate(preset: str) -> None:
     cfg = make_cfg([f"experiment={preset}"])
-    config.validate(cfg)
+    config_checks.validate(cfg)
     assert cfg.model.task == "audio" and cfg.trainer.monitor == "val/auc" and cfg.model.audio_max_seconds == 6.0
     assert cfg.lora.r == 8 and list(cfg.lora.targets) == ["q", "v"]
 
@@ -203,7 +209,7 @@ def test_gw_methods_sweep_gives_three_valid_jobs(preset: str) -> None:
     assert hydra_cfg.hydra.sweeper.params.method == "full,frozen,lora"
     for method in ("full", "frozen", "lora"):
         cfg = make_cfg(["+sweep=gw_methods", f"experiment={preset}", f"method={method}"])
-        config.validate(cfg)
+        config_checks.validate(cfg)
         assert (cfg.sweep_name, cfg.method.name, cfg.trainer.monitor) == ("gw_methods", method, "val/auc")
 
 
@@ -212,12 +218,12 @@ def test_audio_config_errors_are_one_line_each() -> None:
         ["model=tiny_whisper", "trainer.monitor=val/precision", "model.audio_max_seconds=2.0", "data=gw_synthetic"]
     )
     with pytest.raises(LoraExpError) as err:
-        config.validate(cfg)
+        config_checks.validate(cfg)
     lines = str(err.value).splitlines()
     assert any(li.startswith("trainer.monitor='val/precision' is not one of") for li in lines)
     assert any(li.startswith("model.audio_max_seconds=2.0 is shorter than the data's clips (6 s") for li in lines)
     with pytest.raises(LoraExpError, match="data.source=gw is audio: set model.task=audio"):
-        config.validate(make_cfg(["data=gw_synthetic"]))
+        config_checks.validate(make_cfg(["data=gw_synthetic"]))
 
 
 # ---- end to end through train(): needs the loop integration (models.build / audio loaders / metrics) ----
@@ -247,7 +253,7 @@ def gw_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("method", ["lora", "frozen", "full"])
 def test_tiny_whisper_trains_each_method(method: str, gw_cache: Path) -> None:
-    from lora_exp.train import train
+    from lora_exp.training.loop import train
 
     r = train(make_cfg([*E2E, f"method={method}"]), gw_cache / method)
     assert r["status"] == "ok"
@@ -264,7 +270,7 @@ def test_tiny_whisper_trains_each_method(method: str, gw_cache: Path) -> None:
 
 
 def test_monitor_auc_picks_the_best_auc_step(gw_cache: Path) -> None:
-    from lora_exp.train import train
+    from lora_exp.training.loop import train
 
     r = train(make_cfg([*E2E, "method=lora", "trainer.eval_every=1", "trainer.monitor=val/auc"]), gw_cache / "m")
     history = r["history"]  # one row per evaluation: step, epoch, time_s, val_acc, val_f1, val_auc, val_loss
@@ -275,9 +281,9 @@ def test_monitor_auc_picks_the_best_auc_step(gw_cache: Path) -> None:
 
 
 def test_predict_on_a_generated_clip(gw_cache: Path) -> None:
-    from lora_exp import gw_data
+    from lora_exp.data import gw as gw_data
     from lora_exp.inference import predict
-    from lora_exp.train import train
+    from lora_exp.training.loop import train
 
     train(make_cfg([*E2E, "method=lora"]), gw_cache / "p")
     clip = gw_data.to_audio(gw_data.simulate(gw_data.GwOptions(), 1, seed=9)["strain"], "concat")[0]

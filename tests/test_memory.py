@@ -20,9 +20,11 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from lora_exp import memory, models
 from lora_exp.errors import LoraExpError
-from lora_exp.memory import SampledStep, SavedTensorMeter
+from lora_exp.measure import memory
+from lora_exp.measure.memory import SampledStep, SavedTensorMeter
+from lora_exp.models import methods as model_methods
+from lora_exp.models import text as text_models
 
 B, IN, HID, OUT = 5, 8, 16, 4
 SEQ, H, LAYERS = 16, 32, 2
@@ -81,7 +83,7 @@ def test_meter_does_not_change_results() -> None:
 def tiny_bert(method: str, dropout: float = 0.1, hidden: int = H, layers: int = LAYERS) -> nn.Module:
     torch.manual_seed(0)
     conf = BertConfig(
-        vocab_size=models.TINY_VOCAB,
+        vocab_size=text_models.TINY_VOCAB,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -92,14 +94,14 @@ def tiny_bert(method: str, dropout: float = 0.1, hidden: int = H, layers: int = 
     )
     model = AutoModelForSequenceClassification.from_config(conf).train()
     lora_cfg = OmegaConf.create({"targets": ["q", "v"], "r": 4, "alpha": 8.0, "dropout": 0.0, "rslora": False})
-    models.apply_method(model, method, ["classifier"], lora_cfg)
+    model_methods.apply_method(model, method, ["classifier"], lora_cfg)
     return model
 
 
 def batch(n: int, seq: int = SEQ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(n)
     return {
-        "input_ids": torch.randint(5, models.TINY_VOCAB, (n, seq), generator=g),
+        "input_ids": torch.randint(5, text_models.TINY_VOCAB, (n, seq), generator=g),
         "attention_mask": torch.ones(n, seq, dtype=torch.long),
         "labels": torch.randint(0, 2, (n,), generator=g),
     }

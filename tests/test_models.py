@@ -9,8 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lora_exp import lora, models
+from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
+from lora_exp.models import methods as model_methods
+from lora_exp.models import text as text_models
 
 H, FFN, LAYERS, R = 32, 64, 2, 4
 
@@ -30,7 +32,7 @@ def tiny(arch: str):
         }
     )
     torch.manual_seed(0)
-    return models.build(cfg, num_labels=2)
+    return text_models.build(cfg, num_labels=2)
 
 
 def lora_cfg(*targets: str, r: int = R):
@@ -50,24 +52,24 @@ EXPECTED = {
 @pytest.mark.parametrize(("arch", "alias"), list(EXPECTED))
 def test_alias_matches_exactly_the_expected_modules(arch: str, alias: str) -> None:
     _, model, _ = tiny(arch)
-    got = lora.resolve_targets(model, [alias])
+    got = injection.resolve_targets(model, [alias])
     want = [p.format(i=i) for i in range(LAYERS) for p in EXPECTED[(arch, alias)]]
     assert sorted(got) == sorted(want)
 
 
 def test_head_alias_only_where_it_names_a_pretrained_module() -> None:
-    assert lora.resolve_targets(tiny("bert")[1], ["head"]) == ["bert.pooler.dense"]  # pretrained pooler
+    assert injection.resolve_targets(tiny("bert")[1], ["head"]) == ["bert.pooler.dense"]  # pretrained pooler
     _, model, head = tiny("distilbert")  # pre_classifier is head (trained in full): no alias can reach it
     with pytest.raises(LoraExpError) as err:
-        models.apply_method(model, "lora", head, lora_cfg("q", "head"))
+        model_methods.apply_method(model, "lora", head, lora_cfg("q", "head"))
     assert str(err.value) == (
         "lora.targets: alias 'head' is not defined for model_type 'distilbert' (its classification head trains "
         "in full and is never a target); its aliases: ffn k o q v"
     )
     for model_type in ("roberta", "xlm-roberta"):
-        assert "head" not in lora.ALIASES[model_type]
+        assert "head" not in injection.ALIASES[model_type]
     with pytest.raises(LoraExpError, match="part of the classification head"):  # by name, still refused
-        models.apply_method(model, "lora", head, lora_cfg("pre_classifier"))
+        model_methods.apply_method(model, "lora", head, lora_cfg("pre_classifier"))
 
 
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
@@ -75,10 +77,10 @@ def test_head_alias_only_where_it_names_a_pretrained_module() -> None:
 def test_lora_trainable_count_formula(arch: str, targets: tuple[str, ...]) -> None:
     _, model, head = tiny(arch)
     head_params = sum(p.numel() for h in head for p in model.get_submodule(h).parameters())
-    adapted = models.apply_method(model, "lora", head, lora_cfg(*targets))
+    adapted = model_methods.apply_method(model, "lora", head, lora_cfg(*targets))
     per_layer = {"q": R * (H + H), "k": R * (H + H), "v": R * (H + H), "o": R * (H + H), "ffn": 2 * R * (H + FFN)}
     expected_adapter = LAYERS * sum(per_layer[t] for t in targets)
-    counts = models.count_parameters(model, head)
+    counts = model_methods.count_parameters(model, head)
     assert counts["adapter"] == expected_adapter
     assert counts["head"] == head_params
     assert counts["other"] == 0
@@ -97,10 +99,10 @@ def test_trainable_sets_per_method(arch: str) -> None:
     _, model, head = tiny(arch)
     total = sum(p.numel() for p in model.parameters())
     head_params = sum(p.numel() for h in head for p in model.get_submodule(h).parameters())
-    models.apply_method(model, "full", head)
-    assert models.count_parameters(model, head)["trainable"] == total
-    models.apply_method(model, "frozen", head)
-    frozen = models.count_parameters(model, head)
+    model_methods.apply_method(model, "full", head)
+    assert model_methods.count_parameters(model, head)["trainable"] == total
+    model_methods.apply_method(model, "frozen", head)
+    frozen = model_methods.count_parameters(model, head)
     assert frozen["trainable"] == frozen["head"] == head_params and frozen["adapter"] == 0
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(any(n.startswith(h + ".") for h in head) for n in names)
@@ -108,10 +110,10 @@ def test_trainable_sets_per_method(arch: str) -> None:
 
 def test_suffix_and_regex_targets() -> None:
     _, model, _ = tiny("bert")
-    assert lora.resolve_targets(model, ["attention.self.query"]) == [
+    assert injection.resolve_targets(model, ["attention.self.query"]) == [
         f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)
     ]
-    assert lora.resolve_targets(model, [r"re:.*layer\.0\.attention\.self\.(query|key)"]) == [
+    assert injection.resolve_targets(model, [r"re:.*layer\.0\.attention\.self\.(query|key)"]) == [
         "bert.encoder.layer.0.attention.self.query",
         "bert.encoder.layer.0.attention.self.key",
     ]
@@ -129,7 +131,7 @@ def test_suffix_and_regex_targets() -> None:
 def test_bad_targets(targets: list[str], message: str) -> None:
     _, model, head = tiny("bert")
     with pytest.raises(LoraExpError, match=message):
-        models.apply_method(model, "lora", head, lora_cfg(*targets))
+        model_methods.apply_method(model, "lora", head, lora_cfg(*targets))
 
 
 def test_alias_unknown_for_architecture() -> None:
@@ -140,14 +142,14 @@ def test_alias_unknown_for_architecture() -> None:
             self.proj = torch.nn.Linear(4, 4)
 
     with pytest.raises(LoraExpError, match="alias 'q' is not defined for model_type 'custom'"):
-        lora.resolve_targets(Custom(), ["q"])
-    assert lora.resolve_targets(Custom(), ["proj"]) == ["proj"]
+        injection.resolve_targets(Custom(), ["q"])
+    assert injection.resolve_targets(Custom(), ["proj"]) == ["proj"]
 
 
 def test_rank_larger_than_layer_is_an_error() -> None:
     _, model, head = tiny("bert")
     with pytest.raises(LoraExpError, match=r"lora.r=40 must be in \[1, min\(out, in\)=32\]"):
-        models.apply_method(model, "lora", head, lora_cfg("q", r=40))
+        model_methods.apply_method(model, "lora", head, lora_cfg("q", r=40))
 
 
 def test_model_unchanged_at_step0_and_merge_roundtrip() -> None:
@@ -155,24 +157,24 @@ def test_model_unchanged_at_step0_and_merge_roundtrip() -> None:
     model.eval()
     ids = torch.randint(5, 100, (3, 11))
     before = model(input_ids=ids).logits
-    models.apply_method(model, "lora", head, lora_cfg("q", "v", "ffn"))
+    model_methods.apply_method(model, "lora", head, lora_cfg("q", "v", "ffn"))
     torch.testing.assert_close(model(input_ids=ids).logits, before)  # B = 0: unchanged
-    for _, layer in lora.lora_layers(model):
+    for _, layer in injection.lora_layers(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
     adapted = model(input_ids=ids).logits
     assert not torch.allclose(adapted, before)
-    assert lora.merge(model) == LAYERS * 4
+    assert injection.merge(model) == LAYERS * 4
     torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)
-    lora.unmerge(model)
+    injection.unmerge(model)
     torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)
 
 
 def test_best_snapshot_is_a_copy_not_the_live_parameters() -> None:
     """On CPU `.to("cpu")` returns the tensor itself: a 'best' snapshot must not follow later updates."""
-    from lora_exp.adapter import trainable_state
+    from lora_exp.adapters.store import trainable_state
 
     _, model, head = tiny("bert")
-    models.apply_method(model, "lora", head, lora_cfg("q"))
+    model_methods.apply_method(model, "lora", head, lora_cfg("q"))
     snap = trainable_state(model)
     params = dict(model.named_parameters())
     assert all(snap[k].data_ptr() != params[k].data_ptr() for k in snap)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from lora_exp import data, models
+from lora_exp.data import text as text_data
+from lora_exp.models import methods as model_methods
+from lora_exp.models import text as text_models
 
 from .conftest import make_cfg
 
@@ -14,7 +16,7 @@ from .conftest import make_cfg
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory: pytest.TempPathFactory):
     cfg = make_cfg([f"data.cache_dir={tmp_path_factory.mktemp('hf')}"])
-    return data.load_splits(cfg.data)
+    return text_data.load_splits(cfg.data)
 
 
 def test_real_corpus_splits_and_label_balance(splits) -> None:
@@ -32,17 +34,17 @@ def test_real_corpus_splits_and_label_balance(splits) -> None:
 
 def test_real_minilm_loads_with_a_new_head_and_expected_lora_count() -> None:
     cfg = make_cfg()
-    tokenizer, model, head = models.build(cfg.model, 2, {0: "rotten", 1: "fresh"})
+    tokenizer, model, head = text_models.build(cfg.model, 2, {0: "rotten", 1: "fresh"})
     assert model.config.model_type == "bert" and model.config.num_hidden_layers == 6
     assert head == ["classifier"]  # the only module the checkpoint lacks
     assert sum(p.numel() for p in model.parameters()) == 22_713_986
-    models.apply_method(
+    model_methods.apply_method(
         model,
         "lora",
         head,
         OmegaConf.create({"targets": ["q", "v"], "r": 8, "alpha": 16, "dropout": 0.0, "rslora": False}),
     )
-    counts = models.count_parameters(model, head)
+    counts = model_methods.count_parameters(model, head)
     assert counts["adapter"] == 6 * 2 * 8 * (384 + 384)  # 6 layers x {query, value} x r(k + d)
     assert counts["trainable"] == 73_728 + 384 * 2 + 2
     assert tokenizer("a warm, funny film")["input_ids"][0] == tokenizer.cls_token_id

@@ -10,9 +10,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lora_exp import models
+from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.errors import LoraExpError
-from lora_exp.peft_format import export_peft, import_peft
+from lora_exp.models import heads as model_heads
+from lora_exp.models import methods as model_methods
 
 from .test_models import lora_cfg, tiny
 
@@ -36,7 +37,7 @@ def _randomise_trainables(model: torch.nn.Module) -> None:
 def test_export_to_peft_gives_equal_logits(arch: str, tmp_path: Path) -> None:
     _, base, head = tiny(arch)
     ours = copy.deepcopy(base)
-    models.apply_method(ours, "lora", head, lora_cfg(*ALIASES, "ffn"))
+    model_methods.apply_method(ours, "lora", head, lora_cfg(*ALIASES, "ffn"))
     _randomise_trainables(ours)
     export_peft(ours, tmp_path / "peft", {"head_modules": head})
     ref = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
@@ -81,7 +82,7 @@ def test_export_keys_follow_peft_layout(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     _, base, head = tiny("bert")
-    models.apply_method(base, "lora", head, lora_cfg("q"))
+    model_methods.apply_method(base, "lora", head, lora_cfg("q"))
     export_peft(base, tmp_path / "p", {"head_modules": head})
     keys = set(load_file(str(tmp_path / "p" / "adapter_model.safetensors")))
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
@@ -98,20 +99,20 @@ def _tiny_gpt2() -> tuple[torch.nn.Module, list[str]]:
     conf = config("gpt2")
     conf.pad_token_id = 1
     base = AutoModelForSequenceClassification.from_config(conf).eval()
-    return base, models.find_head(base)
+    return base, model_heads.find_head(base)
 
 
 def test_gpt2_conv1d_parity_with_peft(tmp_path: Path) -> None:
     """GPT-2's Conv1D layers (fan_in_fan_out): PEFT built from our tensors, export, import, merge."""
     import json
 
-    from lora_exp import lora
+    from lora_exp.adapters import targets as injection
 
     base, head = _tiny_gpt2()
     assert head == ["score"]
     ours = copy.deepcopy(base)
-    adapted = models.apply_method(ours, "lora", head, lora_cfg("qkv", "o", "ffn"))
-    assert len(adapted) == 2 * 4 and all(m.fan_in_fan_out for _, m in lora.lora_layers(ours))
+    adapted = model_methods.apply_method(ours, "lora", head, lora_cfg("qkv", "o", "ffn"))
+    assert len(adapted) == 2 * 4 and all(m.fan_in_fan_out for _, m in injection.lora_layers(ours))
     _randomise_trainables(ours)
     ours.eval()
     config = LoraConfig(
@@ -146,16 +147,16 @@ def test_gpt2_conv1d_parity_with_peft(tmp_path: Path) -> None:
         torch.testing.assert_close(back.eval()(input_ids=_ids()).logits, expected, atol=1e-5, rtol=1e-5)
 
         w0 = base.transformer.h[0].attn.c_attn.weight.clone()
-        assert lora.merge(ours) == 8
+        assert injection.merge(ours) == 8
         torch.testing.assert_close(ours(input_ids=_ids()).logits, expected, atol=1e-5, rtol=1e-5)
-        lora.unmerge(ours)
+        injection.unmerge(ours)
         torch.testing.assert_close(ours.transformer.h[0].attn.c_attn.base_layer.weight, w0, atol=1e-6, rtol=0)
 
 
 def test_export_refuses_a_mix_of_conv1d_and_linear(tmp_path: Path) -> None:
     base, head = _tiny_gpt2()
     base.transformer.h[0].attn.c_attn = torch.nn.Linear(16, 48)  # a Linear among Conv1D layers
-    models.apply_method(base, "lora", head, lora_cfg("qkv", "o"))
+    model_methods.apply_method(base, "lora", head, lora_cfg("qkv", "o"))
     with pytest.raises(LoraExpError) as err:
         export_peft(base, tmp_path / "p", {"head_modules": head})
     assert str(err.value) == (

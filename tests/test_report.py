@@ -9,8 +9,10 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from lora_exp import figures, models, report
+from lora_exp.analysis import figures, report
 from lora_exp.cli import CONF_DIR
+from lora_exp.models import methods as model_methods
+from lora_exp.models import text as text_models
 
 from .conftest import make_cfg, write_reviews
 from .test_sweeps import methods_sweep  # noqa: F401  (module fixture: one tiny sweep)
@@ -28,9 +30,9 @@ def test_summary_rows_and_counts_match_the_models(written: dict[str, Path]) -> N
     assert sorted(summary["method"]) == ["frozen", "full", "lora"]
     for method in ("full", "frozen", "lora"):
         cfg = make_cfg(["model=tiny_bert", f"method={method}"])
-        _, model, head = models.build(cfg.model, 2)
-        models.apply_method(model, method, head, cfg.lora)
-        expected = models.count_parameters(model, head)["trainable"]
+        _, model, head = text_models.build(cfg.model, 2)
+        model_methods.apply_method(model, method, head, cfg.lora)
+        expected = model_methods.count_parameters(model, head)["trainable"]
         assert summary.loc[summary.method == method, "trainable_params"].item() == expected
     assert summary["test_acc"].between(0, 1).all()
 
@@ -237,7 +239,7 @@ def test_legend_and_annotation_text_at_least_8_pt(tmp_path: Path, monkeypatch: p
 
 
 def test_two_tiny_models_on_two_csvs_end_to_end(tiny_cfg, tmp_path: Path) -> None:  # noqa: ANN001
-    from lora_exp.train import train
+    from lora_exp.training.loop import train
 
     files = [write_reviews(tmp_path / f"{name}.csv.bz2", n=60, seed=i) for i, name in enumerate(("films", "books"))]
     for model in ("tiny_bert", "tiny_distilbert"):
@@ -258,7 +260,7 @@ def test_two_tiny_models_on_two_csvs_end_to_end(tiny_cfg, tmp_path: Path) -> Non
 def test_memory_figures_use_measured_gpu_peak_else_predicted() -> None:
     import pandas as pd
 
-    from lora_exp import figures
+    from lora_exp.analysis import figures
 
     cpu = pd.DataFrame(
         {"peak_vram_gib": [float("nan")] * 2, "predicted_peak_gib": [1.5, 0.5], "peak_host_rss_gib": [9, 9]}
@@ -294,7 +296,7 @@ def test_variants_pair_with_plain_lora_of_the_same_shape(tmp_path: Path) -> None
 
 def test_auc_monitor_gives_auc_columns_and_auc_curves(tmp_path: Path) -> None:
     """Runs that selected their best step by val/auc (the detector) show AUC in the table and the figures."""
-    from lora_exp import figures
+    from lora_exp.analysis import figures
 
     for seed in (1, 2):
         history = [{"step": s, "epoch": s, "time_s": 2.0 * s, "val_acc": 0.5, "val_auc": 0.7 + s / 10} for s in (1, 2)]

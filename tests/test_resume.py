@@ -125,12 +125,12 @@ def test_resume_without_checkpoint_is_one_line(tmp_path: Path) -> None:
 
 
 def test_divergence_never_checkpoints_non_finite_weights(tiny_cfg, tmp_path: Path) -> None:
-    from lora_exp import train
     from lora_exp.errors import TrainingFailure
+    from lora_exp.training import loop
 
     cfg = tiny_cfg("method=full", "optimizer.lr=inf", "trainer.max_grad_norm=0", "trainer.checkpoint_every=1")
     with pytest.raises(TrainingFailure, match="not finite at step 1"):
-        train.train(cfg, tmp_path / "run")
+        loop.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint").exists()  # nothing diverged was saved
 
 
@@ -141,12 +141,12 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 
 def test_resume_that_cannot_resume_writes_nothing(tiny_cfg, tmp_path: Path) -> None:
     """A missing dir and a failed run without a checkpoint: one line, exit 2, not one byte changed anywhere."""
-    from lora_exp import train
     from lora_exp.errors import LoraExpError
+    from lora_exp.training import loop
 
     failed = tmp_path / "work" / "failed"
     with pytest.raises(LoraExpError):  # a run that failed before any checkpoint (max_length beyond the model)
-        train.train(tiny_cfg("data.max_length=1024"), failed)
+        loop.train(tiny_cfg("data.max_length=1024"), failed)
     (failed / "results.json").write_text(json.dumps({"status": "failed", "reason": "the original reason"}))
     before = snapshot(tmp_path)
     missing = tmp_path / "work" / "missing"

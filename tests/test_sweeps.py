@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lora_exp.cli import CONF_DIR
-from lora_exp.config import validate
+from lora_exp.config.checks import validate
 
 from . import wandb_file
 from .conftest import make_cfg

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_exp import data, inference, train
+from lora_exp import inference
+from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError, TrainingFailure
+from lora_exp.models import build as model_build
+from lora_exp.training import checks, loop, metrics
 
 from . import wandb_file
 
@@ -42,7 +45,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> dict[str, t
             ]
         )
         run_dir = root / method
-        out[method] = (run_dir, train.train(cfg, run_dir))
+        out[method] = (run_dir, loop.train(cfg, run_dir))
     return out
 
 
@@ -122,9 +125,9 @@ def test_reload_reproduces_test_accuracy(runs, method: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, again(**ids).logits)  # two reloads agree
     cfg = __import__("omegaconf").OmegaConf.load(run_dir / "config.yaml")
-    tok = data.tokenize(data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
-    loaders = data.make_loaders(tok, tokenizer, 16, 64, True, torch.Generator().manual_seed(0))
-    acc = train.evaluate(model, loaders.test, torch.device("cpu"), lambda: torch.no_grad())["acc"]
+    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
+    loaders = text_data.make_loaders(tok, tokenizer, 16, 64, True, torch.Generator().manual_seed(0))
+    acc = metrics.evaluate(model, loaders.test, torch.device("cpu"), lambda: torch.no_grad())["acc"]
     assert acc == pytest.approx(res["test_acc"])  # head and adapter both came back
 
 
@@ -138,17 +141,17 @@ def test_adapter_is_small_and_holds_the_head(runs) -> None:
 def test_same_seed_same_head_init_across_methods(tiny_cfg) -> None:
     heads = {}
     for method in ("full", "frozen", "lora"):
-        _, model, _, _ = train.build_model(tiny_cfg(f"method={method}"))
+        _, model, _, _ = model_build.build_model(tiny_cfg(f"method={method}"))
         heads[method] = model.classifier.weight.detach().clone()
     assert torch.equal(heads["full"], heads["frozen"]) and torch.equal(heads["full"], heads["lora"])
-    _, other, _, _ = train.build_model(tiny_cfg("trainer.seed=7"))
+    _, other, _, _ = model_build.build_model(tiny_cfg("trainer.seed=7"))
     assert not torch.equal(other.classifier.weight, heads["full"])
 
 
 def test_nan_loss_stops_the_run(tiny_cfg, tmp_path: Path) -> None:
     cfg = tiny_cfg("method=full", "optimizer.lr=inf", "trainer.max_grad_norm=0", "trainer.log_every=1")
     with pytest.raises(TrainingFailure, match=r"train loss is nan at step \d+") as err:
-        train.train(cfg, tmp_path / "run")
+        loop.train(cfg, tmp_path / "run")
     assert err.value.kind == "nan"
 
 
@@ -157,18 +160,18 @@ def test_untrainable_tensor_is_caught() -> None:
     extra = torch.nn.Parameter(torch.zeros(3))  # trainable but not in the graph (a frozen-head mistake)
     layer(torch.randn(2, 4)).sum().backward()
     with pytest.raises(TrainingFailure, match="extra.weight \\(no grad\\)"):
-        train.check_gradients([("layer.weight", layer.weight), ("extra.weight", extra)])
+        checks.check_gradients([("layer.weight", layer.weight), ("extra.weight", extra)])
 
 
 def test_lora_b_stuck_at_zero_is_caught() -> None:
     b = torch.nn.Parameter(torch.zeros(4, 2))
     with pytest.raises(TrainingFailure, match="lora_B.weight \\(still zero\\)"):
-        train.check_lora_moving([("x.lora_B.weight", b)], step=9)
+        checks.check_lora_moving([("x.lora_B.weight", b)], step=9)
 
 
 def test_max_length_beyond_model_is_an_error(tiny_cfg, tmp_path: Path) -> None:
     with pytest.raises(LoraExpError, match="data.max_length=1024 exceeds the model's maximum of 512"):
-        train.train(tiny_cfg("data.max_length=1024"), tmp_path / "run")
+        loop.train(tiny_cfg("data.max_length=1024"), tmp_path / "run")
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -253,7 +256,7 @@ def test_export_peft_cli_loads_in_peft(runs, tmp_path: Path) -> None:
 
     tokenizer, ours = inference.load_trained(run_dir, merge=False)
     # the same seeded base (tiny random weights) without LoRA: method=frozen builds exactly that
-    _, base, _, _ = train.build_model(OmegaConf.merge(recorded_config(run_dir), {"method": {"name": "frozen"}}))
+    _, base, _, _ = model_build.build_model(OmegaConf.merge(recorded_config(run_dir), {"method": {"name": "frozen"}}))
     ref = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     ids = tokenizer(["good great fun", "bad boring dull"], return_tensors="pt", padding=True)
     with torch.no_grad():

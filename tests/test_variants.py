@@ -17,9 +17,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from transformers import AutoModelForSequenceClassification, RobertaConfig
 
-from lora_exp import adapter, lora, models, variants
+from lora_exp.adapters import dora
+from lora_exp.adapters import params as adapter_params
+from lora_exp.adapters import store as adapter_store
+from lora_exp.adapters import targets as injection
+from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.errors import LoraExpError
-from lora_exp.peft_format import export_peft, import_peft
+from lora_exp.measure import timing
+from lora_exp.models import methods as model_methods
 
 from .test_models import tiny as tiny_built
 
@@ -74,7 +79,7 @@ def peft_name(name: str, head: list[str]) -> str:
     """Our parameter path -> the PEFT model's."""
     for part in ("lora_A", "lora_B"):
         name = name.replace(f".{part}.", f".{part}.default.")
-    if name.endswith("." + variants.MAGNITUDE):
+    if name.endswith("." + dora.MAGNITUDE):
         name += ".default.weight"
     for h in head:
         if name.startswith(h + "."):
@@ -88,7 +93,7 @@ def pair(arch: str, variant: str, dropout: float = 0.0, **extra):
     ours_over, peft_over = VARIANTS[variant]
     ref = get_peft_model(copy.deepcopy(base), peft_cfg(arch, head, dropout, **peft_over, **extra.get("peft", {})))
     ours = copy.deepcopy(base)
-    models.apply_method(ours, "lora", head, ours_cfg(arch, dropout, **ours_over, **extra.get("ours", {})))
+    model_methods.apply_method(ours, "lora", head, ours_cfg(arch, dropout, **ours_over, **extra.get("ours", {})))
     torch.manual_seed(5)
     ref_params = dict(ref.named_parameters())
     with torch.no_grad():
@@ -171,22 +176,22 @@ def test_merge_unmerge(arch: str, variant: str) -> None:
     ours, _, _, _ = pair(arch, variant)
     with torch.no_grad():
         for n, p in ours.named_parameters():
-            if n.endswith(variants.MAGNITUDE):
+            if n.endswith(dora.MAGNITUDE):
                 p.mul_(1 + 0.1 * torch.rand_like(p))
-    w0 = {n: m.base_layer.weight.detach().clone() for n, m in lora.lora_layers(ours)}
+    w0 = {n: m.base_layer.weight.detach().clone() for n, m in injection.lora_layers(ours)}
     with torch.no_grad():
         before = ours(input_ids=ids()).logits
-        lora.merge(ours)
-        assert all(not torch.equal(m.base_layer.weight, w0[n]) for n, m in lora.lora_layers(ours))
+        injection.merge(ours)
+        assert all(not torch.equal(m.base_layer.weight, w0[n]) for n, m in injection.lora_layers(ours))
         close(ours(input_ids=ids()).logits, before)
-        lora.unmerge(ours)
-    for n, m in lora.lora_layers(ours):
+        injection.unmerge(ours)
+    for n, m in injection.lora_layers(ours):
         torch.testing.assert_close(m.base_layer.weight, w0[n], atol=1e-6, rtol=1e-5)
 
 
 def test_dora_merge_low_precision_restores_exactly() -> None:
     torch.manual_seed(0)
-    layer = variants.make_layer(torch.nn.Linear(16, 24).to(torch.bfloat16), 4, 8.0, 0.0, False, "dora")
+    layer = injection.make_layer(torch.nn.Linear(16, 24).to(torch.bfloat16), 4, 8.0, 0.0, False, "dora")
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     w0 = layer.base_layer.weight.detach().clone()
@@ -197,7 +202,7 @@ def test_dora_merge_low_precision_restores_exactly() -> None:
 
 def test_dora_magnitude_init_and_detached_norm() -> None:
     torch.manual_seed(0)
-    layer = variants.make_layer(torch.nn.Linear(12, 20), 4, 8.0, 0.0, False, "dora")
+    layer = injection.make_layer(torch.nn.Linear(12, 20), 4, 8.0, 0.0, False, "dora")
     torch.testing.assert_close(layer.lora_magnitude_vector, layer.base_layer.weight.norm(dim=1))
     x = torch.randn(5, 12)
     torch.testing.assert_close(layer(x), layer.base_layer(x))  # unchanged at init
@@ -220,9 +225,9 @@ def test_residual_and_factors_equal_peft(arch: str, init: str) -> None:
     base, head = tiny(arch)
     ref = get_peft_model(copy.deepcopy(base), peft_cfg(arch, head, init_lora_weights=init))
     ours = copy.deepcopy(base)
-    models.apply_method(ours, "lora", head, ours_cfg(arch, init=init))
+    model_methods.apply_method(ours, "lora", head, ours_cfg(arch, init=init))
     refp = dict(ref.named_parameters())
-    layers = dict(lora.lora_layers(ours))
+    layers = dict(injection.lora_layers(ours))
     assert len(layers) == 6
     for n, m in layers.items():
         p = f"base_model.model.{n}"
@@ -249,7 +254,7 @@ def test_loraplus_groups_equal_peft(arch: str, variant: str, bias: str) -> None:
         for g in want.param_groups
         if g["params"]
     ]
-    got = variants.optimizer_groups(ours, lr=1e-3, weight_decay=0.01, loraplus_lr_ratio=16.0)
+    got = adapter_params.optimizer_groups(ours, lr=1e-3, weight_decay=0.01, loraplus_lr_ratio=16.0)
     got_groups = [(sorted(peft_name(n, head) for n in g["names"]), g["lr"], g["weight_decay"]) for g in got]
     assert got_groups == want_groups
     assert {lr for _, lr, _ in got_groups} == {1e-3, 16e-3}
@@ -258,10 +263,10 @@ def test_loraplus_groups_equal_peft(arch: str, variant: str, bias: str) -> None:
 
 def test_optimizer_groups_without_loraplus() -> None:
     ours, _, _, _ = pair("bert", "dora", ours={"bias": "all"}, peft={"bias": "all"})
-    got = variants.optimizer_groups(ours, lr=2e-3, weight_decay=0.01)
+    got = adapter_params.optimizer_groups(ours, lr=2e-3, weight_decay=0.01)
     assert [(g["weight_decay"], g["lr"]) for g in got] == [(0.01, 2e-3), (0.0, 2e-3)]
     assert all(p.ndim >= 2 for p in got[0]["params"]) and all(p.ndim < 2 for p in got[1]["params"])
-    assert any(n.endswith(variants.MAGNITUDE) for n in got[1]["names"])
+    assert any(n.endswith(dora.MAGNITUDE) for n in got[1]["names"])
     assert sum(len(g["params"]) for g in got) == sum(p.requires_grad for p in ours.parameters())
 
 
@@ -278,14 +283,14 @@ def test_bias_trainable_sets_equal_peft(arch: str, bias: str) -> None:
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_bitfit_trains_biases_and_head_only(arch: str) -> None:
     _, model, head = tiny_built(arch)
-    models.apply_method(model, "bitfit", head)
+    model_methods.apply_method(model, "bitfit", head)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     in_head = [n for n in trainable if any(n.startswith(h + ".") for h in head)]
     assert set(trainable) - set(in_head) == {n for n, _ in model.named_parameters() if n.endswith(".bias")} - set(
         in_head
     )
     assert len(set(trainable) - set(in_head)) > 10
-    counts = models.count_parameters(model, head)
+    counts = model_methods.count_parameters(model, head)
     assert counts["adapter"] == 0 and counts["other"] == sum(
         p.numel() for n, p in model.named_parameters() if n in trainable and n not in in_head
     )
@@ -298,8 +303,8 @@ def test_layers_and_patterns_equal_peft(arch: str, tmp_path: Path) -> None:
     ours_over = {"layers": [1], "rank_pattern": {key: 2, "value|v_lin": 3}, "alpha_pattern": {key: 3.0}}
     peft_over = {"layers_to_transform": [1], "rank_pattern": ours_over["rank_pattern"], "alpha_pattern": {key: 3.0}}
     ours, ref, head, base = pair(arch, "lora", ours=ours_over, peft=peft_over)
-    layers = dict(lora.lora_layers(ours))
-    assert len(layers) == 3 and all(variants.layer_index(n) == 1 for n in layers)
+    layers = dict(injection.lora_layers(ours))
+    assert len(layers) == 3 and all(injection.layer_index(n) == 1 for n in layers)
     assert sorted(m.r for m in layers.values()) == [2, 3, 4]
     assert {m.scaling for n, m in layers.items() if n.endswith(key)} == {3.0 / 2}
     with torch.no_grad():
@@ -313,17 +318,17 @@ def test_layers_and_patterns_equal_peft(arch: str, tmp_path: Path) -> None:
 def test_layers_that_select_nothing_is_an_error() -> None:
     _, model, head = tiny_built("bert")
     with pytest.raises(LoraExpError, match=r"lora.layers=\[7\] selects none .*\[0, 1\]"):
-        models.apply_method(model, "lora", head, ours_cfg("bert", layers=[7]))
+        model_methods.apply_method(model, "lora", head, ours_cfg("bert", layers=[7]))
 
 
 def test_dora_magnitude_counts_as_adapter() -> None:
     _, model, head = tiny_built("bert")
-    models.apply_method(model, "lora", head, ours_cfg("bert", variant="dora"))
-    counts = models.count_parameters(model, head)
+    model_methods.apply_method(model, "lora", head, ours_cfg("bert", variant="dora"))
+    counts = model_methods.count_parameters(model, head)
     ab = 2 * (R * (32 + 32) * 2 + R * (32 + 64))  # 2 layers x (query, value: 32->32; intermediate 32->64)
     magnitudes = 2 * (32 + 32 + 64)
     assert counts["adapter"] == ab + magnitudes
-    assert variants.variant_counts(model) == {"lora_ab_params": ab, "dora_magnitude_params": magnitudes}
+    assert adapter_params.variant_counts(model) == {"lora_ab_params": ab, "dora_magnitude_params": magnitudes}
 
 
 @pytest.mark.parametrize("variant", ["dora", "pissa", "dora-pissa"])
@@ -334,14 +339,14 @@ def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> 
         for p in ours.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    adapter.save_adapter(ours, tmp_path / "a", {"head_modules": head})
-    meta, tensors = adapter.read_adapter(tmp_path / "a")
+    adapter_store.save_adapter(ours, tmp_path / "a", {"head_modules": head})
+    meta, tensors = adapter_store.read_adapter(tmp_path / "a")
     assert meta["variant"] == ("dora" if "dora" in variant else "lora")
     assert ("residual_base" in meta) == ("pissa" in variant)
     fresh = copy.deepcopy(base)
     ours_over, _ = VARIANTS[variant]
-    models.apply_method(fresh, "lora", head, ours_cfg("bert", **ours_over))
-    adapter.load_into(fresh, tensors, "test")
+    model_methods.apply_method(fresh, "lora", head, ours_cfg("bert", **ours_over))
+    adapter_store.load_into(fresh, tensors, "test")
     with torch.no_grad():
         close(fresh.eval()(input_ids=ids()).logits, ours.eval()(input_ids=ids()).logits)
 
@@ -360,7 +365,7 @@ def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> 
     ],
 )
 def test_variant_label(over: dict, method: str, ratio: float | None, label: str) -> None:
-    assert variants.variant_label(OmegaConf.create(over), method, ratio) == label
+    assert adapter_params.variant_label(OmegaConf.create(over), method, ratio) == label
 
 
 VARIANT_LABELS = {"lora", "rslora", "dora", "pissa", "lora+", "bitfit", "full", "frozen"}
@@ -379,11 +384,11 @@ def sweep_jobs(name: str) -> list[list[str]]:
 
 
 def label(cfg) -> str:
-    return variants.variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio)
+    return adapter_params.variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio)
 
 
 def test_variants_sweep_composes_every_arm() -> None:
-    from lora_exp.config import validate
+    from lora_exp.config.checks import validate
 
     from .conftest import make_cfg
 
@@ -460,7 +465,7 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
     ],
 )
 def test_bad_variant_options_are_one_line_errors(override: str, message: str) -> None:
-    from lora_exp.config import validate
+    from lora_exp.config.checks import validate
 
     from .conftest import make_cfg
 
@@ -470,16 +475,16 @@ def test_bad_variant_options_are_one_line_errors(override: str, message: str) ->
 
 
 def test_loraplus_needs_lora_and_use_dora_is_an_alias() -> None:
-    from lora_exp.config import validate
+    from lora_exp.config.checks import validate
 
     from .conftest import make_cfg
 
     with pytest.raises(LoraExpError, match="loraplus_lr_ratio=16.0 needs method.name=lora"):
         validate(make_cfg(["method=full", "optimizer.loraplus_lr_ratio=16"]))
     _, model, head = tiny_built("bert")
-    models.apply_method(model, "lora", head, ours_cfg("bert", use_dora=True))
-    assert all(isinstance(m, variants.DoRALinear) for _, m in lora.lora_layers(model))
-    assert all(m.lora_magnitude_vector.requires_grad for _, m in lora.lora_layers(model))
+    model_methods.apply_method(model, "lora", head, ours_cfg("bert", use_dora=True))
+    assert all(isinstance(m, dora.DoRALinear) for _, m in injection.lora_layers(model))
+    assert all(m.lora_magnitude_vector.requires_grad for _, m in injection.lora_layers(model))
 
 
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
@@ -511,10 +516,10 @@ def test_peft_round_trip_with_trained_biases(bias: str, tmp_path: Path) -> None:
 
 def test_loop_uses_loraplus_groups(tiny_cfg, tmp_path) -> None:
     """optimizer.loraplus_lr_ratio reaches the loop's optimizer: B trains at ratio x A's lr."""
-    from lora_exp import train
+    from lora_exp.training import job as job_setup
 
     cfg = tiny_cfg("optimizer.loraplus_lr_ratio=16", "trainer.max_steps=1", "optimizer.scheduler=constant")
-    job = train.setup(cfg, tmp_path / "run", False, train.tracking.RssPeak())
+    job = job_setup.setup(cfg, tmp_path / "run", False, timing.RssPeak())
     lrs = {n: g["lr"] for g in job.optimizer.param_groups for n in g["names"]}
     a = [lr for n, lr in lrs.items() if ".lora_A." in n]
     b = [lr for n, lr in lrs.items() if ".lora_B." in n]

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
-from lora_exp.models import _tiny_tokenizer
+from lora_exp.models.text import _tiny_tokenizer
 
 from .conftest import FILLER, NEGATIVE, POSITIVE
 

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +42,20 @@ SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1  # bump when the generated arrays change for the same options
 
 
-@dataclass(frozen=True)
+@dataclass
 class GwOptions:
-    """Generator options (``data.gw`` in the config); their hash names the cache entry."""
+    """Generator options: the ``data.gw`` schema of the config (one definition) and the generator's input;
+    their hash names the cache entry."""
 
     n_train: int = 1000
     n_validation: int = 1000
     n_test: int = 1000
     sample_rate: int = 2048
     duration: float = 2.0
-    detectors: tuple[str, ...] = ("H1", "L1", "V1")
-    snr: tuple[float, float] = (8.0, 20.0)  # network optimal SNR range of the injections
-    masses: tuple[float, float] = (10.0, 50.0)  # component masses, solar masses
-    merger: tuple[float, float] = (0.6, 0.95)  # merger time as a fraction of the window
+    detectors: list[str] = field(default_factory=lambda: ["H1", "L1", "V1"])
+    snr: list[float] = field(default_factory=lambda: [8.0, 20.0])  # network optimal SNR range of the injections
+    masses: list[float] = field(default_factory=lambda: [10.0, 50.0])  # component masses, solar masses
+    merger: list[float] = field(default_factory=lambda: [0.6, 0.95])  # merger time as a fraction of the window
     f_low: float = 20.0
     f_high: float = 1000.0
     positive_fraction: float = 0.5

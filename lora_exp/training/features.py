@@ -16,15 +16,15 @@ mode every step, dropout included).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
-
-if TYPE_CHECKING:
-    from lora_exp.train import Job
 
 SEQUENCE, VECTOR = "sequence", "vector"
 
@@ -178,37 +178,58 @@ def frozen_prefix(base: nn.Module) -> int:
     return k
 
 
-def estimated_bytes(job: Job) -> int:
+def estimated_bytes(model: nn.Module, splits: Any) -> int:
     """fp32 bytes the cache would hold: real tokens of every split x hidden size (+ a pooled vector each)."""
-    hidden = getattr(job.model.config, "hidden_size", None) or getattr(job.model.config, "d_model", 0)
-    tokens = sum(sum(split.with_format(None)["length"]) for split in job.tok.values())
-    examples = sum(len(split) for split in job.tok.values())
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", 0)
+    tokens = sum(sum(split.with_format(None)["length"]) for split in splits.values())
+    examples = sum(len(split) for split in splits.values())
     return 4 * hidden * (tokens + examples)
 
 
-def maybe_cache(job: Job) -> FeatureCache | None:
-    """A ``FeatureCache`` when the whole base (frozen) or its bottom layers (a frozen prefix) are frozen."""
-    cfg, model = job.cfg, job.model
+@dataclass
+class Source:
+    """What the frozen part runs over: the tokenised splits, batched and placed as for evaluation."""
+
+    splits: Any
+    tokenizer: Any
+    batch_size: int
+    device: torch.device
+    amp: Callable[[], AbstractContextManager]
+
+
+def maybe_cache(
+    model: nn.Module,
+    splits: Any,
+    tokenizer: Any,
+    *,
+    enabled: bool,
+    max_gib: float,
+    batch_size: int,
+    device: torch.device,
+    amp: Callable[[], AbstractContextManager],
+) -> FeatureCache | None:
+    """A ``FeatureCache`` when the whole base (frozen) or its bottom layers (a frozen prefix) are frozen.
+
+    ``splits``: the tokenised splits (``input_ids``, ``attention_mask``, ``length``); ``max_gib``: above this
+    estimated size the frozen part runs every step; ``amp``: the run's autocast context.
+    """
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
-    if not cfg.trainer.get("feature_cache", True) or base is None or cfg.method.name == "full":
-        return None
-    if "input_ids" not in job.tok["train"].column_names:
+    if not enabled or base is None or "input_ids" not in splits["train"].column_names:
         return None
     whole = not any(p.requires_grad for p in base.parameters())
     k = 0 if whole else frozen_prefix(base)
     if not whole and k == 0:
         return None
-    limit = float(cfg.trainer.get("feature_cache_max_gib", 8.0)) * 2**30
-    need = estimated_bytes(job)
-    if need > limit:
+    need = estimated_bytes(model, splits)
+    if need > max_gib * 2**30:
         print(
             f"[lora-exp] feature cache off: it would hold {need / 2**30:.1f} GiB > trainer.feature_cache_max_gib="
-            f"{cfg.trainer.get('feature_cache_max_gib', 8.0)}; the frozen part runs at every step"
+            f"{max_gib:g}; the frozen part runs at every step"
         )
         return None
-    clock: dict[str, float] = {}
-    cache = _cache_base(job, model, base, prefix, clock) if whole else _cache_prefix(job, base, k, clock)
+    src, clock = Source(splits, tokenizer, batch_size, device, amp), {}
+    cache = _cache_base(src, model, base, prefix, clock) if whole else _cache_prefix(src, base, k, clock)
     if cache is None:
         return None
     cache.seconds = clock.get("train", 0.0)  # charged to training; the evaluation splits' share is not
@@ -220,23 +241,23 @@ def maybe_cache(job: Job) -> FeatureCache | None:
     return cache
 
 
-def _split_batches(job: Job, clock: dict[str, float]):
+def _split_batches(src: Source, clock: dict[str, float]):
     """(input_ids, attention_mask) of every example of every split, on the device, in eval-sized batches.
 
     ``clock["train"]`` gets the seconds spent on the training split: only that is training cost (encoding the
     evaluation splits replaces work the uncached run does at evaluation, which is not in ``train_seconds``)."""
-    collate = DataCollatorWithPadding(job.tokenizer, pad_to_multiple_of=8, return_tensors="pt")
-    for name, split in job.tok.items():
+    collate = DataCollatorWithPadding(src.tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    for name, split in src.splits.items():
         start = time.perf_counter()
         loader = DataLoader(
             split.select_columns(["input_ids", "attention_mask"]),
-            batch_size=job.cfg.trainer.eval_batch_size,
+            batch_size=src.batch_size,
             collate_fn=collate,
         )
         for batch in loader:
-            yield batch["input_ids"].to(job.device), batch["attention_mask"].to(job.device)
-        if job.device.type == "cuda":
-            torch.cuda.synchronize(job.device)
+            yield batch["input_ids"].to(src.device), batch["attention_mask"].to(src.device)
+        if src.device.type == "cuda":
+            torch.cuda.synchronize(src.device)
         clock[name] = clock.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -246,13 +267,13 @@ class _Stop(Exception):
 
 @torch.inference_mode()
 def _cache_base(
-    job: Job, model: nn.Module, base: nn.Module, prefix: str, clock: dict[str, float]
+    src: Source, model: nn.Module, base: nn.Module, prefix: str, clock: dict[str, float]
 ) -> FeatureCache | None:
     was_training, cached = base.training, None
     base.eval()
     try:
-        for ids, mask in _split_batches(job, clock):
-            with job.amp():
+        for ids, mask in _split_batches(src, clock):
+            with src.amp():
                 out = base(input_ids=ids, attention_mask=mask)
             if cached is None:
                 kinds = _describe(out, *ids.shape)
@@ -267,7 +288,7 @@ def _cache_base(
 
 
 @torch.inference_mode()
-def _cache_prefix(job: Job, base: nn.Module, k: int, clock: dict[str, float]) -> FeatureCache | None:
+def _cache_prefix(src: Source, base: nn.Module, k: int, clock: dict[str, float]) -> FeatureCache | None:
     layers = layer_stack(base)
     lookup, captured = CachedLayerOutput(), {}
 
@@ -279,9 +300,9 @@ def _cache_prefix(job: Job, base: nn.Module, k: int, clock: dict[str, float]) ->
     base.eval()
     hook = layers[k - 1].register_forward_hook(capture)
     try:
-        for ids, mask in _split_batches(job, clock):
+        for ids, mask in _split_batches(src, clock):
             try:
-                with job.amp():
+                with src.amp():
                     base(input_ids=ids, attention_mask=mask)
             except _Stop:
                 pass

@@ -18,7 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_exp import lora, variants
+from lora_exp.adapters.choices import INITS
+from lora_exp.adapters.params import bias_parameters, is_adapter_param, layers_meta
+from lora_exp.adapters.store import check_tensors
+from lora_exp.adapters.targets import inject, is_under, lora_layers
 from lora_exp.errors import LoraExpError
 
 PREFIX = "base_model.model."
@@ -27,7 +30,7 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
     """Write the model's LoRA layers + trained head as a PEFT LoRA adapter (SEQ_CLS) into ``folder``."""
-    layers = dict(lora.lora_layers(model))
+    layers = dict(lora_layers(model))
     if not layers:
         raise LoraExpError("export_peft(): the model has no LoRA layers")
     if any(m.merged for m in layers.values()):
@@ -42,12 +45,12 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
             "PEFT takes one fan_in_fan_out per adapter"
         )
     head = list(meta.get("head_modules", []))
-    vmeta = variants.layers_meta(layers)
+    vmeta = layers_meta(layers)
     biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
     state = {}
     for name, p in model.named_parameters():
-        trained_head = p.requires_grad and lora.is_under(name, head)
-        if variants.is_adapter_param(name) or trained_head or name in biases:
+        trained_head = p.requires_grad and is_under(name, head)
+        if is_adapter_param(name) or trained_head or name in biases:
             state[PREFIX + name] = p.detach().cpu().contiguous()
     config = {
         "peft_type": "LORA",
@@ -92,13 +95,13 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
         raise LoraExpError(f"peft adapter {str(folder)!r}: peft_type={config.get('peft_type')!r}, only LORA")
     init = config.get("init_lora_weights", True)
     init = "default" if init in (True, False) else str(init)  # the trained tensors replace A and B anyway
-    if init not in variants.INITS:
-        raise LoraExpError(f"peft adapter {str(folder)!r}: init_lora_weights={init!r}, supported {variants.INITS}")
+    if init not in INITS:
+        raise LoraExpError(f"peft adapter {str(folder)!r}: init_lora_weights={init!r}, supported {INITS}")
     targets = config["target_modules"]
     targets = [targets] if isinstance(targets, str) else list(targets)
     if isinstance(config["target_modules"], str):  # PEFT: a string is a full-match regex
         targets = [f"re:{config['target_modules']}"]
-    adapted = lora.inject(
+    adapted = inject(
         model,
         targets,
         int(config["r"]),
@@ -118,21 +121,17 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
     # PEFT's bias="all" also saves the head's biases as <head>.modules_to_save.bias and the frozen originals.
     tensors = {k.replace(".modules_to_save.", "."): v for k, v in tensors.items() if ".original_module." not in k}
     params = dict(model.named_parameters())
-    expected = {n for n in params if variants.is_adapter_param(n)}
+    expected = {n for n in params if is_adapter_param(n)}
     if config.get("bias", "none") != "none":
-        expected |= set(variants.bias_parameters(model, config["bias"], adapted))
+        expected |= set(bias_parameters(model, config["bias"], adapted))
     saved_head = list(config.get("modules_to_save") or [])
-    expected |= {n for n in params if lora.is_under(n, saved_head)}
+    expected |= {n for n in params if is_under(n, saved_head)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:  # PEFT itself loads non-strictly; a silent partial load is how heads get lost
         raise LoraExpError(f"peft adapter {str(folder)!r}: missing {missing[:3]} unexpected {unexpected[:3]}")
+    check_tensors(params, tensors, f"peft adapter {str(folder)!r}")
     with torch.no_grad():
         for name, t in tensors.items():
-            if params[name].shape != t.shape:
-                raise LoraExpError(
-                    f"peft adapter {str(folder)!r}: {name} is {tuple(t.shape)}, "
-                    f"the model has {tuple(params[name].shape)}"
-                )
             params[name].copy_(t)
     missing_head = [h for h in head if h not in saved_head]
     if missing_head:

@@ -1,22 +1,19 @@
-"""LoRA written from scratch: a wrapper around a frozen ``nn.Linear``, injection by target names, merge.
-
-``h = W0 x + b0 + scaling * B(A(dropout(x)))`` with ``A: r x k`` Kaiming-uniform(a=sqrt(5)), ``B: d x r``
-zeros (so the wrapped model is unchanged at step 0) and ``scaling = alpha / r`` (``alpha / sqrt(r)`` with
-rsLoRA). Attribute names follow PEFT (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``,
-``scaling``) so exporting to the PEFT layout is a key rename. GPT-2's ``Conv1D`` (weight stored ``in x
-out``) is adapted as PEFT does with ``fan_in_fan_out``: same A and B, the merge adds ``delta.T``.
-"""
+"""Injection: target names -> module paths (aliases per architecture, exact names, dotted suffixes or
+``re:<regex>``), replacing each target with a LoRA layer, and merge / unmerge over a model."""
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_exp.adapters.choices import VARIANTS
+from lora_exp.adapters.dora import DoRALinear
+from lora_exp.adapters.inits import init_lora
+from lora_exp.adapters.layer import LoRALinear
 from lora_exp.errors import LoraExpError
 
 # Friendly target aliases, as full-match regexes over ``named_modules()`` paths, per ``config.model_type``.
@@ -30,26 +27,36 @@ _BERT = {
     "o": [r".*\.layer\.\d+\.attention\.output\.dense"],
     "ffn": [r".*\.layer\.\d+\.intermediate\.dense", r".*\.layer\.\d+\.output\.dense"],
 }
+
+
 _DEBERTA = {
     **_BERT,
     "q": [r".*\.layer\.\d+\.attention\.self\.query_proj"],
     "k": [r".*\.layer\.\d+\.attention\.self\.key_proj"],
     "v": [r".*\.layer\.\d+\.attention\.self\.value_proj"],
 }
+
+
 _LLAMA = {
     **{a: [rf".*\.layers\.\d+\.self_attn\.{a}_proj"] for a in ("q", "k", "v", "o")},
     "ffn": [rf".*\.layers\.\d+\.mlp\.{m}_proj" for m in ("gate", "up", "down")],
 }
+
+
 _GPT2 = {
     "qkv": [r".*\.h\.\d+\.attn\.c_attn"],
     "o": [r".*\.h\.\d+\.attn\.c_proj"],
     "ffn": [r".*\.h\.\d+\.mlp\.c_fc", r".*\.h\.\d+\.mlp\.c_proj"],
 }
+
+
 _MODERNBERT = {
     "qkv": [r".*\.layers\.\d+\.attn\.Wqkv"],
     "o": [r".*\.layers\.\d+\.attn\.Wo"],
     "ffn": [r".*\.layers\.\d+\.mlp\.Wi", r".*\.layers\.\d+\.mlp\.Wo"],
 }
+
+
 ALIASES: dict[str, dict[str, list[str]]] = {
     "distilbert": {
         "q": [r".*\.attention\.q_lin"],
@@ -74,92 +81,21 @@ ALIASES: dict[str, dict[str, list[str]]] = {
         "ffn": [r"(.*\.)?encoder\.layers\.\d+\.fc1", r"(.*\.)?encoder\.layers\.\d+\.fc2"],
     },
 }
+
+
 ALIAS_NAMES = ("q", "k", "v", "qkv", "o", "ffn", "head")
+
+
 # Families whose attention computes q, k and v in one fused layer: q/k/v alone cannot be adapted.
 FUSED_QKV = {"gpt2": "attn.c_attn", "modernbert": "attn.Wqkv"}
+
+
 ADAPTABLE = (nn.Linear, Conv1D)
 
 
 def is_under(name: str, paths: Sequence[str]) -> bool:
     """Whether parameter/module ``name`` is one of ``paths`` or lies inside one of them."""
     return any(name == p or name.startswith(p + ".") for p in paths)
-
-
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` (or transformers ``Conv1D``) plus a trainable low-rank update ``scaling * B @ A``.
-
-    ``fan_in_fan_out`` is True for a ``Conv1D`` base, whose weight is stored ``in x out``: A and B are the
-    same as for a Linear (``A: r x in``, ``B: out x r``) and ``delta_weight()`` stays ``out x in``; only the
-    merge transposes it (PEFT's ``fan_in_fan_out``).
-    """
-
-    def __init__(self, base: nn.Linear | Conv1D, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        super().__init__()
-        self.fan_in_fan_out = isinstance(base, Conv1D)
-        k, d = base.weight.shape if self.fan_in_fan_out else (base.in_features, base.out_features)
-        if not 1 <= r <= min(d, k):
-            raise LoraExpError(f"lora.r={r} must be in [1, min(out, in)={min(d, k)}] for this layer")
-        self.base_layer = base.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(k, r, bias=False, device=dev, dtype=dt)
-        self.lora_B = nn.Linear(r, d, bias=False, device=dev, dtype=dt)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.merged = False
-        self._pristine: torch.Tensor | None = None
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """A Kaiming-uniform (as ``nn.Linear`` and PEFT), B zero: the update starts at exactly zero."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` (``out x in``) in fp32 (merging in low precision drifts)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-
-    def _stored_delta(self) -> torch.Tensor:
-        """The update in the base weight's own layout (``in x out`` for a ``Conv1D``)."""
-        delta = self.delta_weight()
-        return delta.T if self.fan_in_fan_out else delta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged:
-            return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into ``W0`` so inference runs the plain ``nn.Linear`` / ``Conv1D`` path."""
-        if self.merged:
-            raise LoraExpError("merge(): this LoRA layer is already merged; call unmerge() first")
-        w = self.base_layer.weight
-        merged = w.float() + self._stored_delta()
-        if not torch.isfinite(merged).all():
-            raise LoraExpError("merge(): the merged weight is not finite; the adapter is broken")
-        if w.dtype != torch.float32:  # subtracting again in bf16/fp16 would not restore W0 exactly
-            self._pristine = w.detach().clone()
-        w.copy_(merged.to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore ``W0`` (exactly for low precision, to float tolerance for fp32)."""
-        if not self.merged:
-            raise LoraExpError("unmerge(): this LoRA layer is not merged")
-        w = self.base_layer.weight
-        if self._pristine is not None:
-            w.copy_(self._pristine)
-            self._pristine = None
-        else:
-            w.sub_(self._stored_delta().to(w.dtype))
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}{fifo}"
 
 
 def target_patterns(model_type: str, targets: Sequence[str]) -> list[tuple[str, str]]:
@@ -246,20 +182,18 @@ def inject(
     """Replace each targeted ``nn.Linear`` / ``Conv1D`` with a ``LoRALinear``; returns the replaced module paths.
 
     ``variant`` (lora | dora), ``init`` (default | gaussian | pissa | olora), ``layers`` (block indices),
-    ``rank_pattern`` / ``alpha_pattern`` (per-module r / alpha, PEFT's matching): see ``lora_exp.variants``.
+    ``rank_pattern`` / ``alpha_pattern`` (per-module r / alpha, PEFT's matching): see ``lora_exp.adapters``.
     """
-    from lora_exp import variants  # variants builds on LoRALinear
-
-    names = variants.select_layers(resolve_targets(model, targets, protected), layers)
+    names = select_layers(resolve_targets(model, targets, protected), layers)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         if isinstance(base, LoRALinear):
             raise LoraExpError(f"inject(): '{name}' already carries a LoRA adapter")
-        r_i = variants.pattern_value(rank_pattern, name, r)
-        alpha_i = variants.pattern_value(alpha_pattern, name, alpha)
-        setattr(parent, child, variants.make_layer(base, r_i, alpha_i, dropout, rslora, variant, init))
+        r_i = pattern_value(rank_pattern, name, r)
+        alpha_i = pattern_value(alpha_pattern, name, alpha)
+        setattr(parent, child, make_layer(base, r_i, alpha_i, dropout, rslora, variant, init))
     return names
 
 
@@ -282,3 +216,45 @@ def unmerge(model: nn.Module) -> int:
     for _, layer in layers:
         layer.unmerge()
     return len(layers)
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching ``(.*\\.)?(key)$`` wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer-block index in a module path (``...layer.3.attention...`` -> 3), or None."""
+    m = _LAYER_INDEX.search(name + ".")
+    return int(m.group(1)) if m else None
+
+
+def select_layers(names: list[str], layers: list[int] | None) -> list[str]:
+    """Keep the module paths whose block index is in ``layers`` (PEFT's ``layers_to_transform``)."""
+    if layers is None:
+        return names
+    kept = [n for n in names if layer_index(n) in set(layers)]
+    if not kept:
+        found = sorted({i for n in names if (i := layer_index(n)) is not None})
+        raise LoraExpError(f"lora.layers={list(layers)} selects none of the targeted modules (layer indices {found})")
+    return kept
+
+
+def make_layer(
+    base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, variant: str = "lora", init: str = "default"
+) -> LoRALinear:
+    """A ``LoRALinear`` (or ``DoRALinear``) around ``base`` initialised with ``init``."""
+    if variant not in VARIANTS:
+        raise LoraExpError(f"lora.variant={variant!r} is not one of {', '.join(VARIANTS)}")
+    cls = DoRALinear if variant == "dora" else LoRALinear
+    layer = cls(base, r, alpha, dropout, rslora)
+    if init != "default":
+        init_lora(layer, init)
+    layer.init = init  # read back by save_adapter / export_peft
+    return layer

@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_exp import lora, variants
+from lora_exp.adapters.params import layers_meta
+from lora_exp.adapters.targets import lora_layers
 from lora_exp.errors import LoraExpError
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -43,12 +44,12 @@ def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[s
     """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``folder``; returns their sizes."""
     folder.mkdir(parents=True, exist_ok=True)
     state = trainable_state(model)
-    layers = dict(lora.lora_layers(model))
+    layers = dict(lora_layers(model))
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise LoraExpError(f"save_adapter(): {len(merged)} LoRA layers are merged; unmerge() before saving")
     save_file(state, str(folder / WEIGHTS))
-    config = {**meta, **variants.layers_meta(layers), "adapted_modules": sorted(layers), "keys": sorted(state)}
+    config = {**meta, **layers_meta(layers), "adapted_modules": sorted(layers), "keys": sorted(state)}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     make_readable(folder)
     return {"adapter_bytes": (folder / WEIGHTS).stat().st_size}
@@ -75,14 +76,17 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy adapter tensors into a model that already carries the same LoRA layers; checks keys and shapes."""
     params = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    if missing:
-        raise LoraExpError(f"adapter={where!r} has tensors this model lacks (other targets?): {missing[:3]}")
-    for name, t in tensors.items():
-        if params[name].shape != t.shape:
-            raise LoraExpError(
-                f"adapter={where!r}: {name} has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}"
-            )
+    check_tensors(params, tensors, f"adapter={where!r}")
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t.to(params[name].device, params[name].dtype))
+
+
+def check_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor names a parameter of the model, with its shape; else one line naming ``where``."""
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise LoraExpError(f"{where} has tensors this model lacks (other targets?): {unknown[:3]}")
+    for name, t in tensors.items():
+        if params[name].shape != t.shape:
+            raise LoraExpError(f"{where}: {name} has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}")

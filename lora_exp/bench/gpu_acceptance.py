@@ -70,7 +70,7 @@ SWEEP_KEYS = (
 def write_imdb_like(path: Path, n: int, seed: int = 0, median_tokens: int = 230) -> dict[str, float]:
     """A csv of ``n`` reviews (text, label) whose token counts under the tiny tokenizer follow IMDB's shape:
     log-normal, median ~``median_tokens`` (one token per word, plus [CLS] and [SEP]), long right tail."""
-    from lora_exp.models import _tiny_tokenizer
+    from lora_exp.models.text import _tiny_tokenizer
 
     rng = random.Random(seed)
     words = [w for w in _tiny_tokenizer().get_vocab() if w.isalpha() and len(w) > 1]

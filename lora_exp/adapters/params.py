@@ -1,0 +1,133 @@
+"""Which parameters train and how they are grouped: BitFit / bias modes, adapter parameters, AdamW groups
+(PEFT's LoRA+ grouping), the variant's short name and counts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from lora_exp.adapters.choices import BIASES, RESIDUAL_INITS
+from lora_exp.adapters.dora import MAGNITUDE, DoRALinear
+from lora_exp.adapters.layer import LoRALinear
+from lora_exp.errors import LoraExpError
+
+
+def layers_meta(layers: Mapping[str, LoRALinear]) -> dict[str, Any]:
+    """Variant, init and (for pissa / olora) how the residual base is rebuilt, for ``adapter_config.json``."""
+    if not layers:
+        return {}
+    kinds = {("dora" if isinstance(m, DoRALinear) else "lora", getattr(m, "init", "default")) for m in layers.values()}
+    if len(kinds) > 1:
+        raise LoraExpError(f"save: the model mixes LoRA variants / inits {sorted(kinds)}; one adapter holds one")
+    variant, init = kinds.pop()
+    meta: dict[str, Any] = {"variant": variant, "init": init}
+    if init in RESIDUAL_INITS:
+        meta["residual_base"] = (
+            f"W0 of each adapted layer is the residual W0 - scaling * B0 @ A0 of the {init} init; it is "
+            "recomputed from the pristine base model by injecting with the same init before loading these tensors"
+        )
+    return meta
+
+
+def bias_parameters(model: nn.Module, bias: str, adapted: list[str]) -> list[str]:
+    """Names of the bias tensors that train: ``all`` every bias, ``lora_only`` the adapted layers' (PEFT)."""
+    if bias not in BIASES:
+        raise LoraExpError(f"lora.bias={bias!r} is not one of {', '.join(BIASES)}")
+    names = [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
+    if bias == "none":
+        return []
+    if bias == "all":
+        return names
+    return [n for n in names if any(n == f"{a}.base_layer.bias" for a in adapted)]
+
+
+def is_adapter_param(name: str) -> bool:
+    """LoRA A / B and DoRA magnitude: the parameters counted as 'adapter'."""
+    return ".lora_A." in name or ".lora_B." in name or name.endswith("." + MAGNITUDE)
+
+
+def optimizer_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    loraplus_lr_ratio: float | None = None,
+) -> list[dict]:
+    """AdamW parameter groups over the trainable parameters.
+
+    Without LoRA+: ``>= 2-D`` weights with ``weight_decay``, the rest without (the loop's historical rule).
+    With ``loraplus_lr_ratio``: PEFT's ``create_loraplus_optimizer`` (with ``loraplus_weight_decay =
+    weight_decay``): group A (every other trainable tensor: LoRA A, the head's weight matrices) at ``lr``
+    (PEFT's LoRA-embedding group is always empty here: no embedding is adapted); group B (LoRA B and
+    every 1-D tensor: biases, LayerNorm, DoRA magnitudes) at ``lr * ratio``, decayed unless the name holds
+    "bias" or the tensor sits in a LayerNorm. Empty groups are dropped; each group carries ``names``.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if loraplus_lr_ratio is None:
+        groups = [
+            ([(n, p) for n, p in trainable if p.ndim >= 2], weight_decay, lr),
+            ([(n, p) for n, p in trainable if p.ndim < 2], 0.0, lr),
+        ]
+    else:
+        if loraplus_lr_ratio <= 0:
+            raise LoraExpError(f"optimizer.loraplus_lr_ratio={loraplus_lr_ratio} must be > 0 (or null)")
+        norm_params = {
+            id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)
+        }
+        group_a, group_b, group_b_nd = [], [], []
+        for n, p in trainable:
+            if "lora_B" in n or p.ndim == 1:
+                (group_b if "bias" not in n and id(p) not in norm_params else group_b_nd).append((n, p))
+            else:
+                group_a.append((n, p))
+        groups = [
+            (group_a, weight_decay, lr),
+            (group_b, weight_decay, lr * loraplus_lr_ratio),
+            (group_b_nd, 0.0, lr * loraplus_lr_ratio),
+        ]
+    return [
+        {"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd, "lr": glr}
+        for g, wd, glr in groups
+        if g
+    ]
+
+
+def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = None) -> str:
+    """Short name of what trains, for run names, results and report rows.
+
+    ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, ``dora``, ``pissa``,
+    ``olora``, ``gaussian`` or ``lora+`` (``loraplus_lr_ratio`` is ``cfg.optimizer.loraplus_lr_ratio``),
+    joined by ``-`` when combined (``dora-rslora``, ``pissa-lora+``). r and targets are not part of it.
+    """
+    if method != "lora":
+        return method
+    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
+    parts = []
+    if get("variant", "lora") == "dora" or get("use_dora", False):
+        parts.append("dora")
+    init = get("init", "default")
+    if init in RESIDUAL_INITS or init == "gaussian":
+        parts.append(init)
+    if get("rslora", False):
+        parts.append("rslora")
+    if loraplus_lr_ratio is not None:
+        parts.append("lora+")
+    return "-".join(parts) or "lora"
+
+
+def variant_of(lora_cfg: Any) -> str:
+    """``lora`` or ``dora`` from ``lora.variant`` and its alias ``lora.use_dora``."""
+    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
+    return "dora" if get("use_dora", False) or get("variant", "lora") == "dora" else get("variant", "lora")
+
+
+def variant_counts(model: nn.Module) -> dict[str, int]:
+    """Adapter parameters split by kind (deduplicated): LoRA A/B and DoRA magnitudes, for results.json."""
+    out = {"lora_ab_params": 0, "dora_magnitude_params": 0}
+    for name, p in model.named_parameters():
+        if name.endswith("." + MAGNITUDE):
+            out["dora_magnitude_params"] += p.numel()
+        elif ".lora_A." in name or ".lora_B." in name:
+            out["lora_ab_params"] += p.numel()
+    return out

@@ -1,0 +1,27 @@
+"""Statistics the report uses: the 95% t-interval of a mean (scipy's t quantiles) and share formatting."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from scipy import stats
+
+
+def ci95(values: pd.Series) -> float:
+    """Half-width of the 95% t-interval of the mean (NaN for fewer than two values)."""
+    v = values.dropna()
+    n = len(v)
+    if n < 2:
+        return math.nan
+    t = stats.t.ppf(0.975, df=n - 1)
+    return t * v.std(ddof=1) / math.sqrt(n)
+
+
+def pct(p: float) -> str:
+    """A share in percent with two significant digits: 100%, 0.33%, 0.0034% (never 0.00% for a non-zero)."""
+    if p is None or pd.isna(p):
+        return "n/a"
+    if p == 0 or p >= 10:
+        return f"{p:.0f}%"
+    return f"{p:.{max(1, 1 - math.floor(math.log10(abs(p))))}f}%"

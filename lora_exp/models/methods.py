@@ -1,0 +1,127 @@
+"""The methods: which parameters train (full / frozen / lora / bitfit), LoRA injection with the config's
+options, the frozen base's storage dtype, one counting function for every method, facts of the loaded model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lora_exp.adapters import params as adapter_params
+from lora_exp.adapters import targets as injection
+from lora_exp.adapters.dora import DoRALinear
+from lora_exp.adapters.targets import is_under
+from lora_exp.device import DTYPES
+from lora_exp.errors import LoraExpError
+from lora_exp.models.heads import head_parameters
+
+
+def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictConfig | None = None) -> list[str]:
+    """Set ``requires_grad`` for ``method``; for lora inject adapters. Returns the LoRA module paths.
+
+    bitfit: every bias + the head; lora: ``lora.bias`` (none | lora_only | all) biases train too.
+    """
+    if method == "full":
+        model.requires_grad_(True)
+        return []
+    params = head_parameters(model, head)
+    if not params:
+        raise LoraExpError(
+            f"method={method}: the model has no classification head parameter to train (head: "
+            f"{'+'.join(head) or 'none found'}; nothing outside its base model nor newly initialised); use method=full"
+        )
+    model.requires_grad_(False)
+    adapted: list[str] = []
+    if method == "lora":
+        get = lora_cfg.get
+        adapted = injection.inject(
+            model,
+            list(lora_cfg.targets),
+            lora_cfg.r,
+            lora_cfg.alpha,
+            lora_cfg.dropout,
+            lora_cfg.rslora,
+            protected=head,  # newly initialised: a frozen random base + LoRA would cripple the model
+            variant=adapter_params.variant_of(lora_cfg),
+            init=get("init", "default"),
+            layers=None if get("layers") is None else list(get("layers")),
+            rank_pattern=dict(get("rank_pattern") or {}),
+            alpha_pattern=dict(get("alpha_pattern") or {}),
+        )
+    for _, p in params:
+        p.requires_grad_(True)
+    for name in adapted:
+        sub = model.get_submodule(name)
+        sub.lora_A.requires_grad_(True)
+        sub.lora_B.requires_grad_(True)
+        if isinstance(sub, DoRALinear):
+            sub.lora_magnitude_vector.requires_grad_(True)
+    bias = "all" if method == "bitfit" else (lora_cfg.get("bias", "none") if method == "lora" else "none")
+    params = dict(model.named_parameters())
+    for name in adapter_params.bias_parameters(model, bias, adapted):
+        params[name].requires_grad_(True)
+    return adapted
+
+
+def count_parameters(model: nn.Module, head: list[str]) -> dict[str, int | float]:
+    """One counting function for every method: adapter / head / other trainable, total (dedup by storage)."""
+    seen: set[int] = set()
+    counts = {"adapter": 0, "head": 0, "other": 0, "trainable": 0, "total": 0}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        counts["total"] += p.numel()
+        if not p.requires_grad:
+            continue
+        counts["trainable"] += p.numel()
+        if adapter_params.is_adapter_param(name):  # LoRA A/B and DoRA's lora_magnitude_vector
+            counts["adapter"] += p.numel()
+        elif is_under(name, head):
+            counts["head"] += p.numel()
+        else:
+            counts["other"] += p.numel()
+    counts["trainable_pct"] = 100.0 * counts["trainable"] / counts["total"]
+    return counts
+
+
+def store_frozen_in(model: nn.Module, base_dtype: str) -> int:
+    """Store frozen parameters in ``base_dtype`` (``model.base_dtype``); trainable ones stay fp32 master weights.
+
+    What PEFT users do with a bf16 base: the frozen weights take half the memory, autocast computes in
+    bf16 anyway. Returns how many parameter tensors were converted.
+    """
+    dtype = DTYPES[base_dtype]
+    if dtype == torch.float32:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def model_facts(model: Any) -> dict[str, Any]:
+    """Facts read from the loaded model (not the config): type, hidden size, layers, parameter count.
+
+    The count is of the model's own tensors (LoRA A/B left out), deduplicated by storage (tied embeddings).
+    """
+    c = model.config
+
+    def first(*names: str) -> Any:
+        return next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if ".lora_" not in name and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return {
+        "model_type": getattr(c, "model_type", None),
+        "hidden_size": first("hidden_size", "dim", "d_model", "n_embd"),
+        "num_layers": first("num_hidden_layers", "n_layers", "num_layers", "n_layer"),
+        "num_params": n,
+    }

@@ -1,0 +1,62 @@
+"""Checks that fail a run loudly instead of letting it train nothing: finite loss and weights, a usable
+gradient for every trainable tensor after the first update, LoRA moving a few updates later."""
+
+from __future__ import annotations
+
+import torch
+
+from lora_exp.errors import TrainingFailure
+
+
+def check_finite(named: list[tuple[str, torch.nn.Parameter]], step: int, loss: torch.Tensor | None = None) -> None:
+    """A diverged run is reported as ``nan`` before any other check can call it untrained."""
+    bad = ["loss"] if loss is not None and not torch.isfinite(loss).all() else []
+    bad += [n for n, p in named if not torch.isfinite(p).all()]
+    if bad:
+        more = " ..." if len(bad) > 4 else ""
+        raise TrainingFailure("nan", f"train loss or weights are not finite at step {step}: {', '.join(bad[:4])}{more}")
+
+
+def check_gradients(
+    named: list[tuple[str, torch.nn.Parameter]], allow_inf: bool = False, loss: torch.Tensor | None = None
+) -> None:
+    """After the first update every trainable tensor must have a finite, non-zero gradient.
+
+    LoRA A is exempt here: its gradient is exactly zero while B = 0 (B still is after a warm-up step at
+    lr 0); ``check_lora_moving`` covers it a few steps later. A bias whose weight gets a gradient is exempt
+    too: its gradient is the sum of the output gradients, exactly zero when a fresh head gives every example
+    the same probabilities (bf16 rounds them to 0.5) on a class-balanced batch. Non-finite is ``nan``.
+    """
+    check_finite(named, 0, None if allow_inf else loss)
+    if not allow_inf:  # fp16: an overflowing step is skipped by the scaler, not a broken graph
+        inf = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if inf:
+            raise TrainingFailure(
+                "nan", f"{len(inf)} trainable tensors have a non-finite gradient: {', '.join(inf[:4])}"
+            )
+    moving = {n for n, p in named if p.grad is not None and p.grad.abs().sum() > 0}
+    bad = []
+    for name, p in named:
+        if ".lora_A." in name or (name.endswith(".bias") and name.removesuffix(".bias") + ".weight" in moving):
+            continue
+        if p.grad is None:
+            bad.append(f"{name} (no grad)")
+        elif torch.isfinite(p.grad).all() and not p.grad.abs().sum() > 0:
+            bad.append(f"{name} (zero grad)")
+    _fail_if(bad, "trainable tensors get no usable gradient")
+
+
+def check_lora_moving(named: list[tuple[str, torch.nn.Parameter]], step: int, loss: torch.Tensor | None = None) -> None:
+    """After a few updates every LoRA B has left zero and every LoRA A gets a non-zero gradient (weights and
+    loss finite first: a diverged run is ``nan``, not untrained)."""
+    check_finite(named, step, loss)
+    bad = [f"{n} (still zero)" for n, p in named if ".lora_B." in n and not p.abs().sum() > 0]
+    bad += [f"{n} (zero grad)" for n, p in named if ".lora_A." in n and (p.grad is None or not p.grad.abs().sum() > 0)]
+    _fail_if(bad, f"LoRA tensors are not training after {step} steps")
+
+
+def _fail_if(bad: list[str], what: str) -> None:
+    if bad:
+        raise TrainingFailure(
+            "untrained", f"{len(bad)} {what}: " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+        )

@@ -1,0 +1,277 @@
+"""``setup(cfg) -> Job``: seed -> data -> model -> method -> optimizer over trainable parameters -> schedule
+-> feature cache -> checkpoint; each a named step. ``Job`` is what one training job holds while it runs."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import get_scheduler
+
+from lora_exp import device as devices
+from lora_exp.adapters.layer import scaling
+from lora_exp.adapters.params import optimizer_groups
+from lora_exp.config.checks import validate
+from lora_exp.config.identity import config_hash, resolved_dict
+from lora_exp.data import audio as audio_data
+from lora_exp.data import text as text_data
+from lora_exp.errors import LoraExpError
+from lora_exp.measure import memory
+from lora_exp.measure.timing import PhaseTimer, RssPeak, reset_memory
+from lora_exp.models.build import build_model, sub_seeds
+from lora_exp.models.methods import count_parameters, model_facts
+from lora_exp.training import checkpoint, features
+
+
+@dataclass
+class Job:
+    """Everything one training job holds while it runs: built by ``setup``, advanced by ``fit``."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    precision: str
+    seeds: dict[str, int]
+    config: dict[str, Any]  # resolved config + derived facts: W&B config and the config hash
+    tokenizer: Any
+    model: torch.nn.Module
+    head: list[str]
+    adapted: list[str]
+    counts: dict[str, Any]
+    tok: Any  # tokenised splits
+    loaders: text_data.Loaders
+    generator: torch.Generator  # the training data order
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    total_steps: int
+    timer: PhaseTimer
+    baseline: int  # allocated bytes before this job (CUDA)
+    rss: RssPeak
+    id2label: dict[int, str] | None
+    pg: checkpoint.Progress
+    resumed: bool = False
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
+    cache: features.FeatureCache | None = None
+    sampled: memory.SampledStep | None = None  # the step whose memory was measured
+    run: Any = None  # the W&B run
+    stop: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM
+    loss_sum: torch.Tensor | None = None  # running train loss on the device (the host syncs only to log)
+    loss_count: int = 0
+
+    def amp(self) -> AbstractContextManager:
+        """Autocast in the run's precision (a null context for fp32)."""
+        dtype = devices.AMP_DTYPES.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
+    @property
+    def probe_step(self) -> int:
+        """The update after which LoRA must be seen moving."""
+        return min(10, self.total_steps)
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").touch()
+        (run_dir / ".write_test").unlink()
+    except OSError as err:
+        raise LoraExpError(f"output dir {str(run_dir)!r} is not writable ({err.strerror or err})") from err
+    config = resolved_dict(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    return config
+
+
+def make_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device) -> Any:
+    """AdamW over trainable parameters only (groups from ``optimizer_groups``: weight decay on >= 2-D
+    weights; with ``optimizer.loraplus_lr_ratio`` PEFT's LoRA+ groups); fused on CUDA."""
+    groups = optimizer_groups(model, o.lr, o.weight_decay, o.get("loraplus_lr_ratio"))
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(
+        groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=cuda, foreach=None if cuda else True
+    )
+
+
+def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
+    """Validate, then seed -> data -> model -> method -> optimizer -> schedule -> feature cache; restore a
+    checkpoint when resuming."""
+    validate(cfg)
+    t = cfg.trainer
+    config = _prepare_run_dir(cfg, run_dir)
+    device, precision = choose_device(cfg)
+    seeds = sub_seeds(t.seed)
+    baseline = reset_memory(device)  # clean state before anything of this job is allocated
+    splits, id2label = load_data(cfg)
+    tokenizer, model, head, adapted = build_model(cfg, id2label)
+    counts = count_parameters(model, head)
+    place_model(model, device, bool(t.get("gradient_checkpointing")))
+    generator = torch.Generator().manual_seed(seeds["data"])
+    tok, loaders = make_loaders(cfg, splits, tokenizer, generator, device)
+    optimizer, scheduler, total_steps = make_schedule(model, cfg, device, len(loaders.train))
+    job = Job(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        precision=precision,
+        seeds=seeds,
+        config=config,
+        tokenizer=tokenizer,
+        model=model,
+        head=head,
+        adapted=adapted,
+        counts=counts,
+        tok=tok,
+        loaders=loaders,
+        generator=generator,
+        trainable=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+        total_steps=total_steps,
+        timer=PhaseTimer(device, every=t.profile_every),
+        baseline=baseline,
+        rss=rss,
+        id2label=id2label,
+        pg=checkpoint.Progress(),
+        resumed=resume,
+        loss_sum=torch.zeros((), device=device),
+    )
+    job.cache = cache_features(job)  # a frozen encoder runs once per example, not once per epoch
+    _print_banner(job)
+    config["derived"] = derived_facts(job)
+    job.pg.config_hash = config_hash(config)
+    restore_or_seed(job)
+    return job
+
+
+def choose_device(cfg: DictConfig) -> tuple[torch.device, str]:
+    """Threads, device, the precision ``auto`` resolves to, deterministic kernels when asked."""
+    t = cfg.trainer
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = devices.pick_device(t.device)
+    precision = devices.pick_precision(t.precision, device)
+    devices.check_base_dtype(cfg.model.get("base_dtype", "fp32"), precision)
+    if t.get("deterministic"):
+        devices.make_deterministic(device)
+    return device, precision
+
+
+def load_data(cfg: DictConfig) -> tuple[Any, dict[int, str] | None]:
+    """Raw splits (tokenised once the model's limits are known) and string label names, if any."""
+    splits = text_data.load_splits(cfg.data)
+    names = getattr(splits["train"].features["label"], "names", None)
+    return splits, (dict(enumerate(names)) if names and not names[0].isdigit() else None)
+
+
+def place_model(model: torch.nn.Module, device: torch.device, gradient_checkpointing: bool) -> None:
+    """The model on its device, with activation checkpointing when asked."""
+    model.to(device)
+    if gradient_checkpointing:
+        memory.enable_gradient_checkpointing(model)
+
+
+def make_loaders(
+    cfg: DictConfig, splits: Any, tokenizer: Any, generator: torch.Generator, device: torch.device
+) -> tuple[Any, text_data.Loaders]:
+    """Tokenised splits and loaders (audio: fixed-length clips, features per batch, no length grouping)."""
+    t = cfg.trainer
+    if cfg.model.get("task", "text") == "audio":
+        loaders = audio_data.make_loaders(
+            splits, tokenizer, cfg.data.gw.sample_rate, t.batch_size, t.eval_batch_size, generator
+        )
+        tok = splits
+    else:
+        tok = text_data.tokenize(splits, tokenizer, cfg.data.max_length)
+        loaders = text_data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
+    if device.type == "cuda":
+        text_data.pin_memory(loaders)
+    return tok, loaders
+
+
+def make_schedule(model: torch.nn.Module, cfg: DictConfig, device: torch.device, batches: int) -> tuple[Any, Any, int]:
+    """The optimizer over trainable parameters, the lr schedule and the number of updates."""
+    t = cfg.trainer
+    optimizer = make_optimizer(model, cfg.optimizer, device)
+    total_steps = min(t.epochs * math.ceil(batches / t.grad_accum), t.max_steps or 10**12)
+    scheduler = get_scheduler(
+        cfg.optimizer.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.optimizer.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    return optimizer, scheduler, total_steps
+
+
+def cache_features(job: Job) -> features.FeatureCache | None:
+    """The frozen-feature cache (``trainer.feature_cache``) for a frozen base or a frozen bottom of it."""
+    t = job.cfg.trainer
+    return features.maybe_cache(
+        job.model,
+        job.tok,
+        job.tokenizer,
+        enabled=bool(t.get("feature_cache", True)) and job.cfg.method.name != "full",
+        max_gib=float(t.get("feature_cache_max_gib", 8.0)),
+        batch_size=t.eval_batch_size,
+        device=job.device,
+        amp=job.amp,
+    )
+
+
+def lora_scaling(cfg: DictConfig) -> float | None:
+    """The effective LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) for a LoRA run."""
+    if cfg.method.name != "lora":
+        return None
+    return scaling(cfg.lora.r, cfg.lora.alpha, cfg.lora.rslora)
+
+
+def derived_facts(job: Job) -> dict[str, Any]:
+    """What the run computed from its config: counts, LoRA scale, module paths, seeds, steps, precision."""
+    return {
+        "params": job.counts,
+        "lora_scaling": lora_scaling(job.cfg),
+        "adapted_modules": job.adapted,
+        "head_modules": job.head,
+        "sub_seeds": job.seeds,
+        "total_steps": job.total_steps,
+        "precision": job.precision,
+        "feature_cache": job.cache is not None,
+        "model": model_facts(job.model),
+    }
+
+
+def restore_or_seed(job: Job) -> None:
+    """Resume: progress, best weights, optimizer, schedule, scaler and data order from the checkpoint;
+    otherwise seed dropout. The feature cache's encoding of the training split is training cost."""
+    if job.resumed:
+        job.pg, job.best_state, generator_state = checkpoint.load(
+            job.run_dir, job.model, job.optimizer, job.scheduler, job.scaler
+        )
+        job.generator.set_state(generator_state)
+        pg = job.pg
+        print(f"[lora-exp] resuming {job.run_dir} at step {pg.step} (epoch {pg.epoch}, batch {pg.batches_done})")
+    else:
+        torch.manual_seed(job.seeds["dropout"])
+    if job.cache is not None:
+        job.pg.train_seconds += job.cache.seconds
+    job.order = hashlib.sha256() if job.pg.step == 0 else None
+
+
+def _print_banner(job: Job) -> None:
+    cfg, c = job.cfg, job.counts
+    print(
+        f"[lora-exp] {cfg.method.name} on {cfg.model.name}/{cfg.data.name}: {c['trainable']:,} of "
+        f"{c['total']:,} parameters trainable ({c['trainable_pct']:.4g}%), "
+        f"{len(job.adapted)} LoRA layers, head {'+'.join(job.head)} (trained in full), "
+        f"{len(job.tok['train'])} train examples, {job.total_steps} steps, {job.device} {job.precision}"
+        + (f", frozen weights in {cfg.model.base_dtype}" if cfg.model.get("base_dtype", "fp32") != "fp32" else "")
+    )

@@ -1,0 +1,229 @@
+"""``train(cfg, run_dir) -> results``: one training job, read in execution order.
+
+``setup`` (``job.py``) builds a ``Job``; ``fit`` runs the loop (micro-step, optimizer step, logging,
+validation, checkpoints); ``finish`` (``results.py``) tests the best weights, saves the adapter / weights and
+writes results.json + the W&B summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from lora_exp.adapters.store import trainable_state
+from lora_exp.config.identity import recorded
+from lora_exp.errors import TrainingFailure
+from lora_exp.measure import memory, tracking
+from lora_exp.measure.timing import RssPeak, clock
+from lora_exp.training import checkpoint, metrics
+from lora_exp.training.checks import check_gradients, check_lora_moving
+from lora_exp.training.job import Job, setup
+from lora_exp.training.metrics import evaluate, is_nan
+from lora_exp.training.results import finish, print_summary
+
+
+def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train one job described by ``cfg``, writing everything into ``run_dir``; returns the results.
+
+    With ``resume`` it continues from the checkpoint in ``run_dir`` (same data order, RNG and W&B run).
+    """
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    with RssPeak() as rss, _restore_determinism(deterministic_before):  # this job's own host-memory peak
+        job = setup(cfg, run_dir, resume, rss)
+        with (
+            tracking.wandb_run(cfg, run_dir, recorded(job.config), resume_id=job.pg.wandb_id) as run,
+            tracking.sigterm_flag() as stop,
+        ):
+            job.run, job.stop = run, stop
+            job.pg.wandb_id = tracking.wandb_ref(run)["wandb_id"]
+            fit(job)
+            results = finish(job)
+    if not cfg.trainer.keep_checkpoint:  # finished: results and weights are written; optimizer state is not needed
+        shutil.rmtree(run_dir / checkpoint.FOLDER, ignore_errors=True)
+    print_summary(results, run_dir)
+    return results
+
+
+@contextlib.contextmanager
+def _restore_determinism(before: bool) -> Iterator[None]:
+    """``trainer.deterministic`` is process-wide: the next job of an in-process sweep gets the old setting."""
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def fit(job: Job) -> None:
+    """The loop: micro-steps, an optimizer step every ``grad_accum``, logging, validation, checkpoints."""
+    t, pg = job.cfg.trainer, job.pg
+    now = clock(job.device)  # CUDA: synchronise first, so queued work is charged to training
+    bar = tqdm(total=job.total_steps, initial=pg.step, desc=job.cfg.method.name, unit="step", mininterval=1.0)
+    job.model.train()
+    try:
+        t0 = now()
+        for epoch in range(pg.epoch, t.epochs):
+            if pg.step >= job.total_steps:  # resumed from the final checkpoint of a max_steps run
+                break
+            pg.epoch = epoch
+            epoch_state = job.generator.get_state()  # this epoch's batch order is drawn from here
+            n = len(job.loaders.train)
+            for i, batch in enumerate(job.loaders.train):
+                if i < pg.batches_done:  # resumed mid-epoch: already trained on
+                    continue
+                last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == n
+                # the last group of an epoch may hold fewer micro-batches: weight them by its real size
+                group = min(t.grad_accum, n - i // t.grad_accum * t.grad_accum)
+                timed = last_micro and job.timer.wants(pg.step)
+                micro_step(job, batch, group, timed)
+                pg.batches_done = i + 1
+                if not last_micro:
+                    continue
+                optimizer_step(job, timed)
+                bar.update()
+                position = epoch + (i + 1) / n
+                if pg.step % t.log_every == 0 or pg.step == job.total_steps:  # the only host sync of the loop
+                    bar.set_postfix(loss=f"{log_train_loss(job, position):.4f}")
+                if t.eval_every and pg.step % t.eval_every == 0:
+                    pg.train_seconds += now() - t0
+                    validate_now(job, position)
+                    t0 = now()
+                if (t.checkpoint_every and pg.step % t.checkpoint_every == 0) or job.stop.is_set():
+                    pg.train_seconds += now() - t0
+                    save_checkpoint(job, epoch_state)
+                    t0 = now()
+                    if job.stop.is_set():
+                        how = f"continue with: lora-exp resume={job.run_dir}"
+                        raise TrainingFailure("preempted", f"SIGTERM at step {pg.step}: checkpoint saved; {how}")
+                if pg.step >= job.total_steps:
+                    break
+            pg.train_seconds += now() - t0
+            if not pg.history or pg.history[-1]["step"] != pg.step:  # always evaluate the last step
+                validate_now(job, epoch + pg.batches_done / n)
+            pg.epoch, pg.batches_done = epoch + 1, 0
+            save_checkpoint(job, job.generator.get_state())  # the next epoch's order is drawn from here
+            t0 = now()
+            if pg.step >= job.total_steps:
+                break
+    finally:
+        bar.close()
+
+
+def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool) -> None:
+    """Forward and backward of one micro-batch (its loss divided by the accumulation group's size)."""
+    pg = job.pg
+    mask = batch.get("attention_mask")
+    pg.samples += len(batch["labels"])
+    if mask is not None:  # counted on the CPU batch: no device sync
+        pg.real_tokens += int(mask.sum())
+        pg.padded_tokens += mask.numel()
+    if job.order is not None and pg.step < 3:
+        inputs = batch["input_ids"] if "input_ids" in batch else batch["input_features"]
+        job.order.update(inputs.numpy().tobytes() + batch["labels"].numpy().tobytes())
+        pg.order_digest = job.order.hexdigest()[:16]
+    batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
+    probe = _memory_probe(job) if job.sampled is None and pg.step == min(1, job.total_steps - 1) else None
+    if timed:
+        job.timer.mark()
+    with probe or nullcontext(), job.amp():
+        loss = job.model(**batch).loss
+    if timed:
+        job.timer.mark()
+    job.loss_sum += loss.detach().float()  # the mean of micro-batch losses is what gets logged
+    job.loss_count += 1
+    scaled = loss / group
+    (job.scaler.scale(scaled) if job.scaler else scaled).backward()
+    if probe is not None:
+        probe.result()  # ends the measurement right after the backward; finish() reads it again
+        job.sampled = probe
+    if timed:
+        job.timer.mark()
+
+
+def optimizer_step(job: Job, timed: bool) -> None:
+    """Unscale, check (first and probe steps), clip, step, schedule, zero the gradients."""
+    pg, scaler, optimizer, trainable = job.pg, job.scaler, job.optimizer, job.trainable
+    if scaler:
+        scaler.unscale_(optimizer)
+    if pg.step == 0:  # the first update: catches frozen heads, detached graphs, wrong targets
+        check_gradients(trainable, allow_inf=scaler is not None, loss=job.loss_sum)
+    # fp16: the scaler starts at 2**16 and halves at each overflowing (skipped) update, so a smaller scale
+    # means some of the first updates did not happen and B may legitimately still be zero
+    elif (
+        pg.step == job.probe_step - 1
+        and any(".lora_" in n for n, _ in trainable)
+        and not (scaler and scaler.get_scale() < 2.0**16)
+    ):
+        check_lora_moving(trainable, pg.step, loss=job.loss_sum)
+    if job.cfg.trainer.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], job.cfg.trainer.max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    job.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if timed:
+        job.timer.mark()
+    pg.step += 1
+
+
+def log_train_loss(job: Job, epoch: float) -> float:
+    """Log the mean micro-batch loss since the last log (one host sync); a non-finite loss stops the run."""
+    value = job.loss_sum.item() / max(job.loss_count, 1)
+    if not math.isfinite(value):
+        raise TrainingFailure("nan", f"train loss is {value} at step {job.pg.step}")
+    job.run.log({"train/loss": value, "train/lr": job.scheduler.get_last_lr()[0], "epoch": epoch}, step=job.pg.step)
+    job.loss_sum.zero_()
+    job.loss_count = 0
+    return value
+
+
+def validate_now(job: Job, epoch: float) -> None:
+    """Evaluate on validation, log it, and keep the trainable tensors of the best step."""
+    pg = job.pg
+    m = evaluate(job.model, job.loaders.validation, job.device, job.amp)
+    pg.history.append(
+        {
+            "step": pg.step,
+            "epoch": round(epoch, 3),
+            "time_s": round(pg.train_seconds, 3),
+            **{f"val_{k}": v for k, v in m.items() if not k.endswith("_counts")},
+        }
+    )
+    job.run.log(
+        {
+            **{f"val/{k}": v for k, v in m.items() if not k.endswith("_counts") and not is_nan(v)},
+            "epoch": epoch,
+            "time/train_s": pg.train_seconds,
+        },
+        step=pg.step,
+    )
+    monitor = job.cfg.trainer.get("monitor", "val/acc")  # one selection metric; every metric reported at that step
+    if metrics.is_better(monitor, m[metrics.monitor_key(monitor)], pg.best.get(metrics.monitor_key(monitor))):
+        pg.best = {**{k: v for k, v in m.items() if not k.endswith("_counts")}, "step": pg.step, "epoch": epoch}
+        job.best_state = trainable_state(job.model)
+
+
+def save_checkpoint(job: Job, epoch_state: torch.Tensor) -> None:
+    """Write the checkpoint; never overwrite the last good one with a diverged one."""
+    pg = job.pg
+    if (job.loss_count and not math.isfinite(job.loss_sum.item())) or not all(
+        torch.isfinite(p).all() for _, p in job.trainable
+    ):
+        raise TrainingFailure("nan", f"train loss or weights are not finite at step {pg.step}")
+    checkpoint.save(job.run_dir, job.model, job.best_state, job.optimizer, job.scheduler, job.scaler, epoch_state, pg)
+
+
+def _memory_probe(job: Job) -> memory.SampledStep:
+    """Measures one micro-step: saved activations, autocast copies, and on CUDA the real peak."""
+    return memory.SampledStep(job.model, job.optimizer, job.device, job.baseline, job.cfg.trainer.grad_accum)

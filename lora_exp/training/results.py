@@ -1,0 +1,197 @@
+"""``finish(job) -> results``: test with the best weights, measure memory, save the adapter or the weights,
+write results.json and the W&B summary; the console summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lora_exp.adapters import store
+from lora_exp.adapters.params import variant_counts, variant_label
+from lora_exp.config.identity import arm_hash, config_hash, group_hash
+from lora_exp.measure import memory, tracking
+from lora_exp.measure.timing import peak_memory
+from lora_exp.models.text import model_location
+from lora_exp.training.job import Job, lora_scaling
+from lora_exp.training.metrics import evaluate, is_nan
+
+
+def finish(job: Job) -> dict[str, Any]:
+    """Test with the best weights, measure, save weights, write results.json and the W&B summary."""
+    store.load_into(job.model, job.best_state, "best checkpoint")
+    test = evaluate(job.model, job.loaders.test, job.device, job.amp)
+    if job.cache is not None:
+        job.cache.restore(job.model)  # the real encoder back in place before measuring and saving
+    measured = peak_memory(job.device, job.baseline, job.rss)
+    measured.update(_memory_summary(job, measured))
+    results: dict[str, Any] = {
+        "status": "ok",
+        **what_trained(job),
+        **scores(job, test),
+        **measured,
+        **speed(job),
+        **identity(job),
+        **tracking.environment(job.device),
+        **tracking.git_info(diff_to=job.run_dir / "git.diff"),
+        **tracking.wandb_ref(job.run),
+        "history": job.pg.history,
+    }
+    if job.cfg.save_weights:
+        results.update(_save_weights(job))
+    job.run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float | str) or v is None})
+    tracking.write_json(job.run_dir / "results.json", results)
+    return results
+
+
+def what_trained(job: Job) -> dict[str, Any]:
+    """Method, variant, model, data, the LoRA shape and the trainable-parameter counts."""
+    cfg, counts = job.cfg, job.counts
+    lora = cfg.method.name == "lora"
+    return {
+        "method": cfg.method.name,
+        "variant": variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio")),
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "r": cfg.lora.r if lora else None,
+        "alpha": cfg.lora.alpha if lora else None,
+        "rslora": cfg.lora.rslora if lora else None,
+        "targets": "+".join(cfg.lora.targets) if lora else None,
+        "lora_scaling": lora_scaling(cfg),
+        "lora_layers": len(job.adapted),
+        "lora_init": cfg.lora.get("init", "default") if lora else None,
+        "loraplus_lr_ratio": cfg.optimizer.get("loraplus_lr_ratio"),
+        **variant_counts(job.model),
+        "lr": cfg.optimizer.lr,
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_pct": counts["trainable_pct"],
+        "adapter_params": counts["adapter"],
+        "head_params": counts["head"],
+        "other_trainable_params": counts["other"],
+    }
+
+
+def scores(job: Job, test: dict[str, Any]) -> dict[str, Any]:
+    """Validation at the best step (by ``trainer.monitor``) and test with those weights."""
+    best = job.pg.best
+    return {
+        "best_val_acc": best["acc"],
+        "best_val_f1": best["f1"],
+        "best_val_loss": best["loss"],
+        "best_val_auc": _none_if_nan(best.get("auc")),
+        "monitor": job.cfg.trainer.get("monitor", "val/acc"),
+        "best_step": best["step"],
+        "best_epoch": best["epoch"],
+        "test_acc": test["acc"],
+        "test_f1": test["f1"],
+        "test_loss": test["loss"],
+        "test_auc": _none_if_nan(test.get("auc")),
+        "test_pred_counts": test["pred_counts"],
+        "majority_baseline_acc": max(test["label_counts"]) / sum(test["label_counts"]),
+    }
+
+
+def speed(job: Job) -> dict[str, Any]:
+    """Training time, throughput, padding and the forward / backward / optimizer split."""
+    pg = job.pg
+    return {
+        "train_seconds": pg.train_seconds,
+        "samples_per_s": pg.samples / pg.train_seconds,
+        "tokens_per_s": pg.real_tokens / pg.train_seconds if pg.padded_tokens else None,
+        "padding_efficiency": pg.real_tokens / pg.padded_tokens if pg.padded_tokens else None,
+        **job.timer.summary(),
+    }
+
+
+def identity(job: Job) -> dict[str, Any]:
+    """What makes the run comparable: data order, steps, hashes, seeds and the compute settings."""
+    cfg, t, pg = job.cfg, job.cfg.trainer, job.pg
+    return {
+        "data_order_digest": pg.order_digest or None,
+        "resumed": job.resumed,
+        "steps": pg.step,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "train_examples": len(job.tok["train"]),
+        "config_hash": config_hash(job.config),
+        "group_hash": group_hash(job.config),  # the report's configuration: every setting but the seed
+        "arm_hash": arm_hash(job.config),  # ... and but the lr: an arm of the fair comparison
+        "model_facts": job.config["derived"]["model"],
+        "seed": t.seed,
+        "sub_seeds": job.seeds,
+        "precision": job.precision,
+        "base_dtype": cfg.model.get("base_dtype", "fp32"),
+        "gradient_checkpointing": bool(t.get("gradient_checkpointing")),
+        "deterministic": bool(t.get("deterministic")),
+        "feature_cache": job.cache is not None,
+    }
+
+
+MEMORY_KEYS = (
+    "mem_activations_bytes",
+    "mem_autocast_copies_bytes",
+    "mem_predicted_peak_bytes",
+    "mem_backward_live_bytes",
+    "mem_measured_peak_bytes",
+    "mem_static_bytes",
+    "mem_measured_over_predicted",
+)
+
+
+def _memory_summary(job: Job, measured: dict[str, Any]) -> dict[str, Any]:
+    """Parameters, gradients, optimizer state (counted), activations (measured on the sampled step), the
+    predicted peak, and on CUDA the measured one. Counted on ``job.model`` with any feature cache restored."""
+    if job.sampled is None:  # never sampled (a single update, or resumed past it): static counts only
+        return {**memory.static_bytes(job.model, job.optimizer), **dict.fromkeys(MEMORY_KEYS)}
+    if measured.get("peak_vram_bytes") is not None:  # the probe reset the peak statistics: fold the earlier peak in
+        peak = max(measured["peak_vram_bytes"], job.sampled.prior_peak_allocated)
+        measured.update(peak_vram_bytes=peak, peak_vram_above_baseline_bytes=peak - job.baseline)
+    return job.sampled.result(job.model)
+
+
+def _none_if_nan(value: float | None) -> float | None:
+    """NaN (AUC of a one-class split) as null in results.json."""
+    return None if value is None or is_nan(value) else value
+
+
+def _save_weights(job: Job) -> dict[str, Any]:
+    """LoRA / frozen: the adapter alone (A/B + head); full: the whole model + tokenizer in safetensors."""
+    cfg, run_dir = job.cfg, job.run_dir
+    if cfg.method.name == "full":
+        job.model.save_pretrained(run_dir / "model")
+        job.tokenizer.save_pretrained(run_dir / "model")
+        store.make_readable(run_dir / "model")
+        size = sum(f.stat().st_size for f in (run_dir / "model").glob("*.safetensors"))
+        return {"weights_dir": str(run_dir / "model"), "weights_bytes": size}
+    meta = {
+        "base_model": model_location(cfg.model),
+        "model_name": cfg.model.name,
+        "model_source": cfg.model.source,
+        "method": cfg.method.name,
+        "targets": list(cfg.lora.targets),
+        "r": cfg.lora.r,
+        "alpha": cfg.lora.alpha,
+        "dropout": cfg.lora.dropout,
+        "rslora": cfg.lora.rslora,
+        "head_modules": job.head,
+        "num_labels": cfg.data.num_labels,
+        "id2label": job.id2label,
+    }
+    sizes = store.save_adapter(job.model, run_dir / "adapter", meta)
+    return {"weights_dir": str(run_dir / "adapter"), "weights_bytes": sizes["adapter_bytes"]}
+
+
+def print_summary(r: dict[str, Any], run_dir: Path) -> None:
+    vram = f"{r['peak_vram_bytes'] / 2**30:.2f} GiB" if r["peak_vram_bytes"] else "n/a (CPU)"
+    rows = [
+        ("method", r["method"]),
+        ("trainable params", f"{r['trainable_params']:,} ({r['trainable_pct']:.4g}%)"),
+        ("best val acc", f"{r['best_val_acc']:.4f} (step {r['best_step']})"),
+        ("test acc", f"{r['test_acc']:.4f}"),
+        ("train time", f"{r['train_seconds']:.1f} s ({r['samples_per_s']:.1f} samples/s)"),
+        ("peak VRAM", vram),
+        ("peak host RSS", f"{r['peak_host_rss_bytes'] / 2**30:.2f} GiB"),
+        ("run dir", str(run_dir)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
