@@ -253,7 +253,11 @@ def test_utf8_bom_and_unknown_encoding(tmp_path: Path, cache: str) -> None:
 @pytest.mark.parametrize(
     "name,body,where",
     [
-        ("bad.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "c", label: 0}\n', "line 3 "),
+        (
+            "bad.jsonl",
+            b'{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "c", label: 0}\n',
+            "line 3 is not valid JSON, column 15: Expecting property name",
+        ),
         ("bad.json", b'[{"text": "a", "label": 0},\n {"text": "b" "label": 1}]\n', "line 2 column"),
         ("list.jsonl", b'{"text": "a", "label": 0}\n[1, 2]\n', "line 2 is a JSON list"),
     ],

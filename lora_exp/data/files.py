@@ -293,7 +293,7 @@ def _json_problem(files: list[str], encoding: str) -> str | None:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                return f"{where}line {n} is not valid JSON: {err.msg} at column {err.colno}"
+                return f"{where}line {n} is not valid JSON, column {err.colno}: {err.msg}"
             if not isinstance(value, dict):
                 return f"{where}line {n} is a JSON {type(value).__name__}, not an object (one record per line)"
     return None
