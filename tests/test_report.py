@@ -346,3 +346,19 @@ def test_truncated_results_json_is_a_failed_job_not_a_nan_run(tmp_path: Path, ca
     labels = report.run_labels(df, summary)
     assert sorted(labels[df.status == "ok"].str.rsplit(" ", n=1).str[1]) == ["s1", "s2"]
     assert labels[df.status != "ok"].item().endswith(" s-")
+
+
+def test_report_cli_names_an_unreadable_results_json_once(tmp_path: Path) -> None:
+    from .test_train import cli
+
+    _result(tmp_path / "sweep", "s1", r=8, alpha=16, seed=1)
+    (tmp_path / "sweep" / "cut").mkdir()
+    (tmp_path / "sweep" / "cut" / "results.json").write_text('{"status": "ok", "method": "lo')
+    proc = cli(["report", str(tmp_path / "sweep")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stdout.splitlines() if "is unreadable" in line]
+    assert said == [
+        f"[lora-exp] report: {tmp_path / 'sweep' / 'cut' / 'results.json'} is unreadable (JSONDecodeError: "
+        "Unterminated string starting at: line 1 column 28 (char 27)); listed under failed jobs"
+    ]
+    assert "- `cut` (-): error: results.json unreadable (JSONDecodeError: " in proc.stdout
