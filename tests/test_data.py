@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -147,7 +148,10 @@ def test_encoding_is_named_when_the_file_does_not_decode(tmp_path: Path) -> None
     assert any("caf\u00e9" in t for t in splits["train"]["text"])
 
 
-@pytest.mark.parametrize(("content", "what"), [(b"", "is empty"), (b"text,label\n", r"is empty \(a header, no rows\)")])
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [(b"", r"is empty \(no header, no rows\)"), (b"text,label\n", r"is empty \(a header, no rows\)")],
+)
 def test_empty_file_says_empty(tmp_path: Path, content: bytes, what: str) -> None:
     path = tmp_path / "empty.csv"
     path.write_bytes(content)
@@ -161,3 +165,45 @@ def test_single_class_is_refused(tmp_path: Path, labels: tuple[str, ...]) -> Non
     cfg = data_cfg(path, tmp_path, text_column="review", label_column="sentiment")
     with pytest.raises(LoraExpError, match=r"holds a single class \('(pos|1)'\); a classifier needs at least two"):
         text_data.load_splits(cfg)
+
+
+def _texts(n: int, start: int = 0) -> dict[str, list]:
+    return {"text": [f"review number {i}" for i in range(start, start + n)], "label": [i % 2 for i in range(n)]}
+
+
+def test_hub_splits_as_given_with_empty_texts_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """data.source=hub as before: its train / test used, validation carved, repeats kept; empty texts counted."""
+    train = _texts(40)
+    train["text"][:3] = ["", train["text"][5], train["text"][6]]  # one empty text, two repeats
+    raw = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(train),
+        test=datasets.Dataset.from_dict(_texts(10, start=100)),
+        unsupervised=datasets.Dataset.from_dict({"text": ["no label"], "label": [-1]}),
+    )
+    monkeypatch.setattr(text_data, "from_hub", lambda option, name, load: raw)
+    splits, dropped = text_data.load_splits_counted(data_cfg(Path("some/set"), tmp_path, source="hub"))
+    assert dropped == {"missing_label": 0, "empty_text": 1, "duplicate": 0}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 35, "validation": 4, "test": 10}
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "[lora-exp] data: split(s) unsupervised of some/set not used (train / validation / test only)",
+        "[lora-exp] data: dropped 1 row with an empty text",
+    ]
+
+
+def test_folder_of_split_files_keeps_test_and_dedupes_the_train_it_carves(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "set"
+    folder.mkdir()
+    train = _texts(50)
+    train["text"][:4] = train["text"][10:14]  # 4 repeats in train: validation is carved from it
+    datasets.Dataset.from_dict(train).to_json(folder / "train.jsonl")
+    datasets.Dataset.from_dict(_texts(12, start=100)).to_json(folder / "test.jsonl")
+    splits, dropped = text_data.load_splits_counted(data_cfg(folder, tmp_path, source="files"))
+    assert dropped == {"missing_label": 0, "empty_text": 0, "duplicate": 4}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 41, "validation": 5, "test": 12}
+    assert set(splits["test"]["text"]) == set(_texts(12, start=100)["text"])  # the given test split, whole
+    assert capsys.readouterr().out.splitlines() == ["[lora-exp] data: dropped 4 duplicate texts (first kept)"]

@@ -319,3 +319,46 @@ def test_auc_monitor_gives_auc_columns_and_auc_curves(tmp_path: Path) -> None:
     assert figures.monitored(ok[ok.monitor == "val/auc"]) == "auc" and figures.monitored(ok) == "acc"
     figures.plot_validation_curves(ok[ok.monitor == "val/auc"], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_truncated_results_json_is_a_failed_job_not_a_nan_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for seed in (1, 2):
+        _result(tmp_path, f"s{seed}", r=8, alpha=16, seed=seed)
+    whole = json.dumps({"status": "ok", "method": "lora", "seed": 3, "test_acc": 0.9})
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "results.json").write_text(whole[: len(whole) // 2])  # a write cut short
+    df = report.load_runs(tmp_path)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].endswith("); listed under failed jobs")
+    assert printed[0].startswith(
+        f"[lora-exp] report: {tmp_path / 'cut' / 'results.json'} is unreadable (JSONDecodeError"
+    )
+    failed = df[df["status"] != "ok"]
+    assert list(failed["job_dir"]) == [str(tmp_path / "cut")]
+    assert failed["reason"].item().startswith("results.json unreadable (JSONDecodeError: ")
+    summary = report.summarize(df)
+    assert len(summary) == 1 and summary["seeds"].item() == 2  # the cut job is no third seed
+    md = report.to_markdown(summary, df)
+    assert "nan" not in md.lower()
+    assert "- `cut` (-): error: results.json unreadable (JSONDecodeError: " in md
+    # the cut row has no seed, so pandas holds the seeds as floats: labels still read s1, s2
+    assert df["seed"].dtype == float
+    labels = report.run_labels(df, summary)
+    assert sorted(labels[df.status == "ok"].str.rsplit(" ", n=1).str[1]) == ["s1", "s2"]
+    assert labels[df.status != "ok"].item().endswith(" s-")
+
+
+def test_report_cli_names_an_unreadable_results_json_once(tmp_path: Path) -> None:
+    from .test_train import cli
+
+    _result(tmp_path / "sweep", "s1", r=8, alpha=16, seed=1)
+    (tmp_path / "sweep" / "cut").mkdir()
+    (tmp_path / "sweep" / "cut" / "results.json").write_text('{"status": "ok", "method": "lo')
+    proc = cli(["report", str(tmp_path / "sweep")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stdout.splitlines() if "is unreadable" in line]
+    assert said == [
+        f"[lora-exp] report: {tmp_path / 'sweep' / 'cut' / 'results.json'} is unreadable (JSONDecodeError: "
+        "Unterminated string starting at: line 1 column 28 (char 27)); listed under failed jobs"
+    ]
+    assert "- `cut` (-): error: results.json unreadable (JSONDecodeError: " in proc.stdout

@@ -59,14 +59,7 @@ def load_runs(root: Path) -> pd.DataFrame:
     Adds ``_group`` / ``_arm`` (the recorded hashes, else the CONFIG_KEYS / ARM_KEYS values) and
     ``one_class`` (the run predicted a single class on the whole test split).
     """
-    rows = []
-    for path in sorted(Path(root).rglob("results.json")):
-        try:
-            row = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            row = {"status": "failed", "failure": "error", "reason": f"unreadable {path.name}"}
-        row["job_dir"] = str(path.parent)
-        rows.append(row)
+    rows = [{**_read_result(path), "job_dir": str(path.parent)} for path in sorted(Path(root).rglob("results.json"))]
     if not rows:
         raise LoraExpError(f"report: no results.json under {str(root)!r} (is it a run or multirun dir?)")
     df = pd.DataFrame(rows)
@@ -81,6 +74,20 @@ def load_runs(root: Path) -> pd.DataFrame:
     job = df["group_hash"].where(df["group_hash"].notna(), df["config_hash"])
     twice = done & job.notna() & df.assign(_job=job).duplicated(["_job", "seed"], keep="first")
     return df[~twice].reset_index(drop=True)
+
+
+def _read_result(path: Path) -> dict:
+    """One results.json; a truncated or otherwise unreadable one becomes a failed job saying so (one line printed),
+    never a run with an unknown method."""
+    try:
+        row = json.loads(path.read_text())
+        if isinstance(row, dict):
+            return row
+        why = f"a JSON {type(row).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        why = f"{type(err).__name__}: {err}"
+    print(f"[lora-exp] report: {path} is unreadable ({why}); listed under failed jobs")
+    return {"status": "failed", "failure": "error", "reason": f"results.json unreadable ({why})"}
 
 
 def _identity(df: pd.DataFrame, hash_col: str, keys: list[str]) -> pd.Series:
@@ -188,8 +195,17 @@ def run_labels(df: pd.DataFrame, summary: pd.DataFrame) -> pd.Series:
     """Each run's configuration label (as in the summary) plus its seed, for per-run figures."""
     by_group = dict(zip(summary["_group"], summary["config"])) if not summary.empty else {}
     return pd.Series(
-        [f"{by_group.get(g, _short(g))} s{s}" for g, s in zip(df["_group"], df["seed"])], index=df.index, dtype=object
+        [f"{by_group.get(g, _short(g))} s{_seed(s)}" for g, s in zip(df["_group"], df["seed"])],
+        index=df.index,
+        dtype=object,
     )
+
+
+def _seed(seed: object) -> str:
+    """A seed as written: 1, not 1.0 (pandas stores a column of ints with a gap as floats); "-" when unknown."""
+    if seed is None or (isinstance(seed, float) and math.isnan(seed)):
+        return "-"
+    return f"{int(seed)}" if isinstance(seed, float) and seed.is_integer() else str(seed)
 
 
 def _acc(mean: float, ci: float) -> str:
@@ -242,7 +258,7 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     failed = df[df["status"] != "ok"]
     if len(failed):
         lines = [
-            f"- `{Path(d).name}` ({m}): {f}: {r}"
+            f"- `{Path(d).name}` ({m if isinstance(m, str) else '-'}): {f}: {r}"
             for d, m, f, r in zip(failed["job_dir"], failed["method"], failed.get("failure", "error"), failed["reason"])
         ]
         table += "\n\nFailed jobs:\n" + "\n".join(lines)

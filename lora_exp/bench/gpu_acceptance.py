@@ -137,7 +137,7 @@ def stage_bench(tmp: Path, methods: str, warmup: int, steps: int, reps: int) -> 
     cmd = [
         sys.executable, "-m", "lora_exp", "bench", "--methods", methods, "--batch", "32",
         "--warmup", str(warmup), "--steps", str(steps), "--reps", str(reps), "--out", str(result),
-        *DISTILBERT_BASE, "data=csv", f"data.path={data}", "data.max_length=512", f"data.cache_dir={tmp / 'hf'}",
+        *DISTILBERT_BASE, "data=files", f"data.path={data}", "data.max_length=512", f"data.cache_dir={tmp / 'hf'}",
         "lora.r=8", "lora.alpha=16", "lora.targets=[q,v]",
     ]  # fmt: skip
     out = {"data": shape, **_run(cmd, tmp / "bench.log", timeout=300)}

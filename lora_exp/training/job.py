@@ -57,6 +57,7 @@ class Job:
     baseline: int  # allocated bytes before this job (CUDA)
     rss: RssPeak
     id2label: dict[int, str] | None
+    data_dropped: dict[str, int]  # rows dropped while loading, by reason (results.json)
     pg: checkpoint.Progress
     resumed: bool = False
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -110,7 +111,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
     device, precision = choose_device(cfg)
     seeds = sub_seeds(t.seed)
     baseline = reset_memory(device)  # clean state before anything of this job is allocated
-    splits, id2label = load_data(cfg)
+    splits, id2label, dropped = load_data(cfg)
     tokenizer, model, head, adapted = build_model(cfg, id2label)
     counts = count_parameters(model, head)
     place_model(model, device, bool(t.get("gradient_checkpointing")))
@@ -141,6 +142,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
         baseline=baseline,
         rss=rss,
         id2label=id2label,
+        data_dropped=dropped,
         pg=checkpoint.Progress(),
         resumed=resume,
         loss_sum=torch.zeros((), device=device),
@@ -166,11 +168,12 @@ def choose_device(cfg: DictConfig) -> tuple[torch.device, str]:
     return device, precision
 
 
-def load_data(cfg: DictConfig) -> tuple[Any, dict[int, str] | None]:
-    """Raw splits (tokenised once the model's limits are known) and string label names, if any."""
-    splits = text_data.load_splits(cfg.data)
+def load_data(cfg: DictConfig) -> tuple[Any, dict[int, str] | None, dict[str, int]]:
+    """Raw splits (tokenised once the model's limits are known), string label names if any, and the rows
+    dropped by reason (missing label, empty text, duplicate)."""
+    splits, dropped = text_data.load_splits_counted(cfg.data)
     names = getattr(splits["train"].features["label"], "names", None)
-    return splits, (dict(enumerate(names)) if names and not names[0].isdigit() else None)
+    return splits, (dict(enumerate(names)) if names and not names[0].isdigit() else None), dropped
 
 
 def place_model(model: torch.nn.Module, device: torch.device, gradient_checkpointing: bool) -> None:

@@ -113,6 +113,7 @@ def identity(job: Job) -> dict[str, Any]:
         "epochs": t.epochs,
         "batch_size": t.batch_size,
         "train_examples": len(job.tok["train"]),
+        "data_dropped": job.data_dropped,  # rows dropped while loading: missing_label, empty_text, duplicate
         "config_hash": config_hash(job.config),
         "group_hash": group_hash(job.config),  # the report's configuration: every setting but the seed
         "arm_hash": arm_hash(job.config),  # ... and but the lr: an arm of the fair comparison
