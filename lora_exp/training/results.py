@@ -11,7 +11,7 @@ from lora_exp.adapters.params import variant_counts, variant_label
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import peak_memory
-from lora_exp.models.text import model_location
+from lora_exp.models.location import model_location
 from lora_exp.training.job import Job, lora_scaling
 from lora_exp.training.metrics import evaluate, is_nan
 
