@@ -230,6 +230,7 @@ def test_audio_config_errors_are_one_line_each() -> None:
 
 E2E = [
     "experiment=gw_whisper_offline",
+    "model=tiny_whisper",  # the preset's pretrained tiny.en is tested in test_whisper_tiny_en.py
     "logger=none",
     "trainer.device=cpu",
     "trainer.epochs=2",
