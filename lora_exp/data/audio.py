@@ -16,7 +16,9 @@ from typing import Any
 
 import datasets
 import numpy as np
+import scipy
 import torch
+import transformers
 from scipy.signal import resample_poly
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
@@ -65,8 +67,15 @@ FEATURES_FORMAT = 1  # bump when what a features file holds changes: older files
 
 def features_key(split: Any, fe: Any, source_rate: int) -> str:
     """What a split's features depend on, hashed: its clips and labels, their rate, every option of the
-    extractor (its class, window and mel settings) and the file format. 16 hex digits of sha256."""
-    opts = {"format": FEATURES_FORMAT, "source_rate": int(source_rate), "class": type(fe).__name__, **fe.to_dict()}
+    extractor (its class, window and mel settings), the versions of the code that computes them
+    (transformers' extractor, scipy's resampler) and the file format. 16 hex digits of sha256."""
+    opts = {
+        "format": FEATURES_FORMAT,
+        "source_rate": int(source_rate),
+        "class": type(fe).__name__,
+        "versions": [transformers.__version__, scipy.__version__],
+        **fe.to_dict(),
+    }
     digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode())
     rows = split.with_format("numpy")[:]  # every row, column by column
     audio = rows["audio"]

@@ -45,7 +45,7 @@ class Job:
     head: list[str]
     adapted: list[str]
     counts: dict[str, Any]
-    tok: Any  # tokenised splits
+    tok: Any  # tokenised (text) or featurized (audio) splits
     loaders: text_data.Loaders
     generator: torch.Generator  # the training data order
     trainable: list[tuple[str, torch.nn.Parameter]]
