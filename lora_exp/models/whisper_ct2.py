@@ -62,6 +62,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
 
+from lora_exp.adapters import store
 from lora_exp.data import assets
 from lora_exp.errors import LoraExpError
 
@@ -300,6 +301,8 @@ def convert_whisper(
             "spec_revision": revision,
         }
         (stage / "lora_exp_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        store.make_readable(stage)  # like the other cached assets: not private to mkdtemp's 0700 / 0600
+        stage.chmod(0o755)
         os.replace(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already after a successful rename
