@@ -102,7 +102,9 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, torch.
 class CachedBase(nn.Module):
     """Stands in for the frozen base model: returns the outputs stored for each example of the batch."""
 
-    def __init__(self, original: nn.Module, output_type: type, kinds: dict[str, str], names=TEXT_INPUTS):
+    def __init__(
+        self, original: nn.Module, output_type: type, kinds: dict[str, str], names: tuple[str, ...] = TEXT_INPUTS
+    ):
         super().__init__()
         self.__dict__["original"] = original  # not a submodule: its parameters stay out of this model
         self.output_type, self.store, self.names = output_type, Rows(kinds), tuple(names)
