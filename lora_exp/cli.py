@@ -3,7 +3,7 @@
 lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp method=full
 lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
 lora-exp resume=RUN_DIR               continue an interrupted run from its checkpoint
-lora-exp fetch                        fetch the offline model and data once (else done on first use)
+lora-exp fetch                        fetch the offline models and data once (else done on first use)
 lora-exp report DIR [--out D]         summary.csv / summary.md / fair.md / figures from results under DIR
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
 lora-exp predict adapter=RUN_DIR text="..." | file=F    merged inference: label and probability
@@ -258,9 +258,16 @@ def hydra_app(cfg: DictConfig) -> float:
 
 
 def _fetch() -> int:
+    """Fetch every offline asset once (a no-op offline when cached); one line per asset: name and path."""
     from lora_exp.data import assets
+    from lora_exp.models.whisper_ct2 import whisper_tiny_en_dir
 
-    print(f"model: {assets.minilm_dir()}\ndata:  {assets.rotten_tomatoes_file()}")
+    for name, where in (
+        ("minilm", assets.minilm_dir),
+        ("rotten_tomatoes", assets.rotten_tomatoes_file),
+        ("whisper_tiny_en", whisper_tiny_en_dir),
+    ):
+        print(f"{name}: {where()}", flush=True)
     return 0
 
 

@@ -230,6 +230,7 @@ def test_audio_config_errors_are_one_line_each() -> None:
 
 E2E = [
     "experiment=gw_whisper_offline",
+    "model=tiny_whisper",  # the preset's pretrained tiny.en is tested in test_whisper_tiny_en.py
     "logger=none",
     "trainer.device=cpu",
     "trainer.epochs=2",
@@ -269,10 +270,13 @@ def test_tiny_whisper_trains_each_method(method: str, gw_cache: Path) -> None:
     assert 0.0 <= r["best_val_auc"] <= 1.0 and 0.0 <= r["test_auc"] <= 1.0
 
 
-def test_monitor_auc_picks_the_best_auc_step(gw_cache: Path) -> None:
+def test_monitor_auc_picks_the_best_auc_step(gw_cache: Path, capsys: pytest.CaptureFixture) -> None:
     from lora_exp.training.loop import train
 
     r = train(make_cfg([*E2E, "method=lora", "trainer.eval_every=1", "trainer.monitor=val/auc"]), gw_cache / "m")
+    printed = {line.split("  ")[0]: line for line in (li.strip() for li in capsys.readouterr().out.splitlines())}
+    assert f"{r['best_val_auc']:.4f} (step {r['best_step']}, by val/auc)" in printed["best val auc"]
+    assert printed["test auc"].endswith(f"{r['test_auc']:.4f}") and "best val acc" not in printed
     history = r["history"]  # one row per evaluation: step, epoch, time_s, val_acc, val_f1, val_auc, val_loss
     aucs = [h["val_auc"] for h in history]
     assert len(aucs) == r["steps"]  # eval_every=1: every step evaluated
@@ -290,3 +294,37 @@ def test_predict_on_a_generated_clip(gw_cache: Path) -> None:
     np.save(gw_cache / "clip.npy", clip)
     ((label, prob),) = predict(gw_cache / "p", [str(gw_cache / "clip.npy")])
     assert label in ("noise", "signal") and 0.5 <= prob <= 1.0
+
+
+def test_summary_shows_the_monitored_metric(capsys: pytest.CaptureFixture) -> None:
+    from lora_exp.training.results import print_summary
+
+    r = {
+        "method": "lora",
+        "trainable_params": 10,
+        "trainable_pct": 1.0,
+        "best_step": 7,
+        "best_val_acc": 0.61,
+        "best_val_loss": 0.4321,
+        "best_val_auc": None,
+        "test_acc": 0.6,
+        "test_loss": 0.5,
+        "test_auc": None,
+        "train_seconds": 2.0,
+        "samples_per_s": 5.0,
+        "peak_vram_bytes": None,
+        "peak_host_rss_bytes": 2**30,
+    }
+    for monitor, want in (("val/loss", ["best val loss", "test loss"]), ("val/acc", ["best val acc"])):
+        print_summary({**r, "monitor": monitor}, Path("run"))
+        keys = [line.strip().split("  ")[0] for line in capsys.readouterr().out.splitlines()]
+        assert [k for k in keys if k.startswith(("best", "test"))] == [*want, "test acc"]
+    print_summary({**r, "monitor": "val/auc"}, Path("run"))  # a one-class split: AUC undefined
+    assert "best val auc      n/a (step 7, by val/auc)" in capsys.readouterr().out
+
+
+def test_whisper_small_is_named_from_its_path() -> None:
+    assert make_cfg(["experiment=gw_whisper"]).model.name == "whisper-small"  # openai/whisper-small
+    local = make_cfg(["experiment=gw_whisper", "model.source=local", "model.path=/data/ckpt/my-whisper"])
+    assert local.model.name == "my-whisper"
+    assert make_cfg(["experiment=gw_whisper", "model.path=/x/my-whisper", "model.name=ws"]).model.name == "ws"

@@ -37,7 +37,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 @dataclass
 class ModelConfig:
     name: str = MISSING  # short id used in logs and results
-    source: str = "package"  # package (offline MiniLM) | hub | local | tiny (random init, tests)
+    source: str = "package"  # package (offline: MiniLM for text, Whisper tiny.en for audio) | hub | local | tiny
     path: str | None = None  # Hub id (source=hub) or a local folder (package/local)
     arch: str = "bert"  # tiny only: distilbert | bert
     hidden_size: int = 32  # tiny only

@@ -1,18 +1,28 @@
-"""Audio batches: clips resampled to the feature extractor's rate, its features (log-mel for Whisper),
-DataLoaders over ``audio`` + ``label`` splits, and reading ``.wav`` / ``.npy`` files for ``predict``."""
+"""Audio inputs: clips resampled to the feature extractor's rate and its features (log-mel for Whisper),
+computed once per clip into the cache (``featurize``); DataLoaders over them; reading ``.wav`` / ``.npy``
+files for ``predict``."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import scipy
 import torch
+import transformers
 from scipy.signal import resample_poly
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from lora_exp.data import assets
 from lora_exp.data.text import Loaders
 from lora_exp.errors import LoraExpError
 
@@ -52,33 +62,122 @@ class AudioCollator:
         return out
 
 
-def make_loaders(
-    splits: Any,
-    feature_extractor: Any,
-    source_rate: int,
-    batch_size: int,
-    eval_batch_size: int,
-    generator: torch.Generator,
-) -> Any:
-    """Train (shuffled from ``generator``) / validation / test DataLoaders over ``audio`` + ``label`` splits.
+FEATURES_FORMAT = 1  # bump when what a features file holds changes: older files are then never read
 
-    ``splits`` is a ``DatasetDict`` (``data.load_splits`` for ``data.source=gw``). Features are computed per
-    batch in the collator (30 s of Whisper features for 1,000 clips would hold ~1 GB).
+
+def features_key(split: Any, fe: Any, source_rate: int) -> str:
+    """What a split's features depend on, hashed: its clips and labels, their rate, every option of the
+    extractor (its class, window and mel settings), the versions of the code that computes them
+    (transformers' extractor, scipy's resampler) and the file format. 16 hex digits of sha256."""
+    opts = {
+        "format": FEATURES_FORMAT,
+        "source_rate": int(source_rate),
+        "class": type(fe).__name__,
+        "versions": [transformers.__version__, scipy.__version__],
+        **fe.to_dict(),
+    }
+    digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode())
+    rows = split.with_format("numpy")[:]  # every row, column by column
+    audio = rows["audio"]
+    for clip in audio if audio.dtype == object else [audio]:  # object: clips of different lengths
+        digest.update(np.ascontiguousarray(clip, np.float32).tobytes())
+    digest.update(np.asarray(rows["label"], np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _feature_types(collate: AudioCollator, split: Any) -> datasets.Features:
+    """Arrow types of the model inputs (fixed shapes, from one clip) plus ``labels``."""
+    types = {}
+    for name, value in collate.features([split.with_format("numpy")[0]["audio"]]).items():
+        shape, dtype = tuple(value.shape[1:]), str(value.numpy().dtype)
+        if len(shape) == 2:
+            types[name] = datasets.Array2D(shape, dtype)
+        else:
+            types[name] = datasets.Sequence(datasets.Value(dtype), length=shape[0])
+    types["labels"] = split.features["label"]
+    return datasets.Features(types)
+
+
+def _encode(audio: list, label: list, collate: AudioCollator) -> dict[str, Any]:
+    return {**{k: v.numpy() for k, v in collate.features(list(audio)).items()}, "labels": label}
+
+
+@contextmanager
+def _progress_bars() -> Iterator[None]:
+    """datasets' progress bars on for a long map (data/text.py turns them off for its sub-second steps)."""
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_off:
+            datasets.disable_progress_bars()
+
+
+def featurize(splits: Any, fe: Any, source_rate: int, folder: Path | None = None) -> datasets.DatasetDict:
+    """Every clip's model inputs (Whisper: log-mel ``input_features``) and ``labels``, computed once.
+
+    ``datasets.map`` writes one Arrow file per split into ``folder`` (``$LORA_EXP_CACHE/audio_features``),
+    named by ``features_key``: later runs on the same clips with the same extractor (other methods, seeds,
+    learning rates) read them back memory-mapped instead of resampling and computing log-mels per batch.
     """
+    folder = Path(folder) if folder is not None else assets.cache_dir() / "audio_features"
+    folder.mkdir(parents=True, exist_ok=True)
+    collate, out, computed = AudioCollator(fe, source_rate), {}, []
+    start = time.perf_counter()
+    for name, split in splits.items():
+        key = features_key(split, fe, source_rate)
+        path = folder / f"{name}-{key}.arrow"
+        if not path.exists():
+            computed.append(name)
+        with _progress_bars():
+            out[name] = split.map(
+                _encode,
+                batched=True,
+                batch_size=64,
+                input_columns=["audio", "label"],
+                remove_columns=split.column_names,
+                features=_feature_types(collate, split),
+                fn_kwargs={"collate": collate},
+                cache_file_name=str(path),
+                load_from_cache_file=True,
+                new_fingerprint=key,  # what the file holds; datasets need not hash the extractor
+                desc=f"audio features ({name})",
+            )
+    files = [f["filename"] for ds in out.values() for f in ds.cache_files]
+    size = sum(Path(f).stat().st_size for f in files)
+    how = f"computed once in {time.perf_counter() - start:.1f} s" if computed else "read back (computed earlier)"
+    shape = " x ".join(map(str, np.shape(out["train"].with_format("numpy")[0][fe.model_input_names[0]])))
+    print(
+        f"[lora-exp] audio features ({shape} per clip) of {sum(len(d) for d in out.values()):,} clips: {how}, "
+        f"{size / 2**20:.0f} MiB in {folder}"
+    )
+    return datasets.DatasetDict(out)
 
-    collate = AudioCollator(feature_extractor, source_rate)
-    own = {"generator": torch.Generator().manual_seed(0)}
 
-    def rows(split: Any) -> Any:
-        return split.rename_column("label", "labels").with_format("numpy")
+def _as_tensors(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}
 
-    train = rows(splits["train"])
+
+def make_loaders(
+    feats: datasets.DatasetDict, batch_size: int, eval_batch_size: int, generator: torch.Generator
+) -> Loaders:
+    """Train (shuffled from ``generator``) / validation / test DataLoaders over ``featurize``d splits.
+
+    Each batch is one read of the Arrow file (a ``BatchSampler`` of indices, ``batch_size=None``): the same
+    examples in the same order as a plain ``DataLoader(batch_size=...)`` over a ``RandomSampler``.
+    """
+    own = {"generator": torch.Generator().manual_seed(0)}  # the global RNG (dropout) is left alone
+
+    def loader(split: datasets.Dataset, sampler: Any, size: int) -> DataLoader:
+        batches = BatchSampler(sampler, size, drop_last=False)
+        return DataLoader(split.with_format("numpy"), sampler=batches, batch_size=None, collate_fn=_as_tensors, **own)
+
+    train = feats["train"]
     return Loaders(
-        train=DataLoader(
-            train, batch_size=batch_size, sampler=RandomSampler(train, generator=generator), collate_fn=collate, **own
-        ),
-        validation=DataLoader(rows(splits["validation"]), batch_size=eval_batch_size, collate_fn=collate, **own),
-        test=DataLoader(rows(splits["test"]), batch_size=eval_batch_size, collate_fn=collate, **own),
+        train=loader(train, RandomSampler(train, generator=generator), batch_size),
+        validation=loader(feats["validation"], SequentialSampler(feats["validation"]), eval_batch_size),
+        test=loader(feats["test"], SequentialSampler(feats["test"]), eval_batch_size),
     )
 
 

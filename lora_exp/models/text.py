@@ -21,10 +21,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lora_exp.data import assets
 from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
 from lora_exp.models.heads import find_head
+from lora_exp.models.location import model_location
 
 TINY_VOCAB = 1000
 
@@ -96,13 +96,6 @@ def _tiny_model(cfg: DictConfig, num_labels: int) -> PreTrainedModel:
             num_labels=num_labels,
         )
     return AutoModelForSequenceClassification.from_config(conf)
-
-
-def model_location(cfg: DictConfig) -> str:
-    """Hub id or local folder the model loads from (the offline MiniLM by default)."""
-    if cfg.source == "package":
-        return cfg.path or str(assets.minilm_dir())
-    return cfg.path
 
 
 def build(

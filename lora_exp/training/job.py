@@ -45,7 +45,7 @@ class Job:
     head: list[str]
     adapted: list[str]
     counts: dict[str, Any]
-    tok: Any  # tokenised splits
+    tok: Any  # tokenised (text) or featurized (audio) splits
     loaders: text_data.Loaders
     generator: torch.Generator  # the training data order
     trainable: list[tuple[str, torch.nn.Parameter]]
@@ -186,13 +186,12 @@ def place_model(model: torch.nn.Module, device: torch.device, gradient_checkpoin
 def make_loaders(
     cfg: DictConfig, splits: Any, tokenizer: Any, generator: torch.Generator, device: torch.device
 ) -> tuple[Any, text_data.Loaders]:
-    """Tokenised splits and loaders (audio: fixed-length clips, features per batch, no length grouping)."""
+    """Tokenised splits and loaders (audio: each clip's features computed once into the cache, fixed length,
+    no length grouping)."""
     t = cfg.trainer
     if cfg.model.get("task", "text") == "audio":
-        loaders = audio_data.make_loaders(
-            splits, tokenizer, cfg.data.gw.sample_rate, t.batch_size, t.eval_batch_size, generator
-        )
-        tok = splits
+        tok = audio_data.featurize(splits, tokenizer, cfg.data.gw.sample_rate)
+        loaders = audio_data.make_loaders(tok, t.batch_size, t.eval_batch_size, generator)
     else:
         tok = text_data.tokenize(splits, tokenizer, cfg.data.max_length)
         loaders = text_data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)

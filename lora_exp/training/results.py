@@ -11,7 +11,7 @@ from lora_exp.adapters.params import variant_counts, variant_label
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import peak_memory
-from lora_exp.models.text import model_location
+from lora_exp.models.location import model_location
 from lora_exp.training.job import Job, lora_scaling
 from lora_exp.training.metrics import evaluate, is_nan
 
@@ -183,12 +183,20 @@ def _save_weights(job: Job) -> dict[str, Any]:
 
 
 def print_summary(r: dict[str, Any], run_dir: Path) -> None:
+    """The console summary of a finished run: the monitored validation metric at the best step (and the test
+    value of that metric), test accuracy, time and memory."""
     vram = f"{r['peak_vram_bytes'] / 2**30:.2f} GiB" if r["peak_vram_bytes"] else "n/a (CPU)"
+    monitor = r.get("monitor") or "val/acc"
+    metric = monitor.split("/", 1)[1]
     rows = [
         ("method", r["method"]),
         ("trainable params", f"{r['trainable_params']:,} ({r['trainable_pct']:.4g}%)"),
-        ("best val acc", f"{r['best_val_acc']:.4f} (step {r['best_step']})"),
-        ("test acc", f"{r['test_acc']:.4f}"),
+        (f"best val {metric}", f"{_fmt(r.get(f'best_val_{metric}'))} (step {r['best_step']}, by {monitor})"),
+    ]
+    if metric != "acc":
+        rows.append((f"test {metric}", _fmt(r.get(f"test_{metric}"))))
+    rows += [
+        ("test acc", _fmt(r["test_acc"])),
         ("train time", f"{r['train_seconds']:.1f} s ({r['samples_per_s']:.1f} samples/s)"),
         ("peak VRAM", vram),
         ("peak host RSS", f"{r['peak_host_rss_bytes'] / 2**30:.2f} GiB"),
@@ -196,3 +204,8 @@ def print_summary(r: dict[str, Any], run_dir: Path) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def _fmt(value: float | None) -> str:
+    """A metric to 4 decimals; n/a when it is undefined (an AUC of a one-class split)."""
+    return "n/a" if value is None or is_nan(value) else f"{value:.4f}"
