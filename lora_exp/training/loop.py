@@ -191,7 +191,7 @@ def log_train_loss(job: Job, epoch: float) -> float:
 def validate_now(job: Job, epoch: float) -> None:
     """Evaluate on validation, log it, and keep the trainable tensors of the best step."""
     pg = job.pg
-    m = evaluate(job.model, job.loaders.validation, job.device, job.amp)
+    m = evaluate(job.model, job.loaders.validation, job.device, job.amp, desc="validation")
     pg.history.append(
         {
             "step": pg.step,
