@@ -319,3 +319,45 @@ def test_auc_monitor_gives_auc_columns_and_auc_curves(tmp_path: Path) -> None:
     assert figures.monitored(ok[ok.monitor == "val/auc"]) == "auc" and figures.monitored(ok) == "acc"
     figures.plot_validation_curves(ok[ok.monitor == "val/auc"], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_figures_keep_titles_and_labels_inside_the_image(tmp_path: Path) -> None:
+    """One configuration (the narrowest figures) and four with long labels (the shortest axes), with the long CPU
+    memory label: every PNG keeps a blank margin on all four sides, so no title, axis label or legend is cut."""
+    parts = dict(mem_params_bytes=1e5, mem_grads_bytes=1e5, mem_optimizer_bytes=2e5, mem_activations_bytes=3e5)
+    history = [{"epoch": e, "time_s": 2.0 * e, "val_acc": 0.6 + e / 20} for e in (1, 2, 3)]
+    _result(tmp_path / "one", "lora", r=8, alpha=16, mem_predicted_peak_bytes=7e5, history=history, **parts)
+    for r in (4, 8, 16, 32):
+        fields = dict(r=r, alpha=2 * r, targets="q+k+v+o+ffn", mem_predicted_peak_bytes=7e5, history=history)
+        _result(tmp_path / "four", f"r{r}", **fields, **parts)
+    written = report.write_report(tmp_path / "one", tmp_path / "report1")
+    written = {**{f"1-{k}": v for k, v in written.items()}, **report.write_report(tmp_path / "four")}
+    assert {"memory.png", "memory_breakdown.png", "1-memory.png", "1-memory_breakdown.png"} <= set(written)
+    for name, path in written.items():
+        if not name.endswith(".png"):
+            continue
+        rgb = mpimg.imread(path)[..., :3]
+        border = [rgb[:3], rgb[-3:], rgb[:, :3], rgb[:, -3:]]  # 3 px along each edge
+        assert all((edge > 0.99).all() for edge in border), f"{name}: ink touches the image border (clipped)"
+
+
+def test_validation_curves_draw_the_validation_majority_baseline(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    history = [{"epoch": e, "time_s": 2.0 * e, "val_acc": 0.7} for e in (1, 2)]
+    for seed in (1, 2):
+        _result(
+            tmp_path, f"s{seed}", r=8, alpha=16, seed=seed, history=history, data="reviews",
+            majority_baseline_acc=0.5, majority_baseline_val_acc=0.58,
+        )  # fmt: skip
+    lines: dict[str, list[float]] = {}
+    save = figures._save
+
+    def spy(fig, path):  # noqa: ANN001, ANN202
+        lines[Path(path).name] = [
+            ln.get_ydata()[0] for ax in fig.axes for ln in ax.get_lines() if ln.get_label().startswith("majority")
+        ]
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", spy)
+    report.write_report(tmp_path)
+    assert lines["validation_curves.png"] == [0.58, 0.58]  # both panels: the validation split's baseline
+    assert lines["accuracy_vs_params.png"] == [0.5]  # test accuracy figures keep the test baseline

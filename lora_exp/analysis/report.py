@@ -38,6 +38,7 @@ COLUMNS = [
     "group_hash",
     "arm_hash",
     "majority_baseline_acc",
+    "majority_baseline_val_acc",
     "test_pred_counts",
     "adapter_params",
     "head_params",
