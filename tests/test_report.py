@@ -121,6 +121,30 @@ def test_notebook_executes_on_a_sweep(methods_sweep: Path, tmp_path: Path) -> No
     assert (tmp_path / "nb_report" / "summary.csv").is_file()
 
 
+def test_readme_nbconvert_command_executes_the_notebook(tmp_path: Path) -> None:
+    """The README's headless command, as written, with only the dev extra installed (nbconvert brings `jupyter`)."""
+    import subprocess
+    import sys
+
+    for seed in (1, 2):
+        _result(tmp_path / "runs", f"s{seed}", r=8, alpha=16, seed=seed, history=[])
+    root = Path(CONF_DIR).parent
+    env = {**os.environ, "LORA_EXP_RUNS": str(tmp_path / "runs"), "LORA_EXP_REPORT_OUT": str(tmp_path / "nb_report")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))  # the kernel: this checkout
+    command = "jupyter nbconvert --to notebook --execute notebooks/analysis.ipynb --output-dir"
+    jupyter = Path(sys.executable).with_name("jupyter")
+    jupyter = str(jupyter) if jupyter.exists() else "jupyter"
+    proc = subprocess.run(
+        [jupyter, *command.split()[1:], str(tmp_path / "out")], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import nbformat
+
+    executed = nbformat.read(tmp_path / "out" / "analysis.ipynb", as_version=4)
+    records = json.loads(executed.cells[-1].outputs[0]["text"])
+    assert [r["method"] for r in records] == ["lora"] and (tmp_path / "nb_report" / "summary.csv").is_file()
+
+
 def test_fair_protocol_picks_lr_on_validation_and_pairs_seeds(tmp_path: Path) -> None:
     # full: lr 1e-4 wins on validation although 5e-5 has the better test accuracy (no peeking at test).
     grid = {"full": {5e-5: (0.80, 0.90), 1e-4: (0.85, 0.80)}, "lora": {1e-3: (0.70, 0.70), 2e-3: (0.84, 0.82)}}
