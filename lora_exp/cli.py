@@ -6,7 +6,7 @@ lora-exp resume=RUN_DIR               continue an interrupted run from its check
 lora-exp fetch                        fetch the offline model and data once (else done on first use)
 lora-exp report DIR [--out D]         summary.csv / summary.md / fair.md / figures from results under DIR
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
-lora-exp predict adapter=RUN_DIR text="..." | file=F    merged inference: label and probability
+lora-exp predict adapter=RUN_DIR text="..." | file=F [--force]   merged inference: label and probability
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
 lora-exp bench [--steps N] [overrides]    our loop vs HF Trainer (+ PEFT) on the same work
 """
@@ -327,15 +327,18 @@ def same_metric(old: object, new: object, tolerance: float) -> bool:
 
 
 def _predict(*args: str) -> int:
-    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy  (key=value arguments)."""
+    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy [--force]  (key=value
+    arguments; --force: load the adapter although the base's weights differ from those it was trained on)."""
     from lora_exp.inference import predict
 
+    force = "--force" in args  # an adapter onto a base of the same shapes but other weights
+    args = tuple(a for a in args if a != "--force")
     kv = dict(a.split("=", 1) for a in args if "=" in a)
     bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file", "audio")]
     if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file") or kv.get("audio")):
         raise LoraExpError(
             'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav '
-            f"(got {list(args)})"
+            f"[--force] (got {list(args)})"
         )
     run_dir = Path(kv.get("adapter") or kv["run"])
     if run_dir.name == "adapter":  # the adapter folder itself: its run dir holds the config
@@ -349,7 +352,7 @@ def _predict(*args: str) -> int:
         if not Path(kv["file"]).is_file():
             raise LoraExpError(f"predict: file={kv['file']!r}: no such file")
         texts += [line.strip() for line in Path(kv["file"]).read_text().splitlines() if line.strip()]
-    for (label, prob), text in zip(predict(run_dir, texts), texts):
+    for (label, prob), text in zip(predict(run_dir, texts, force=force), texts):
         print(f"{label}\t{prob:.4f}\t{text}")
     return 0
 

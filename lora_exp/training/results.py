@@ -128,6 +128,7 @@ def identity(job: Job) -> dict[str, Any]:
         "group_hash": group_hash(job.config),  # the report's configuration: every setting but the seed
         "arm_hash": arm_hash(job.config),  # ... and but the lr: an arm of the fair comparison
         "model_facts": job.config["derived"]["model"],
+        "base_fingerprint": job.model.base_fingerprint,
         "seed": t.seed,
         "sub_seeds": job.seeds,
         "precision": job.precision,
@@ -187,6 +188,7 @@ def _save_weights(job: Job) -> dict[str, Any]:
         "head_modules": job.head,
         "num_labels": cfg.data.num_labels,
         "id2label": job.id2label,
+        "base_fingerprint": job.model.base_fingerprint,  # loading onto other weights of the same shapes is refused
     }
     sizes = store.save_adapter(job.model, run_dir / "adapter", meta)
     return {"weights_dir": str(run_dir / "adapter"), "weights_bytes": sizes["adapter_bytes"]}
