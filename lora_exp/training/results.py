@@ -191,6 +191,8 @@ def _save_weights(job: Job) -> dict[str, Any]:
         "base_fingerprint": job.model.base_fingerprint,  # loading onto other weights of the same shapes is refused
     }
     sizes = store.save_adapter(job.model, run_dir / "adapter", meta)
+    # a W&B artifact of the run, with the config that trained it
+    tracking.log_folder(job.run, run_dir / "adapter", "adapter", "model", {"config": job.config, "adapter": meta})
     return {"weights_dir": str(run_dir / "adapter"), "weights_bytes": sizes["adapter_bytes"]}
 
 
