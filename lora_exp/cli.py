@@ -4,7 +4,7 @@ lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp m
 lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
 lora-exp resume=RUN_DIR               continue an interrupted run from its checkpoint
 lora-exp fetch                        fetch the offline model and data once (else done on first use)
-lora-exp report DIR [--out D]         summary.csv / summary.md / fair.md / figures from results under DIR
+lora-exp report DIR [--out D] [--wandb]   summary.csv / summary.md / fair.md / figures from results under DIR
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
 lora-exp predict adapter=RUN_DIR text="..." | file=F [--force]   merged inference: label and probability
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
@@ -272,6 +272,7 @@ def _report(*args: str) -> int:
     parser = argparse.ArgumentParser(prog="lora-exp report", description="Table + figures from a (multi)run dir")
     parser.add_argument("dir", type=Path, help="a run or multirun dir (every results.json below it is read)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR/report)")
+    parser.add_argument("--wandb", action="store_true", help="also log tables + figures to a W&B run (job_type=report)")
     ns = parser.parse_args(args)
     if not ns.dir.is_dir():
         raise LoraExpError(f"report: {str(ns.dir)!r} is not a folder")
@@ -279,6 +280,14 @@ def _report(*args: str) -> int:
     df = load_runs(ns.dir)
     print(to_markdown(summarize(df), df))
     print("\n".join(f"wrote {p}" for p in written.values()))
+    if ns.wandb:
+        from lora_exp.analysis.report import report_tables
+        from lora_exp.analysis.wandb_report import log_report
+
+        out = ns.out or ns.dir / "report"
+        df = df[~df["job_dir"].str.startswith(str(out))]
+        figures = {name: path for name, path in written.items() if name.endswith(".png")}
+        print(log_report(ns.dir, out, df, report_tables(df), figures))
     return 0
 
 

@@ -347,6 +347,15 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
     return text
 
 
+def report_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The report's tables by name: ``summary`` (one row per configuration) and, when an lr grid was swept,
+    ``fair`` (each arm at its validation-chosen lr) and ``paired`` (paired differences to the references)."""
+    tables = {"summary": summarize(df)}
+    if lr_grid_swept(df):
+        tables["fair"], tables["paired"] = fair_comparison(df)
+    return tables
+
+
 def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
     """Read the runs under ``root``; write summary.csv, summary.md, the figures and, when an lr grid was swept,
     fair.md into ``out`` (default ``root/report``)."""
