@@ -360,7 +360,8 @@ def _predict(*args: str) -> int:
     if "file" in kv:
         if not Path(kv["file"]).is_file():
             raise LoraExpError(f"predict: file={kv['file']!r}: no such file")
-        texts += [line.strip() for line in Path(kv["file"]).read_text().splitlines() if line.strip()]
+        lines = Path(kv["file"]).read_text().split("\n")  # not splitlines(): \x85 or \u2028 inside a line is text
+        texts += [line.strip() for line in lines if line.strip()]
     for (label, prob), text in zip(predict(run_dir, texts, force=force), texts):
         print(f"{label}\t{prob:.4f}\t{text}")
     return 0

@@ -129,10 +129,11 @@ def test_predict_file_shows_progress_and_lines_per_second(short_run: Path, tmp_p
     from .test_train import cli
 
     texts = lines(300, seed=1)
+    texts[7] = "a good film\x85 then a dull plot"  # NEL (a cp1252 ellipsis read as latin-1) inside a line: one line
     (tmp_path / "lines.txt").write_text("\n".join(texts) + "\n")
     proc = cli(["predict", f"adapter={short_run}", f"file={tmp_path / 'lines.txt'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [row.split("\t")[2] for row in proc.stdout.splitlines()] == texts  # the input order
+    assert [row.split("\t")[2] for row in proc.stdout.rstrip("\n").split("\n")] == texts  # the input order
     assert "predict: 100%" in proc.stderr and "300/300" in proc.stderr  # tqdm's bar, its last state
     last = [line for line in proc.stderr.splitlines() if line.startswith("[lora-exp] predict:")]
     assert len(last) == 1 and last[0].startswith("[lora-exp] predict: 300 lines in ")
