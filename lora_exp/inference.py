@@ -121,10 +121,10 @@ def predict(
         return predict_audio(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size)
     start = time.perf_counter()
     out = predict_texts(model, tokenizer, texts, cfg.data.max_length, batch_size, progress)
-    seconds = time.perf_counter() - start
+    seconds, n = time.perf_counter() - start, len(texts)
     if progress:
         print(
-            f"[lora-exp] predict: {len(texts):,} lines in {seconds:.1f} s ({len(texts) / max(seconds, 1e-9):,.0f} "
+            f"[lora-exp] predict: {n:,} line{'s' * (n != 1)} in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} "
             f"lines/s; batches of {batch_size} by length, cut at data.max_length={cfg.data.max_length})",
             file=sys.stderr,
         )
