@@ -107,9 +107,6 @@ class NoRun:
     def log(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to log to."""
 
-    def define_metric(self, *args: Any, **kwargs: Any) -> None:
-        """No axes to declare."""
-
 
 @contextlib.contextmanager
 def wandb_run(cfg: DictConfig, run_dir: Path, config: dict, resume_id: str | None = None) -> Iterator[Any]:
@@ -178,7 +175,9 @@ VAL_VS_TIME = "val_vs_time"  # the validation metrics again, against training ti
 def declare_axes(run: Any, higher_is_better: dict[str, bool]) -> None:
     """The seed's two figures as W&B's default panels: ``val/*`` against ``epoch`` and the same values as
     ``val_vs_time/*`` against ``time/train_s``; each one's summary is its best value (max, or min for a
-    loss), per ``higher_is_better`` (``{"val/acc": True, "val/loss": False, ...}``)."""
+    loss), per ``higher_is_better`` (``{"val/acc": True, "val/loss": False, ...}``); nothing without W&B."""
+    if getattr(run, "disabled", False):
+        return
     run.define_metric("epoch")
     run.define_metric("time/train_s")
     for name, higher in higher_is_better.items():
