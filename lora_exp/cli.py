@@ -4,9 +4,9 @@ lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp m
 lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
 lora-exp resume=RUN_DIR               continue an interrupted run from its checkpoint
 lora-exp fetch                        fetch the offline models and data once (else done on first use)
-lora-exp report DIR [--out D]         summary.csv / summary.md / fair.md / figures from results under DIR
+lora-exp report DIR [--out D] [--wandb]   summary.csv / summary.md / fair.md / figures from results under DIR
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
-lora-exp predict adapter=RUN_DIR text="..." | file=F    merged inference: label and probability
+lora-exp predict adapter=RUN_DIR text="..." | file=F [--force]   merged inference: label and probability
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
 lora-exp bench [--steps N] [overrides]    our loop vs HF Trainer (+ PEFT) on the same work
 """
@@ -279,12 +279,22 @@ def _report(*args: str) -> int:
     parser = argparse.ArgumentParser(prog="lora-exp report", description="Table + figures from a (multi)run dir")
     parser.add_argument("dir", type=Path, help="a run or multirun dir (every results.json below it is read)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR/report)")
+    parser.add_argument("--wandb", action="store_true", help="also log tables + figures to a W&B run (job_type=report)")
     ns = parser.parse_args(args)
     if not ns.dir.is_dir():
         raise LoraExpError(f"report: {str(ns.dir)!r} is not a folder")
     written = write_report(ns.dir, ns.out)
     print(written["summary.md"].read_text())  # the runs are read once (an unreadable one is reported once)
     print("\n".join(f"wrote {p}" for p in written.values()))
+    if ns.wandb:
+        from lora_exp.analysis.report import load_runs, report_tables
+        from lora_exp.analysis.wandb_report import log_report
+
+        out = ns.out or ns.dir / "report"
+        df = load_runs(ns.dir)
+        df = df[~df["job_dir"].str.startswith(str(out))]
+        figures = {name: path for name, path in written.items() if name.endswith(".png")}
+        print(log_report(ns.dir, out, df, report_tables(df), figures))
     return 0
 
 
@@ -333,15 +343,18 @@ def same_metric(old: object, new: object, tolerance: float) -> bool:
 
 
 def _predict(*args: str) -> int:
-    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy  (key=value arguments)."""
+    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy [--force]  (key=value
+    arguments; --force: load the adapter although the base's weights differ from those it was trained on)."""
     from lora_exp.inference import predict
 
+    force = "--force" in args  # an adapter onto a base of the same shapes but other weights
+    args = tuple(a for a in args if a != "--force")
     kv = dict(a.split("=", 1) for a in args if "=" in a)
     bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file", "audio")]
     if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file") or kv.get("audio")):
         raise LoraExpError(
             'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav '
-            f"(got {list(args)})"
+            f"[--force] (got {list(args)})"
         )
     run_dir = Path(kv.get("adapter") or kv["run"])
     if run_dir.name == "adapter":  # the adapter folder itself: its run dir holds the config
@@ -354,8 +367,9 @@ def _predict(*args: str) -> int:
     if "file" in kv:
         if not Path(kv["file"]).is_file():
             raise LoraExpError(f"predict: file={kv['file']!r}: no such file")
-        texts += [line.strip() for line in Path(kv["file"]).read_text().splitlines() if line.strip()]
-    for (label, prob), text in zip(predict(run_dir, texts), texts):
+        lines = Path(kv["file"]).read_text().split("\n")  # not splitlines(): \x85 or \u2028 inside a line is text
+        texts += [line.strip() for line in lines if line.strip()]
+    for (label, prob), text in zip(predict(run_dir, texts, force=force), texts):
         print(f"{label}\t{prob:.4f}\t{text}")
     return 0
 

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from lora_exp.adapters import store
 from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 
 
-def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and eval-mode model of a finished run (LoRA merged: no extra latency)."""
+def load_trained(run_dir: Path, merge: bool = True, force: bool = False) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and eval-mode model of a finished run (LoRA merged: no extra latency).
+
+    An adapter is refused when the base rebuilt from the run's config is not the base it was trained on (its
+    recorded ``base_fingerprint``: the files at that path or Hub id changed); ``force`` loads it anyway.
+    """
     from transformers import (
         AutoFeatureExtractor,
         AutoModelForAudioClassification,
@@ -24,6 +31,7 @@ def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Modul
     )
 
     from lora_exp.models.build import build_model
+    from lora_exp.models.text import model_location
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -46,7 +54,9 @@ def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Modul
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
         tokenizer, model, _, _ = build_model(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
-        store.load_into(model, tensors, str(run_dir / "adapter"))
+        store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
+        where = f"adapter={str(run_dir / 'adapter')!r}"
+        store.check_base(meta, model.base_fingerprint, where, model_location(cfg.model) or cfg.model.name, force)
         if merge:
             injection.merge(model)
     return tokenizer, model.eval()
@@ -56,16 +66,22 @@ class AdapterBank:
     """One base model in memory, several adapters (LoRA A/B + head); ``use(name)`` swaps one in by copying
     its tensors into the model's parameters in place: milliseconds for adapters of this size."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, fingerprint: str | None = None):
+        """``model`` carries the LoRA layers; ``fingerprint`` is its base's (default: the ``base_fingerprint``
+        that ``build_model`` records on it), checked against each adapter's."""
         self.model = model
+        self.fingerprint = fingerprint or getattr(model, "base_fingerprint", None)
         self.params = dict(model.named_parameters())
         self.adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.active: str | None = None
 
-    def add(self, name: str, folder: Path) -> None:
-        """Read an adapter (``adapter.safetensors`` + config) and keep it next to the model, checked."""
-        _, tensors = store.read_adapter(Path(folder))
+    def add(self, name: str, folder: Path, force: bool = False) -> None:
+        """Read an adapter (``adapter.safetensors`` + config) and keep it next to the model, checked: tensors
+        and shapes, and the base it was trained on (``force`` loads an adapter of another base anyway)."""
+        meta, tensors = store.read_adapter(Path(folder))
         store.check_tensors(self.params, tensors, f"adapter {name!r}")
+        current = getattr(self.model, "name_or_path", "") or "the bank's model"
+        store.check_base(meta, self.fingerprint, f"adapter {name!r} ({str(folder)!r})", current, force)
         if self.adapters and set(tensors) != set(next(iter(self.adapters.values()))):
             raise LoraExpError(f"adapter {name!r} covers other tensors than the adapters already loaded")
         dev = next(iter(self.params.values())).device
@@ -83,9 +99,15 @@ class AdapterBank:
         self.active = name
 
 
-def predict(run_dir: Path, texts: list[str], batch_size: int = 64) -> list[tuple[str, float]]:
-    """(label, probability) for each text (audio runs: each .wav / .npy path) with a finished run's merged model."""
-    tokenizer, model = load_trained(run_dir)
+def predict(
+    run_dir: Path, texts: list[str], batch_size: int = 64, force: bool = False, progress: bool = True
+) -> list[tuple[str, float]]:
+    """(label, probability) for each text (audio runs: each .wav / .npy path) with a finished run's merged model.
+
+    Texts are cut at the run's ``data.max_length`` (what it trained on). With ``progress`` a bar and, at the end,
+    one line with the lines/s go to stderr. ``force`` loads an adapter onto a base it was not trained on.
+    """
+    tokenizer, model = load_trained(run_dir, force=force)
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     if cfg.model.get("task", "text") == "audio":
         from lora_exp.data import audio
@@ -97,21 +119,47 @@ def predict(run_dir: Path, texts: list[str], batch_size: int = 64) -> list[tuple
                 signal = audio.resample(signal, rate, cfg.data.gw.sample_rate)
             signals.append(np.asarray(signal, dtype=np.float32).reshape(-1))  # (detectors, n): back to back
         return predict_audio(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size)
-    id2label = model.config.id2label
-    out: list[tuple[str, float]] = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size],
-                truncation=True,
-                padding=True,
-                return_tensors="pt",
-                return_token_type_ids=False,
-            )
-            probs = model(**enc).logits.float().softmax(-1)
-            p, idx = probs.max(-1)
-            out += [(str(id2label.get(int(k), k)), float(v)) for k, v in zip(idx, p)]
+    start = time.perf_counter()
+    out = predict_texts(model, tokenizer, texts, cfg.data.max_length, batch_size, progress)
+    seconds, n = time.perf_counter() - start, len(texts)
+    if progress:
+        print(
+            f"[lora-exp] predict: {n:,} line{'s' * (n != 1)} in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} "
+            f"lines/s; batches of {batch_size} by length, cut at data.max_length={cfg.data.max_length})",
+            file=sys.stderr,
+        )
     return out
+
+
+@torch.inference_mode()
+def predict_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[tuple[str, float]]:
+    """``(label, probability)`` per text, in the order given.
+
+    Tokenised once, cut at ``max_length``; batches are drawn from the texts sorted by token length (each padded
+    to its own longest, so little padding is computed) and the answers put back in the input order.
+    """
+    enc = tokenizer(texts, truncation=True, max_length=max_length, return_token_type_ids=False)
+    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]), reverse=True)
+    id2label, device = model.config.id2label, next(model.parameters()).device
+    out: list[tuple[str, float] | None] = [None] * len(texts)
+    model.eval()
+    with tqdm(total=len(texts), desc="predict", unit="line", disable=not progress, mininterval=1.0) as bar:
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            batch = tokenizer.pad([{k: enc[k][j] for k in enc} for j in rows], return_tensors="pt")
+            probs = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1)
+            p, idx = probs.max(-1)
+            for j, k, v in zip(rows, idx.tolist(), p.tolist()):
+                out[j] = (str(id2label.get(k, k)), v)
+            bar.update(len(rows))
+    return out  # type: ignore[return-value]  # every position filled
 
 
 @torch.inference_mode()

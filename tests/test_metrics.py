@@ -55,3 +55,22 @@ def test_unknown_monitor_is_an_error() -> None:
     with pytest.raises(LoraExpError, match=r"trainer.monitor='val/precision' is not one of"):
         is_better("val/precision", 1.0, 0.0)
     assert monitor_key("val/auc") == "auc"
+
+
+def test_evaluate_shows_a_progress_bar_named_after_the_split(capsys: pytest.CaptureFixture) -> None:
+    """The final test evaluation (tens of seconds on a real model) shows a bar on stderr, cleared when done,
+    and returns the same metrics as the logits it saw."""
+    from contextlib import nullcontext
+
+    from lora_exp.training.metrics import evaluate
+
+    class Fixed(torch.nn.Module):  # returns LOGITS rows by index, with a cross-entropy loss
+        def forward(self, idx: torch.Tensor, labels: torch.Tensor):  # noqa: ANN201
+            logits = LOGITS[idx]
+            return type("Out", (), {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits, labels)})
+
+    loader = [{"idx": torch.arange(i, i + 2), "labels": LABELS[i : i + 2]} for i in (0, 2, 4)]
+    m = evaluate(Fixed(), loader, torch.device("cpu"), nullcontext, desc="test")
+    err = capsys.readouterr().err
+    assert "test:" in err and "batch" in err  # tqdm's line: "test:   0%| | 0/3 [... batch/s]"
+    assert m["acc"] == classification_metrics(LOGITS, LABELS)["acc"] and m["label_counts"] == [3, 3]

@@ -121,6 +121,30 @@ def test_notebook_executes_on_a_sweep(methods_sweep: Path, tmp_path: Path) -> No
     assert (tmp_path / "nb_report" / "summary.csv").is_file()
 
 
+def test_readme_nbconvert_command_executes_the_notebook(tmp_path: Path) -> None:
+    """The README's headless command, as written, with only the dev extra installed (nbconvert brings `jupyter`)."""
+    import subprocess
+    import sys
+
+    for seed in (1, 2):
+        _result(tmp_path / "runs", f"s{seed}", r=8, alpha=16, seed=seed, history=[])
+    root = Path(CONF_DIR).parent
+    env = {**os.environ, "LORA_EXP_RUNS": str(tmp_path / "runs"), "LORA_EXP_REPORT_OUT": str(tmp_path / "nb_report")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))  # the kernel: this checkout
+    command = "jupyter nbconvert --to notebook --execute notebooks/analysis.ipynb --output-dir"
+    jupyter = Path(sys.executable).with_name("jupyter")
+    jupyter = str(jupyter) if jupyter.exists() else "jupyter"
+    proc = subprocess.run(
+        [jupyter, *command.split()[1:], str(tmp_path / "out")], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import nbformat
+
+    executed = nbformat.read(tmp_path / "out" / "analysis.ipynb", as_version=4)
+    records = json.loads(executed.cells[-1].outputs[0]["text"])
+    assert [r["method"] for r in records] == ["lora"] and (tmp_path / "nb_report" / "summary.csv").is_file()
+
+
 def test_fair_protocol_picks_lr_on_validation_and_pairs_seeds(tmp_path: Path) -> None:
     # full: lr 1e-4 wins on validation although 5e-5 has the better test accuracy (no peeking at test).
     grid = {"full": {5e-5: (0.80, 0.90), 1e-4: (0.85, 0.80)}, "lora": {1e-3: (0.70, 0.70), 2e-3: (0.84, 0.82)}}
@@ -362,3 +386,45 @@ def test_report_cli_names_an_unreadable_results_json_once(tmp_path: Path) -> Non
         "Unterminated string starting at: line 1 column 28 (char 27)); listed under failed jobs"
     ]
     assert "- `cut` (-): error: results.json unreadable (JSONDecodeError: " in proc.stdout
+
+
+def test_figures_keep_titles_and_labels_inside_the_image(tmp_path: Path) -> None:
+    """One configuration (the narrowest figures) and four with long labels (the shortest axes), with the long CPU
+    memory label: every PNG keeps a blank margin on all four sides, so no title, axis label or legend is cut."""
+    parts = dict(mem_params_bytes=1e5, mem_grads_bytes=1e5, mem_optimizer_bytes=2e5, mem_activations_bytes=3e5)
+    history = [{"epoch": e, "time_s": 2.0 * e, "val_acc": 0.6 + e / 20} for e in (1, 2, 3)]
+    _result(tmp_path / "one", "lora", r=8, alpha=16, mem_predicted_peak_bytes=7e5, history=history, **parts)
+    for r in (4, 8, 16, 32):
+        fields = dict(r=r, alpha=2 * r, targets="q+k+v+o+ffn", mem_predicted_peak_bytes=7e5, history=history)
+        _result(tmp_path / "four", f"r{r}", **fields, **parts)
+    written = report.write_report(tmp_path / "one", tmp_path / "report1")
+    written = {**{f"1-{k}": v for k, v in written.items()}, **report.write_report(tmp_path / "four")}
+    assert {"memory.png", "memory_breakdown.png", "1-memory.png", "1-memory_breakdown.png"} <= set(written)
+    for name, path in written.items():
+        if not name.endswith(".png"):
+            continue
+        rgb = mpimg.imread(path)[..., :3]
+        border = [rgb[:3], rgb[-3:], rgb[:, :3], rgb[:, -3:]]  # 3 px along each edge
+        assert all((edge > 0.99).all() for edge in border), f"{name}: ink touches the image border (clipped)"
+
+
+def test_validation_curves_draw_the_validation_majority_baseline(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    history = [{"epoch": e, "time_s": 2.0 * e, "val_acc": 0.7} for e in (1, 2)]
+    for seed in (1, 2):
+        _result(
+            tmp_path, f"s{seed}", r=8, alpha=16, seed=seed, history=history, data="reviews",
+            majority_baseline_acc=0.5, majority_baseline_val_acc=0.58,
+        )  # fmt: skip
+    lines: dict[str, list[float]] = {}
+    save = figures._save
+
+    def spy(fig, path):  # noqa: ANN001, ANN202
+        lines[Path(path).name] = [
+            ln.get_ydata()[0] for ax in fig.axes for ln in ax.get_lines() if ln.get_label().startswith("majority")
+        ]
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", spy)
+    report.write_report(tmp_path)
+    assert lines["validation_curves.png"] == [0.58, 0.58]  # both panels: the validation split's baseline
+    assert lines["accuracy_vs_params.png"] == [0.5]  # test accuracy figures keep the test baseline

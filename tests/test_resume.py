@@ -183,3 +183,35 @@ def test_run_rejected_by_validation_leaves_no_run_dir(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # not even runs/
     proc = cli(["trainer.seed=-1", "logger=none"], tmp_path)  # the default run dir (runs/<date>/<time>_...)
     assert proc.returncode == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_resumed_run_charges_the_feature_cache_once(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preempted frozen run (feature cache on) resumed in-process: the cache's encoding time, already in the
+    checkpoint, is not added again, so the cost bar shows the configuration's time, not the interruption's."""
+    from lora_exp.errors import TrainingFailure
+    from lora_exp.training import features, loop
+
+    encode_s = 1000.0  # a cache encoding time far above the tiny run's whole training time
+    real_cache, real_step = features.maybe_cache, loop.optimizer_step
+
+    def slow_cache(*a, **kw):
+        cache = real_cache(*a, **kw)
+        assert cache is not None  # frozen: the whole base is cached
+        cache.seconds = encode_s
+        return cache
+
+    def preempt_at_3(job, timed: bool) -> None:
+        real_step(job, timed)
+        if job.pg.step == 3 and not job.resumed:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real preemption path: the loop's SIGTERM flag
+
+    monkeypatch.setattr(features, "maybe_cache", slow_cache)
+    monkeypatch.setattr(loop, "optimizer_step", preempt_at_3)
+    cfg, run_dir = tiny_cfg("method=frozen"), tmp_path / "run"
+    with pytest.raises(TrainingFailure, match="SIGTERM at step 3"):
+        loop.train(cfg, run_dir)
+    before = json.loads((run_dir / "checkpoint" / "progress.json").read_text())["train_seconds"]
+    assert encode_s <= before < encode_s + 60
+    resumed = loop.train(cfg, run_dir, resume=True)
+    assert resumed["resumed"] is True and resumed["feature_cache"] is True and resumed["steps"] == 16
+    assert before < resumed["train_seconds"] < before + 60  # not before + another 1000 s of encoding

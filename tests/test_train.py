@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lora_exp import inference
 from lora_exp.data import text as text_data
@@ -76,6 +77,34 @@ def test_results_json_is_complete(runs, method: str) -> None:
     assert [h["step"] for h in saved["history"]] == [8, 16, 24, 32, 40, 48]  # validation each epoch
     assert saved["best_val_acc"] == max(h["val_acc"] for h in saved["history"])
     assert (run_dir / "config.yaml").is_file()
+
+
+def test_majority_baselines_come_from_their_own_splits(runs) -> None:
+    """The validation curves' baseline is the validation split's majority share, the test tables' the test's."""
+    run_dir, res = runs["lora"]
+    splits = text_data.load_splits(OmegaConf.load(run_dir / "config.yaml").data)
+    for split, key in (("validation", "majority_baseline_val_acc"), ("test", "majority_baseline_acc")):
+        counts = torch.bincount(torch.tensor(splits[split]["label"]))
+        assert res[key] == pytest.approx(counts.max().item() / counts.sum().item()), key
+
+
+def test_validation_baseline_follows_an_unbalanced_validation_split(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Validation kept to 2 rows of class 0 and 6 of class 1 (a source's own split can be skewed): the validation
+    baseline is 0.75 while the test baseline stays the test split's."""
+    real = text_data.load_splits
+
+    def skewed(cfg):  # noqa: ANN001, ANN202
+        splits = real(cfg)
+        labels = splits["validation"]["label"]
+        keep = [i for i, y in enumerate(labels) if y == 0][:2] + [i for i, y in enumerate(labels) if y == 1][:6]
+        splits["validation"] = splits["validation"].select(sorted(keep))
+        return splits
+
+    monkeypatch.setattr(text_data, "load_splits", skewed)
+    res = loop.train(tiny_cfg("trainer.max_steps=2", "trainer.epochs=1", "save_weights=false"), tmp_path / "run")
+    counts = torch.bincount(torch.tensor(real(OmegaConf.load(tmp_path / "run" / "config.yaml").data)["test"]["label"]))
+    assert res["majority_baseline_val_acc"] == 0.75
+    assert res["majority_baseline_acc"] == pytest.approx(counts.max().item() / counts.sum().item()) != 0.75
 
 
 def test_trainable_counts_per_method(runs) -> None:

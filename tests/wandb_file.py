@@ -78,3 +78,28 @@ def run_file(run_root: Path) -> Path:
     found = sorted(Path(run_root).rglob("run-*.wandb"))
     assert len(found) == 1, f"expected one W&B run file under {run_root}, found {found}"
     return found[0]
+
+
+def finished_run_file(run_root: Path, timeout: float = 60.0) -> Path:
+    """``run_file``, once wandb has written the run's last record (``exit``): ``run.finish()`` can return
+    before wandb's service has flushed the file."""
+    import time
+
+    path, deadline = run_file(run_root), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = records(path)
+        if found and found[-1].WhichOneof("record_type") == "exit":
+            return path
+        time.sleep(0.2)
+    raise AssertionError(f"{path}: no exit record within {timeout:.0f} s (the run did not finish)")
+
+
+def media(path: Path, row: dict, key: str) -> Path:
+    """The file that the media value logged as ``key`` in a ``history`` row points at (an image or a table:
+    ``<key>/_type`` is ``image-file`` or ``table-file``, ``<key>/path`` is relative to the run's files)."""
+    return Path(path).parent / "files" / row[f"{key}/path"]
+
+
+def artifacts(path: Path) -> list:
+    """The artifact records (``log_artifact``) of one offline run file."""
+    return [r.artifact for r in records(path) if r.WhichOneof("record_type") == "artifact"]

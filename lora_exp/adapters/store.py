@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,20 @@ def check_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
     for name, t in tensors.items():
         if params[name].shape != t.shape:
             raise LoraExpError(f"{where}: {name} has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}")
+
+
+def check_base(meta: dict[str, Any], fingerprint: str | None, where: str, current: str, force: bool = False) -> None:
+    """Refuse an adapter whose recorded base fingerprint differs from the base it is loaded onto, in one line
+    naming both bases; ``force`` loads it anyway with a one-line warning. Adapters saved before fingerprints
+    were recorded (and models built without one) are not checked."""
+    recorded = meta.get("base_fingerprint")
+    if not recorded or not fingerprint or recorded == fingerprint:
+        return
+    trained_on = meta.get("base_model") or meta.get("model_name") or "unknown"
+    line = (
+        f"{where} was trained on base {trained_on!r} (fingerprint {recorded[:12]}) but the base loaded now, "
+        f"{current!r}, has fingerprint {fingerprint[:12]}: other weights of the same shapes"
+    )
+    if not force:
+        raise LoraExpError(f"{line}; pass --force to load it anyway")
+    print(f"warning: {line}; loading anyway (--force)", file=sys.stderr)

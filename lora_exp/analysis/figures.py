@@ -40,8 +40,9 @@ TEXT_PT = 8  # smallest legend / annotation text
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write and close the figure; the saved area grows to hold every title, label and outside legend."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
@@ -50,14 +51,16 @@ def _colors(frame: pd.DataFrame) -> list[str]:
     return [METHOD_COLORS.get(m, "k") for m in frame["method"]]
 
 
-def _majority(ax: plt.Axes, table: pd.DataFrame) -> None:
-    """A dashed horizontal line per distinct majority-class baseline (one per data set in the table)."""
-    if "majority_baseline_acc" not in table:
+def _majority(ax: plt.Axes, table: pd.DataFrame, split: str = "test") -> None:
+    """A dashed horizontal line per distinct majority-class baseline of ``split`` (test, or validation for the
+    validation curves), one per data set in the table; nothing where the runs did not record it."""
+    column = "majority_baseline_acc" if split == "test" else "majority_baseline_val_acc"
+    if column not in table:
         return
-    lines = table[["data", "majority_baseline_acc"]].dropna().drop_duplicates("data")
+    lines = table[["data", column]].dropna().drop_duplicates("data")
     for i, (_, row) in enumerate(lines.iterrows()):
-        y = row["majority_baseline_acc"]
-        ax.axhline(y, color="k", ls="--", lw=1, alpha=0.6, label="majority class (test)" if i == 0 else None)
+        y = row[column]
+        ax.axhline(y, color="k", ls="--", lw=1, alpha=0.6, label=f"majority class ({split})" if i == 0 else None)
         if len(lines) > 1:  # which data set each line belongs to, written on the line
             ax.text(0.01, y, str(row["data"]), transform=ax.get_yaxis_transform(), va="bottom", fontsize=TEXT_PT)
 
@@ -110,7 +113,7 @@ def plot_memory(summary: pd.DataFrame, path: Path) -> Path:
     values, label = peak_memory(summary)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(summary) + 2), 4))
     ax.bar(summary["config"], values, color=_colors(summary))
-    ax.set_ylabel(label)
+    ax.set_ylabel(label.replace(", ", ",\n", 1))  # two lines: the long CPU label fits the figure's height
     ax.set_title("What each method costs: peak memory")
     _bar_labels(ax)
     return _save(fig, path)
@@ -164,8 +167,8 @@ def plot_validation_curves(runs: pd.DataFrame, path: Path) -> Path:
         left.plot(hist["epoch"], hist[f"val_{key}"], marker=".", color=color, alpha=0.8, label=label)
         right.plot(hist["time_s"], hist[f"val_{key}"], marker=".", color=color, alpha=0.8)
     if key == "acc":
-        _majority(left, runs)
-        _majority(right, runs)
+        _majority(left, runs, "validation")
+        _majority(right, runs, "validation")
     left.set_xlabel("epoch")
     right.set_xlabel("training wall-clock time (s)")
     left.set_ylabel(f"validation {name}")
@@ -275,8 +278,8 @@ def plot_memory_breakdown(summary: pd.DataFrame, path: Path) -> Path | None:
         ax.bar(summary["config"], values, bottom=bottom, label=part.removeprefix("mem_").removesuffix("_bytes"))
         bottom += values
     ax.set_ylabel("GiB")
-    ax.set_title("Memory breakdown (activations measured on a sampled step)", fontsize=10)
-    ax.legend(fontsize=TEXT_PT)
+    ax.set_title("Memory breakdown\n(activations measured on a sampled step)", fontsize=10)
+    ax.legend(fontsize=TEXT_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     _bar_labels(ax)
     return _save(fig, path)
 

@@ -38,6 +38,7 @@ COLUMNS = [
     "group_hash",
     "arm_hash",
     "majority_baseline_acc",
+    "majority_baseline_val_acc",
     "test_pred_counts",
     "adapter_params",
     "head_params",
@@ -360,6 +361,15 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
         )
         text += f"\nPaired difference to {ref_name} (same seed):\n\n" + diffs.to_markdown(index=False) + "\n"
     return text
+
+
+def report_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The report's tables by name: ``summary`` (one row per configuration) and, when an lr grid was swept,
+    ``fair`` (each arm at its validation-chosen lr) and ``paired`` (paired differences to the references)."""
+    tables = {"summary": summarize(df)}
+    if lr_grid_swept(df):
+        tables["fair"], tables["paired"] = fair_comparison(df)
+    return tables
 
 
 def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:

@@ -167,3 +167,32 @@ def wandb_ref(run: Any) -> dict[str, Any]:
     if run is None or getattr(run, "disabled", False) or run.settings.mode == "disabled":
         return {"wandb_id": None, "wandb_url": None, "wandb_dir": None}
     return {"wandb_id": run.id, "wandb_url": run.url, "wandb_dir": run.dir}
+
+
+VAL_VS_TIME = "val_vs_time"  # the validation metrics again, against training time (W&B: one x-axis per metric)
+
+
+def declare_axes(run: Any, higher_is_better: dict[str, bool]) -> None:
+    """The seed's two figures as W&B's default panels: ``val/*`` against ``epoch`` and the same values as
+    ``val_vs_time/*`` against ``time/train_s``; each one's summary is its best value (max, or min for a
+    loss), per ``higher_is_better`` (``{"val/acc": True, "val/loss": False, ...}``); nothing without W&B."""
+    if getattr(run, "disabled", False):
+        return
+    run.define_metric("epoch")
+    run.define_metric("time/train_s")
+    for name, higher in higher_is_better.items():
+        metric, best = name.split("/", 1)[1], "max" if higher else "min"
+        run.define_metric(f"val/{metric}", step_metric="epoch", summary=best)
+        run.define_metric(f"{VAL_VS_TIME}/{metric}", step_metric="time/train_s", summary=best)
+
+
+def log_folder(run: Any, folder: Path, what: str, kind: str, metadata: dict[str, Any]) -> None:
+    """Log ``folder``'s files as the W&B artifact ``<what>-<run id>`` of type ``kind`` (offline: recorded in the
+    run file and staged locally, so ``wandb sync`` uploads it with the run); nothing without W&B."""
+    if getattr(run, "disabled", False):
+        return
+    import wandb
+
+    artifact = wandb.Artifact(f"{what}-{run.id}", type=kind, metadata=metadata)
+    artifact.add_dir(str(folder))
+    run.log_artifact(artifact)

@@ -13,7 +13,7 @@ from transformers import logging as hf_logging
 from lora_exp.errors import LoraExpError
 from lora_exp.models import audio, text
 from lora_exp.models.heads import init_head
-from lora_exp.models.methods import apply_method, store_frozen_in
+from lora_exp.models.methods import apply_method, base_fingerprint, store_frozen_in
 
 hf_logging.set_verbosity_error()  # the load report is replaced by our own line naming the head modules
 
@@ -33,6 +33,7 @@ def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tupl
     The head is re-initialised from its own sub-seed so every method of one seed starts from the same
     head (a paired comparison); LoRA A from another, so adding LoRA does not shift the head's init.
     Frozen parameters are then stored in ``model.base_dtype``; trainable ones stay fp32 (master weights).
+    ``model.base_fingerprint`` is the sha256 of the pristine fp32 base (``base_fingerprint``), taken first.
     """
     seeds = sub_seeds(cfg.trainer.seed)
     torch.manual_seed(seeds["model"])  # random-init (tiny) models and anything from_pretrained draws
@@ -41,6 +42,7 @@ def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tupl
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.data.max_length > max_pos:
         raise LoraExpError(f"data.max_length={cfg.data.max_length} exceeds the model's maximum of {max_pos}")
+    model.base_fingerprint = base_fingerprint(model, head)  # before PiSSA / OLoRA rewrite W0 and base_dtype casts
     torch.manual_seed(seeds["head"])
     init_head(model, head)
     torch.manual_seed(seeds["lora"])

@@ -3,6 +3,7 @@ options, the frozen base's storage dtype, one counting function for every method
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -125,3 +126,22 @@ def model_facts(model: Any) -> dict[str, Any]:
         "num_layers": first("num_hidden_layers", "n_layers", "num_layers", "n_layer"),
         "num_params": n,
     }
+
+
+def base_fingerprint(model: nn.Module, head: list[str]) -> str:
+    """sha256 of the base weights: every parameter outside ``head``, in name order (name, shape, fp32 bytes).
+
+    ``build_model`` takes it before the head is re-initialised, LoRA injected (PiSSA / OLoRA rewrite W0) and the
+    frozen weights stored in ``model.base_dtype``: the pristine fp32 base, so rebuilding a run (same init, same
+    dtype) gives the same value and any other weights of the same shapes another. Every byte is hashed (0.08 s
+    for MiniLM's 22.7M parameters): a sample would let two bases that differ elsewhere collide.
+    """
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if is_under(name, head):
+            continue
+        t = p.detach()
+        t = (t.float() if t.is_floating_point() else t).cpu().contiguous().reshape(-1)
+        digest.update(f"{name}{tuple(p.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -253,7 +253,9 @@ def derived_facts(job: Job) -> dict[str, Any]:
 
 def restore_or_seed(job: Job) -> None:
     """Resume: progress, best weights, optimizer, schedule, scaler and data order from the checkpoint;
-    otherwise seed dropout. The feature cache's encoding of the training split is training cost."""
+    otherwise seed dropout. The feature cache's encoding of the training split is training cost, charged once:
+    a resumed run's checkpoint already holds it (encoding again after a restart, like the steps lost since the
+    last checkpoint, is the interruption's cost, not the configuration's)."""
     if job.resumed:
         job.pg, job.best_state, generator_state = checkpoint.load(
             job.run_dir, job.model, job.optimizer, job.scheduler, job.scaler
@@ -263,7 +265,7 @@ def restore_or_seed(job: Job) -> None:
         print(f"[lora-exp] resuming {job.run_dir} at step {pg.step} (epoch {pg.epoch}, batch {pg.batches_done})")
     else:
         torch.manual_seed(job.seeds["dropout"])
-    if job.cache is not None:
+    if job.cache is not None and not job.resumed:
         job.pg.train_seconds += job.cache.seconds
     job.order = hashlib.sha256() if job.pg.step == 0 else None
 

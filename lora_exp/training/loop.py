@@ -44,6 +44,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
             tracking.sigterm_flag() as stop,
         ):
             job.run, job.stop = run, stop
+            tracking.declare_axes(run, metrics.HIGHER_IS_BETTER)
             job.pg.wandb_id = tracking.wandb_ref(run)["wandb_id"]
             fit(job)
             results = finish(job)
@@ -191,7 +192,7 @@ def log_train_loss(job: Job, epoch: float) -> float:
 def validate_now(job: Job, epoch: float) -> None:
     """Evaluate on validation, log it, and keep the trainable tensors of the best step."""
     pg = job.pg
-    m = evaluate(job.model, job.loaders.validation, job.device, job.amp)
+    m = evaluate(job.model, job.loaders.validation, job.device, job.amp, desc="validation")
     pg.history.append(
         {
             "step": pg.step,
@@ -200,9 +201,11 @@ def validate_now(job: Job, epoch: float) -> None:
             **{f"val_{k}": v for k, v in m.items() if not k.endswith("_counts")},
         }
     )
+    logged = {k: v for k, v in m.items() if not k.endswith("_counts") and not is_nan(v)}
     job.run.log(
         {
-            **{f"val/{k}": v for k, v in m.items() if not k.endswith("_counts") and not is_nan(v)},
+            **{f"val/{k}": v for k, v in logged.items()},
+            **{f"{tracking.VAL_VS_TIME}/{k}": v for k, v in logged.items()},  # the same, plotted against time
             "epoch": epoch,
             "time/train_s": pg.train_seconds,
         },

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
+from tqdm.auto import tqdm
 
 from lora_exp.errors import LoraExpError
 
@@ -62,11 +63,16 @@ def is_nan(value: Any) -> bool:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any) -> dict:
-    """Accuracy, macro-F1, ROC-AUC (binary), mean loss and the predicted / true class counts over a loader."""
+def evaluate(
+    model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any, desc: str = "eval"
+) -> dict:
+    """Accuracy, macro-F1, ROC-AUC (binary), mean loss and the predicted / true class counts over a loader.
+
+    A progress bar named ``desc`` (stderr) shows while it runs and is cleared when done.
+    """
     model.eval()
     logits, labels, loss_sum = [], [], torch.zeros((), device=device)
-    for batch in loader:
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with amp():
             out = model(**batch)

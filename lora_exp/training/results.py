@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lora_exp.adapters import store
 from lora_exp.adapters.params import variant_counts, variant_label
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
@@ -19,7 +21,7 @@ from lora_exp.training.metrics import evaluate, is_nan
 def finish(job: Job) -> dict[str, Any]:
     """Test with the best weights, measure, save weights, write results.json and the W&B summary."""
     store.load_into(job.model, job.best_state, "best checkpoint")
-    test = evaluate(job.model, job.loaders.test, job.device, job.amp)
+    test = evaluate(job.model, job.loaders.test, job.device, job.amp, desc="test")
     if job.cache is not None:
         job.cache.restore(job.model)  # the real encoder back in place before measuring and saving
     measured = peak_memory(job.device, job.baseline, job.rss)
@@ -88,7 +90,16 @@ def scores(job: Job, test: dict[str, Any]) -> dict[str, Any]:
         "test_auc": _none_if_nan(test.get("auc")),
         "test_pred_counts": test["pred_counts"],
         "majority_baseline_acc": max(test["label_counts"]) / sum(test["label_counts"]),
+        "majority_baseline_val_acc": majority_share(job.tok["validation"]),  # the validation curves' baseline
     }
+
+
+def majority_share(split: Any) -> float:
+    """The share of the most frequent class in a split (its majority-class baseline accuracy)."""
+    column = "labels" if "labels" in split.column_names else "label"
+    labels = split.with_format(None).select_columns([column])[column]  # not the audio / token columns
+    counts = np.bincount(np.asarray(list(labels), dtype=np.int64))
+    return float(counts.max() / counts.sum())
 
 
 def speed(job: Job) -> dict[str, Any]:
@@ -118,6 +129,7 @@ def identity(job: Job) -> dict[str, Any]:
         "group_hash": group_hash(job.config),  # the report's configuration: every setting but the seed
         "arm_hash": arm_hash(job.config),  # ... and but the lr: an arm of the fair comparison
         "model_facts": job.config["derived"]["model"],
+        "base_fingerprint": job.model.base_fingerprint,
         "seed": t.seed,
         "sub_seeds": job.seeds,
         "precision": job.precision,
@@ -177,8 +189,11 @@ def _save_weights(job: Job) -> dict[str, Any]:
         "head_modules": job.head,
         "num_labels": cfg.data.num_labels,
         "id2label": job.id2label,
+        "base_fingerprint": job.model.base_fingerprint,  # loading onto other weights of the same shapes is refused
     }
     sizes = store.save_adapter(job.model, run_dir / "adapter", meta)
+    # a W&B artifact of the run, with the config that trained it
+    tracking.log_folder(job.run, run_dir / "adapter", "adapter", "model", {"config": job.config, "adapter": meta})
     return {"weights_dir": str(run_dir / "adapter"), "weights_bytes": sizes["adapter_bytes"]}
 
 
