@@ -31,6 +31,7 @@ from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.config.schema import CONF_DIR, register_configs
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.measure.tracking import write_json
+from lora_exp.training.lock import RunLock, claim
 from lora_exp.training.rundir import (
     ERROR_FILE,
     check_resume,
@@ -59,19 +60,34 @@ class RunGuard(Callback):
 
     A config that fails ``validate``, a ``resume=`` that cannot resume and a ``hydra.run.dir`` that holds
     another run are refused in one line (exit 2) before anything is written, so no run dir is left behind.
+    The run dir (or the resumed one) is then claimed (``training/lock.py``): a second run started into it at
+    the same time is refused in one line before Hydra writes anything there, and its files never mix in.
     """
+
+    claimed: RunLock | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             if config.get("resume"):
-                _, recorded = check_resume(config.resume)
+                run_dir, recorded = check_resume(config.resume)
                 validate(recorded)
+                self.claimed = claim(run_dir, f"resume={config.resume}", "wait for it to finish or stop it first")
             else:
                 validate(config)
-                check_single_run_dir(Path(str(config.hydra.run.dir)))
+                run_dir = Path(str(config.hydra.run.dir))
+                self.claimed = claim(run_dir, f"hydra.run.dir={str(run_dir)!r}", "give a new hydra.run.dir")
+                try:
+                    check_single_run_dir(run_dir)
+                except LoraExpError:
+                    self.claimed.release()
+                    raise
         except LoraExpError as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.claimed is not None:
+            self.claimed.release()
 
 
 def one_line(err: BaseException) -> str:
@@ -90,7 +106,23 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
     With ``skip_done`` a multirun job whose config hash already finished in the sweep dir is not trained
     again; a failed one is trained again, an interrupted one continues from its checkpoint.
     ``resume=<run dir>`` continues that run with the config it recorded; when it cannot, nothing is written.
+    A multirun job dir that another live process holds is left alone (one line, nothing written).
     """
+    if not multirun:  # the single run's dir was claimed by RunGuard
+        return _train_or_record(cfg, run_dir, multirun)
+    try:
+        held = claim(run_dir, f"job dir {str(run_dir)!r}", "is another sweep running into this hydra.sweep.dir?")
+    except LoraExpError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return {"status": "failed", "failure": "config", "reason": one_line(err)}
+    try:
+        return _train_or_record(cfg, run_dir, multirun)
+    finally:
+        held.release()
+
+
+def _train_or_record(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
+    """``run_job``'s work: resume / skip / guard, train, and record a failure in one line."""
     from lora_exp.training import checkpoint
     from lora_exp.training.loop import train  # heavy imports only when a job actually runs
 

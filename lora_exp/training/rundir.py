@@ -1,6 +1,6 @@
 """What a run dir holds, and whether a job may write into it: a finished job of a sweep (``skip_done``), a dir
 reused by another grid, a failed result set aside before a retry, the recorded config behind ``resume`` and
-``rerun``, and a single run's dir that already holds a run."""
+``rerun``, and a single run's dir that already holds a run. Ownership by a live process is ``lock.py``."""
 
 from __future__ import annotations
 
