@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -31,6 +32,7 @@ from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.config.schema import CONF_DIR, register_configs
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.measure.tracking import write_json
+from lora_exp.training import interrupt
 from lora_exp.training.lock import RunLock, claim
 from lora_exp.training.rundir import (
     ERROR_FILE,
@@ -106,19 +108,27 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
     With ``skip_done`` a multirun job whose config hash already finished in the sweep dir is not trained
     again; a failed one is trained again, an interrupted one continues from its checkpoint.
     ``resume=<run dir>`` continues that run with the config it recorded; when it cannot, nothing is written.
-    A multirun job dir that another live process holds is left alone (one line, nothing written).
+    SIGINT / SIGTERM checkpoint and record ``preempted``; a multirun job that would start after them does not
+    start. A multirun job dir that another live process holds is left alone (one line, nothing written).
     """
-    if not multirun:  # the single run's dir was claimed by RunGuard
-        return _train_or_record(cfg, run_dir, multirun)
-    try:
-        held = claim(run_dir, f"job dir {str(run_dir)!r}", "is another sweep running into this hydra.sweep.dir?")
-    except LoraExpError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return {"status": "failed", "failure": "config", "reason": one_line(err)}
-    try:
-        return _train_or_record(cfg, run_dir, multirun)
-    finally:
-        held.release()
+    with interrupt.stop_flag():
+        if not multirun:  # the single run's dir was claimed by RunGuard
+            return _train_or_record(cfg, run_dir, multirun)
+        stopped = interrupt.requested()
+        if stopped is not None:
+            if {p.name for p in run_dir.iterdir()} <= {".hydra"}:  # only what Hydra wrote for this job
+                shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"[lora-exp] not started: the sweep was stopped ({stopped.signal_name})", file=sys.stderr)
+            return {"status": "not started", "reason": stopped.signal_name}
+        try:
+            held = claim(run_dir, f"job dir {str(run_dir)!r}", "is another sweep running into this hydra.sweep.dir?")
+        except LoraExpError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return {"status": "failed", "failure": "config", "reason": one_line(err)}
+        try:
+            return _train_or_record(cfg, run_dir, multirun)
+        finally:
+            held.release()
 
 
 def _train_or_record(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
@@ -371,4 +381,12 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    hydra_app()
+    try:
+        hydra_app()
+    except KeyboardInterrupt:  # Ctrl-C twice (lora_exp/training/interrupt.py)
+        print(
+            "error (preempted): Ctrl-C twice: stopped at once, without a last checkpoint; the one before remains "
+            "(lora-exp resume=RUN_DIR, or run the sweep again)",
+            file=sys.stderr,
+        )
+        sys.exit(130)

@@ -1,16 +1,20 @@
-"""Runs through the real CLI: one process per run dir (two started together; a dead run's lock), and no
-empty ``cli.log``."""
+"""Runs and sweeps through the real CLI: one process per run dir (two started together; a dead run's lock),
+Ctrl-C / SIGTERM to a joblib sweep's process group (checkpoints, ``preempted``, no process left, resume, the
+sweep's table), and no empty ``cli.log``."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -100,3 +104,80 @@ def test_a_claimed_dir_is_refused_until_released(tmp_path: Path) -> None:
     held.release()
     assert not (tmp_path / "r" / lock.LOCK_FILE).exists()
     lock.claim(tmp_path / "r", "hydra.run.dir='r'", "give a new hydra.run.dir").release()  # free again
+
+
+def group_of(pgid: int) -> list[str]:
+    """The processes left in process group ``pgid`` (command lines)."""
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(proc.info["cmdline"] or []))
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return left
+
+
+def wait_for_checkpoints(proc: subprocess.Popen, jobs: list[Path], timeout: float = 400) -> None:
+    """Until each of ``jobs`` has written a checkpoint (it is training)."""
+    deadline = time.monotonic() + timeout
+    while not all((job / "checkpoint" / "progress.json").is_file() for job in jobs):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no checkpoints in {jobs} within {timeout}s"
+        time.sleep(0.05)
+
+
+STEPS = 60  # enough that jobs 0 and 1 are still training when the signal comes
+STOP_WITHIN_S = 60  # measured 7-11 s on the 2 shared cores (the jobs stop in 0.2 s; the rest is start-up/teardown)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_group_stops_a_joblib_sweep(sig: signal.Signals, reviews: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "method=lora,full,frozen",
+        "logger=none",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *tiny(reviews, tmp_path, STEPS),
+        "trainer.checkpoint_every=1",  # cosmetic (not in the config hash): progress on disk at every step
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = start(args, tmp_path, new_session=True)  # its own process group, as a terminal's foreground job
+    wait_for_checkpoints(proc, [sweep / "0_lora", sweep / "1_full"])  # training; job 2 waits for a worker
+    os.killpg(proc.pid, sig)  # what Ctrl-C does (SIGINT to the whole group), or a scheduler's SIGTERM
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert took < STOP_WITHIN_S, took
+    started = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert [d.name for d in started] == ["0_lora", "1_full"]
+    for job in started:
+        res = json.loads((job / "results.json").read_text())
+        assert res["status"] == "failed" and res["failure"] == "preempted", res
+        assert res["reason"].startswith(f"{sig.name} at step ") and (job / "checkpoint" / "progress.json").is_file()
+    assert not (sweep / "2_frozen").exists()  # never started: no dir left behind
+    assert (
+        f"stopped by {sig.name}: 2 job(s) checkpointed and recorded preempted; run the same command again to "
+        f"resume (hydra.sweep.dir={sweep})"
+    ) in err.splitlines()
+    deadline = time.monotonic() + 10
+    while group_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_of(proc.pid) == []  # no loky worker, no resource tracker
+    if sig == signal.SIGTERM:
+        return
+    again = cli(args, tmp_path)  # the same command resumes the preempted jobs and runs the one never started
+    assert again.returncode == 0, again.stderr[-3000:]
+    done = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    assert sorted(done) == ["0_lora", "1_full", "2_frozen"] and all(r["status"] == "ok" for r in done.values())
+    assert done["0_lora"]["resumed"] and done["1_full"]["resumed"] and not done["2_frozen"]["resumed"]
+    assert all(r["steps"] == STEPS for r in done.values())
+    assert len(list(sweep.glob("*/results.failed-0.json"))) == 2  # the preemption records are kept
+    table = again.stdout[again.stdout.index(f"sweep {sweep}:") :]  # the report's summary when the multirun ends
+    assert re.search(r"^\| config +\|", table, re.M) and all(
+        re.search(rf"^\| {m}\b", table, re.M) for m in ("full", "frozen", "lora r=8")
+    )
+    assert not list(sweep.rglob("*.log"))
