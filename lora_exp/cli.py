@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.config import cmdline
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.config.schema import CONF_DIR, register_configs
@@ -380,6 +381,16 @@ def main() -> None:
             "option (e.g. lora-exp +sweep=quick method=full --cfg job)",
             file=sys.stderr,
         )
+        sys.exit(2)
+    try:  # a closed config: each refused override in one line, before Hydra composes anything
+        ns = cmdline.parse_args(args)
+        if not (ns.help or ns.hydra_help or ns.shell_completion):
+            cmdline.check_overrides(ns.overrides)
+        if ns.cfg == "job" and not (ns.config_path or ns.config_dir):  # only the fields that apply
+            sys.stdout.write(cmdline.show_job(ns))
+            sys.exit(0)
+    except LoraExpError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     try:
         hydra_app()

@@ -21,6 +21,7 @@ import yaml
 from lora_exp.errors import LoraExpError
 from lora_exp.training import lock
 
+from . import wandb_file
 from .test_train import cli
 
 
@@ -79,14 +80,21 @@ def test_two_runs_started_together_into_one_dir(reviews: Path, tmp_path: Path) -
     assert not list(run.glob("*.log"))  # Hydra's job log (cli.log) is not created: it only ever stayed empty
 
 
-def test_lock_of_a_dead_run_is_taken_over(reviews: Path, tmp_path: Path) -> None:
+def wandb_config(run_dir: Path) -> dict:
+    """The config a run gave ``wandb.init`` (the run record of its offline file), key -> value."""
+    records = wandb_file.records(wandb_file.run_file(run_dir / "wandb"))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    return {item.key: json.loads(item.value_json) for item in run.config.update}
+
+
+def test_lock_of_a_dead_run_is_taken_over_and_wandb_records_only_what_applies(reviews: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     owner = {"pid": dead.pid, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
     (run / lock.LOCK_FILE).write_text(json.dumps(owner))
-    proc = cli([*tiny(reviews, tmp_path, 2), "logger=none", f"hydra.run.dir={run}"], tmp_path)
+    proc = cli([*tiny(reviews, tmp_path, 2), "logger=wandb", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (
         f"[lora-exp] hydra.run.dir='{run}': taking over the lock of a run that is no longer running "
@@ -94,6 +102,11 @@ def test_lock_of_a_dead_run_is_taken_over(reviews: Path, tmp_path: Path) -> None
     ) in proc.stderr.splitlines()
     assert json.loads((run / "results.json").read_text())["status"] == "ok"
     assert not (run / lock.LOCK_FILE).exists()
+    logged = wandb_config(run)  # a text run on the tiny model
+    assert "gw" not in logged["data"] and "audio_max_seconds" not in logged["model"] and "path" not in logged["model"]
+    assert logged["model"]["hidden_size"] == 32 and logged["data"]["text_column"] == "text"
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # complete: resume and rerun rebuild from it
+    assert "gw" in saved["data"] and "audio_max_seconds" in saved["model"] and "path" in saved["model"]
     assert not list(run.glob("*.log"))
 
 
