@@ -396,8 +396,8 @@ def main() -> None:
         hydra_app()
     except KeyboardInterrupt:  # Ctrl-C twice (lora_exp/training/interrupt.py)
         print(
-            "error (preempted): Ctrl-C twice: stopped at once, without a last checkpoint; the one before remains "
-            "(lora-exp resume=RUN_DIR, or run the sweep again)",
+            "error (preempted): Ctrl-C twice: stopped at once, without a checkpoint; an earlier one, if any, "
+            "continues with lora-exp resume=RUN_DIR (a sweep: run the same command again)",
             file=sys.stderr,
         )
         sys.exit(130)

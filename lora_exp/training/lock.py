@@ -52,16 +52,18 @@ def claim(run_dir: Path, what: str, advice: str) -> RunLock:
     lora-exp run (<owner>); <advice>``. A lock whose owner died is taken over with a line on stderr saying so.
     The claim is released at the latest when this process exits.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     while True:
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             fd, created = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
         except FileExistsError:
             try:
                 fd, created = os.open(path, os.O_RDWR), False
             except FileNotFoundError:  # released between the two opens: try again
                 continue
+        except OSError as err:  # read-only, no permission, not a folder
+            raise LoraExpError(f"{what} cannot be written ({err.strerror}: {err.filename})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
