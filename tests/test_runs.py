@@ -119,6 +119,24 @@ def test_a_claimed_dir_is_refused_until_released(tmp_path: Path) -> None:
     lock.claim(tmp_path / "r", "hydra.run.dir='r'", "give a new hydra.run.dir").release()  # free again
 
 
+def test_ctrl_c_in_a_single_run_checkpoints_and_says_how_to_resume(reviews: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = start(
+        [*tiny(reviews, tmp_path, 1000), "logger=none", "trainer.checkpoint_every=1", f"hydra.run.dir={run}"],
+        tmp_path,
+        new_session=True,
+    )
+    wait_for_checkpoints(proc, [run])
+    os.killpg(proc.pid, signal.SIGINT)  # was a KeyboardInterrupt traceback and no record
+    _, err = proc.communicate(timeout=120)
+    res = json.loads((run / "results.json").read_text())
+    assert proc.returncode == 1 and res["failure"] == "preempted"
+    assert errors(err) == [f"error (preempted): {res['reason']}"] and re.fullmatch(
+        rf"SIGINT at step \d+: checkpoint saved; continue with: lora-exp resume={re.escape(str(run))}", res["reason"]
+    )
+    assert (run / "checkpoint" / "progress.json").is_file() and not (run / lock.LOCK_FILE).exists()
+
+
 def group_of(pgid: int) -> list[str]:
     """The processes left in process group ``pgid`` (command lines)."""
     left = []
