@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -27,11 +27,24 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.config import cmdline
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.config.schema import CONF_DIR, register_configs
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.measure.tracking import write_json
+from lora_exp.training import interrupt
+from lora_exp.training.lock import RunLock, claim
+from lora_exp.training.rundir import (
+    ERROR_FILE,
+    check_resume,
+    check_single_run_dir,
+    finished_job,
+    guard_job_dir,
+    read_json,
+    recorded_config,
+    set_aside_failure,
+)
 
 register_configs()
 
@@ -45,110 +58,39 @@ if not OmegaConf.has_resolver("lora_exp_usage"):  # conf/hydra/help/lora_exp.yam
     OmegaConf.register_new_resolver("lora_exp_usage", usage)
 
 
-def finished_job(sweep_dir: Path, digest: str) -> Path | None:
-    """A job dir in ``sweep_dir`` whose results.json finished ``status: ok`` with this config hash."""
-    for path in sorted(sweep_dir.glob("*/results.json")):
-        try:
-            res = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if res.get("status") == "ok" and res.get("config_hash") == digest:
-            return path.parent
-    return None
-
-
-def guard_job_dir(run_dir: Path, digest: str) -> None:
-    """A job dir reused by another grid (job numbers repeat) must not be resumed or overwritten."""
-    from lora_exp.training import checkpoint
-
-    owners = []
-    if checkpoint.exists(run_dir):
-        owners.append(checkpoint.owner(run_dir))
-    if (run_dir / "results.json").exists():
-        owners.append(_read_json(run_dir / "results.json").get("config_hash"))
-    foreign = [o for o in owners if o and o != digest]
-    if foreign:
-        raise LoraExpError(
-            f"{str(run_dir)!r} holds another configuration's job (config hash {foreign[0]}); "
-            "run this sweep into a new hydra.sweep.dir"
-        )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def set_aside_failure(run_dir: Path) -> None:
-    """A failed result in this job dir is kept as results.failed-N.json (error.txt as error.failed-N.txt)
-    before the job runs again."""
-    old = run_dir / "results.json"
-    if old.exists() and _read_json(old).get("status") != "ok":
-        n = len(list(run_dir.glob("results.failed-*.json")))
-        os.replace(old, run_dir / f"results.failed-{n}.json")
-        if (run_dir / ERROR_FILE).exists():  # its traceback goes with it
-            os.replace(run_dir / ERROR_FILE, run_dir / f"error.failed-{n}.txt")
-
-
-def recorded_config(run_dir: Path) -> DictConfig:
-    """The resolved config a job recorded (``config.yaml``), checked against the schema."""
-    from omegaconf import OmegaConf
-
-    from lora_exp.config.schema import Config
-
-    if not (run_dir / "config.yaml").is_file():
-        raise LoraExpError(f"{str(run_dir)!r} has no config.yaml (not a lora-exp run dir)")
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    saved.pop("derived", None)
-    return OmegaConf.merge(OmegaConf.structured(Config), saved)
-
-
-def check_resume(value: str) -> tuple[Path, DictConfig]:
-    """The run dir and recorded config behind ``resume=<dir>``; one line, nothing written, when it cannot resume."""
-    from lora_exp.training import checkpoint
-
-    run_dir = Path(value)
-    if not run_dir.is_dir():
-        raise LoraExpError(f"resume={value!r}: no such folder")
-    if not checkpoint.exists(run_dir):
-        raise LoraExpError(f"resume={value!r}: no checkpoint in that dir")
-    return run_dir, recorded_config(run_dir)
-
-
-def check_single_run_dir(run_dir: Path) -> None:
-    """A single run never writes into a dir that already holds a run (results or a checkpoint)."""
-    from lora_exp.training import checkpoint
-
-    held = [f for f in ("results.json", "config.yaml") if (run_dir / f).exists()]
-    if checkpoint.exists(run_dir):
-        raise LoraExpError(
-            f"hydra.run.dir={str(run_dir)!r} holds an interrupted run's checkpoint; continue it with "
-            f"resume={run_dir} or give a new hydra.run.dir"
-        )
-    if held:
-        raise LoraExpError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({held[0]}); give a new hydra.run.dir")
-
-
 class RunGuard(Callback):
     """Checks a single run before Hydra creates its run dir (``hydra.callbacks.guard`` in conf/config.yaml).
 
     A config that fails ``validate``, a ``resume=`` that cannot resume and a ``hydra.run.dir`` that holds
     another run are refused in one line (exit 2) before anything is written, so no run dir is left behind.
+    The run dir (or the resumed one) is then claimed (``training/lock.py``): a second run started into it at
+    the same time is refused in one line before Hydra writes anything there, and its files never mix in.
     """
+
+    claimed: RunLock | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             if config.get("resume"):
-                _, recorded = check_resume(config.resume)
+                run_dir, recorded = check_resume(config.resume)
                 validate(recorded)
+                self.claimed = claim(run_dir, f"resume={config.resume}", "wait for it to finish or stop it first")
             else:
                 validate(config)
-                check_single_run_dir(Path(str(config.hydra.run.dir)))
+                run_dir = Path(str(config.hydra.run.dir))
+                self.claimed = claim(run_dir, f"hydra.run.dir={str(run_dir)!r}", "give a new hydra.run.dir")
+                try:
+                    check_single_run_dir(run_dir)
+                except LoraExpError:
+                    self.claimed.release()
+                    raise
         except LoraExpError as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.claimed is not None:
+            self.claimed.release()
 
 
 def one_line(err: BaseException) -> str:
@@ -167,7 +109,31 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
     With ``skip_done`` a multirun job whose config hash already finished in the sweep dir is not trained
     again; a failed one is trained again, an interrupted one continues from its checkpoint.
     ``resume=<run dir>`` continues that run with the config it recorded; when it cannot, nothing is written.
+    SIGINT / SIGTERM checkpoint and record ``preempted``; a multirun job that would start after them does not
+    start. A multirun job dir that another live process holds is left alone (one line, nothing written).
     """
+    with interrupt.stop_flag():
+        if not multirun:  # the single run's dir was claimed by RunGuard
+            return _train_or_record(cfg, run_dir, multirun)
+        stopped = interrupt.requested()
+        if stopped is not None:
+            if {p.name for p in run_dir.iterdir()} <= {".hydra"}:  # only what Hydra wrote for this job
+                shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"[lora-exp] not started: the sweep was stopped ({stopped.signal_name})", file=sys.stderr)
+            return {"status": "not started", "reason": stopped.signal_name}
+        try:
+            held = claim(run_dir, f"job dir {str(run_dir)!r}", "is another sweep running into this hydra.sweep.dir?")
+        except LoraExpError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return {"status": "failed", "failure": "config", "reason": one_line(err)}
+        try:
+            return _train_or_record(cfg, run_dir, multirun)
+        finally:
+            held.release()
+
+
+def _train_or_record(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
+    """``run_job``'s work: resume / skip / guard, train, and record a failure in one line."""
     from lora_exp.training import checkpoint
     from lora_exp.training.loop import train  # heavy imports only when a job actually runs
 
@@ -200,9 +166,6 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> dict:
         if multirun:
             return {"status": "failed", "failure": kind, "reason": reason}
         raise SystemExit(2 if kind == "config" else 1) from None
-
-
-ERROR_FILE = "error.txt"
 
 
 def _write_traceback(run_dir: Path, err: BaseException) -> Path | None:
@@ -240,7 +203,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         old = run_dir / "results.json"
-        if not (old.exists() and _read_json(old).get("status") == "ok"):
+        if not (old.exists() and read_json(old).get("status") == "ok"):
             write_json(old, results)
     except OSError:  # an unwritable run dir: the console line is all there is
         pass
@@ -440,4 +403,22 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    hydra_app()
+    try:  # a closed config: each refused override in one line, before Hydra composes anything
+        ns = cmdline.parse_args(args)
+        if not (ns.help or ns.hydra_help or ns.shell_completion):
+            cmdline.check_overrides(ns.overrides)
+        if ns.cfg == "job" and not (ns.config_path or ns.config_dir):  # only the fields that apply
+            sys.stdout.write(cmdline.show_job(ns))
+            sys.exit(0)
+    except LoraExpError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        hydra_app()
+    except KeyboardInterrupt:  # Ctrl-C twice (lora_exp/training/interrupt.py)
+        print(
+            "error (preempted): Ctrl-C twice: stopped at once, without a checkpoint; an earlier one, if any, "
+            "continues with lora-exp resume=RUN_DIR (a sweep: run the same command again)",
+            file=sys.stderr,
+        )
+        sys.exit(130)

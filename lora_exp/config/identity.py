@@ -62,7 +62,8 @@ def config_hash(cfg: DictConfig | dict) -> str:
 def _group_identity(cfg: DictConfig | dict) -> dict:
     """What a job computes except its seed: the settings that apply (``recorded``), with the learning rate
     only as the optimizer uses it (``method.lr``, ``method.lr_grid`` and ``lr_index`` only route to it)."""
-    ident = _identity(recorded(_resolved(cfg)))
+    resolved = _resolved(cfg)
+    ident = _identity(without(resolved, _hash_drops(resolved)))
     ident.pop("lr_index", None)
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k != "seed"}
     ident["method"] = {k: v for k, v in ident.get("method", {}).items() if k not in ("lr", "lr_grid")}
@@ -86,22 +87,55 @@ def arm_hash(cfg: DictConfig | dict) -> str:
 
 
 TINY_ONLY = ("arch", "hidden_size", "layers", "heads", "ffn_size")
+# What the synthetic GW data reads of ``data`` (``data/gw.py`` has its own sizes and splits); the other data fields
+# are those of text files and Hub datasets.
+GW_DATA_FIELDS = ("name", "source", "num_labels", "limit", "eval_limit", "split_seed", "gw")
+
+
+def _hash_drops(config: dict) -> list[str]:
+    """The fields ``group_hash`` / ``arm_hash`` have always left out as not applying. Fixed, so that the runs of
+    one sweep written before and after ``inapplicable`` learnt more keep one hash and pool in the report."""
+    model = config.get("model", {})
+    drop = [f"model.{k}" for k in (("path", "trust_remote_code") if model.get("source") == "tiny" else TINY_ONLY)]
+    if config.get("method", {}).get("name") != "lora":
+        drop.append("lora")
+    if config.get("lr_index") is None:
+        drop += ["lr_index", "method.lr_grid"]
+    return drop
+
+
+def inapplicable(config: dict) -> list[str]:
+    """Dotted paths of the fields that do not apply to this (resolved) config's model, data and method.
+
+    Tiny-model fields only for ``model.source=tiny`` (which has no path and runs no remote code); the audio
+    window only for ``model.task=audio``; ``data.gw.*`` only for ``data.source=gw``, whose runs read none of the
+    text data's fields; the lora section only for ``method=lora``; the lr grid only when the fair sweep indexes it.
+    """
+    drop = _hash_drops(config)
+    if config.get("model", {}).get("task", "text") != "audio":
+        drop.append("model.audio_max_seconds")
+    data = config.get("data", {})
+    if data.get("source") == "gw":
+        drop += [f"data.{k}" for k in data if k not in GW_DATA_FIELDS]
+    else:
+        drop.append("data.gw")
+    return drop
+
+
+def without(config: dict, paths: list[str]) -> dict:
+    """A deep copy of ``config`` without the dotted ``paths`` (those it does not have are ignored)."""
+    out = copy.deepcopy(config)
+    for path in paths:
+        *parents, last = path.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 def recorded(config: dict) -> dict:
-    """The resolved config with only the fields that apply to this run (for W&B and results.json).
-
-    Tiny-model fields only for ``model.source=tiny`` (which has no path and runs no remote code); the lora
-    section only for ``method=lora``; the lr grid only when the fair sweep indexes it. ``config.yaml`` keeps
-    everything: it is what ``resume`` and ``rerun`` rebuild the job from.
-    """
-    out = copy.deepcopy(config)
-    model = out.get("model", {})
-    drop = ("path", "trust_remote_code") if model.get("source") == "tiny" else TINY_ONLY
-    out["model"] = {k: v for k, v in model.items() if k not in drop}
-    if out.get("method", {}).get("name") != "lora":
-        out.pop("lora", None)
-    if out.get("lr_index") is None:
-        out.pop("lr_index", None)
-        out["method"] = {k: v for k, v in out.get("method", {}).items() if k != "lr_grid"}
-    return out
+    """The resolved config with only the fields that apply to this run (``inapplicable``): what W&B records and
+    ``lora-exp --cfg job`` shows. ``config.yaml`` keeps everything: ``resume`` and ``rerun`` rebuild from it."""
+    return without(config, inapplicable(config))

@@ -1,5 +1,4 @@
-"""W&B run lifecycle (offline by default), run names, the environment and git state of a job, results
-files, and SIGTERM as a flag the loop checks."""
+"""W&B run lifecycle (offline by default), run names, the environment and git state of a job, results files."""
 
 from __future__ import annotations
 
@@ -8,10 +7,8 @@ import json
 import os
 import platform
 import secrets
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,21 +76,6 @@ def run_name(cfg: DictConfig) -> str:
         parts += [f"r{cfg.lora.r}", f"a{cfg.lora.alpha:g}", "+".join(cfg.lora.targets)]
     parts += [f"lr{cfg.optimizer.lr:g}", f"s{cfg.trainer.seed}"]
     return "-".join(parts)
-
-
-@contextlib.contextmanager
-def sigterm_flag() -> Iterator[threading.Event]:
-    """Turn SIGTERM (preemption) into a flag the loop checks after each update, to checkpoint and stop."""
-    flag = threading.Event()
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
-    except ValueError:  # not the main thread: leave signals alone
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class NoRun:

@@ -65,7 +65,7 @@ class Job:
     cache: features.FeatureCache | None = None
     sampled: memory.SampledStep | None = None  # the step whose memory was measured
     run: Any = None  # the W&B run
-    stop: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM
+    stop: threading.Event = field(default_factory=threading.Event)  # set by SIGINT / SIGTERM (training/interrupt.py)
     loss_sum: torch.Tensor | None = None  # running train loss on the device (the host syncs only to log)
     loss_count: int = 0
 

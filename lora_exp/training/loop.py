@@ -24,7 +24,7 @@ from lora_exp.config.identity import recorded
 from lora_exp.errors import TrainingFailure
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import RssPeak, clock
-from lora_exp.training import checkpoint, metrics
+from lora_exp.training import checkpoint, interrupt, metrics
 from lora_exp.training.checks import check_gradients, check_lora_moving
 from lora_exp.training.job import Job, setup
 from lora_exp.training.metrics import evaluate, is_nan
@@ -41,7 +41,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
         job = setup(cfg, run_dir, resume, rss)
         with (
             tracking.wandb_run(cfg, run_dir, recorded(job.config), resume_id=job.pg.wandb_id) as run,
-            tracking.sigterm_flag() as stop,
+            interrupt.stop_flag() as stop,
         ):
             job.run, job.stop = run, stop
             tracking.declare_axes(run, metrics.HIGHER_IS_BETTER)
@@ -103,7 +103,8 @@ def fit(job: Job) -> None:
                     t0 = now()
                     if job.stop.is_set():
                         how = f"continue with: lora-exp resume={job.run_dir}"
-                        raise TrainingFailure("preempted", f"SIGTERM at step {pg.step}: checkpoint saved; {how}")
+                        signame = getattr(job.stop, "signal_name", None) or "SIGTERM"
+                        raise TrainingFailure("preempted", f"{signame} at step {pg.step}: checkpoint saved; {how}")
                 if pg.step >= job.total_steps:
                     break
             pg.train_seconds += now() - t0
