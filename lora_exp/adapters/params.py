@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from lora_exp.adapters.choices import BIASES, RESIDUAL_INITS
-from lora_exp.adapters.dora import MAGNITUDE, DoRALinear
+from lora_exp.adapters.dora import MAGNITUDE
 from lora_exp.adapters.layer import LoRALinear
 from lora_exp.errors import LoraExpError
 
@@ -18,7 +18,7 @@ def layers_meta(layers: Mapping[str, LoRALinear]) -> dict[str, Any]:
     """Variant, init and (for pissa / olora) how the residual base is rebuilt, for ``adapter_config.json``."""
     if not layers:
         return {}
-    kinds = {("dora" if isinstance(m, DoRALinear) else "lora", getattr(m, "init", "default")) for m in layers.values()}
+    kinds = {(m.variant, getattr(m, "init", "default")) for m in layers.values()}
     if len(kinds) > 1:
         raise LoraExpError(f"save: the model mixes LoRA variants / inits {sorted(kinds)}; one adapter holds one")
     variant, init = kinds.pop()
@@ -96,16 +96,17 @@ def optimizer_groups(
 def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = None) -> str:
     """Short name of what trains, for run names, results and report rows.
 
-    ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, ``dora``, ``pissa``,
-    ``olora``, ``gaussian`` or ``lora+`` (``loraplus_lr_ratio`` is ``cfg.optimizer.loraplus_lr_ratio``),
-    joined by ``-`` when combined (``dora-rslora``, ``pissa-lora+``). r and targets are not part of it.
+    ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, the variant
+    (``dora``, ``lora_fa``, ...), ``pissa``, ``olora``, ``gaussian`` or ``lora+`` (``loraplus_lr_ratio`` is
+    ``cfg.optimizer.loraplus_lr_ratio``), joined by ``-`` when combined (``dora-rslora``, ``pissa-lora+``).
+    r and targets are not part of it.
     """
     if method != "lora":
         return method
     get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     parts = []
-    if get("variant", "lora") == "dora" or get("use_dora", False):
-        parts.append("dora")
+    if variant_of(lora_cfg) != "lora":
+        parts.append(variant_of(lora_cfg))
     init = get("init", "default")
     if init in RESIDUAL_INITS or init == "gaussian":
         parts.append(init)
@@ -117,7 +118,7 @@ def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = 
 
 
 def variant_of(lora_cfg: Any) -> str:
-    """``lora`` or ``dora`` from ``lora.variant`` and its alias ``lora.use_dora``."""
+    """``lora.variant`` (``dora`` also from its alias ``lora.use_dora``)."""
     get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     return "dora" if get("use_dora", False) or get("variant", "lora") == "dora" else get("variant", "lora")
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_exp.adapters.params import layers_meta
+from lora_exp.adapters.params import is_adapter_param, layers_meta
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.errors import LoraExpError
 
@@ -40,10 +40,22 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def frozen_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the adapter tensors that do not train (LoRA-FA's A), on CPU."""
+    return {
+        n: p.detach().to("cpu", copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if not p.requires_grad and is_adapter_param(n)
+    }
+
+
 def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[str, int]:
-    """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``folder``; returns their sizes."""
+    """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``folder``; returns their sizes.
+
+    Frozen adapter tensors (LoRA-FA's A) are saved too: the adapter alone must rebuild the update.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    state = trainable_state(model)
+    state = {**frozen_adapter_state(model), **trainable_state(model)}
     layers = dict(lora_layers(model))
     merged = [n for n, m in layers.items() if m.merged]
     if merged:

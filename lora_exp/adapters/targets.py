@@ -14,7 +14,10 @@ from lora_exp.adapters.choices import VARIANTS
 from lora_exp.adapters.dora import DoRALinear
 from lora_exp.adapters.inits import init_lora
 from lora_exp.adapters.layer import LoRALinear
+from lora_exp.adapters.lora_fa import LoRAFALinear
 from lora_exp.errors import LoraExpError
+
+LAYER_CLASSES = {cls.variant: cls for cls in (LoRALinear, DoRALinear, LoRAFALinear)}
 
 # Friendly target aliases, as full-match regexes over ``named_modules()`` paths, per ``config.model_type``.
 # Regexes (not suffixes) because BERT's FFN output ``layer.N.output.dense`` is a suffix of the attention
@@ -249,11 +252,10 @@ def select_layers(names: list[str], layers: list[int] | None) -> list[str]:
 def make_layer(
     base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, variant: str = "lora", init: str = "default"
 ) -> LoRALinear:
-    """A ``LoRALinear`` (or ``DoRALinear``) around ``base`` initialised with ``init``."""
+    """The ``variant``'s layer class (``LAYER_CLASSES``) around ``base``, initialised with ``init``."""
     if variant not in VARIANTS:
         raise LoraExpError(f"lora.variant={variant!r} is not one of {', '.join(VARIANTS)}")
-    cls = DoRALinear if variant == "dora" else LoRALinear
-    layer = cls(base, r, alpha, dropout, rslora)
+    layer = LAYER_CLASSES[variant](base, r, alpha, dropout, rslora)
     if init != "default":
         init_lora(layer, init)
     layer.init = init  # read back by save_adapter / export_peft

@@ -116,6 +116,7 @@ def _lora_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, 0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
     _check(e, len(lo.targets) > 0, "lora.targets is empty; give aliases (q k v o ffn head) or module names")
     _one_of(e, "lora.variant", lo.variant, VARIANTS)
+    _variant_checks(e, cfg)
     _one_of(e, "lora.init", lo.init, INITS)
     _one_of(e, "lora.bias", lo.bias, BIASES)
     _check(
@@ -132,6 +133,21 @@ def _lora_checks(e: list[str], cfg: DictConfig) -> None:
         e,
         all(v > 0 for v in (lo.alpha_pattern or {}).values()),
         f"lora.alpha_pattern={lo.alpha_pattern} must map module regexes to alphas > 0",
+    )
+
+
+def _variant_checks(e: list[str], cfg: DictConfig) -> None:
+    """Options that only some variants take, and variants that exclude each other."""
+    lo, lp = cfg.lora, cfg.optimizer.get("loraplus_lr_ratio")
+    _check(
+        e,
+        not lo.use_dora or lo.variant in ("lora", "dora"),
+        f"lora.use_dora=true is DoRA; it cannot combine with lora.variant={lo.variant}",
+    )
+    _check(
+        e,
+        lp is None or lo.variant != "lora_fa",
+        f"optimizer.loraplus_lr_ratio={lp} cannot combine with lora.variant=lora_fa (LoRA-FA has its own optimizer)",
     )
 
 

@@ -58,7 +58,7 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
     dropout: float = 0.0
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
-    variant: str = "lora"  # lora | dora (weight-decomposed: a trainable magnitude per output row)
+    variant: str = "lora"  # lora | dora (+ a trained magnitude per row) | lora_fa (A frozen, PEFT LoRA-FA optimizer)
     use_dora: bool = False  # alias of variant=dora (PEFT's name)
     init: str = "default"  # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0)
     bias: str = "none"  # none | lora_only (biases of adapted layers train) | all (every bias trains)

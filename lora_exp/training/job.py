@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
 from lora_exp import device as devices
+from lora_exp.adapters import lora_fa
 from lora_exp.adapters.layer import scaling
 from lora_exp.adapters.params import optimizer_groups
 from lora_exp.config.checks import validate
@@ -93,7 +94,10 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def make_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device) -> Any:
     """AdamW over trainable parameters only (groups from ``optimizer_groups``: weight decay on >= 2-D
-    weights; with ``optimizer.loraplus_lr_ratio`` PEFT's LoRA+ groups); fused on CUDA."""
+    weights; with ``optimizer.loraplus_lr_ratio`` PEFT's LoRA+ groups); fused on CUDA. LoRA-FA layers get
+    PEFT's LoRA-FA optimizer (``adapters.lora_fa``) instead."""
+    if lora_fa.has_layers(model):
+        return lora_fa.make_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps)
     groups = optimizer_groups(model, o.lr, o.weight_decay, o.get("loraplus_lr_ratio"))
     cuda = device.type == "cuda"
     return torch.optim.AdamW(

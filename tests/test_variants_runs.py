@@ -1,0 +1,64 @@
+"""The new variants end to end on the tiny model: ``+variant=<name>`` composes, a short run trains and records
+the variant, and a run interrupted mid-way resumes to exactly the straight run's weights and metrics (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from lora_exp.training.loop import train
+
+NEW_VARIANTS = ["lora_fa"]
+H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
+
+
+class Interrupt(Exception):
+    """Raised from inside an optimizer step: the process 'dies' mid-run."""
+
+
+def run(tiny_cfg, variant: str, run_dir: Path, die_at: int | None = None, resume: bool = False) -> dict:
+    cfg = tiny_cfg(f"+variant={variant}", "trainer.max_steps=6", "trainer.checkpoint_every=1", "lora.dropout=0.1")
+    if die_at is None:
+        return train(cfg, run_dir, resume=resume)
+    seen = {"n": 0}
+
+    def die(*_: object) -> None:
+        seen["n"] += 1
+        if seen["n"] == die_at:
+            raise Interrupt
+
+    hook = register_optimizer_step_post_hook(die)
+    try:
+        with pytest.raises(Interrupt):
+            train(cfg, run_dir)
+    finally:
+        hook.remove()
+    return {}
+
+
+@pytest.mark.parametrize("variant", NEW_VARIANTS)
+def test_run_records_variant_and_resumes_exactly(variant: str, tiny_cfg, tmp_path: Path) -> None:
+    straight = run(tiny_cfg, variant, tmp_path / "straight")
+    assert straight["status"] == "ok" and straight["variant"] == variant and straight["steps"] == 6
+    run(tiny_cfg, variant, tmp_path / "resumed", die_at=4)
+    assert (tmp_path / "resumed" / "checkpoint").is_dir()
+    resumed = run(tiny_cfg, variant, tmp_path / "resumed", resume=True)
+    assert resumed["resumed"] is True
+    for key in ("best_val_acc", "best_step", "test_acc", "test_loss", "steps", "config_hash"):
+        assert resumed[key] == straight[key], key
+    wa, wb = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("resumed", "straight"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_fa_run_trains_b_only(tiny_cfg, tmp_path: Path) -> None:
+    """B only: adapter count r x out per layer; Adam state for B and the head alone; A saved, as initialised."""
+    res = run(tiny_cfg, "lora_fa", tmp_path / "fa")
+    assert res["adapter_params"] == LAYERS * 2 * R * H  # q, v: out = hidden
+    assert res["mem_optimizer_bytes"] == 2 * 4 * res["trainable_params"]  # exp_avg + exp_avg_sq, fp32
+    saved = load_file(str(tmp_path / "fa" / "adapter" / "adapter.safetensors"))
+    a_keys = [k for k in saved if ".lora_A." in k]
+    assert len(a_keys) == LAYERS * 2 and all(saved[k].shape == (R, H) for k in a_keys)
