@@ -58,7 +58,7 @@ class AdapterBank:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.params = dict(model.named_parameters())
+        self.params = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # VeRA: buffers
         self.adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.active: str | None = None
 

@@ -12,7 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_exp.training.loop import train
 
-NEW_VARIANTS = ["lora_fa"]
+NEW_VARIANTS = ["lora_fa", "vera"]
 H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
 
 
@@ -62,3 +62,21 @@ def test_lora_fa_run_trains_b_only(tiny_cfg, tmp_path: Path) -> None:
     saved = load_file(str(tmp_path / "fa" / "adapter" / "adapter.safetensors"))
     a_keys = [k for k in saved if ".lora_A." in k]
     assert len(a_keys) == LAYERS * 2 and all(saved[k].shape == (R, H) for k in a_keys)
+
+
+def test_vera_run_counts_vectors(tiny_cfg, tmp_path: Path) -> None:
+    """VeRA at the preset's r=256 on q, v: (r + out) trained per layer; the adapter holds the shared pair once."""
+    res = run(tiny_cfg, "vera", tmp_path / "vera")
+    assert res["adapter_params"] == res["vera_vector_params"] == LAYERS * 2 * (256 + H)
+    saved = load_file(str(tmp_path / "vera" / "adapter" / "adapter.safetensors"))
+    shapes = {k.rpartition(".")[2]: tuple(v.shape) for k, v in saved.items() if k.endswith((".vera_A", ".vera_B"))}
+    assert shapes == {"vera_A": (256, H), "vera_B": (H, 256)}
+
+
+@pytest.mark.parametrize(("variant", "r"), [("lora_fa", 8), ("vera", 256)])
+def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
+    from .conftest import make_cfg
+
+    cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={variant}", f"lr_index={i}"]) for i in range(3)]
+    assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
+    assert all((c.lora.variant, c.lora.r, list(c.lora.targets)) == (variant, r, ["q", "v"]) for c in cfgs)

@@ -55,6 +55,10 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    @classmethod
+    def after_injection(cls, layers: list[LoRALinear]) -> None:
+        """Called once with every layer of one injection (state shared across layers: VeRA's projections)."""
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapter tensors that train (A and B); ``models.methods.apply_method`` marks them."""
         return [self.lora_A.weight, self.lora_B.weight]

@@ -11,6 +11,7 @@ from torch import nn
 from lora_exp.adapters.choices import BIASES, RESIDUAL_INITS
 from lora_exp.adapters.dora import MAGNITUDE
 from lora_exp.adapters.layer import LoRALinear
+from lora_exp.adapters.vera import PARAMS as VERA_PARAMS
 from lora_exp.errors import LoraExpError
 
 
@@ -44,8 +45,10 @@ def bias_parameters(model: nn.Module, bias: str, adapted: list[str]) -> list[str
 
 
 def is_adapter_param(name: str) -> bool:
-    """LoRA A / B and DoRA magnitude: the parameters counted as 'adapter'."""
-    return ".lora_A." in name or ".lora_B." in name or name.endswith("." + MAGNITUDE)
+    """LoRA A / B, DoRA magnitude, VeRA's vectors: the parameters counted as 'adapter'."""
+    if ".lora_A." in name or ".lora_B." in name:
+        return True
+    return name.rpartition(".")[2] in (MAGNITUDE, *VERA_PARAMS)
 
 
 def optimizer_groups(
@@ -123,12 +126,23 @@ def variant_of(lora_cfg: Any) -> str:
     return "dora" if get("use_dora", False) or get("variant", "lora") == "dora" else get("variant", "lora")
 
 
+def variant_options(lora_cfg: Any) -> dict[str, Any]:
+    """The variant's own layer options from ``lora.*`` (``inject(options=...)``): VeRA's d_initial and PRNG key."""
+    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
+    if variant_of(lora_cfg) == "vera":
+        return {"d_initial": float(get("vera_d_initial", 0.1)), "prng_key": int(get("vera_prng_key", 0))}
+    return {}
+
+
 def variant_counts(model: nn.Module) -> dict[str, int]:
-    """Adapter parameters split by kind (deduplicated): LoRA A/B and DoRA magnitudes, for results.json."""
+    """Adapter parameters split by kind (deduplicated), for results.json: LoRA A/B and DoRA magnitudes always,
+    VeRA's vectors (``vera_vector_params``) when the model has them."""
     out = {"lora_ab_params": 0, "dora_magnitude_params": 0}
     for name, p in model.named_parameters():
         if name.endswith("." + MAGNITUDE):
             out["dora_magnitude_params"] += p.numel()
+        elif name.rpartition(".")[2] in VERA_PARAMS:
+            out["vera_vector_params"] = out.get("vera_vector_params", 0) + p.numel()
         elif ".lora_A." in name or ".lora_B." in name:
             out["lora_ab_params"] += p.numel()
     return out

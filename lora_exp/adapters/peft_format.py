@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_exp.adapters import vera
 from lora_exp.adapters.choices import INITS
 from lora_exp.adapters.params import bias_parameters, is_adapter_param, layers_meta
 from lora_exp.adapters.store import check_tensors
@@ -26,10 +27,13 @@ from lora_exp.errors import LoraExpError
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_TYPES = ("LORA", "VERA")
+VERA_KEYS = tuple(f"base_model.{n}" for n in vera.PROJECTIONS)
 
 
 def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
-    """Write the model's LoRA layers + trained head as a PEFT LoRA adapter (SEQ_CLS) into ``folder``."""
+    """Write the model's LoRA layers + trained head as a PEFT adapter (SEQ_CLS) into ``folder``: a LoRA one
+    (``peft_type`` LORA; DoRA, LoRA-FA and the inits are LoRA adapters to PEFT) or a VeRA one (VERA)."""
     layers = dict(lora_layers(model))
     if not layers:
         raise LoraExpError("export_peft(): the model has no LoRA layers")
@@ -52,24 +56,31 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
         trained_head = p.requires_grad and is_under(name, head)
         if is_adapter_param(name) or trained_head or name in biases:
             state[PREFIX + name] = p.detach().cpu().contiguous()
+    bias = _bias_mode(layers, biases, head)
     config = {
-        "peft_type": "LORA",
         "task_type": "SEQ_CLS",
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "use_rslora": first.rslora,
-        "lora_dropout": float(meta.get("dropout", 0.0)),
         "target_modules": sorted(layers),
         "modules_to_save": head,
-        "bias": _bias_mode(layers, biases, head),
         "fan_in_fan_out": fan_in_fan_out.pop(),  # GPT-2's Conv1D stores weights in x out
-        "init_lora_weights": {"default": True}.get(vmeta["init"], vmeta["init"]),
-        "use_dora": vmeta["variant"] == "dora",
-        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != first.r},
-        "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != first.alpha},
         "inference_mode": True,
         "base_model_name_or_path": str(meta.get("base_model", "")),
     }
+    if vmeta["variant"] == "vera":
+        config |= {**vera.peft_config(layers, meta), "bias": "vera_only" if bias == "lora_only" else bias}
+        state |= vera.projection_tensors(layers)
+    else:
+        config |= {
+            "peft_type": "LORA",
+            "r": first.r,
+            "lora_alpha": first.alpha,
+            "use_rslora": first.rslora,
+            "lora_dropout": float(meta.get("dropout", 0.0)),
+            "bias": bias,
+            "init_lora_weights": {"default": True}.get(vmeta["init"], vmeta["init"]),
+            "use_dora": vmeta["variant"] == "dora",
+            "rank_pattern": {n: m.r for n, m in layers.items() if m.r != first.r},
+            "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != first.alpha},
+        }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS))
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -91,30 +102,16 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
         if not (folder / f).is_file():
             raise LoraExpError(f"peft adapter {str(folder)!r}: {f} is missing")
     config = json.loads((folder / CONFIG).read_text())
-    if config.get("peft_type") != "LORA":
-        raise LoraExpError(f"peft adapter {str(folder)!r}: peft_type={config.get('peft_type')!r}, only LORA")
-    init = config.get("init_lora_weights", True)
-    init = "default" if init in (True, False) else str(init)  # the trained tensors replace A and B anyway
-    if init not in INITS:
-        raise LoraExpError(f"peft adapter {str(folder)!r}: init_lora_weights={init!r}, supported {INITS}")
-    targets = config["target_modules"]
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    if isinstance(config["target_modules"], str):  # PEFT: a string is a full-match regex
-        targets = [f"re:{config['target_modules']}"]
-    adapted = inject(
-        model,
-        targets,
-        int(config["r"]),
-        float(config["lora_alpha"]),
-        float(config.get("lora_dropout", 0.0)),
-        bool(config.get("use_rslora", False)),
-        variant="dora" if config.get("use_dora") else "lora",
-        init=init,
-        layers=[lt] if isinstance(lt := config.get("layers_to_transform"), int) else lt,
-        rank_pattern=config.get("rank_pattern") or {},
-        alpha_pattern=config.get("alpha_pattern") or {},
-    )
-    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    if config.get("peft_type") not in PEFT_TYPES:
+        raise LoraExpError(
+            f"peft adapter {str(folder)!r}: peft_type={config.get('peft_type')!r}, supported {', '.join(PEFT_TYPES)}"
+        )
+    adapted = _inject_from_config(model, config, folder)
+    tensors = load_file(str(folder / WEIGHTS))
+    projections = {k.removeprefix("base_model."): tensors.pop(k) for k in VERA_KEYS if k in tensors}
+    if projections:  # VeRA saved with save_projection=true; else the PRNG key redrew the same pair
+        vera.load_projections(dict(lora_layers(model)), projections, f"peft adapter {str(folder)!r}")
+    tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     tensors = {
         k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()
     }
@@ -122,8 +119,9 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
     tensors = {k.replace(".modules_to_save.", "."): v for k, v in tensors.items() if ".original_module." not in k}
     params = dict(model.named_parameters())
     expected = {n for n in params if is_adapter_param(n)}
-    if config.get("bias", "none") != "none":
-        expected |= set(bias_parameters(model, config["bias"], adapted))
+    bias = {"vera_only": "lora_only"}.get(config.get("bias", "none"), config.get("bias", "none"))
+    if bias != "none":
+        expected |= set(bias_parameters(model, bias, adapted))
     saved_head = list(config.get("modules_to_save") or [])
     expected |= {n for n in params if is_under(n, saved_head)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(params))
@@ -140,3 +138,32 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
             "(modules_to_save); its predictions would come from a random head"
         )
     return adapted
+
+
+def _inject_from_config(model: nn.Module, config: dict[str, Any], folder: Path) -> list[str]:
+    """Inject the layers a PEFT ``adapter_config.json`` describes (LoRA / DoRA, or VeRA)."""
+    lt = config.get("layers_to_transform")
+    targets = config["target_modules"]
+    targets = [f"re:{targets}"] if isinstance(targets, str) else list(targets)  # PEFT: a string is a full-match regex
+    common = {"layers": [lt] if isinstance(lt, int) else lt}
+    if config["peft_type"] == "VERA":
+        options = {"d_initial": float(config.get("d_initial", 0.1)), "prng_key": int(config["projection_prng_key"])}
+        dropout = float(config.get("vera_dropout", 0.0))
+        return inject(model, targets, int(config["r"]), 1.0, dropout, variant="vera", options=options, **common)
+    init = config.get("init_lora_weights", True)
+    init = "default" if init in (True, False) else str(init)  # the trained tensors replace A and B anyway
+    if init not in INITS:
+        raise LoraExpError(f"peft adapter {str(folder)!r}: init_lora_weights={init!r}, supported {INITS}")
+    return inject(
+        model,
+        targets,
+        int(config["r"]),
+        float(config["lora_alpha"]),
+        float(config.get("lora_dropout", 0.0)),
+        bool(config.get("use_rslora", False)),
+        variant="dora" if config.get("use_dora") else "lora",
+        init=init,
+        rank_pattern=config.get("rank_pattern") or {},
+        alpha_pattern=config.get("alpha_pattern") or {},
+        **common,
+    )

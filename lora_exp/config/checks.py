@@ -146,9 +146,24 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
     )
     _check(
         e,
-        lp is None or lo.variant != "lora_fa",
-        f"optimizer.loraplus_lr_ratio={lp} cannot combine with lora.variant=lora_fa (LoRA-FA has its own optimizer)",
+        lp is None or lo.variant in ("lora", "dora"),
+        f"optimizer.loraplus_lr_ratio={lp} cannot combine with lora.variant={lo.variant} (LoRA+ is for lora, dora)",
     )
+    if lo.variant == "vera":
+        for option, value, default in (
+            ("init", lo.init, "default"),
+            ("rslora", lo.rslora, False),
+            ("rank_pattern", lo.rank_pattern, None),
+            ("alpha_pattern", lo.alpha_pattern, None),
+        ):
+            _check(
+                e,
+                value in (default, {}) if default is None else value == default,
+                f"lora.{option}={value} does not apply to lora.variant=vera (one shared random pair, no alpha); "
+                f"leave it {default}",
+            )
+    _check(e, lo.vera_d_initial != 0, "lora.vera_d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
+    _check(e, 0 <= lo.vera_prng_key < 2**63, f"lora.vera_prng_key={lo.vera_prng_key} must be in [0, 2**63)")
 
 
 def _optimizer_checks(e: list[str], cfg: DictConfig) -> None:

@@ -58,13 +58,17 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
     dropout: float = 0.0
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
-    variant: str = "lora"  # lora | dora (+ a trained magnitude per row) | lora_fa (A frozen, PEFT LoRA-FA optimizer)
+    # lora | dora (+ a trained magnitude per row) | lora_fa (A frozen, PEFT LoRA-FA optimizer) | vera (shared
+    # frozen random A, B; trained vectors d, b per layer; r is the shared rank, alpha unused)
+    variant: str = "lora"
     use_dora: bool = False  # alias of variant=dora (PEFT's name)
     init: str = "default"  # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0)
     bias: str = "none"  # none | lora_only (biases of adapted layers train) | all (every bias trains)
     layers: list[int] | None = None  # block indices that get adapters (PEFT layers_to_transform); null: all
     rank_pattern: Any = None  # per-module r {regex: r}, first match wins (PEFT): lora.rank_pattern={query: 4}
     alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
+    vera_d_initial: float = 0.1  # variant=vera: lambda_d's initial value (PEFT d_initial)
+    vera_prng_key: int = 0  # variant=vera: seed of the shared random projections (PEFT projection_prng_key)
 
 
 @dataclass

@@ -48,6 +48,7 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
             layers=None if get("layers") is None else list(get("layers")),
             rank_pattern=dict(get("rank_pattern") or {}),
             alpha_pattern=dict(get("alpha_pattern") or {}),
+            options=adapter_params.variant_options(lora_cfg),
         )
     for _, p in params:
         p.requires_grad_(True)
