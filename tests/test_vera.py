@@ -48,7 +48,7 @@ def vera_pair(arch: str, dropout: float = 0.0, bias: str = "none"):
     )
     ref = get_peft_model(copy.deepcopy(base), conf)
     ours = copy.deepcopy(base)
-    over = {"variant": "vera", "r": RV, "vera_d_initial": D_INIT, "vera_prng_key": KEY, "bias": bias}
+    over = {"variant": "vera", "r": RV, "vera": {"d_initial": D_INIT, "prng_key": KEY}, "bias": bias}
     model_methods.apply_method(ours, "lora", head, ours_cfg(arch, dropout, **over))
     torch.manual_seed(5)
     ref_params = dict(ref.named_parameters())
@@ -110,7 +110,7 @@ def test_vera_steps_equal_peft(arch: str, bias: str) -> None:
 def test_vera_starts_as_the_base_model() -> None:
     base, head = tiny("bert")
     ours = copy.deepcopy(base)
-    model_methods.apply_method(ours, "lora", head, ours_cfg("bert", variant="vera", r=RV, vera_d_initial=D_INIT))
+    model_methods.apply_method(ours, "lora", head, ours_cfg("bert", variant="vera", r=RV, vera={"d_initial": D_INIT}))
     for _, m in injection.lora_layers(ours):
         assert torch.equal(m.vera_lambda_b, torch.zeros_like(m.vera_lambda_b))
         assert torch.equal(m.vera_lambda_d, torch.full((RV,), D_INIT))
@@ -142,7 +142,7 @@ def test_vera_saved_adapter_holds_the_projections(tmp_path: Path) -> None:
     assert meta["variant"] == "vera"
     assert sorted(k.rpartition(".")[2] for k in tensors if k.endswith((".vera_A", ".vera_B"))) == ["vera_A", "vera_B"]
     other = copy.deepcopy(base)
-    model_methods.apply_method(other, "lora", head, ours_cfg("bert", variant="vera", r=RV, vera_prng_key=KEY + 1))
+    model_methods.apply_method(other, "lora", head, ours_cfg("bert", variant="vera", r=RV, vera={"prng_key": KEY + 1}))
     adapter_store.load_into(other, tensors, "test")
     with torch.no_grad():
         close(other.eval()(input_ids=ids()).logits, ours.eval()(input_ids=ids()).logits)
@@ -172,8 +172,8 @@ def test_vera_merge_unmerge_and_counts() -> None:
         (["lora.variant=vera", "lora.init=pissa"], "lora.init=pissa does not apply to lora.variant=vera"),
         (["lora.variant=vera", "lora.rslora=true"], "lora.rslora=True does not apply to lora.variant=vera"),
         (["lora.variant=vera", "+lora.rank_pattern={query: 2}"], "lora.rank_pattern={'query': 2} does not apply"),
-        (["lora.variant=vera", "lora.vera_d_initial=0"], "lora.vera_d_initial=0 must be != 0"),
-        (["lora.vera_prng_key=-1"], "lora.vera_prng_key=-1 must be in [0, 2**63)"),
+        (["lora.variant=vera", "lora.vera.d_initial=0"], "lora.vera.d_initial=0 must be != 0"),
+        (["lora.vera.prng_key=-1"], "lora.vera.prng_key=-1 must be in [0, 2**63)"),
         (["+variant=vera", "optimizer.loraplus_lr_ratio=4"], "optimizer.loraplus_lr_ratio=4.0 cannot combine"),
     ],
 )
@@ -186,3 +186,15 @@ def test_vera_bad_options_are_one_line(overrides: list[str], message: str) -> No
     with pytest.raises(LoraExpError) as err:
         validate(make_cfg(overrides))
     assert str(err.value).startswith(message) and len(str(err.value).splitlines()) == 1
+
+
+def test_vera_options_hash_only_where_they_apply() -> None:
+    """lora.vera.* is part of a VeRA job's identity and left out of every other job's (hashes of runs from
+    before VeRA existed do not change)."""
+    from lora_exp.config.identity import config_hash
+
+    from .conftest import make_cfg
+
+    assert config_hash(make_cfg(["lora.vera.prng_key=3"])) == config_hash(make_cfg([]))
+    vera = ["+variant=vera"]
+    assert config_hash(make_cfg([*vera, "lora.vera.prng_key=3"])) != config_hash(make_cfg(vera))

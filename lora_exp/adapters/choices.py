@@ -4,3 +4,7 @@ VARIANTS = ("lora", "dora", "lora_fa", "vera")
 INITS = ("default", "gaussian", "pissa", "olora")
 BIASES = ("none", "lora_only", "all")
 RESIDUAL_INITS = ("pissa", "olora")  # inits that rewrite W0
+
+# Option groups under ``lora.`` that apply only to one variant / init: (the lora key, the value it must have).
+# A job's identity (config hash) and its recorded config leave the others out.
+OPTION_OWNERS = {"vera": ("variant", "vera")}

@@ -130,7 +130,8 @@ def variant_options(lora_cfg: Any) -> dict[str, Any]:
     """The variant's own layer options from ``lora.*`` (``inject(options=...)``): VeRA's d_initial and PRNG key."""
     get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     if variant_of(lora_cfg) == "vera":
-        return {"d_initial": float(get("vera_d_initial", 0.1)), "prng_key": int(get("vera_prng_key", 0))}
+        vera = get("vera") or {}
+        return {"d_initial": float(vera.get("d_initial", 0.1)), "prng_key": int(vera.get("prng_key", 0))}
     return {}
 
 

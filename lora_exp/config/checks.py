@@ -162,8 +162,9 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
                 f"lora.{option}={value} does not apply to lora.variant=vera (one shared random pair, no alpha); "
                 f"leave it {default}",
             )
-    _check(e, lo.vera_d_initial != 0, "lora.vera_d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
-    _check(e, 0 <= lo.vera_prng_key < 2**63, f"lora.vera_prng_key={lo.vera_prng_key} must be in [0, 2**63)")
+    v = lo.vera
+    _check(e, v.d_initial != 0, "lora.vera.d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
+    _check(e, 0 <= v.prng_key < 2**63, f"lora.vera.prng_key={v.prng_key} must be in [0, 2**63)")
 
 
 def _optimizer_checks(e: list[str], cfg: DictConfig) -> None:

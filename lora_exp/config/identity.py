@@ -9,6 +9,8 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.adapters.choices import OPTION_OWNERS
+
 
 def resolved_dict(cfg: DictConfig) -> dict:
     """The config with every interpolation resolved, as plain containers (for W&B and the job dir)."""
@@ -30,8 +32,18 @@ TRAINER_COSMETIC = (
 )
 
 
+def applicable_lora(lora: dict) -> dict:
+    """``lora`` without the option groups of variants / inits this job does not use (``lora.vera`` unless
+    ``lora.variant=vera``): they change nothing it computes, so runs before and after they existed hash alike."""
+    return {
+        k: v for k, v in lora.items() if k not in OPTION_OWNERS or lora.get(OPTION_OWNERS[k][0]) == OPTION_OWNERS[k][1]
+    }
+
+
 def _identity(resolved: dict) -> dict:
     ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
+    if isinstance(ident.get("lora"), dict):
+        ident["lora"] = applicable_lora(ident["lora"])
     ident["data"] = {k: v for k, v in ident.get("data", {}).items() if k != "cache_dir"}
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k not in TRAINER_COSMETIC}
     return ident
@@ -92,6 +104,8 @@ def recorded(config: dict) -> dict:
     out["model"] = {k: v for k, v in model.items() if k not in drop}
     if out.get("method", {}).get("name") != "lora":
         out.pop("lora", None)
+    elif isinstance(out.get("lora"), dict):
+        out["lora"] = applicable_lora(out["lora"])
     if out.get("lr_index") is None:
         out.pop("lr_index", None)
         out["method"] = {k: v for k, v in out.get("method", {}).items() if k != "lr_grid"}

@@ -52,6 +52,14 @@ class ModelConfig:
 
 
 @dataclass
+class VeraOptions:
+    """``lora.vera.*``, for ``lora.variant=vera`` (PEFT ``VeraConfig``); left out of the job's identity otherwise."""
+
+    d_initial: float = 0.1  # lambda_d's initial value (PEFT d_initial)
+    prng_key: int = 0  # seed of the shared random projections (PEFT projection_prng_key)
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: float = 16.0
@@ -67,8 +75,7 @@ class LoraConfig:
     layers: list[int] | None = None  # block indices that get adapters (PEFT layers_to_transform); null: all
     rank_pattern: Any = None  # per-module r {regex: r}, first match wins (PEFT): lora.rank_pattern={query: 4}
     alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
-    vera_d_initial: float = 0.1  # variant=vera: lambda_d's initial value (PEFT d_initial)
-    vera_prng_key: int = 0  # variant=vera: seed of the shared random projections (PEFT projection_prng_key)
+    vera: VeraOptions = field(default_factory=VeraOptions)  # variant=vera only
 
 
 @dataclass
