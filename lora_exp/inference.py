@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lora_exp.adapters import store
+from lora_exp.adapters import init_state, store
 from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 
@@ -46,6 +46,8 @@ def load_trained(run_dir: Path, merge: bool = True) -> tuple[Any, torch.nn.Modul
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
         tokenizer, model, _, _ = build_model(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
+        if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
+            init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))
         if merge:
             injection.merge(model)

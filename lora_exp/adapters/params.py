@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lora_exp.adapters.choices import BIASES, RESIDUAL_INITS
+from lora_exp.adapters.choices import BIASES, DATA_INITS, RESIDUAL_INITS
 from lora_exp.adapters.dora import MAGNITUDE
 from lora_exp.adapters.layer import LoRALinear
 from lora_exp.adapters.vera import PARAMS as VERA_PARAMS
@@ -100,9 +100,9 @@ def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = 
     """Short name of what trains, for run names, results and report rows.
 
     ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, the variant
-    (``dora``, ``lora_fa``, ...), ``pissa``, ``olora``, ``gaussian`` or ``lora+`` (``loraplus_lr_ratio`` is
-    ``cfg.optimizer.loraplus_lr_ratio``), joined by ``-`` when combined (``dora-rslora``, ``pissa-lora+``).
-    r and targets are not part of it.
+    (``dora``, ``lora_fa``, ...), the init (``pissa``, ``olora``, ``gaussian``, ``eva``) or ``lora+``
+    (``loraplus_lr_ratio`` is ``cfg.optimizer.loraplus_lr_ratio``), joined by ``-`` when combined
+    (``dora-rslora``, ``pissa-lora+``). r and targets are not part of it.
     """
     if method != "lora":
         return method
@@ -111,7 +111,7 @@ def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = 
     if variant_of(lora_cfg) != "lora":
         parts.append(variant_of(lora_cfg))
     init = get("init", "default")
-    if init in RESIDUAL_INITS or init == "gaussian":
+    if init in RESIDUAL_INITS or init in DATA_INITS or init == "gaussian":
         parts.append(init)
     if get("rslora", False):
         parts.append("rslora")

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.adapters.choices import BIASES, INITS, VARIANTS
+from lora_exp.adapters.choices import BIASES, DATA_INITS, INITS, VARIANTS
 from lora_exp.config.schema import (
     BASE_DTYPES,
     DATA_SOURCES,
@@ -162,6 +162,15 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
                 f"lora.{option}={value} does not apply to lora.variant=vera (one shared random pair, no alpha); "
                 f"leave it {default}",
             )
+    _check(
+        e,
+        lo.init not in DATA_INITS or lo.variant == "lora",
+        f"lora.init={lo.init} needs lora.variant=lora (not {lo.variant})",
+    )
+    ev = lo.eva
+    _check(e, ev.rho >= 1, f"lora.eva.rho={ev.rho} must be >= 1 (a layer's rank may grow to round(r * rho))")
+    _check(e, 0 <= ev.tau <= 1, f"lora.eva.tau={ev.tau} must be in [0, 1] (a cosine similarity)")
+    _check(e, ev.max_batches >= 1, f"lora.eva.max_batches={ev.max_batches} must be >= 1")
     v = lo.vera
     _check(e, v.d_initial != 0, "lora.vera.d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
     _check(e, 0 <= v.prng_key < 2**63, f"lora.vera.prng_key={v.prng_key} must be in [0, 2**63)")

@@ -60,6 +60,16 @@ class VeraOptions:
 
 
 @dataclass
+class EvaOptions:
+    """``lora.eva.*``, for ``lora.init=eva`` (PEFT ``EvaConfig``); left out of the job's identity otherwise."""
+
+    rho: float = 2.0  # a layer may get up to round(r * rho) of the redistributed rank budget (>= 1; 1: no change)
+    tau: float = 0.99  # components have converged at this cosine similarity between consecutive batches
+    adjust_scaling: bool = True  # alpha *= new r / r: every layer keeps its scaling (PEFT adjust_scaling_factors)
+    max_batches: int = 1000  # give up (an error) when not converged after this many batches (PEFT: no limit)
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: float = 16.0
@@ -70,12 +80,15 @@ class LoraConfig:
     # frozen random A, B; trained vectors d, b per layer; r is the shared rank, alpha unused)
     variant: str = "lora"
     use_dora: bool = False  # alias of variant=dora (PEFT's name)
-    init: str = "default"  # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0)
+    # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0) | eva (SVD of the layers' inputs
+    # on training batches, ranks redistributed by explained variance))
+    init: str = "default"
     bias: str = "none"  # none | lora_only (biases of adapted layers train) | all (every bias trains)
     layers: list[int] | None = None  # block indices that get adapters (PEFT layers_to_transform); null: all
     rank_pattern: Any = None  # per-module r {regex: r}, first match wins (PEFT): lora.rank_pattern={query: 4}
     alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
     vera: VeraOptions = field(default_factory=VeraOptions)  # variant=vera only
+    eva: EvaOptions = field(default_factory=EvaOptions)  # init=eva only
 
 
 @dataclass

@@ -19,6 +19,7 @@ from lora_exp import device as devices
 from lora_exp.adapters import lora_fa
 from lora_exp.adapters.layer import scaling
 from lora_exp.adapters.params import optimizer_groups
+from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
 from lora_exp.data import audio as audio_data
@@ -28,7 +29,7 @@ from lora_exp.measure import memory
 from lora_exp.measure.timing import PhaseTimer, RssPeak, reset_memory
 from lora_exp.models.build import build_model, sub_seeds
 from lora_exp.models.methods import count_parameters, model_facts
-from lora_exp.training import checkpoint, features
+from lora_exp.training import checkpoint, data_init, features
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Job:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
     cache: features.FeatureCache | None = None
+    data_init: dict[str, Any] | None = None  # lora.init=eva: what the init used and cost (results.json)
     sampled: memory.SampledStep | None = None  # the step whose memory was measured
     run: Any = None  # the W&B run
     stop: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM
@@ -71,13 +73,18 @@ class Job:
 
     def amp(self) -> AbstractContextManager:
         """Autocast in the run's precision (a null context for fp32)."""
-        dtype = devices.AMP_DTYPES.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        return _amp(self.device, self.precision)()
 
     @property
     def probe_step(self) -> int:
         """The update after which LoRA must be seen moving."""
         return min(10, self.total_steps)
+
+
+def _amp(device: torch.device, precision: str) -> Any:
+    """A factory of autocast contexts in ``precision`` (null contexts for fp32)."""
+    dtype = devices.AMP_DTYPES.get(precision)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -120,6 +127,10 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
     place_model(model, device, bool(t.get("gradient_checkpointing")))
     generator = torch.Generator().manual_seed(seeds["data"])
     tok, loaders = make_loaders(cfg, splits, tokenizer, generator, device)
+    amp = _amp(device, precision)
+    init_record = data_init.prepare(cfg, model, loaders.train, generator, amp, run_dir, resume)
+    if init_record is not None:  # ranks redistributed (EVA): other layers, other counts
+        adapted, counts = [n for n, _ in lora_layers(model)], count_parameters(model, head)
     optimizer, scheduler, total_steps = make_schedule(model, cfg, device, len(loaders.train))
     job = Job(
         cfg=cfg,
@@ -148,6 +159,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
         pg=checkpoint.Progress(),
         resumed=resume,
         loss_sum=torch.zeros((), device=device),
+        data_init=init_record,
     )
     job.cache = cache_features(job)  # a frozen encoder runs once per example, not once per epoch
     _print_banner(job)

@@ -59,6 +59,9 @@ def what_trained(job: Job) -> dict[str, Any]:
         "lora_scaling": lora_scaling(cfg),
         "lora_layers": len(job.adapted),
         "lora_init": cfg.lora.get("init", "default") if lora else None,
+        "data_init": job.data_init,  # lora.init=eva: batches, tokens, seconds, ranks (null otherwise)
+        "data_init_seconds": (job.data_init or {}).get("seconds"),  # flat, for W&B's summary and the report
+        "data_init_batches": (job.data_init or {}).get("batches"),
         "loraplus_lr_ratio": cfg.optimizer.get("loraplus_lr_ratio"),
         **variant_counts(job.model),
         "lr": cfg.optimizer.lr,
