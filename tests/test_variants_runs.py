@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_exp.training.loop import train
 
-NEW_VARIANTS = ["lora_fa", "vera"]  # eva: test_data_init_runs_once_...
+NEW_VARIANTS = ["lora_fa", "vera"]  # eva, lora_ga: test_data_init_runs_once_...
 H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
 
 
@@ -76,7 +76,7 @@ def test_vera_run_counts_vectors(tiny_cfg, tmp_path: Path) -> None:
     assert shapes == {"vera_A": (256, H), "vera_B": (H, 256)}
 
 
-@pytest.mark.parametrize(("variant", "r"), [("lora_fa", 8), ("vera", 256), ("eva", 8)])
+@pytest.mark.parametrize(("variant", "r"), [("lora_fa", 8), ("vera", 256), ("eva", 8), ("lora_ga", 8)])
 def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
     from .conftest import make_cfg
     from .test_variants import label
@@ -86,7 +86,7 @@ def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
     assert all(label(c) == variant and (c.lora.r, list(c.lora.targets)) == (r, ["q", "v"]) for c in cfgs)
 
 
-@pytest.mark.parametrize(("init", "computes"), [("eva", "eva_components")])
+@pytest.mark.parametrize(("init", "computes"), [("eva", "eva_components"), ("lora_ga", "estimate_gradients")])
 def test_data_init_runs_once_records_its_cost_and_keeps_the_data_order(
     init: str, computes: str, tiny_cfg, tmp_path: Path, monkeypatch
 ) -> None:

@@ -1,5 +1,6 @@
-"""The result of a data-driven init (``lora.init=eva``), saved once next to the run: each adapted layer's rank,
-alpha and initial A (and B), so a resumed run and a reloaded one rebuild the same layers without the data.
+"""The result of a data-driven init (``lora.init=eva | lora_ga``), saved once next to the run: each adapted
+layer's rank, alpha and initial A (and B), so a resumed run and a reloaded one rebuild the same layers (and
+LoRA-GA's residual W0 - s B0 A0, from the pristine base) without the data.
 
 ``<run dir>/init/init.safetensors`` holds ``<layer path>.A`` / ``.B`` (a rank-0 layer: ``A`` with 0 rows),
 ``init.json`` the ranks, alphas and what computing it cost (batches, tokens, seconds).
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_exp.adapters.eva import apply_init
+from lora_exp.adapters.lora_ga import apply_residual
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.errors import LoraExpError
 
@@ -56,5 +58,9 @@ def restore_state(model: nn.Module, run_dir: Path) -> dict[str, Any]:
     if unknown:
         raise LoraExpError(f"{str(folder)!r} was saved for other LoRA layers than this model's: {unknown[:3]}")
     a = {n: tensors[f"{n}.A"] for n in layers}
-    apply_init(model, layers, a, record["alphas"])
+    if record.get("residual"):  # LoRA-GA: A0, B0 and W0 - s B0 A0, recomputed on the pristine base
+        for name, layer in layers.items():
+            apply_residual(layer, a[name], tensors[f"{name}.B"])
+    else:
+        apply_init(model, layers, a, record["alphas"])
     return record

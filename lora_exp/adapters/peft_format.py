@@ -69,22 +69,41 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
         config |= {**vera.peft_config(layers, meta), "bias": "vera_only" if bias == "lora_only" else bias}
         state |= vera.projection_tensors(layers)
     else:
+        ranks, alphas = _as_plain_lora(layers, state)  # LoRA-GA: [A | A0], [B | -B0] at rank 2r (PEFT's conversion)
+        r0, a0 = ranks[next(iter(layers))], alphas[next(iter(layers))]
         config |= {
             "peft_type": "LORA",
-            "r": first.r,
-            "lora_alpha": first.alpha,
+            "r": r0,
+            "lora_alpha": a0,
             "use_rslora": first.rslora,
             "lora_dropout": float(meta.get("dropout", 0.0)),
             "bias": bias,
-            "init_lora_weights": {"default": True}.get(vmeta["init"], vmeta["init"]),
+            "init_lora_weights": {"default": True, "lora_ga": True, "eva": True}.get(vmeta["init"], vmeta["init"]),
             "use_dora": vmeta["variant"] == "dora",
-            "rank_pattern": {n: m.r for n, m in layers.items() if m.r != first.r},
-            "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != first.alpha},
+            "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
+            "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
         }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS))
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _as_plain_lora(layers: dict, state: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-layer r and alpha of the exported LoRA; a layer whose init rewrote W0 from data (LoRA-GA: it keeps
+    ``initial_factors`` (A0, B0)) is rewritten in ``state`` as the plain LoRA update ``s (B A - B0 A0)`` on the
+    pristine W0: A' = [A; A0], B' = [B, -B0], r' = 2r and alpha' keeping the scaling (x2, x sqrt 2 with rsLoRA),
+    as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does."""
+    ranks, alphas = {n: m.r for n, m in layers.items()}, {n: m.alpha for n, m in layers.items()}
+    for name, m in layers.items():
+        if getattr(m, "initial_factors", None) is None:
+            continue
+        a0, b0 = m.initial_factors
+        ka, kb = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+        state[ka] = torch.cat([state[ka], a0.to(state[ka].dtype)], dim=0).contiguous()
+        state[kb] = torch.cat([state[kb], -b0.to(state[kb].dtype)], dim=1).contiguous()
+        ranks[name], alphas[name] = 2 * m.r, m.alpha * (2**0.5 if m.rslora else 2)
+    return ranks, alphas
 
 
 def _bias_mode(layers: dict, biases: list[str], head: list[str]) -> str:
@@ -154,6 +173,11 @@ def _inject_from_config(model: nn.Module, config: dict[str, Any], folder: Path) 
     init = "default" if init in (True, False) else str(init)  # the trained tensors replace A and B anyway
     if init not in INITS:
         raise LoraExpError(f"peft adapter {str(folder)!r}: init_lora_weights={init!r}, supported {INITS}")
+    if init == "lora_ga":  # its W0 was rewritten from gradients the adapter does not hold
+        raise LoraExpError(
+            f"peft adapter {str(folder)!r}: init_lora_weights='lora_ga' needs the residual base it was trained on; "
+            "save it with save_pretrained(..., path_initial_model_for_weight_conversion=...) (a plain LoRA adapter)"
+        )
     return inject(
         model,
         targets,

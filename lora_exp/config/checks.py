@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.adapters.choices import BIASES, DATA_INITS, INITS, VARIANTS
+from lora_exp.adapters.choices import BIASES, DATA_INITS, INITS, LORA_GA_DIRECTIONS, LORA_GA_SCALES, VARIANTS
 from lora_exp.config.schema import (
     BASE_DTYPES,
     DATA_SOURCES,
@@ -171,6 +171,11 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, ev.rho >= 1, f"lora.eva.rho={ev.rho} must be >= 1 (a layer's rank may grow to round(r * rho))")
     _check(e, 0 <= ev.tau <= 1, f"lora.eva.tau={ev.tau} must be in [0, 1] (a cosine similarity)")
     _check(e, ev.max_batches >= 1, f"lora.eva.max_batches={ev.max_batches} must be >= 1")
+    ga = lo.lora_ga
+    _check(e, ga.batches >= 1, f"lora.lora_ga.batches={ga.batches} must be >= 1")
+    _one_of(e, "lora.lora_ga.direction", ga.direction, LORA_GA_DIRECTIONS)
+    _one_of(e, "lora.lora_ga.scale", ga.scale, LORA_GA_SCALES)
+    _check(e, ga.stable_gamma > 0, f"lora.lora_ga.stable_gamma={ga.stable_gamma} must be > 0")
     v = lo.vera
     _check(e, v.d_initial != 0, "lora.vera.d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
     _check(e, 0 <= v.prng_key < 2**63, f"lora.vera.prng_key={v.prng_key} must be in [0, 2**63)")

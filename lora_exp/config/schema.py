@@ -70,6 +70,16 @@ class EvaOptions:
 
 
 @dataclass
+class LoraGaOptions:
+    """``lora.lora_ga.*``, for ``lora.init=lora_ga`` (PEFT ``LoraGAConfig``); out of the job's identity otherwise."""
+
+    batches: int = 8  # training batches whose mean gradient is decomposed (PEFT: what the train_step runs)
+    direction: str = "ArB2r"  # which singular directions A and B take: ArB2r | A2rBr | ArBr | random
+    scale: str = "stable"  # B's rescaling: stable (out^1/4 / sqrt(gamma)) | weight_svd | gd_scale | unit
+    stable_gamma: int = 16
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: float = 16.0
@@ -81,7 +91,8 @@ class LoraConfig:
     variant: str = "lora"
     use_dora: bool = False  # alias of variant=dora (PEFT's name)
     # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0) | eva (SVD of the layers' inputs
-    # on training batches, ranks redistributed by explained variance))
+    # on training batches, ranks redistributed by explained variance) | lora_ga (SVD of the full gradient on
+    # training batches, W0 adjusted)
     init: str = "default"
     bias: str = "none"  # none | lora_only (biases of adapted layers train) | all (every bias trains)
     layers: list[int] | None = None  # block indices that get adapters (PEFT layers_to_transform); null: all
@@ -89,6 +100,7 @@ class LoraConfig:
     alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
     vera: VeraOptions = field(default_factory=VeraOptions)  # variant=vera only
     eva: EvaOptions = field(default_factory=EvaOptions)  # init=eva only
+    lora_ga: LoraGaOptions = field(default_factory=LoraGaOptions)  # init=lora_ga only
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Data-driven LoRA inits in a training job (``lora.init=eva``): computed once from training batches, saved in
+"""Data-driven LoRA inits in a training job (``lora.init=eva | lora_ga``): computed once from training batches, saved in
 ``<run dir>/init/``, restored on resume (never recomputed: the data, the model and their cost stay as they
 were), recorded in results.json (``data_init``: batches, tokens, seconds, ranks)."""
 
@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lora_exp.adapters import eva, init_state
+from lora_exp.adapters import eva, init_state, lora_ga
 from lora_exp.adapters.choices import DATA_INITS
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.errors import LoraExpError
@@ -48,7 +48,7 @@ def prepare(
         return {**record, "restored": True}
     state = generator.get_state()
     try:
-        record, a, b = _eva(cfg, model, train_loader, amp)
+        record, a, b = (_eva if init == "eva" else _lora_ga)(cfg, model, train_loader, amp)
     finally:
         generator.set_state(state)
     init_state.save_state(run_dir, a, b, record)
@@ -76,6 +76,39 @@ def _eva(
     eva.apply_init(model, layers, a, alphas)
     record = {"init": "eva", "batches": result.batches, "tokens": result.tokens, "seconds": _since(start, model)}
     return {**record, "ranks": {n: int(result.ranks[n]) for n in layers}, "alphas": alphas}, a, {}
+
+
+def _lora_ga(
+    cfg: DictConfig, model: nn.Module, train_loader: Any, amp: Callable[[], AbstractContextManager]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """LoRA-GA: the mean gradient over ``lora.lora_ga.batches`` batches, A, B from its SVD, W0 adjusted."""
+    opts = cfg.lora.lora_ga
+    layers = dict(lora_layers(model))
+    start = time.perf_counter()
+    counted = _Counted(train_loader)
+    grads, used = lora_ga.estimate_gradients(model, layers, counted, opts.batches, amp)
+    a, b = {}, {}
+    for name, layer in layers.items():
+        a[name], b[name] = lora_ga.factors(
+            grads[name], layer, opts.direction, opts.scale, opts.stable_gamma, seed=int(cfg.trainer.seed)
+        )
+        lora_ga.apply_residual(layer, a[name], b[name])
+    record = {"init": "lora_ga", "batches": used, "tokens": counted.tokens, "seconds": _since(start, model)}
+    ranks = {n: m.r for n, m in layers.items()}
+    return {**record, "ranks": ranks, "alphas": {n: m.alpha for n, m in layers.items()}, "residual": True}, a, b
+
+
+class _Counted:
+    """Iterates a loader, counting the non-padding tokens it hands out."""
+
+    def __init__(self, loader: Any):
+        self.loader, self.tokens = loader, 0
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            mask = batch.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else 0
+            yield batch
 
 
 def _since(start: float, model: nn.Module) -> float:
