@@ -364,6 +364,7 @@ def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> 
         ({"variant": "lora_fa", "rslora": True}, "lora", None, "lora_fa-rslora"),
         ({"variant": "vera"}, "lora", None, "vera"),
         ({"init": "eva"}, "lora", None, "eva"),
+        ({"variant": "adalora"}, "lora", None, "adalora"),
         ({"init": "lora_ga", "rslora": True}, "lora", None, "lora_ga-rslora"),
         ({}, "bitfit", None, "bitfit"),
         ({"variant": "dora"}, "full", None, "full"),
@@ -383,6 +384,7 @@ VARIANT_LABELS = {
     "vera",
     "eva",
     "lora_ga",
+    "adalora",
     "bitfit",
     "full",
     "frozen",
@@ -411,12 +413,14 @@ def test_variants_sweep_composes_every_arm() -> None:
     from .conftest import make_cfg
 
     jobs = sweep_jobs("variants")
-    assert len(jobs) == 8 * 2 * 2 + 2 + 3
+    assert len(jobs) == 9 * 2 * 2 + 2 + 3
     arms = set()
     for overrides in jobs:
         cfg = make_cfg(["+sweep=variants", *overrides])
         validate(cfg)
-        shape = (cfg.lora.r, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
+        adaptive = cfg.lora.variant == "adalora"  # its shape: the final average rank (from 1.5x as many)
+        r = cfg.lora.adalora.target_r if adaptive else cfg.lora.r
+        shape = (r, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
         arms.add((label(cfg), shape))
     assert {a for a, _ in arms} == VARIANT_LABELS and len(arms) == len(jobs)
     both = (("q", "v"), ("q", "k", "v", "o", "ffn"))
@@ -428,7 +432,7 @@ def test_fair_variants_each_over_its_own_grid() -> None:
     from .conftest import make_cfg
 
     jobs = sweep_jobs("fair_variants")
-    assert len(jobs) == 12 * 3 * 3
+    assert len(jobs) == 13 * 3 * 3
     grids = {}
     for v in ("lora", "rslora", "dora", "pissa", "loraplus", "lora_fa", "bitfit", "full", "frozen"):
         cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={v}", f"lr_index={i}"]) for i in range(3)]
@@ -456,7 +460,7 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
         res = json.loads(res_path.read_text())
         cfg = OmegaConf.load(res_path.parent / "config.yaml")
         runs.append((label(cfg), cfg, res))
-    assert len(runs) == 37 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
+    assert len(runs) == 41 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
     arms = {o.split("=", 1)[1] for (o,) in sweep_jobs("variants")}
     assert {p.parent.name.split("_", 1)[1] for p in sweep.glob("*/results.json")} == arms  # dirs named by variant
     by = {(lab, cfg.lora.r, tuple(cfg.lora.targets)): res for lab, cfg, res in runs}

@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_exp.training.loop import train
 
-NEW_VARIANTS = ["lora_fa", "vera"]  # eva, lora_ga: test_data_init_runs_once_...
+NEW_VARIANTS = ["lora_fa", "vera", "adalora"]  # eva, lora_ga: test_data_init_runs_once_...
 H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
 
 
@@ -76,7 +76,7 @@ def test_vera_run_counts_vectors(tiny_cfg, tmp_path: Path) -> None:
     assert shapes == {"vera_A": (256, H), "vera_B": (H, 256)}
 
 
-@pytest.mark.parametrize(("variant", "r"), [("lora_fa", 8), ("vera", 256), ("eva", 8), ("lora_ga", 8)])
+@pytest.mark.parametrize(("variant", "r"), [("lora_fa", 8), ("vera", 256), ("eva", 8), ("lora_ga", 8), ("adalora", 12)])
 def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
     from .conftest import make_cfg
     from .test_variants import label
@@ -132,3 +132,23 @@ def test_eva_with_the_feature_cache(tiny_cfg, tmp_path: Path) -> None:
     """LoRA on the top block only: EVA runs on the full model first, then the frozen bottom is cached."""
     res = run(tiny_cfg, "eva", tmp_path / "eva_top", None, False, "lora.layers=[1]", "lora.eva.tau=0.9")
     assert res["status"] == "ok" and res["feature_cache"] is True and res["lora_layers"] == 2
+
+
+def test_adalora_run_records_ranks_and_the_report_draws_them(tiny_cfg, tmp_path: Path) -> None:
+    """AdaLoRA from r=12 to an average of 8 on q, v: the final ranks (in results.json) meet the budget, the
+    adapter counts r x (in + out + 1) per layer, and the report draws the ranks."""
+    from lora_exp.analysis import report
+    from lora_exp.analysis.variant_figures import adalora_rank_table
+
+    res = run(tiny_cfg, "adalora", tmp_path / "runs" / "ada")
+    ranks = res["adalora_ranks"]
+    assert len(ranks) == LAYERS * 2 and sum(ranks.values()) == 8 * LAYERS * 2 and all(r <= 12 for r in ranks.values())
+    assert res["adapter_params"] == LAYERS * 2 * 12 * (H + H + 1) and res["adalora_e_params"] == LAYERS * 2 * 12
+    written = report.write_report(tmp_path / "runs", tmp_path / "report")
+    assert "adalora_ranks.png" in written and written["adalora_ranks.png"].stat().st_size > 0
+    runs = report.load_runs(tmp_path / "runs").assign(config="adalora")
+    assert adalora_rank_table(runs).to_dict("records")[0] == {
+        f"{i}.{m}": ranks[f"bert.encoder.layer.{i}.attention.self.{m}"]
+        for i in range(LAYERS)
+        for m in ("query", "value")
+    }

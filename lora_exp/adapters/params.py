@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from lora_exp.adapters.adalora import E_NAME as ADALORA_E
 from lora_exp.adapters.choices import BIASES, DATA_INITS, RESIDUAL_INITS
 from lora_exp.adapters.dora import MAGNITUDE
 from lora_exp.adapters.layer import LoRALinear
@@ -45,10 +46,10 @@ def bias_parameters(model: nn.Module, bias: str, adapted: list[str]) -> list[str
 
 
 def is_adapter_param(name: str) -> bool:
-    """LoRA A / B, DoRA magnitude, VeRA's vectors: the parameters counted as 'adapter'."""
+    """LoRA A / B, DoRA magnitude, VeRA's vectors, AdaLoRA's E: the parameters counted as 'adapter'."""
     if ".lora_A." in name or ".lora_B." in name:
         return True
-    return name.rpartition(".")[2] in (MAGNITUDE, *VERA_PARAMS)
+    return name.rpartition(".")[2] in (MAGNITUDE, ADALORA_E, *VERA_PARAMS)
 
 
 def optimizer_groups(
@@ -137,13 +138,15 @@ def variant_options(lora_cfg: Any) -> dict[str, Any]:
 
 def variant_counts(model: nn.Module) -> dict[str, int]:
     """Adapter parameters split by kind (deduplicated), for results.json: LoRA A/B and DoRA magnitudes always,
-    VeRA's vectors (``vera_vector_params``) when the model has them."""
+    VeRA's vectors (``vera_vector_params``), AdaLoRA's E (``adalora_e_params``) when the model has them."""
     out = {"lora_ab_params": 0, "dora_magnitude_params": 0}
     for name, p in model.named_parameters():
         if name.endswith("." + MAGNITUDE):
             out["dora_magnitude_params"] += p.numel()
         elif name.rpartition(".")[2] in VERA_PARAMS:
             out["vera_vector_params"] = out.get("vera_vector_params", 0) + p.numel()
+        elif name.endswith("." + ADALORA_E):
+            out["adalora_e_params"] = out.get("adalora_e_params", 0) + p.numel()
         elif ".lora_A." in name or ".lora_B." in name:
             out["lora_ab_params"] += p.numel()
     return out

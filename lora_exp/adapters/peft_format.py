@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_exp.adapters import vera
+from lora_exp.adapters import adalora, vera
 from lora_exp.adapters.choices import INITS
 from lora_exp.adapters.params import bias_parameters, is_adapter_param, layers_meta
 from lora_exp.adapters.store import check_tensors
@@ -27,7 +27,7 @@ from lora_exp.errors import LoraExpError
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_TYPES = ("LORA", "VERA")
+PEFT_TYPES = ("LORA", "VERA", "ADALORA")
 VERA_KEYS = tuple(f"base_model.{n}" for n in vera.PROJECTIONS)
 
 
@@ -68,6 +68,9 @@ def export_peft(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
     if vmeta["variant"] == "vera":
         config |= {**vera.peft_config(layers, meta), "bias": "vera_only" if bias == "lora_only" else bias}
         state |= vera.projection_tensors(layers)
+    elif vmeta["variant"] == "adalora":  # PEFT's keys carry no ".weight"; pruned triplets are cut out
+        config |= {**adalora.peft_config(layers, meta), "bias": bias}
+        state = {k: v for k, v in state.items() if not is_adapter_param(k)} | adalora.peft_tensors(layers, PREFIX)
     else:
         ranks, alphas = _as_plain_lora(layers, state)  # LoRA-GA: [A | A0], [B | -B0] at rank 2r (PEFT's conversion)
         r0, a0 = ranks[next(iter(layers))], alphas[next(iter(layers))]
@@ -131,13 +134,18 @@ def import_peft(model: nn.Module, folder: Path, head: list[str]) -> list[str]:
     if projections:  # VeRA saved with save_projection=true; else the PRNG key redrew the same pair
         vera.load_projections(dict(lora_layers(model)), projections, f"peft adapter {str(folder)!r}")
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    loaded: set[str] = set()
+    if config["peft_type"] == "ADALORA":  # A, E, B into the full-rank layers, pruned triplets masked
+        layers = {n: m for n, m in lora_layers(model) if isinstance(m, adalora.AdaLoraLinear)}
+        adalora.load_peft(layers, tensors, config.get("rank_pattern"))
+        loaded = {n for n, _ in model.named_parameters() if is_adapter_param(n)}
     tensors = {
         k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()
     }
     # PEFT's bias="all" also saves the head's biases as <head>.modules_to_save.bias and the frozen originals.
     tensors = {k.replace(".modules_to_save.", "."): v for k, v in tensors.items() if ".original_module." not in k}
     params = dict(model.named_parameters())
-    expected = {n for n in params if is_adapter_param(n)}
+    expected = {n for n in params if is_adapter_param(n)} - loaded
     bias = {"vera_only": "lora_only"}.get(config.get("bias", "none"), config.get("bias", "none"))
     if bias != "none":
         expected |= set(bias_parameters(model, bias, adapted))
@@ -169,6 +177,9 @@ def _inject_from_config(model: nn.Module, config: dict[str, Any], folder: Path) 
         options = {"d_initial": float(config.get("d_initial", 0.1)), "prng_key": int(config["projection_prng_key"])}
         dropout = float(config.get("vera_dropout", 0.0))
         return inject(model, targets, int(config["r"]), 1.0, dropout, variant="vera", options=options, **common)
+    if config["peft_type"] == "ADALORA":
+        r, alpha, dropout = int(config["init_r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0))
+        return inject(model, targets, r, alpha, dropout, variant="adalora", **common)
     init = config.get("init_lora_weights", True)
     init = "default" if init in (True, False) else str(init)  # the trained tensors replace A and B anyway
     if init not in INITS:

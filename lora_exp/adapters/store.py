@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_exp.adapters.adalora import STATE_PREFIX as ADALORA_STATE
 from lora_exp.adapters.params import is_adapter_param, layers_meta
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.errors import LoraExpError
@@ -51,7 +52,8 @@ def frozen_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     for path, layer in lora_layers(model):
         for name, buf in layer.named_buffers(prefix=path):
-            if ".base_layer." not in name and id(buf) not in seen:
+            training_only = name.rpartition(".")[2].startswith(ADALORA_STATE)  # AdaLoRA's importance EMAs
+            if ".base_layer." not in name and not training_only and id(buf) not in seen:
                 seen.add(id(buf))
                 state[name] = buf.detach().to("cpu", copy=True).contiguous()
     return state

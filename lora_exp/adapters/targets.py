@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_exp.adapters.adalora import AdaLoraLinear
 from lora_exp.adapters.choices import VARIANTS
 from lora_exp.adapters.dora import DoRALinear
 from lora_exp.adapters.inits import init_lora
@@ -18,7 +19,7 @@ from lora_exp.adapters.lora_fa import LoRAFALinear
 from lora_exp.adapters.vera import VeraLinear
 from lora_exp.errors import LoraExpError
 
-LAYER_CLASSES = {cls.variant: cls for cls in (LoRALinear, DoRALinear, LoRAFALinear, VeraLinear)}
+LAYER_CLASSES = {cls.variant: cls for cls in (LoRALinear, DoRALinear, LoRAFALinear, VeraLinear, AdaLoraLinear)}
 
 # Friendly target aliases, as full-match regexes over ``named_modules()`` paths, per ``config.model_type``.
 # Regexes (not suffixes) because BERT's FFN output ``layer.N.output.dense`` is a suffix of the attention

@@ -149,7 +149,7 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
         lp is None or lo.variant in ("lora", "dora"),
         f"optimizer.loraplus_lr_ratio={lp} cannot combine with lora.variant={lo.variant} (LoRA+ is for lora, dora)",
     )
-    if lo.variant == "vera":
+    if lo.variant in ("vera", "adalora"):
         for option, value, default in (
             ("init", lo.init, "default"),
             ("rslora", lo.rslora, False),
@@ -159,8 +159,7 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
             _check(
                 e,
                 value in (default, {}) if default is None else value == default,
-                f"lora.{option}={value} does not apply to lora.variant=vera (one shared random pair, no alpha); "
-                f"leave it {default}",
+                f"lora.{option}={value} does not apply to lora.variant={lo.variant}; leave it {default}",
             )
     _check(
         e,
@@ -176,9 +175,29 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
     _one_of(e, "lora.lora_ga.direction", ga.direction, LORA_GA_DIRECTIONS)
     _one_of(e, "lora.lora_ga.scale", ga.scale, LORA_GA_SCALES)
     _check(e, ga.stable_gamma > 0, f"lora.lora_ga.stable_gamma={ga.stable_gamma} must be > 0")
+    _adalora_checks(e, lo)
     v = lo.vera
     _check(e, v.d_initial != 0, "lora.vera.d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
     _check(e, 0 <= v.prng_key < 2**63, f"lora.vera.prng_key={v.prng_key} must be in [0, 2**63)")
+
+
+def _adalora_checks(e: list[str], lo: DictConfig) -> None:
+    ada = lo.adalora
+    if lo.variant == "adalora":
+        _check(e, 1 <= ada.target_r <= lo.r, f"lora.adalora.target_r={ada.target_r} must be in [1, lora.r={lo.r}]")
+    _check(
+        e,
+        0 < ada.beta1 < 1 and 0 < ada.beta2 < 1,
+        f"lora.adalora.beta1/beta2={ada.beta1}/{ada.beta2} must be in (0, 1)",
+    )
+    _check(e, ada.delta_t >= 1, f"lora.adalora.delta_t={ada.delta_t} must be >= 1")
+    _check(e, ada.orth_reg_weight >= 0, f"lora.adalora.orth_reg_weight={ada.orth_reg_weight} must be >= 0")
+    _check(
+        e,
+        min(ada.tinit_ratio, ada.tfinal_ratio) >= 0 and ada.tinit_ratio + ada.tfinal_ratio < 1,
+        f"lora.adalora.tinit_ratio={ada.tinit_ratio} + tfinal_ratio={ada.tfinal_ratio} must be >= 0 each and < 1 "
+        "together (a pruning phase must remain)",
+    )
 
 
 def _optimizer_checks(e: list[str], cfg: DictConfig) -> None:

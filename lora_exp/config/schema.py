@@ -80,6 +80,23 @@ class LoraGaOptions:
 
 
 @dataclass
+class AdaLoraOptions:
+    """``lora.adalora.*``, for ``lora.variant=adalora`` (PEFT ``AdaLoraConfig``; ``lora.r`` is its init_r).
+
+    PEFT counts tinit / tfinal in steps; here they are fractions of the run's updates (PEFT's example: 10 and 20
+    of 100 steps), so one preset fits runs of any length.
+    """
+
+    target_r: int = 8  # the average rank left per layer at the end (budget = target_r x layers)
+    tinit_ratio: float = 0.1  # updates at the full budget before pruning starts
+    tfinal_ratio: float = 0.2  # final updates at the target budget (masks fixed)
+    delta_t: int = 1  # updates between two reallocations
+    beta1: float = 0.85  # EMA of the sensitivity |w * grad|
+    beta2: float = 0.85  # EMA of its uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality regulariser in the training loss
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: float = 16.0
@@ -87,7 +104,8 @@ class LoraConfig:
     dropout: float = 0.0
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     # lora | dora (+ a trained magnitude per row) | lora_fa (A frozen, PEFT LoRA-FA optimizer) | vera (shared
-    # frozen random A, B; trained vectors d, b per layer; r is the shared rank, alpha unused)
+    # frozen random A, B; trained vectors d, b per layer; r is the shared rank, alpha unused) | adalora (SVD-form
+    # update P diag(E) Q, ranks pruned from r to lora.adalora.target_r on average during training)
     variant: str = "lora"
     use_dora: bool = False  # alias of variant=dora (PEFT's name)
     # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0) | eva (SVD of the layers' inputs
@@ -100,6 +118,7 @@ class LoraConfig:
     alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
     vera: VeraOptions = field(default_factory=VeraOptions)  # variant=vera only
     eva: EvaOptions = field(default_factory=EvaOptions)  # init=eva only
+    adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)  # variant=adalora only
     lora_ga: LoraGaOptions = field(default_factory=LoraGaOptions)  # init=lora_ga only
 
 

@@ -29,7 +29,7 @@ from lora_exp.measure import memory
 from lora_exp.measure.timing import PhaseTimer, RssPeak, reset_memory
 from lora_exp.models.build import build_model, sub_seeds
 from lora_exp.models.methods import count_parameters, model_facts
-from lora_exp.training import checkpoint, data_init, features
+from lora_exp.training import adalora_hooks, checkpoint, data_init, features
 
 
 @dataclass
@@ -166,6 +166,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
     config["derived"] = derived_facts(job)
     job.pg.config_hash = config_hash(config)
     restore_or_seed(job)
+    adalora_hooks.attach(cfg, model, optimizer, total_steps, lambda: job.pg.step)  # after restore: its step
     return job
 
 
