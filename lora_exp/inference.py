@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from lora_exp.adapters import store
+from lora_exp.adapters import init_state, store
 from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 
@@ -31,7 +31,7 @@ def load_trained(run_dir: Path, merge: bool = True, force: bool = False) -> tupl
     )
 
     from lora_exp.models.build import build_model
-    from lora_exp.models.text import model_location
+    from lora_exp.models.location import model_location
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -54,6 +54,8 @@ def load_trained(run_dir: Path, merge: bool = True, force: bool = False) -> tupl
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
         tokenizer, model, _, _ = build_model(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
+        if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
+            init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
         where = f"adapter={str(run_dir / 'adapter')!r}"
         store.check_base(meta, model.base_fingerprint, where, model_location(cfg.model) or cfg.model.name, force)
@@ -71,7 +73,7 @@ class AdapterBank:
         that ``build_model`` records on it), checked against each adapter's."""
         self.model = model
         self.fingerprint = fingerprint or getattr(model, "base_fingerprint", None)
-        self.params = dict(model.named_parameters())
+        self.params = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # VeRA: buffers
         self.adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.active: str | None = None
 

@@ -360,6 +360,12 @@ def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> 
         ({"use_dora": True}, "lora", None, "dora"),
         ({"init": "pissa"}, "lora", None, "pissa"),
         ({}, "lora", 16.0, "lora+"),
+        ({"variant": "lora_fa"}, "lora", None, "lora_fa"),
+        ({"variant": "lora_fa", "rslora": True}, "lora", None, "lora_fa-rslora"),
+        ({"variant": "vera"}, "lora", None, "vera"),
+        ({"init": "eva"}, "lora", None, "eva"),
+        ({"variant": "adalora"}, "lora", None, "adalora"),
+        ({"init": "lora_ga", "rslora": True}, "lora", None, "lora_ga-rslora"),
         ({}, "bitfit", None, "bitfit"),
         ({"variant": "dora"}, "full", None, "full"),
     ],
@@ -368,7 +374,21 @@ def test_variant_label(over: dict, method: str, ratio: float | None, label: str)
     assert adapter_params.variant_label(OmegaConf.create(over), method, ratio) == label
 
 
-VARIANT_LABELS = {"lora", "rslora", "dora", "pissa", "lora+", "bitfit", "full", "frozen"}
+VARIANT_LABELS = {
+    "lora",
+    "rslora",
+    "dora",
+    "pissa",
+    "lora+",
+    "lora_fa",
+    "vera",
+    "eva",
+    "lora_ga",
+    "adalora",
+    "bitfit",
+    "full",
+    "frozen",
+}
 
 
 def sweep_jobs(name: str) -> list[list[str]]:
@@ -393,24 +413,28 @@ def test_variants_sweep_composes_every_arm() -> None:
     from .conftest import make_cfg
 
     jobs = sweep_jobs("variants")
-    assert len(jobs) == 5 * 2 * 2 + 3
+    assert len(jobs) == 9 * 2 * 2 + 2 + 3
     arms = set()
     for overrides in jobs:
         cfg = make_cfg(["+sweep=variants", *overrides])
         validate(cfg)
-        shape = (cfg.lora.r, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
+        adaptive = cfg.lora.variant == "adalora"  # its shape: the final average rank (from 1.5x as many)
+        r = cfg.lora.adalora.target_r if adaptive else cfg.lora.r
+        shape = (r, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
         arms.add((label(cfg), shape))
     assert {a for a, _ in arms} == VARIANT_LABELS and len(arms) == len(jobs)
-    assert {s for _, s in arms if s} == {(r, t) for r in (8, 32) for t in (("q", "v"), ("q", "k", "v", "o", "ffn"))}
+    both = (("q", "v"), ("q", "k", "v", "o", "ffn"))
+    assert {s for a, s in arms if s and a != "vera"} == {(r, t) for r in (8, 32) for t in both}
+    assert {s for a, s in arms if a == "vera"} == {(256, t) for t in both}  # VeRA's own shared rank
 
 
 def test_fair_variants_each_over_its_own_grid() -> None:
     from .conftest import make_cfg
 
     jobs = sweep_jobs("fair_variants")
-    assert len(jobs) == 8 * 3 * 3
+    assert len(jobs) == 13 * 3 * 3
     grids = {}
-    for v in ("lora", "rslora", "dora", "pissa", "loraplus", "bitfit", "full", "frozen"):
+    for v in ("lora", "rslora", "dora", "pissa", "loraplus", "lora_fa", "bitfit", "full", "frozen"):
         cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={v}", f"lr_index={i}"]) for i in range(3)]
         assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
         assert all((c.lora.r, list(c.lora.targets)) == (8, ["q", "v"]) for c in cfgs)
@@ -436,7 +460,7 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
         res = json.loads(res_path.read_text())
         cfg = OmegaConf.load(res_path.parent / "config.yaml")
         runs.append((label(cfg), cfg, res))
-    assert len(runs) == 23 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
+    assert len(runs) == 41 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
     arms = {o.split("=", 1)[1] for (o,) in sweep_jobs("variants")}
     assert {p.parent.name.split("_", 1)[1] for p in sweep.glob("*/results.json")} == arms  # dirs named by variant
     by = {(lab, cfg.lora.r, tuple(cfg.lora.targets)): res for lab, cfg, res in runs}
@@ -456,7 +480,7 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("lora.variant=vera", "lora.variant='vera' is not one of lora, dora"),
+        ("lora.variant=loha", "lora.variant='loha' is not one of lora, dora, lora_fa, vera"),
         ("lora.init=svd", "lora.init='svd' is not one of default, gaussian, pissa, olora"),
         ("lora.bias=some", "lora.bias='some' is not one of none, lora_only, all"),
         ("lora.layers=[]", "lora.layers=[] must be null or a non-empty list of block indices >= 0"),

@@ -1,6 +1,18 @@
 """The adapter options' allowed values (no torch import: the config schema reads them)."""
 
-VARIANTS = ("lora", "dora")
-INITS = ("default", "gaussian", "pissa", "olora")
+VARIANTS = ("lora", "dora", "lora_fa", "vera", "adalora")
+INITS = ("default", "gaussian", "pissa", "olora", "eva", "lora_ga")
 BIASES = ("none", "lora_only", "all")
 RESIDUAL_INITS = ("pissa", "olora")  # inits that rewrite W0
+DATA_INITS = ("eva", "lora_ga")  # inits computed from training batches (``training.data_init``), after injection
+LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+
+# Option groups under ``lora.`` that apply only to one variant / init: (the lora key, the value it must have).
+# A job's identity (config hash) and its recorded config leave the others out.
+OPTION_OWNERS = {
+    "vera": ("variant", "vera"),
+    "adalora": ("variant", "adalora"),
+    "eva": ("init", "eva"),
+    "lora_ga": ("init", "lora_ga"),
+}

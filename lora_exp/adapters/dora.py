@@ -23,12 +23,18 @@ MAGNITUDE = "lora_magnitude_vector"  # PEFT's attribute name: export is a prefix
 class DoRALinear(LoRALinear):
     """LoRA with weight decomposition (DoRA): a trainable magnitude per output row on top of ``LoRALinear``."""
 
+    variant = "dora"
+
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any):
         super().__init__(base, *args, **kwargs)
         w = base_weight(self)
         self.lora_magnitude_vector = nn.Parameter(torch.empty(w.shape[0], device=w.device, dtype=w.dtype))
         self._merged_norm: torch.Tensor | None = None
         self.reset_magnitude()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """A, B and the magnitude."""
+        return [*super().trainable_parameters(), self.lora_magnitude_vector]
 
     def weight_norm(self) -> torch.Tensor:
         """Row norms of ``W0 + scaling * B A`` (fp32 when W0 is), detached: DoRA treats them as constants."""

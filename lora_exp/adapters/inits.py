@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_exp.adapters.choices import INITS, RESIDUAL_INITS
+from lora_exp.adapters.choices import DATA_INITS, INITS, RESIDUAL_INITS
 from lora_exp.adapters.dora import DoRALinear
 from lora_exp.adapters.layer import LoRALinear, _set_base_weight, base_weight
 from lora_exp.errors import LoraExpError
@@ -22,7 +22,7 @@ from lora_exp.errors import LoraExpError
 def init_lora(layer: LoRALinear, init: str) -> None:
     """Initialise A and B (and for pissa / olora rewrite W0 to the residual), exactly as PEFT does."""
     a, b = layer.lora_A.weight, layer.lora_B.weight
-    if init == "default":
+    if init == "default" or init in DATA_INITS:  # a data-driven init replaces these once batches are at hand
         layer.reset_lora_parameters()
     elif init == "gaussian":
         nn.init.normal_(a, std=1 / layer.r)

@@ -31,6 +31,8 @@ class LoRALinear(nn.Module):
     merge transposes it (PEFT's ``fan_in_fan_out``).
     """
 
+    variant = "lora"  # the ``lora.variant`` a layer class implements (saved with the adapter)
+
     def __init__(self, base: nn.Linear | Conv1D, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D)
@@ -52,6 +54,14 @@ class LoRALinear(nn.Module):
         """A Kaiming-uniform (as ``nn.Linear`` and PEFT), B zero: the update starts at exactly zero."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    @classmethod
+    def after_injection(cls, layers: list[LoRALinear]) -> None:
+        """Called once with every layer of one injection (state shared across layers: VeRA's projections)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapter tensors that train (A and B); ``models.methods.apply_method`` marks them."""
+        return [self.lora_A.weight, self.lora_B.weight]
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` (``out x in``) in fp32 (merging in low precision drifts)."""

@@ -8,9 +8,11 @@ from typing import Any
 
 from torch import nn
 
-from lora_exp.adapters.choices import BIASES, RESIDUAL_INITS
-from lora_exp.adapters.dora import MAGNITUDE, DoRALinear
+from lora_exp.adapters.adalora import E_NAME as ADALORA_E
+from lora_exp.adapters.choices import BIASES, DATA_INITS, RESIDUAL_INITS
+from lora_exp.adapters.dora import MAGNITUDE
 from lora_exp.adapters.layer import LoRALinear
+from lora_exp.adapters.vera import PARAMS as VERA_PARAMS
 from lora_exp.errors import LoraExpError
 
 
@@ -18,7 +20,7 @@ def layers_meta(layers: Mapping[str, LoRALinear]) -> dict[str, Any]:
     """Variant, init and (for pissa / olora) how the residual base is rebuilt, for ``adapter_config.json``."""
     if not layers:
         return {}
-    kinds = {("dora" if isinstance(m, DoRALinear) else "lora", getattr(m, "init", "default")) for m in layers.values()}
+    kinds = {(m.variant, getattr(m, "init", "default")) for m in layers.values()}
     if len(kinds) > 1:
         raise LoraExpError(f"save: the model mixes LoRA variants / inits {sorted(kinds)}; one adapter holds one")
     variant, init = kinds.pop()
@@ -44,8 +46,10 @@ def bias_parameters(model: nn.Module, bias: str, adapted: list[str]) -> list[str
 
 
 def is_adapter_param(name: str) -> bool:
-    """LoRA A / B and DoRA magnitude: the parameters counted as 'adapter'."""
-    return ".lora_A." in name or ".lora_B." in name or name.endswith("." + MAGNITUDE)
+    """LoRA A / B, DoRA magnitude, VeRA's vectors, AdaLoRA's E: the parameters counted as 'adapter'."""
+    if ".lora_A." in name or ".lora_B." in name:
+        return True
+    return name.rpartition(".")[2] in (MAGNITUDE, ADALORA_E, *VERA_PARAMS)
 
 
 def optimizer_groups(
@@ -96,18 +100,19 @@ def optimizer_groups(
 def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = None) -> str:
     """Short name of what trains, for run names, results and report rows.
 
-    ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, ``dora``, ``pissa``,
-    ``olora``, ``gaussian`` or ``lora+`` (``loraplus_lr_ratio`` is ``cfg.optimizer.loraplus_lr_ratio``),
-    joined by ``-`` when combined (``dora-rslora``, ``pissa-lora+``). r and targets are not part of it.
+    ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, the variant
+    (``dora``, ``lora_fa``, ...), the init (``pissa``, ``olora``, ``gaussian``, ``eva``) or ``lora+``
+    (``loraplus_lr_ratio`` is ``cfg.optimizer.loraplus_lr_ratio``), joined by ``-`` when combined
+    (``dora-rslora``, ``pissa-lora+``). r and targets are not part of it.
     """
     if method != "lora":
         return method
     get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     parts = []
-    if get("variant", "lora") == "dora" or get("use_dora", False):
-        parts.append("dora")
+    if variant_of(lora_cfg) != "lora":
+        parts.append(variant_of(lora_cfg))
     init = get("init", "default")
-    if init in RESIDUAL_INITS or init == "gaussian":
+    if init in RESIDUAL_INITS or init in DATA_INITS or init == "gaussian":
         parts.append(init)
     if get("rslora", False):
         parts.append("rslora")
@@ -117,17 +122,31 @@ def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = 
 
 
 def variant_of(lora_cfg: Any) -> str:
-    """``lora`` or ``dora`` from ``lora.variant`` and its alias ``lora.use_dora``."""
+    """``lora.variant`` (``dora`` also from its alias ``lora.use_dora``)."""
     get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     return "dora" if get("use_dora", False) or get("variant", "lora") == "dora" else get("variant", "lora")
 
 
+def variant_options(lora_cfg: Any) -> dict[str, Any]:
+    """The variant's own layer options from ``lora.*`` (``inject(options=...)``): VeRA's d_initial and PRNG key."""
+    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
+    if variant_of(lora_cfg) == "vera":
+        vera = get("vera") or {}
+        return {"d_initial": float(vera.get("d_initial", 0.1)), "prng_key": int(vera.get("prng_key", 0))}
+    return {}
+
+
 def variant_counts(model: nn.Module) -> dict[str, int]:
-    """Adapter parameters split by kind (deduplicated): LoRA A/B and DoRA magnitudes, for results.json."""
+    """Adapter parameters split by kind (deduplicated), for results.json: LoRA A/B and DoRA magnitudes always,
+    VeRA's vectors (``vera_vector_params``), AdaLoRA's E (``adalora_e_params``) when the model has them."""
     out = {"lora_ab_params": 0, "dora_magnitude_params": 0}
     for name, p in model.named_parameters():
         if name.endswith("." + MAGNITUDE):
             out["dora_magnitude_params"] += p.numel()
+        elif name.rpartition(".")[2] in VERA_PARAMS:
+            out["vera_vector_params"] = out.get("vera_vector_params", 0) + p.numel()
+        elif name.endswith("." + ADALORA_E):
+            out["adalora_e_params"] = out.get("adalora_e_params", 0) + p.numel()
         elif ".lora_A." in name or ".lora_B." in name:
             out["lora_ab_params"] += p.numel()
     return out

@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_exp.adapters.params import layers_meta
+from lora_exp.adapters.adalora import STATE_PREFIX as ADALORA_STATE
+from lora_exp.adapters.params import is_adapter_param, layers_meta
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.errors import LoraExpError
 
@@ -41,10 +42,31 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def frozen_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the adapter tensors that do not train, on CPU: LoRA-FA's A, VeRA's shared projections (buffers
+    of the adapter layers, saved once under the path ``model.named_buffers()`` gives them)."""
+    state = {
+        n: p.detach().to("cpu", copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if not p.requires_grad and is_adapter_param(n)
+    }
+    seen: set[int] = set()
+    for path, layer in lora_layers(model):
+        for name, buf in layer.named_buffers(prefix=path):
+            training_only = name.rpartition(".")[2].startswith(ADALORA_STATE)  # AdaLoRA's importance EMAs
+            if ".base_layer." not in name and not training_only and id(buf) not in seen:
+                seen.add(id(buf))
+                state[name] = buf.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
 def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[str, int]:
-    """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``folder``; returns their sizes."""
+    """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``folder``; returns their sizes.
+
+    Frozen adapter tensors (LoRA-FA's A, VeRA's projections) are saved too: the adapter alone rebuilds the update.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    state = trainable_state(model)
+    state = {**frozen_adapter_state(model), **trainable_state(model)}
     layers = dict(lora_layers(model))
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
@@ -76,7 +98,7 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy adapter tensors into a model that already carries the same LoRA layers; checks keys and shapes."""
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     check_tensors(params, tensors, f"adapter={where!r}")
     with torch.no_grad():
         for name, t in tensors.items():

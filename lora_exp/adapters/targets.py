@@ -10,11 +10,16 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_exp.adapters.adalora import AdaLoraLinear
 from lora_exp.adapters.choices import VARIANTS
 from lora_exp.adapters.dora import DoRALinear
 from lora_exp.adapters.inits import init_lora
 from lora_exp.adapters.layer import LoRALinear
+from lora_exp.adapters.lora_fa import LoRAFALinear
+from lora_exp.adapters.vera import VeraLinear
 from lora_exp.errors import LoraExpError
+
+LAYER_CLASSES = {cls.variant: cls for cls in (LoRALinear, DoRALinear, LoRAFALinear, VeraLinear, AdaLoraLinear)}
 
 # Friendly target aliases, as full-match regexes over ``named_modules()`` paths, per ``config.model_type``.
 # Regexes (not suffixes) because BERT's FFN output ``layer.N.output.dense`` is a suffix of the attention
@@ -178,11 +183,13 @@ def inject(
     layers: Sequence[int] | None = None,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Replace each targeted ``nn.Linear`` / ``Conv1D`` with a ``LoRALinear``; returns the replaced module paths.
 
-    ``variant`` (lora | dora), ``init`` (default | gaussian | pissa | olora), ``layers`` (block indices),
-    ``rank_pattern`` / ``alpha_pattern`` (per-module r / alpha, PEFT's matching): see ``lora_exp.adapters``.
+    ``variant`` (``LAYER_CLASSES``), ``init`` (default | gaussian | pissa | olora), ``layers`` (block indices),
+    ``rank_pattern`` / ``alpha_pattern`` (per-module r / alpha, PEFT's matching), ``options`` (the variant's own
+    keyword arguments, e.g. VeRA's ``d_initial``): see ``lora_exp.adapters``.
     """
     names = select_layers(resolve_targets(model, targets, protected), layers)
     for name in names:
@@ -193,7 +200,8 @@ def inject(
             raise LoraExpError(f"inject(): '{name}' already carries a LoRA adapter")
         r_i = pattern_value(rank_pattern, name, r)
         alpha_i = pattern_value(alpha_pattern, name, alpha)
-        setattr(parent, child, make_layer(base, r_i, alpha_i, dropout, rslora, variant, init))
+        setattr(parent, child, make_layer(base, r_i, alpha_i, dropout, rslora, variant, init, options))
+    LAYER_CLASSES[variant].after_injection([model.get_submodule(n) for n in names])  # VeRA: shared projections
     return names
 
 
@@ -247,13 +255,19 @@ def select_layers(names: list[str], layers: list[int] | None) -> list[str]:
 
 
 def make_layer(
-    base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, variant: str = "lora", init: str = "default"
+    base: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float,
+    rslora: bool,
+    variant: str = "lora",
+    init: str = "default",
+    options: Mapping[str, Any] | None = None,
 ) -> LoRALinear:
-    """A ``LoRALinear`` (or ``DoRALinear``) around ``base`` initialised with ``init``."""
+    """The ``variant``'s layer class (``LAYER_CLASSES``) around ``base``, initialised with ``init``."""
     if variant not in VARIANTS:
         raise LoraExpError(f"lora.variant={variant!r} is not one of {', '.join(VARIANTS)}")
-    cls = DoRALinear if variant == "dora" else LoRALinear
-    layer = cls(base, r, alpha, dropout, rslora)
+    layer = LAYER_CLASSES[variant](base, r, alpha, dropout, rslora, **(options or {}))
     if init != "default":
         init_lora(layer, init)
     layer.init = init  # read back by save_adapter / export_peft

@@ -15,6 +15,8 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lora_exp.analysis.variant_figures import plot_adalora_ranks  # noqa: E402
+
 METHOD_COLORS = {"full": "tab:red", "frozen": "tab:gray", "lora": "tab:blue"}
 MEMORY_PARTS = [
     "mem_params_bytes",
@@ -301,4 +303,6 @@ def write_figures(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> dict[
     ):
         if (p := fn(summary, out / name)) is not None:
             written[name] = p
+    if (p := plot_adalora_ranks(runs, out / "adalora_ranks.png")) is not None:  # AdaLoRA runs only
+        written["adalora_ranks.png"] = p
     return written

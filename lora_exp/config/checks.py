@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.adapters.choices import BIASES, INITS, VARIANTS
+from lora_exp.adapters.choices import BIASES, DATA_INITS, INITS, LORA_GA_DIRECTIONS, LORA_GA_SCALES, VARIANTS
 from lora_exp.config.schema import (
     BASE_DTYPES,
     DATA_SOURCES,
@@ -117,6 +117,7 @@ def _lora_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, 0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
     _check(e, len(lo.targets) > 0, "lora.targets is empty; give aliases (q k v o ffn head) or module names")
     _one_of(e, "lora.variant", lo.variant, VARIANTS)
+    _variant_checks(e, cfg)
     _one_of(e, "lora.init", lo.init, INITS)
     _one_of(e, "lora.bias", lo.bias, BIASES)
     _check(
@@ -133,6 +134,70 @@ def _lora_checks(e: list[str], cfg: DictConfig) -> None:
         e,
         all(v > 0 for v in (lo.alpha_pattern or {}).values()),
         f"lora.alpha_pattern={lo.alpha_pattern} must map module regexes to alphas > 0",
+    )
+
+
+def _variant_checks(e: list[str], cfg: DictConfig) -> None:
+    """Options that only some variants take, and variants that exclude each other."""
+    lo, lp = cfg.lora, cfg.optimizer.get("loraplus_lr_ratio")
+    _check(
+        e,
+        not lo.use_dora or lo.variant in ("lora", "dora"),
+        f"lora.use_dora=true is DoRA; it cannot combine with lora.variant={lo.variant}",
+    )
+    _check(
+        e,
+        lp is None or lo.variant in ("lora", "dora"),
+        f"optimizer.loraplus_lr_ratio={lp} cannot combine with lora.variant={lo.variant} (LoRA+ is for lora, dora)",
+    )
+    if lo.variant in ("vera", "adalora"):
+        for option, value, default in (
+            ("init", lo.init, "default"),
+            ("rslora", lo.rslora, False),
+            ("rank_pattern", lo.rank_pattern, None),
+            ("alpha_pattern", lo.alpha_pattern, None),
+        ):
+            _check(
+                e,
+                value in (default, {}) if default is None else value == default,
+                f"lora.{option}={value} does not apply to lora.variant={lo.variant}; leave it {default}",
+            )
+    _check(
+        e,
+        lo.init not in DATA_INITS or lo.variant == "lora",
+        f"lora.init={lo.init} needs lora.variant=lora (not {lo.variant})",
+    )
+    ev = lo.eva
+    _check(e, ev.rho >= 1, f"lora.eva.rho={ev.rho} must be >= 1 (a layer's rank may grow to round(r * rho))")
+    _check(e, 0 <= ev.tau <= 1, f"lora.eva.tau={ev.tau} must be in [0, 1] (a cosine similarity)")
+    _check(e, ev.max_batches >= 1, f"lora.eva.max_batches={ev.max_batches} must be >= 1")
+    ga = lo.lora_ga
+    _check(e, ga.batches >= 1, f"lora.lora_ga.batches={ga.batches} must be >= 1")
+    _one_of(e, "lora.lora_ga.direction", ga.direction, LORA_GA_DIRECTIONS)
+    _one_of(e, "lora.lora_ga.scale", ga.scale, LORA_GA_SCALES)
+    _check(e, ga.stable_gamma > 0, f"lora.lora_ga.stable_gamma={ga.stable_gamma} must be > 0")
+    _adalora_checks(e, lo)
+    v = lo.vera
+    _check(e, v.d_initial != 0, "lora.vera.d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
+    _check(e, 0 <= v.prng_key < 2**63, f"lora.vera.prng_key={v.prng_key} must be in [0, 2**63)")
+
+
+def _adalora_checks(e: list[str], lo: DictConfig) -> None:
+    ada = lo.adalora
+    if lo.variant == "adalora":
+        _check(e, 1 <= ada.target_r <= lo.r, f"lora.adalora.target_r={ada.target_r} must be in [1, lora.r={lo.r}]")
+    _check(
+        e,
+        0 < ada.beta1 < 1 and 0 < ada.beta2 < 1,
+        f"lora.adalora.beta1/beta2={ada.beta1}/{ada.beta2} must be in (0, 1)",
+    )
+    _check(e, ada.delta_t >= 1, f"lora.adalora.delta_t={ada.delta_t} must be >= 1")
+    _check(e, ada.orth_reg_weight >= 0, f"lora.adalora.orth_reg_weight={ada.orth_reg_weight} must be >= 0")
+    _check(
+        e,
+        min(ada.tinit_ratio, ada.tfinal_ratio) >= 0 and ada.tinit_ratio + ada.tfinal_ratio < 1,
+        f"lora.adalora.tinit_ratio={ada.tinit_ratio} + tfinal_ratio={ada.tfinal_ratio} must be >= 0 each and < 1 "
+        "together (a pruning phase must remain)",
     )
 
 

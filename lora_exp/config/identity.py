@@ -9,6 +9,8 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.adapters.choices import OPTION_OWNERS
+
 
 def resolved_dict(cfg: DictConfig) -> dict:
     """The config with every interpolation resolved, as plain containers (for W&B and the job dir)."""
@@ -34,8 +36,18 @@ TRAINER_COSMETIC = (
 DATA_DEFAULTS = {"format": None, "drop_missing": False}
 
 
+def applicable_lora(lora: dict) -> dict:
+    """``lora`` without the option groups of variants / inits this job does not use (``lora.vera`` unless
+    ``lora.variant=vera``): they change nothing it computes, so runs before and after they existed hash alike."""
+    return {
+        k: v for k, v in lora.items() if k not in OPTION_OWNERS or lora.get(OPTION_OWNERS[k][0]) == OPTION_OWNERS[k][1]
+    }
+
+
 def _identity(resolved: dict) -> dict:
     ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
+    if isinstance(ident.get("lora"), dict):
+        ident["lora"] = applicable_lora(ident["lora"])
     data = ident.get("data", {})
     ident["data"] = {
         k: v for k, v in data.items() if k != "cache_dir" and not (k in DATA_DEFAULTS and DATA_DEFAULTS[k] == v)
@@ -138,4 +150,7 @@ def without(config: dict, paths: list[str]) -> dict:
 def recorded(config: dict) -> dict:
     """The resolved config with only the fields that apply to this run (``inapplicable``): what W&B records and
     ``lora-exp --cfg job`` shows. ``config.yaml`` keeps everything: ``resume`` and ``rerun`` rebuild from it."""
-    return without(config, inapplicable(config))
+    out = without(config, inapplicable(config))
+    if isinstance(out.get("lora"), dict):
+        out["lora"] = applicable_lora(out["lora"])
+    return out

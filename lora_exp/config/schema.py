@@ -53,19 +53,74 @@ class ModelConfig:
 
 
 @dataclass
+class VeraOptions:
+    """``lora.vera.*``, for ``lora.variant=vera`` (PEFT ``VeraConfig``); left out of the job's identity otherwise."""
+
+    d_initial: float = 0.1  # lambda_d's initial value (PEFT d_initial)
+    prng_key: int = 0  # seed of the shared random projections (PEFT projection_prng_key)
+
+
+@dataclass
+class EvaOptions:
+    """``lora.eva.*``, for ``lora.init=eva`` (PEFT ``EvaConfig``); left out of the job's identity otherwise."""
+
+    rho: float = 2.0  # a layer may get up to round(r * rho) of the redistributed rank budget (>= 1; 1: no change)
+    tau: float = 0.99  # components have converged at this cosine similarity between consecutive batches
+    adjust_scaling: bool = True  # alpha *= new r / r: every layer keeps its scaling (PEFT adjust_scaling_factors)
+    max_batches: int = 1000  # give up (an error) when not converged after this many batches (PEFT: no limit)
+
+
+@dataclass
+class LoraGaOptions:
+    """``lora.lora_ga.*``, for ``lora.init=lora_ga`` (PEFT ``LoraGAConfig``); out of the job's identity otherwise."""
+
+    batches: int = 8  # training batches whose mean gradient is decomposed (PEFT: what the train_step runs)
+    direction: str = "ArB2r"  # which singular directions A and B take: ArB2r | A2rBr | ArBr | random
+    scale: str = "stable"  # B's rescaling: stable (out^1/4 / sqrt(gamma)) | weight_svd | gd_scale | unit
+    stable_gamma: int = 16
+
+
+@dataclass
+class AdaLoraOptions:
+    """``lora.adalora.*``, for ``lora.variant=adalora`` (PEFT ``AdaLoraConfig``; ``lora.r`` is its init_r).
+
+    PEFT counts tinit / tfinal in steps; here they are fractions of the run's updates (PEFT's example: 10 and 20
+    of 100 steps), so one preset fits runs of any length.
+    """
+
+    target_r: int = 8  # the average rank left per layer at the end (budget = target_r x layers)
+    tinit_ratio: float = 0.1  # updates at the full budget before pruning starts
+    tfinal_ratio: float = 0.2  # final updates at the target budget (masks fixed)
+    delta_t: int = 1  # updates between two reallocations
+    beta1: float = 0.85  # EMA of the sensitivity |w * grad|
+    beta2: float = 0.85  # EMA of its uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality regulariser in the training loss
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: float = 16.0
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
     dropout: float = 0.0
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
-    variant: str = "lora"  # lora | dora (weight-decomposed: a trainable magnitude per output row)
+    # lora | dora (+ a trained magnitude per row) | lora_fa (A frozen, PEFT LoRA-FA optimizer) | vera (shared
+    # frozen random A, B; trained vectors d, b per layer; r is the shared rank, alpha unused) | adalora (SVD-form
+    # update P diag(E) Q, ranks pruned from r to lora.adalora.target_r on average during training)
+    variant: str = "lora"
     use_dora: bool = False  # alias of variant=dora (PEFT's name)
-    init: str = "default"  # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0)
+    # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0) | eva (SVD of the layers' inputs
+    # on training batches, ranks redistributed by explained variance) | lora_ga (SVD of the full gradient on
+    # training batches, W0 adjusted)
+    init: str = "default"
     bias: str = "none"  # none | lora_only (biases of adapted layers train) | all (every bias trains)
     layers: list[int] | None = None  # block indices that get adapters (PEFT layers_to_transform); null: all
     rank_pattern: Any = None  # per-module r {regex: r}, first match wins (PEFT): lora.rank_pattern={query: 4}
     alpha_pattern: Any = None  # per-module alpha {regex: alpha}, same matching
+    vera: VeraOptions = field(default_factory=VeraOptions)  # variant=vera only
+    eva: EvaOptions = field(default_factory=EvaOptions)  # init=eva only
+    adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)  # variant=adalora only
+    lora_ga: LoraGaOptions = field(default_factory=LoraGaOptions)  # init=lora_ga only
 
 
 @dataclass

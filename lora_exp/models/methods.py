@@ -12,7 +12,6 @@ from torch import nn
 
 from lora_exp.adapters import params as adapter_params
 from lora_exp.adapters import targets as injection
-from lora_exp.adapters.dora import DoRALinear
 from lora_exp.adapters.targets import is_under
 from lora_exp.device import DTYPES
 from lora_exp.errors import LoraExpError
@@ -50,15 +49,14 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
             layers=None if get("layers") is None else list(get("layers")),
             rank_pattern=dict(get("rank_pattern") or {}),
             alpha_pattern=dict(get("alpha_pattern") or {}),
+            options=adapter_params.variant_options(lora_cfg),
         )
     for _, p in params:
         p.requires_grad_(True)
-    for name in adapted:
-        sub = model.get_submodule(name)
-        sub.lora_A.requires_grad_(True)
-        sub.lora_B.requires_grad_(True)
-        if isinstance(sub, DoRALinear):
-            sub.lora_magnitude_vector.requires_grad_(True)
+    for name in adapted:  # each layer class names what trains (LoRA-FA: B only; DoRA: + magnitude)
+        sub = model.get_submodule(name).requires_grad_(False)
+        for p in sub.trainable_parameters():
+            p.requires_grad_(True)
     bias = "all" if method == "bitfit" else (lora_cfg.get("bias", "none") if method == "lora" else "none")
     params = dict(model.named_parameters())
     for name in adapter_params.bias_parameters(model, bias, adapted):

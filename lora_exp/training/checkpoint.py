@@ -3,6 +3,7 @@
 A checkpoint is a folder ``<run dir>/checkpoint/`` written atomically (temp folder + rename):
 - ``trainable.safetensors``: every trainable tensor (LoRA A/B + head, or the whole model for ``full``);
 - ``best.safetensors``: the best-so-far trainable tensors (the final test uses them);
+- ``adapter_buffers.safetensors`` (AdaLoRA only): the allocator's rank masks and importance EMAs;
 - ``state.pt``: optimizer, scheduler and scaler state, the torch CPU/CUDA RNG states and the data-order
   generator's state at the start of the current epoch, in torch's weights-only format (tensors, numbers,
   strings and containers only: loading it with ``weights_only=True`` never runs code);
@@ -21,9 +22,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_exp.adapters.adalora import TRAINING_BUFFERS as ADALORA_BUFFERS
 from lora_exp.errors import LoraExpError
 
 FOLDER = "checkpoint"
+BUFFERS = "adapter_buffers.safetensors"
+
+
+def adapter_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA layers' own buffers that training changes (AdaLoRA's rank masks and importance EMAs)."""
+    kept = {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] in ("rank_mask", *ADALORA_BUFFERS)}
+    return kept
 
 
 @dataclass
@@ -61,6 +70,9 @@ def save(
     tmp.mkdir(parents=True)
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
+    buffers = adapter_buffers(model)
+    if buffers:  # AdaLoRA's masks and importance EMAs: the allocation continues where it was
+        save_file({n: b.detach().cpu().contiguous() for n, b in buffers.items()}, str(tmp / BUFFERS))
     save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp / "best.safetensors"))
     state = {
         "optimizer": optimizer.state_dict(),
@@ -121,6 +133,10 @@ def load(
     with torch.no_grad():
         for name, t in trainable.items():
             params[name].copy_(t)
+        if (folder / BUFFERS).is_file():
+            own = adapter_buffers(model)
+            for name, t in load_file(str(folder / BUFFERS)).items():
+                own[name].copy_(t)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler and state["scaler"]:

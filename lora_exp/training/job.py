@@ -16,8 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
 from lora_exp import device as devices
+from lora_exp.adapters import lora_fa
 from lora_exp.adapters.layer import scaling
 from lora_exp.adapters.params import optimizer_groups
+from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
 from lora_exp.data import audio as audio_data
@@ -27,7 +29,7 @@ from lora_exp.measure import memory
 from lora_exp.measure.timing import PhaseTimer, RssPeak, reset_memory
 from lora_exp.models.build import build_model, sub_seeds
 from lora_exp.models.methods import count_parameters, model_facts
-from lora_exp.training import checkpoint, features
+from lora_exp.training import adalora_hooks, checkpoint, data_init, features
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Job:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
     cache: features.FeatureCache | None = None
+    data_init: dict[str, Any] | None = None  # lora.init=eva: what the init used and cost (results.json)
     sampled: memory.SampledStep | None = None  # the step whose memory was measured
     run: Any = None  # the W&B run
     stop: threading.Event = field(default_factory=threading.Event)  # set by SIGINT / SIGTERM (training/interrupt.py)
@@ -71,13 +74,18 @@ class Job:
 
     def amp(self) -> AbstractContextManager:
         """Autocast in the run's precision (a null context for fp32)."""
-        dtype = devices.AMP_DTYPES.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        return _amp(self.device, self.precision)()
 
     @property
     def probe_step(self) -> int:
         """The update after which LoRA must be seen moving."""
         return min(10, self.total_steps)
+
+
+def _amp(device: torch.device, precision: str) -> Any:
+    """A factory of autocast contexts in ``precision`` (null contexts for fp32)."""
+    dtype = devices.AMP_DTYPES.get(precision)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -94,7 +102,10 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def make_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device) -> Any:
     """AdamW over trainable parameters only (groups from ``optimizer_groups``: weight decay on >= 2-D
-    weights; with ``optimizer.loraplus_lr_ratio`` PEFT's LoRA+ groups); fused on CUDA."""
+    weights; with ``optimizer.loraplus_lr_ratio`` PEFT's LoRA+ groups); fused on CUDA. LoRA-FA layers get
+    PEFT's LoRA-FA optimizer (``adapters.lora_fa``) instead."""
+    if lora_fa.has_layers(model):
+        return lora_fa.make_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps)
     groups = optimizer_groups(model, o.lr, o.weight_decay, o.get("loraplus_lr_ratio"))
     cuda = device.type == "cuda"
     return torch.optim.AdamW(
@@ -117,6 +128,10 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
     place_model(model, device, bool(t.get("gradient_checkpointing")))
     generator = torch.Generator().manual_seed(seeds["data"])
     tok, loaders = make_loaders(cfg, splits, tokenizer, generator, device)
+    amp = _amp(device, precision)
+    init_record = data_init.prepare(cfg, model, loaders.train, generator, amp, run_dir, resume)
+    if init_record is not None:  # ranks redistributed (EVA): other layers, other counts
+        adapted, counts = [n for n, _ in lora_layers(model)], count_parameters(model, head)
     optimizer, scheduler, total_steps = make_schedule(model, cfg, device, len(loaders.train))
     job = Job(
         cfg=cfg,
@@ -146,12 +161,14 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
         pg=checkpoint.Progress(),
         resumed=resume,
         loss_sum=torch.zeros((), device=device),
+        data_init=init_record,
     )
     job.cache = cache_features(job)  # a frozen encoder runs once per example, not once per epoch
     _print_banner(job)
     config["derived"] = derived_facts(job)
     job.pg.config_hash = config_hash(config)
     restore_or_seed(job)
+    adalora_hooks.attach(cfg, model, optimizer, total_steps, lambda: job.pg.step)  # after restore: its step
     return job
 
 

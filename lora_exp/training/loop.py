@@ -25,7 +25,7 @@ from lora_exp.errors import TrainingFailure
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import RssPeak, clock
 from lora_exp.training import checkpoint, interrupt, metrics
-from lora_exp.training.checks import check_gradients, check_lora_moving
+from lora_exp.training.checks import check_gradients, check_lora_moving, has_adapter
 from lora_exp.training.job import Job, setup
 from lora_exp.training.metrics import evaluate, is_nan
 from lora_exp.training.results import finish, print_summary
@@ -159,11 +159,7 @@ def optimizer_step(job: Job, timed: bool) -> None:
         check_gradients(trainable, allow_inf=scaler is not None, loss=job.loss_sum)
     # fp16: the scaler starts at 2**16 and halves at each overflowing (skipped) update, so a smaller scale
     # means some of the first updates did not happen and B may legitimately still be zero
-    elif (
-        pg.step == job.probe_step - 1
-        and any(".lora_" in n for n, _ in trainable)
-        and not (scaler and scaler.get_scale() < 2.0**16)
-    ):
+    elif pg.step == job.probe_step - 1 and has_adapter(trainable) and not (scaler and scaler.get_scale() < 2.0**16):
         check_lora_moving(trainable, pg.step, loss=job.loss_sum)
     if job.cfg.trainer.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for _, p in trainable], job.cfg.trainer.max_grad_norm)

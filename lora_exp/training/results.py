@@ -14,6 +14,7 @@ from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import peak_memory
 from lora_exp.models.location import model_location
+from lora_exp.training import adalora_hooks
 from lora_exp.training.job import Job, lora_scaling
 from lora_exp.training.metrics import evaluate, is_nan
 
@@ -61,6 +62,10 @@ def what_trained(job: Job) -> dict[str, Any]:
         "lora_scaling": lora_scaling(cfg),
         "lora_layers": len(job.adapted),
         "lora_init": cfg.lora.get("init", "default") if lora else None,
+        "data_init": job.data_init,  # lora.init=eva: batches, tokens, seconds, ranks (null otherwise)
+        "data_init_seconds": (job.data_init or {}).get("seconds"),  # flat, for W&B's summary and the report
+        "data_init_batches": (job.data_init or {}).get("batches"),
+        "adalora_ranks": adalora_hooks.final_ranks(job.model),  # lora.variant=adalora: rank per layer at the end
         "loraplus_lr_ratio": cfg.optimizer.get("loraplus_lr_ratio"),
         **variant_counts(job.model),
         "lr": cfg.optimizer.lr,

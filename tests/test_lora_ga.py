@@ -1,0 +1,183 @@
+"""LoRA-GA against PEFT's ``preprocess_loraga`` + ``init_lora_weights="lora_ga"`` on tiny BERT, DistilBERT and
+RoBERTa: the mean gradient, A, B and the residual W0 equal PEFT's from the same batches (the randomized SVD's
+test matrix drawn under the same seed in both); equal logits after 3 AdamW steps; the export (converted to a
+plain rank-2r LoRA, as PEFT converts) loads in PEFT on the pristine base; merge / unmerge; counts."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model, preprocess_loraga
+
+from lora_exp.adapters import lora_ga
+from lora_exp.adapters import targets as injection
+from lora_exp.adapters.peft_format import export_peft, import_peft
+from lora_exp.errors import LoraExpError
+from lora_exp.models import methods as model_methods
+
+from .test_variants import ARCHS, TARGETS, R, close, ids, ours_cfg, peft_name, tiny
+
+SEED, N_BATCHES = 3, 4
+
+
+def batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "input_ids": torch.randint(5, 1000, (6, 12), generator=g),
+            "attention_mask": torch.ones(6, 12, dtype=torch.long),
+            "labels": torch.randint(0, 2, (6,), generator=g),
+        }
+        for _ in range(N_BATCHES)
+    ]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def ga_pair(request: pytest.FixtureRequest):
+    """(arch, ours, PEFT's, head, base, grads): both initialised by LoRA-GA from the same batches and dropout."""
+    arch = request.param
+    base, head = tiny(arch)
+    conf = LoraConfig(
+        r=R,
+        lora_alpha=8.0,
+        lora_dropout=0.1,
+        target_modules=TARGETS[arch],
+        task_type="SEQ_CLS",
+        modules_to_save=list(head),
+        init_lora_weights="lora_ga",
+        lora_ga_config=LoraGAConfig(),
+    )
+    ref = copy.deepcopy(base)
+
+    def train_step() -> None:
+        for b in batches():
+            ref(**b).loss.backward()
+
+    torch.manual_seed(11)  # the same dropout masks in both gradient passes
+    preprocess_loraga(ref, conf, train_step)
+    svd_lowrank = torch.svd_lowrank
+
+    def seeded(x: torch.Tensor, q: int, niter: int = 4) -> tuple:  # PEFT draws the test matrix from the global RNG
+        return _seeded_svd(svd_lowrank, x, q, niter)
+
+    torch.svd_lowrank = seeded
+    try:
+        ref = get_peft_model(ref, conf)
+    finally:
+        torch.svd_lowrank = svd_lowrank
+    ours = copy.deepcopy(base)
+    model_methods.apply_method(ours, "lora", head, ours_cfg(arch, 0.1, init="lora_ga"))
+    layers = dict(injection.lora_layers(ours))
+    torch.manual_seed(11)
+    grads, used = lora_ga.estimate_gradients(ours, layers, batches(), N_BATCHES)
+    assert used == N_BATCHES
+    for name, layer in layers.items():
+        lora_ga.apply_residual(layer, *lora_ga.factors(grads[name], layer, seed=SEED))
+    return arch, ours, ref, head, base, grads
+
+
+def _seeded_svd(fn, x: torch.Tensor, q: int, niter: int) -> tuple:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        return fn(x, q=q, niter=niter)
+
+
+def test_factors_and_residual_equal_peft(ga_pair) -> None:
+    arch, ours, ref, head, base, grads = ga_pair
+    refp = dict(ref.named_parameters())
+    layers = dict(injection.lora_layers(ours))
+    assert len(layers) == 6
+    for n, m in layers.items():
+        p = f"base_model.model.{n}"
+        close(m.lora_A.weight, refp[f"{p}.lora_A.default.weight"])
+        close(m.lora_B.weight, refp[f"{p}.lora_B.default.weight"])
+        close(m.base_layer.weight, refp[f"{p}.base_layer.weight"])
+        assert m.lora_B.weight.abs().sum() > 0 and grads[n].abs().sum() > 0
+        assert not torch.allclose(m.base_layer.weight, base.get_submodule(n).weight)  # W0 was adjusted
+    with torch.no_grad():  # W0 - s B A + s B A: unchanged at init
+        close(ours.eval()(input_ids=ids()).logits, base(input_ids=ids()).logits)
+
+
+def test_lora_ga_steps_equal_peft(ga_pair) -> None:
+    arch, ours, ref, head, base, _ = ga_pair
+    ours, ref = copy.deepcopy(ours), copy.deepcopy(ref)
+    ours.train(), ref.train()
+    names = [n for n, p in ours.named_parameters() if p.requires_grad]
+    ref_params = dict(ref.named_parameters())
+    assert {peft_name(n, head) for n in names} == {n for n, p in ref_params.items() if p.requires_grad}
+    opt_ours = torch.optim.AdamW([dict(ours.named_parameters())[n] for n in names], lr=1e-2)
+    opt_ref = torch.optim.AdamW([ref_params[peft_name(n, head)] for n in names], lr=1e-2)
+    labels = torch.tensor([0, 1, 1])
+    for step in range(3):
+        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
+            torch.manual_seed(10 + step)
+            loss = torch.nn.functional.cross_entropy(model(input_ids=ids(step)).logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = ours.eval()(input_ids=ids()).logits
+        close(after, ref.eval()(input_ids=ids()).logits)
+        assert not torch.allclose(after, base(input_ids=ids()).logits, atol=1e-3)
+
+
+def test_export_is_a_plain_lora_on_the_pristine_base(ga_pair, tmp_path: Path) -> None:
+    """PEFT loads our export onto the original W0 (rank 2r: [A; A0], [B, -B0]) and gives our logits; it imports
+    back through import_peft; PEFT's own unconverted lora_ga save is refused in one line."""
+    arch, ours, ref, head, base, _ = ga_pair
+    ours = copy.deepcopy(ours)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if ".lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)  # trained-looking
+        expected = ours.eval()(input_ids=ids()).logits
+    export_peft(ours, tmp_path / "ours", {"head_modules": head})
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert loaded.peft_config["default"].r == 2 * R and loaded.peft_config["default"].lora_alpha == 16.0
+    with torch.no_grad():
+        close(loaded(input_ids=ids()).logits, expected)
+    back = copy.deepcopy(base)
+    import_peft(back, tmp_path / "ours", head)
+    with torch.no_grad():
+        close(back.eval()(input_ids=ids()).logits, expected)
+    ref.save_pretrained(tmp_path / "ref")
+    with pytest.raises(LoraExpError, match="init_lora_weights='lora_ga' needs the residual base"):
+        import_peft(copy.deepcopy(base), tmp_path / "ref", head)
+
+
+def test_lora_ga_merge_unmerge_and_counts(ga_pair) -> None:
+    arch, ours, _, head, _, _ = ga_pair
+    ours = copy.deepcopy(ours)
+    layers = dict(injection.lora_layers(ours))
+    w0 = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
+    with torch.no_grad():
+        before = ours.eval()(input_ids=ids()).logits
+        injection.merge(ours)
+        close(ours(input_ids=ids()).logits, before)
+        injection.unmerge(ours)
+    for n, m in layers.items():
+        torch.testing.assert_close(m.base_layer.weight, w0[n], atol=1e-6, rtol=1e-5)
+    counts = model_methods.count_parameters(ours, head)
+    assert counts["adapter"] == 2 * R * ((32 + 32) * 2 + (32 + 64))  # LoRA's count: 2 blocks x (q, v, ffn up)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lora.init=lora_ga", "lora.lora_ga.batches=0"], "lora.lora_ga.batches=0 must be >= 1"),
+        (["lora.init=lora_ga", "lora.lora_ga.direction=up"], "lora.lora_ga.direction='up' is not one of ArB2r"),
+        (["lora.init=lora_ga", "lora.lora_ga.scale=big"], "lora.lora_ga.scale='big' is not one of stable"),
+        (["lora.init=lora_ga", "lora.variant=dora"], "lora.init=lora_ga needs lora.variant=lora (not dora)"),
+    ],
+)
+def test_lora_ga_bad_options_are_one_line(overrides: list[str], message: str) -> None:
+    from lora_exp.config.checks import validate
+
+    from .conftest import make_cfg
+
+    with pytest.raises(LoraExpError) as err:
+        validate(make_cfg(overrides))
+    assert str(err.value).startswith(message) and len(str(err.value).splitlines()) == 1
