@@ -206,3 +206,11 @@ def test_checkpoint_keeps_the_allocator_state(tmp_path: Path) -> None:
     checkpoint.load(tmp_path, fresh, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda _: 1.0), None)
     restored = checkpoint.adapter_buffers(fresh)
     assert restored.keys() == buffers.keys() and all(torch.equal(restored[n], b) for n, b in buffers.items())
+
+
+def test_initial_rank_may_exceed_the_layer_size() -> None:
+    """As PEFT's SVDLinear: init_r above min(out, in) is allowed (the allocator prunes it); LoRA's is not."""
+    layer = injection.make_layer(torch.nn.Linear(16, 24), 20, 8.0, 0.0, False, "adalora")
+    assert layer.lora_A.weight.shape == (20, 16) and layer.lora_B.weight.shape == (24, 20)
+    with pytest.raises(LoraExpError, match=r"lora.r=20 must be in \[1, min\(out, in\)=16\]"):
+        injection.make_layer(torch.nn.Linear(16, 24), 20, 8.0, 0.0, False, "lora")

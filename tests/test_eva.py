@@ -190,3 +190,14 @@ def test_eva_bad_options_are_one_line(overrides: list[str], message: str) -> Non
     with pytest.raises(LoraExpError) as err:
         validate(make_cfg(overrides))
     assert str(err.value).startswith(message) and len(str(err.value).splitlines()) == 1
+
+
+def test_eva_under_bf16_autocast() -> None:
+    """Layer inputs in bf16 (autocast, as on a bf16 run) are hashed and decomposed (in fp32) like fp32 ones."""
+    base, head = tiny("bert")
+    model_methods.apply_method(base, "lora", head, ours_cfg("bert", init="eva", targets=EVA_TARGETS["bert"]))
+    layers = dict(injection.lora_layers(base))
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    result = eva.eva_components(base, layers, batches(), tau=TAU, amp=amp)
+    assert sum(result.ranks.values()) == R * len(layers) and result.batches > 2
+    assert all(c.dtype in (torch.float32, torch.float64) for c in result.components.values())

@@ -181,3 +181,10 @@ def test_lora_ga_bad_options_are_one_line(overrides: list[str], message: str) ->
     with pytest.raises(LoraExpError) as err:
         validate(make_cfg(overrides))
     assert str(err.value).startswith(message) and len(str(err.value).splitlines()) == 1
+
+
+def test_rank_too_large_for_a_layer_is_one_line_before_any_gradient() -> None:
+    base, head = tiny("bert")
+    model_methods.apply_method(base, "lora", head, ours_cfg("bert", init="lora_ga", r=20))
+    with pytest.raises(LoraExpError, match=r"needs 2 x lora.r <= min\(out, in\) .* is 32x32 at r=20"):
+        lora_ga.check_ranks(dict(injection.lora_layers(base)))

@@ -452,7 +452,9 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
     from .test_train import cli
 
     sweep = tmp_path / "sweep"
-    args = ["-m", "+sweep=variants", *tiny_overrides(reviews, tmp_path), "trainer.max_steps=2", "logger=none"]
+    # hidden 64: LoRA-GA at r=32 needs 2r <= min(out, in) of every layer (tiny_bert's 32 is too small)
+    wide = ["model.hidden_size=64", "model.ffn_size=128"]
+    args = ["-m", "+sweep=variants", *tiny_overrides(reviews, tmp_path), *wide, "trainer.max_steps=2", "logger=none"]
     proc = cli([*args, "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = []
@@ -465,8 +467,8 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
     assert {p.parent.name.split("_", 1)[1] for p in sweep.glob("*/results.json")} == arms  # dirs named by variant
     by = {(lab, cfg.lora.r, tuple(cfg.lora.targets)): res for lab, cfg, res in runs}
     qv = ("q", "v")
-    # DoRA = LoRA's A/B + one magnitude per output row of each adapted layer (tiny_bert: 2 layers, hidden 32).
-    assert by[("dora", 8, qv)]["adapter_params"] == by[("lora", 8, qv)]["adapter_params"] + 2 * 2 * 32
+    # DoRA = LoRA's A/B + one magnitude per output row of each adapted layer (2 layers, hidden 64 here).
+    assert by[("dora", 8, qv)]["adapter_params"] == by[("lora", 8, qv)]["adapter_params"] + 2 * 2 * 64
     assert by[("lora", 32, qv)]["adapter_params"] == 4 * by[("lora", 8, qv)]["adapter_params"]
     assert by[("pissa", 8, qv)]["adapter_params"] == by[("lora", 8, qv)]["adapter_params"]
     bitfit = by[("bitfit", 8, qv)]

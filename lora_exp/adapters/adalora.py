@@ -32,6 +32,7 @@ class AdaLoraLinear(LoRALinear):
     """A frozen ``nn.Linear`` plus PEFT's ``SVDLinear`` update (``lora.variant=adalora``)."""
 
     variant = "adalora"
+    rank_bounded = False  # PEFT's SVDLinear takes any init_r: the allocator prunes it
 
     def __init__(self, base: nn.Linear | Conv1D, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__(base, r, alpha, dropout, rslora)

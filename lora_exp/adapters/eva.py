@@ -72,7 +72,7 @@ def _equal_input_groups(model: nn.Module, layers: dict[str, LoRALinear], forward
 
     def hook(name: str) -> Callable:
         def fn(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            tokens = _tokens(inputs[0], batch["attention_mask"]).detach().cpu().contiguous()
+            tokens = _tokens(inputs[0], batch["attention_mask"]).detach().float().cpu().contiguous()  # bf16: exact
             digests[name] = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
 
         return fn

@@ -32,12 +32,13 @@ class LoRALinear(nn.Module):
     """
 
     variant = "lora"  # the ``lora.variant`` a layer class implements (saved with the adapter)
+    rank_bounded = True  # r <= min(out, in) (AdaLoRA, like PEFT's, allows more: its ranks are pruned)
 
     def __init__(self, base: nn.Linear | Conv1D, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D)
         k, d = base.weight.shape if self.fan_in_fan_out else (base.in_features, base.out_features)
-        if not 1 <= r <= min(d, k):
+        if r < 1 or (self.rank_bounded and r > min(d, k)):
             raise LoraExpError(f"lora.r={r} must be in [1, min(out, in)={min(d, k)}] for this layer")
         self.base_layer = base.requires_grad_(False)
         dev, dt = base.weight.device, base.weight.dtype

@@ -26,6 +26,17 @@ from lora_exp.errors import LoraExpError
 DIRECTIONS, SCALES = LORA_GA_DIRECTIONS, LORA_GA_SCALES
 
 
+def check_ranks(layers: dict[str, LoRALinear]) -> None:
+    """A and B take 2r different singular directions of each gradient: 2r <= min(out, in) (PEFT fails on less)."""
+    for name, m in layers.items():
+        out_f, in_f = base_weight(m).shape
+        if 2 * m.r > min(out_f, in_f):
+            raise LoraExpError(
+                f"lora.init=lora_ga needs 2 x lora.r <= min(out, in) of every adapted layer (A and B take different "
+                f"singular directions); {name} is {out_f}x{in_f} at r={m.r}: lower lora.r"
+            )
+
+
 def estimate_gradients(
     model: nn.Module,
     layers: dict[str, LoRALinear],

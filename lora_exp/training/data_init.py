@@ -84,6 +84,7 @@ def _lora_ga(
     """LoRA-GA: the mean gradient over ``lora.lora_ga.batches`` batches, A, B from its SVD, W0 adjusted."""
     opts = cfg.lora.lora_ga
     layers = dict(lora_layers(model))
+    lora_ga.check_ranks(layers)  # before the gradient passes
     start = time.perf_counter()
     counted = _Counted(train_loader)
     grads, used = lora_ga.estimate_gradients(model, layers, counted, opts.batches, amp)
