@@ -31,6 +31,7 @@ from lora_exp.config import cmdline
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.config.schema import CONF_DIR, register_configs
+from lora_exp.device import resolve_compute
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.measure.tracking import write_json
 from lora_exp.training import interrupt
@@ -182,7 +183,8 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
     """results.json with status failed, unless the dir already holds a finished result (never overwritten)."""
     try:
         digest = config_hash(cfg)
-        ident = {"group_hash": group_hash(cfg), "arm_hash": arm_hash(cfg), "lr": cfg.optimizer.lr}  # report: fair.md
+        compute = resolve_compute(cfg.trainer, cfg.model, cfg.method.name)  # hashed as a finished run hashes
+        ident = {"group_hash": group_hash(cfg, compute), "arm_hash": arm_hash(cfg, compute), "lr": cfg.optimizer.lr}
     except Exception:  # an unresolvable config has no identity
         digest, ident = None, {}
     lora = cfg.method.name == "lora"
@@ -237,7 +239,7 @@ def _fetch() -> int:
 def _report(*args: str) -> int:
     import argparse
 
-    from lora_exp.analysis.report import write_report
+    from lora_exp.analysis.report import fair_comparison, load_runs, widen_commands, write_report
 
     parser = argparse.ArgumentParser(prog="lora-exp report", description="Table + figures from a (multi)run dir")
     parser.add_argument("dir", type=Path, help="a run or multirun dir (every results.json below it is read)")
@@ -248,6 +250,9 @@ def _report(*args: str) -> int:
         raise LoraExpError(f"report: {str(ns.dir)!r} is not a folder")
     written = write_report(ns.dir, ns.out)
     print(written["summary.md"].read_text())  # the runs are read once (an unreadable one is reported once)
+    if "fair.md" in written:  # a chosen lr at the edge of its grid: the sweep that looks beyond it
+        df = load_runs(ns.dir)
+        print("\n".join(widen_commands(df, fair_comparison(df)[0], ns.dir)))
     print("\n".join(f"wrote {p}" for p in written.values()))
     if ns.wandb:
         from lora_exp.analysis.report import load_runs, report_tables

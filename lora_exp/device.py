@@ -7,6 +7,7 @@ bench all read.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -75,6 +76,31 @@ def make_deterministic(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=False)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
+
+
+def effective_base_dtype(base_dtype: str, method: str) -> str:
+    """The dtype the frozen parameters are stored in: ``model.base_dtype``, except with ``method=full``, where
+    nothing is frozen (every parameter trains and stays fp32), so the setting has no effect."""
+    return "fp32" if method == "full" else base_dtype
+
+
+def compute_identity(device: torch.device, precision: str, base_dtype: str) -> dict[str, str | None]:
+    """What a run computed on, as resolved (``auto`` already decided): the device type, the GPU model, the
+    autocast precision and the frozen base's dtype. Two runs differ in it exactly when their numbers may."""
+    return {
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "precision": precision,
+        "base_dtype": base_dtype,
+    }
+
+
+def resolve_compute(trainer: Any, model: Any, method: str) -> dict[str, str | None]:
+    """``compute_identity`` from a config's ``trainer`` / ``model`` sections, resolving ``auto`` on this machine
+    (for records written without a job, e.g. a failure before training started)."""
+    device = pick_device(trainer.device)
+    precision = pick_precision(trainer.precision, device)
+    return compute_identity(device, precision, effective_base_dtype(model.get("base_dtype", "fp32"), method))
 
 
 def check_base_dtype(base_dtype: str, precision: str) -> None:

@@ -16,15 +16,33 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_exp.analysis import figures
+from lora_exp.analysis import fair, figures
 from lora_exp.analysis.stats import ci95, pct
 from lora_exp.errors import LoraExpError
 
 # The fallback identity of a configuration for results without group_hash / arm_hash.
 CONFIG_KEYS = ["model", "data", "method", "variant", "targets", "r", "alpha", "rslora", "lr"]
 ARM_KEYS = [k for k in CONFIG_KEYS if k != "lr"]  # an arm of the fair comparison: its lr is chosen on validation
-# A lora/frozen arm is paired with the full fine-tuning runs that share these (and the seed).
-PAIR_KEYS = ["model", "data", "epochs", "batch_size", "train_examples", "precision"]
+# A lora/frozen arm is paired with the full fine-tuning runs that share these (and the seed): every setting
+# outside the method that changes results, device and precision as resolved (results.json records them so).
+PAIR_KEYS = [
+    "model",
+    "data",
+    "epochs",
+    "batch_size",
+    "train_examples",
+    "max_length",
+    "scheduler",
+    "warmup_ratio",
+    "device_type",
+    "gpu_name",
+    "precision",
+    "base_dtype",
+]
+# Full fine-tuning freezes nothing, so it has no base dtype to match; plain LoRA, the variants' reference,
+# must have the variant's shape: rank, alpha, targets, dropout (its init is LoRA's default: variant "lora").
+FULL_REFERENCE_KEYS = [k for k in PAIR_KEYS if k != "base_dtype"]
+LORA_REFERENCE_KEYS = [*PAIR_KEYS, "r", "alpha", "targets", "lora_dropout"]
 MEMORY_PARTS = figures.MEMORY_PARTS
 COLUMNS = [
     *CONFIG_KEYS,
@@ -51,6 +69,10 @@ COLUMNS = [
     "test_auc",
     "peak_vram_bytes",
     "peak_host_rss_bytes",
+    "lora_dropout",
+    "lora_init",
+    "best_val_f1",
+    "best_val_loss",
 ]
 
 
@@ -280,44 +302,64 @@ def _filled(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The protocol: per arm (``arm_hash``), the lr with the best mean validation accuracy over seeds; test
-    accuracy at that lr (mean, 95% CI); and the paired differences (same seeds) to the reference arms: full
-    fine-tuning, and plain LoRA (``variant`` lora) of the same rank and targets when the dir holds it."""
+    """The protocol: per arm (``arm_hash``), the lr with the best mean validation value of the metric its runs
+    monitored (``trainer.monitor``: accuracy, F1, AUC, or the loss, lower being better) over seeds; test
+    accuracy at that lr (mean, 95% CI), ``lr_edge`` when that lr is the highest / lowest tried; and the paired
+    differences (same seeds) to the reference arms: full fine-tuning, and plain LoRA (``variant`` lora) of the
+    same rank, alpha, targets and dropout when the dir holds it. A run pairs at most once with each reference
+    arm; two reference arms of one method (e.g. two full fine-tunings that differ in weight decay) give one row
+    each, named after the reference arm."""
     ok = _filled(df[df["status"] == "ok"], PAIR_KEYS)
     if ok.empty:
         return pd.DataFrame(), pd.DataFrame()
-    by_lr = ok.groupby(["_arm", "lr"], sort=False).agg(val=("best_val_acc", "mean")).reset_index()
-    # An lr whose seeds partly failed (diverged) must not win on its survivors: each failure costs 1.0.
-    n_failed = df[df["status"] != "ok"].groupby(["_arm", "lr"], sort=False).size()
-    by_lr["score"] = by_lr["val"] - [n_failed.get((a, lr), 0) for a, lr in zip(by_lr["_arm"], by_lr["lr"])]
-    tried = by_lr.groupby("_arm", sort=False)["lr"].apply(lambda s: ", ".join(f"{v:g}" for v in sorted(s)))
-    best = by_lr.loc[by_lr.groupby("_arm", sort=False)["score"].idxmax(), ["_arm", "lr"]]
-    chosen = ok.merge(best, on=["_arm", "lr"])
+    by_lr = fair.lr_scores(ok, df[df["status"] != "ok"])
+    tried = fair.tried_lrs(df)
+    best = by_lr.loc[by_lr.groupby("_arm", sort=False)["score"].idxmax(), ["_arm", "lr", "monitor", "val"]]
+    chosen = ok.merge(best[["_arm", "lr"]], on=["_arm", "lr"])
     table = chosen.groupby("_arm", sort=False).agg(**aggregations(chosen)).reset_index()
-    table["lrs_tried"] = [tried[a] for a in table["_arm"]]
+    table = table.drop(columns="monitor").merge(best[["_arm", "monitor", "val"]], on="_arm")
+    table["lrs_tried"] = [", ".join(f"{v:g}" for v in tried.get(a, [])) for a in table["_arm"]]
+    table["lr_edge"] = [fair.grid_edge(lr, tried.get(a, [])) for a, lr in zip(table["_arm"], table["lr"])]
     table.insert(0, "config", _labels(table, "_arm", with_lr=False))
     label = dict(zip(table["_arm"], table["config"]))
+    full, lora = chosen["method"].eq("full"), chosen["method"].eq("lora")
+    references = [("full fine-tuning", full, ~full, FULL_REFERENCE_KEYS)]
+    plain = chosen["variant"].eq("lora") & lora
+    if plain.any():  # LoRA of the same shape: what each variant claims to beat
+        references.append(("LoRA", plain, lora & ~plain, LORA_REFERENCE_KEYS))
     rows = []
-    plain = chosen["variant"].eq("lora") & chosen["method"].eq("lora") if "variant" in chosen else None
-    references = [("full fine-tuning", chosen["method"].eq("full"), PAIR_KEYS)]
-    if plain is not None and plain.any():  # LoRA of the same shape: what each variant claims to beat
-        references.append(("LoRA", plain, [*PAIR_KEYS, "r", "targets"]))
-    for ref_name, is_ref, keys in references:
-        ref = chosen[is_ref][[*keys, "seed", "test_acc"]].rename(columns={"test_acc": "ref_acc"})
-        for arm, runs in chosen[~is_ref].groupby("_arm", sort=False):
-            pairs = runs.merge(ref, on=[*keys, "seed"])
-            diff = pairs["test_acc"] - pairs["ref_acc"]
-            if len(diff):
+    for ref_name, is_ref, compared, keys in references:
+        ref_arms = list(chosen[is_ref].groupby("_arm", sort=False))
+        for arm, runs in chosen[compared].groupby("_arm", sort=False):
+            matches = []
+            for ref_arm, ref in ref_arms:
+                ref = _filled(ref, keys).drop_duplicates([*keys, "seed"])[[*keys, "seed", "test_acc"]]
+                pairs = _filled(runs, keys).merge(ref.rename(columns={"test_acc": "ref_acc"}), on=[*keys, "seed"])
+                if len(pairs):
+                    matches.append((ref_arm, pairs["test_acc"] - pairs["ref_acc"]))
+            for ref_arm, diff in matches:
+                name = ref_name if len(matches) == 1 else f"{ref_name} ({label[ref_arm]})"
                 rows.append(
                     {
                         "config": label[arm],
-                        "reference": ref_name,
+                        "reference": name,
                         "pairs": len(diff),
                         "diff": diff.mean(),
                         "diff_ci95": ci95(diff),
                     }
                 )
     return table, pd.DataFrame(rows)
+
+
+def widen_commands(df: pd.DataFrame, table: pd.DataFrame, root: Path) -> list[str]:
+    """For each arm whose chosen lr is at the edge of its grid: the sweep command that tries two lrs beyond."""
+    out = []
+    for _, row in table[table["lr_edge"].notna()].iterrows() if not table.empty else []:
+        runs = df[(df["_arm"] == row["_arm"]) & (df["status"] == "ok")]
+        tried = fair.tried_lrs(df[df["_arm"] == row["_arm"]]).get(row["_arm"], [])
+        command = fair.widen_command(row["_arm"], runs, row["lr"], tried, row["lr_edge"], root)
+        out.append(f"{row['config']}: lr {row['lr']:g} is the {row['lr_edge']}est tried; widen: {command}")
+    return out
 
 
 def _count(n: float | None) -> str:
@@ -332,8 +374,11 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
         {
             "config": table["config"],
             "lrs tried": table["lrs_tried"],
-            "chosen lr (val)": table["lr"].map("{:g}".format),
-            "val acc": table["best_val_acc"].map("{:.4f}".format),
+            "chosen lr (val)": [
+                f"{lr:g}" + (f" {fair.EDGE_MARKS[e]}" if isinstance(e, str) else "")
+                for lr, e in zip(table["lr"], table["lr_edge"])
+            ],
+            "val (monitored)": [f"{v:.4f} {m.split('/')[-1]}" for v, m in zip(table["val"], table["monitor"])],
             "test acc (mean ± 95% CI)": [
                 f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(table.test_acc, table.test_acc_ci95)
             ],
@@ -349,6 +394,11 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
         }
     )
     text = show.to_markdown(index=False) + "\n"
+    if table["lr_edge"].notna().any():
+        text += (
+            "\n▲ / ▼: the chosen lr is the highest / lowest of its grid, so a better one may lie beyond it; "
+            "`lora-exp report` prints the sweep that widens the grid.\n"
+        )
     for ref_name, rows in paired.groupby("reference", sort=False) if not paired.empty else []:
         diffs = pd.DataFrame(
             {

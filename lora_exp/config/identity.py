@@ -71,29 +71,38 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return _digest(_identity(_resolved(cfg)))
 
 
-def _group_identity(cfg: DictConfig | dict) -> dict:
+def _group_identity(cfg: DictConfig | dict, compute: dict | None = None) -> dict:
     """What a job computes except its seed: the settings that apply (``recorded``), with the learning rate
-    only as the optimizer uses it (``method.lr``, ``method.lr_grid`` and ``lr_index`` only route to it)."""
+    only as the optimizer uses it (``method.lr``, ``method.lr_grid`` and ``lr_index`` only route to it).
+
+    ``compute`` (``device.compute_identity``; default: the job's ``derived.compute`` when recorded) replaces the
+    configured ``trainer.device``, ``trainer.precision`` and ``model.base_dtype`` by what they resolved to, plus
+    the GPU model: ``auto`` is bf16 on one machine and fp32 on another."""
     resolved = _resolved(cfg)
+    compute = compute or (resolved.get("derived") or {}).get("compute")
     ident = _identity(without(resolved, _hash_drops(resolved)))
     ident.pop("lr_index", None)
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k != "seed"}
     ident["method"] = {k: v for k, v in ident.get("method", {}).items() if k not in ("lr", "lr_grid")}
+    if compute:
+        ident["trainer"].update(device=compute["device"], precision=compute["precision"], gpu=compute.get("gpu"))
+        ident["model"] = {**ident.get("model", {}), "base_dtype": compute["base_dtype"]}
     return ident
 
 
-def group_hash(cfg: DictConfig | dict) -> str:
+def group_hash(cfg: DictConfig | dict, compute: dict | None = None) -> str:
     """One configuration of the report: every setting that changes what a job computes except the seed.
 
     Runs that differ in model, data, epochs, limits, batch, dropout, warm-up, precision or device differ here,
-    so the report never averages them as if they were seeds.
+    so the report never averages them as if they were seeds. Device and precision count as resolved (see
+    ``_group_identity``): an ``auto`` that became bf16 pools with an explicit bf16, never with fp32.
     """
-    return _digest(_group_identity(cfg))
+    return _digest(_group_identity(cfg, compute))
 
 
-def arm_hash(cfg: DictConfig | dict) -> str:
+def arm_hash(cfg: DictConfig | dict, compute: dict | None = None) -> str:
     """An arm of the fair comparison: ``group_hash`` without the learning rate (chosen on validation)."""
-    ident = _group_identity(cfg)
+    ident = _group_identity(cfg, compute)
     ident["optimizer"] = {k: v for k, v in ident.get("optimizer", {}).items() if k != "lr"}
     return _digest(ident)
 

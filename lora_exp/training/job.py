@@ -179,10 +179,16 @@ def choose_device(cfg: DictConfig) -> tuple[torch.device, str]:
         torch.set_num_threads(t.num_threads)
     device = devices.pick_device(t.device)
     precision = devices.pick_precision(t.precision, device)
-    devices.check_base_dtype(cfg.model.get("base_dtype", "fp32"), precision)
+    devices.check_base_dtype(base_dtype(cfg), precision)
     if t.get("deterministic"):
         devices.make_deterministic(device)
     return device, precision
+
+
+def base_dtype(cfg: DictConfig) -> str:
+    """The frozen base's dtype as it takes effect (``model.base_dtype``; fp32 for ``method=full``, which
+    freezes nothing: the banner says so)."""
+    return devices.effective_base_dtype(cfg.model.get("base_dtype", "fp32"), cfg.method.name)
 
 
 def load_data(cfg: DictConfig) -> tuple[Any, dict[int, str] | None, dict[str, int]]:
@@ -263,6 +269,7 @@ def derived_facts(job: Job) -> dict[str, Any]:
         "sub_seeds": job.seeds,
         "total_steps": job.total_steps,
         "precision": job.precision,
+        "compute": devices.compute_identity(job.device, job.precision, base_dtype(job.cfg)),
         "feature_cache": job.cache is not None,
         "model": model_facts(job.model),
     }
@@ -289,10 +296,16 @@ def restore_or_seed(job: Job) -> None:
 
 def _print_banner(job: Job) -> None:
     cfg, c = job.cfg, job.counts
+    stored = cfg.model.get("base_dtype", "fp32")
     print(
         f"[lora-exp] {cfg.method.name} on {cfg.model.name}/{cfg.data.name}: {c['trainable']:,} of "
         f"{c['total']:,} parameters trainable ({c['trainable_pct']:.4g}%), "
         f"{len(job.adapted)} LoRA layers, head {'+'.join(job.head)} (trained in full), "
         f"{len(job.tok['train'])} train examples, {job.total_steps} steps, {job.device} {job.precision}"
-        + (f", frozen weights in {cfg.model.base_dtype}" if cfg.model.get("base_dtype", "fp32") != "fp32" else "")
+        + (f", frozen weights in {stored}" if base_dtype(cfg) != "fp32" else "")
     )
+    if stored != base_dtype(cfg):
+        print(
+            f"[lora-exp] model.base_dtype={stored} has no effect with method=full: nothing is frozen, every "
+            "parameter trains in fp32 (recorded as base_dtype fp32)"
+        )

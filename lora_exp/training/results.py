@@ -15,7 +15,7 @@ from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import peak_memory
 from lora_exp.models.location import model_location
 from lora_exp.training import adalora_hooks
-from lora_exp.training.job import Job, lora_scaling
+from lora_exp.training.job import Job, base_dtype, lora_scaling
 from lora_exp.training.metrics import evaluate, is_nan
 
 
@@ -62,6 +62,7 @@ def what_trained(job: Job) -> dict[str, Any]:
         "lora_scaling": lora_scaling(cfg),
         "lora_layers": len(job.adapted),
         "lora_init": cfg.lora.get("init", "default") if lora else None,
+        "lora_dropout": cfg.lora.dropout if lora else None,
         "data_init": job.data_init,  # lora.init=eva: batches, tokens, seconds, ranks (null otherwise)
         "data_init_seconds": (job.data_init or {}).get("seconds"),  # flat, for W&B's summary and the report
         "data_init_batches": (job.data_init or {}).get("batches"),
@@ -138,7 +139,11 @@ def identity(job: Job) -> dict[str, Any]:
         "seed": t.seed,
         "sub_seeds": job.seeds,
         "precision": job.precision,
-        "base_dtype": cfg.model.get("base_dtype", "fp32"),
+        "base_dtype": base_dtype(cfg),  # as it took effect (fp32 for method=full)
+        "device_type": job.device.type,
+        "max_length": cfg.data.max_length,
+        "scheduler": cfg.optimizer.scheduler,
+        "warmup_ratio": cfg.optimizer.warmup_ratio,
         "gradient_checkpointing": bool(t.get("gradient_checkpointing")),
         "deterministic": bool(t.get("deterministic")),
         "feature_cache": job.cache is not None,

@@ -1,0 +1,102 @@
+"""The fair protocol's choices: each arm's learning rate by the metric its runs monitored, a chosen lr at the
+edge of its grid, and the sweep command that widens that grid. Used by ``report.fair_comparison``."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+# trainer.monitor -> the results.json column of the best step's value; val/loss is the one lower-is-better
+MONITOR_COLUMNS = {
+    "val/acc": "best_val_acc",
+    "val/f1": "best_val_f1",
+    "val/auc": "best_val_auc",
+    "val/loss": "best_val_loss",
+}
+LOWER_IS_BETTER = ("val/loss",)
+EDGE_MARKS = {"high": "▲ highest tried", "low": "▼ lowest tried"}
+# a job's own overrides that the widening command replaces
+GRID_KEYS = ("lr_index", "trainer.seed", "method.lr_grid", "optimizer.lr", "method.lr")
+
+
+def monitor_of(runs: pd.DataFrame) -> str:
+    """The metric an arm's runs selected their best step by (``trainer.monitor``; val/acc for older results)."""
+    known = [m for m in runs.get("monitor", pd.Series(dtype=object)).dropna() if m in MONITOR_COLUMNS]
+    return known[0] if known else "val/acc"
+
+
+def lr_scores(ok: pd.DataFrame, failed: pd.DataFrame) -> pd.DataFrame:
+    """Per arm and lr: the monitored metric's mean over seeds (``val``), the arm's ``monitor`` and a ``score``
+    where higher is better (the loss negated). A failed (diverged) seed costs 1.0, so an lr whose seeds partly
+    failed never wins on its survivors; an lr with no value (AUC of one-class splits) never wins."""
+    rows = []
+    n_failed = failed.groupby(["_arm", "lr"], sort=False).size() if len(failed) else pd.Series(dtype=int)
+    for arm, runs in ok.groupby("_arm", sort=False):
+        monitor = monitor_of(runs)
+        column = MONITOR_COLUMNS[monitor] if MONITOR_COLUMNS[monitor] in runs else "best_val_acc"
+        sign = -1.0 if monitor in LOWER_IS_BETTER else 1.0
+        for lr, at_lr in runs.groupby("lr", sort=False):
+            val = pd.to_numeric(at_lr[column], errors="coerce").mean()
+            score = sign * val - n_failed.get((arm, lr), 0)
+            rows.append({"_arm": arm, "lr": lr, "monitor": monitor, "val": val, "score": score})
+    out = pd.DataFrame(rows, columns=["_arm", "lr", "monitor", "val", "score"])
+    out["score"] = out["score"].fillna(-math.inf)
+    return out
+
+
+def tried_lrs(runs: pd.DataFrame) -> dict[str, list[float]]:
+    """Every lr each arm ran at, finished or failed, sorted."""
+    have = runs[runs["lr"].notna()]
+    return {arm: sorted({float(v) for v in g["lr"]}) for arm, g in have.groupby("_arm", sort=False)}
+
+
+def grid_edge(lr: float, tried: list[float]) -> str | None:
+    """``high`` / ``low`` when the chosen ``lr`` is the largest / smallest of at least two tried, else None:
+    the best lr may then lie outside the grid."""
+    if len(tried) < 2:
+        return None
+    if lr == max(tried):
+        return "high"
+    if lr == min(tried):
+        return "low"
+    return None
+
+
+def widened(lr: float, tried: list[float], edge: str) -> list[float]:
+    """Two new lrs beyond the chosen one, in the grid's own ratio (2x when it has none)."""
+    pair = tried[-2:] if edge == "high" else tried[:2]
+    ratio = pair[1] / pair[0] if pair[0] > 0 and pair[1] > pair[0] else 2.0
+    step = ratio if edge == "high" else 1 / ratio
+    return sorted(float(f"{lr * step**k:.3g}") for k in (1, 2))
+
+
+def job_overrides(job_dir: str | Path) -> list[str] | None:
+    """The job's own Hydra overrides (``.hydra/overrides.yaml``, written by Hydra in every job dir)."""
+    path = Path(job_dir) / ".hydra" / "overrides.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return [str(o) for o in loaded] if isinstance(loaded, list) else None
+
+
+def widen_command(arm: str, runs: pd.DataFrame, lr: float, tried: list[float], edge: str, root: Path) -> str:
+    """The sweep that runs this arm at two lrs beyond the edge of its grid, with its seeds, into a folder under
+    ``root`` (so ``lora-exp report ROOT`` then reads both grids: same arm hash, one arm)."""
+    new = widened(lr, tried, edge)
+    seeds = ",".join(str(int(s)) for s in sorted(runs["seed"].dropna().unique()))
+    overrides = next((o for o in map(job_overrides, runs["job_dir"]) if o is not None), None)
+    if overrides is None:  # not a Hydra job dir: name the arm by what results.json says
+        row = runs.iloc[0]
+        overrides = [f"method={row['method']}"]
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in GRID_KEYS]
+    fair_sweep = any(o.split("=", 1)[0].lstrip("+") == "lr_index" for o in overrides)
+    values = ",".join(f"{v:g}" for v in new)
+    grid = [f"method.lr_grid=[{values}]", "lr_index=0,1"] if fair_sweep else [f"optimizer.lr={values}"]
+    folder = Path(root) / f"widen_{edge}_{hashlib.sha256(arm.encode()).hexdigest()[:6]}"
+    return "lora-exp -m " + shlex.join([*keep, *grid, f"trainer.seed={seeds}", f"hydra.sweep.dir={folder}"])
