@@ -60,7 +60,9 @@ class DoRALinear(LoRALinear):
             base_result = F.linear(x, w.to(x.dtype))
         scale = (self.lora_magnitude_vector / self.weight_norm()).view(*([1] * (result.dim() - 1)), -1)
         lora_result = self.lora_B(self.lora_A(x)) * self.scaling
-        return result + (scale - 1) * base_result + scale * lora_result
+        # in the base output's dtype, as PEFT: the fp32 magnitude would turn a bf16 stream into fp32 (the next
+        # bf16-stored LayerNorm refuses fp32 input)
+        return (result + (scale - 1) * base_result + scale * lora_result).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

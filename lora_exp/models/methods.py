@@ -90,7 +90,9 @@ def store_frozen_in(model: nn.Module, base_dtype: str) -> int:
     """Store frozen parameters in ``base_dtype`` (``model.base_dtype``); trainable ones stay fp32 master weights.
 
     What PEFT users do with a bf16 base: the frozen weights take half the memory, autocast computes in
-    bf16 anyway. Returns how many parameter tensors were converted.
+    bf16 anyway. DoRA's magnitudes are then taken again from the stored (cast) W0, so the model is still
+    unchanged at step 0 (from the fp32 W0 they would not match the norm forward computes). Returns how many
+    parameter tensors were converted.
     """
     dtype = DTYPES[base_dtype]
     if dtype == torch.float32:
@@ -100,6 +102,9 @@ def store_frozen_in(model: nn.Module, base_dtype: str) -> int:
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
             n += 1
+    for module in model.modules():
+        if isinstance(module, DoRALinear) and n:
+            module.reset_magnitude()
     return n
 
 
