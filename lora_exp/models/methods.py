@@ -12,6 +12,7 @@ from torch import nn
 
 from lora_exp.adapters import params as adapter_params
 from lora_exp.adapters import targets as injection
+from lora_exp.adapters.dora import DoRALinear
 from lora_exp.adapters.targets import is_under
 from lora_exp.device import DTYPES
 from lora_exp.errors import LoraExpError
