@@ -375,7 +375,7 @@ def _export_peft(*args: str) -> int:
 
 
 def _bench(*args: str) -> int:
-    from lora_exp.bench import main as bench_main
+    from lora_exp.bench.run import main as bench_main
 
     return bench_main(*args)
 

@@ -7,6 +7,7 @@ bench all read.
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -68,6 +69,12 @@ def pick_precision(requested: str, device: torch.device) -> str:
     if requested == "fp16" and device.type != "cuda":
         raise LoraExpError("trainer.precision=fp16 needs CUDA; on CPU use bf16 or fp32")
     return requested
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """Autocast in ``precision`` on ``device`` (a null context for fp32)."""
+    dtype = AMP_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
 def make_deterministic(device: torch.device) -> None:

@@ -9,20 +9,50 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from lora_exp.adapters import init_state, store
 from lora_exp.adapters import targets as injection
+from lora_exp.device import autocast, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
 
 
-def load_trained(run_dir: Path, merge: bool = True, force: bool = False) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and eval-mode model of a finished run (LoRA merged: no extra latency).
+def run_compute(run_dir: Path, cfg: DictConfig) -> tuple[torch.device, str]:
+    """The device and precision a finished run computed in (its results.json; the config's choice resolved here
+    for older runs). Without that device here (a GPU run read on a CPU machine): the CPU, in bf16 when the run
+    was bf16, else in fp32 (fp16 autocast is CUDA's), with one line saying so."""
+    import json
 
-    An adapter is refused when the base rebuilt from the run's config is not the base it was trained on (its
-    recorded ``base_fingerprint``: the files at that path or Hub id changed); ``force`` loads it anyway.
+    path = Path(run_dir) / "results.json"
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    want = str(res.get("device") or cfg.trainer.device)
+    try:
+        device, moved = pick_device(want), False
+    except LoraExpError:  # no (such) CUDA device here
+        device, moved = torch.device("cpu"), True
+    precision = res.get("precision") or pick_precision(cfg.trainer.precision, device)
+    if device.type == "cpu" and precision == "fp16":
+        precision = "fp32"
+    if moved:
+        print(
+            f"[lora-exp] the run computed on {want}, which is not available here: {device} in {precision}",
+            file=sys.stderr,  # stdout carries the predictions
+        )
+    return device, precision
+
+
+def load_trained(run_dir: Path, merge: bool = True, force: bool = False) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and eval-mode model of a finished run (LoRA merged and unwrapped: no extra latency), on the run's
+    device (``run_compute``) with the frozen base stored as in training; compute under ``autocast(device,
+    precision)``. An adapter is refused when the base rebuilt from the run's config is not the base it was trained
+    on (its recorded ``base_fingerprint``: the files at that path or Hub id changed); ``force`` loads it anyway.
     """
+    tokenizer, model, _ = _load(Path(run_dir), merge, force)
+    return tokenizer, model
+
+
+def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.nn.Module, str]:
     from transformers import (
         AutoFeatureExtractor,
         AutoModelForAudioClassification,
@@ -38,6 +68,9 @@ def load_trained(run_dir: Path, merge: bool = True, force: bool = False) -> tupl
         raise LoraExpError(f"run dir {str(run_dir)!r} has no config.yaml (not a lora-exp run dir)")
     cfg = OmegaConf.load(run_dir / "config.yaml")
     cfg.pop("derived", None)
+    device, precision = run_compute(run_dir, cfg)
+    if cfg.model.get("base_dtype", "fp32") not in ("fp32", precision):  # e.g. an fp16 base read on a CPU
+        cfg.model.base_dtype = "fp32"
     if cfg.method.name == "full":
         if not (run_dir / "model").is_dir():
             raise LoraExpError(f"run dir {str(run_dir)!r} has no saved model/ (trained with save_weights=false?)")
@@ -59,9 +92,9 @@ def load_trained(run_dir: Path, merge: bool = True, force: bool = False) -> tupl
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
         where = f"adapter={str(run_dir / 'adapter')!r}"
         store.check_base(meta, model.base_fingerprint, where, model_location(cfg.model) or cfg.model.name, force)
-        if merge:
-            injection.merge(model)
-    return tokenizer, model.eval()
+        if merge:  # folded into W0 and unwrapped: the base model's own modules, no added latency
+            injection.merge_and_unload(model)
+    return tokenizer, model.to(device).eval(), precision
 
 
 class AdapterBank:
@@ -109,7 +142,7 @@ def predict(
     Texts are cut at the run's ``data.max_length`` (what it trained on). With ``progress`` a bar and, at the end,
     one line with the lines/s go to stderr. ``force`` loads an adapter onto a base it was not trained on.
     """
-    tokenizer, model = load_trained(run_dir, force=force)
+    tokenizer, model, precision = _load(Path(run_dir), merge=True, force=force)
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     if cfg.model.get("task", "text") == "audio":
         from lora_exp.data import audio
@@ -120,9 +153,9 @@ def predict(
             if rate not in (None, cfg.data.gw.sample_rate):
                 signal = audio.resample(signal, rate, cfg.data.gw.sample_rate)
             signals.append(np.asarray(signal, dtype=np.float32).reshape(-1))  # (detectors, n): back to back
-        return predict_audio(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size)
+        return predict_audio(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size, precision)
     start = time.perf_counter()
-    out = predict_texts(model, tokenizer, texts, cfg.data.max_length, batch_size, progress)
+    out = predict_texts(model, tokenizer, texts, cfg.data.max_length, batch_size, progress, precision)
     seconds, n = time.perf_counter() - start, len(texts)
     if progress:
         print(
@@ -141,8 +174,9 @@ def predict_texts(
     max_length: int,
     batch_size: int = 64,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> list[tuple[str, float]]:
-    """``(label, probability)`` per text, in the order given.
+    """``(label, probability)`` per text, in the order given, on the model's device under autocast in ``precision``.
 
     Tokenised once, cut at ``max_length``; batches are drawn from the texts sorted by token length (each padded
     to its own longest, so little padding is computed) and the answers put back in the input order.
@@ -156,7 +190,9 @@ def predict_texts(
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
             batch = tokenizer.pad([{k: enc[k][j] for k in enc} for j in rows], return_tensors="pt")
-            probs = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1)
+            with autocast(device, precision):
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            probs = logits.float().softmax(-1)
             p, idx = probs.max(-1)
             for j, k, v in zip(rows, idx.tolist(), p.tolist()):
                 out[j] = (str(id2label.get(k, k)), v)
@@ -166,9 +202,15 @@ def predict_texts(
 
 @torch.inference_mode()
 def predict_audio(
-    model: torch.nn.Module, fe: Any, signals: list[np.ndarray], source_rate: int, batch_size: int = 32
+    model: torch.nn.Module,
+    fe: Any,
+    signals: list[np.ndarray],
+    source_rate: int,
+    batch_size: int = 32,
+    precision: str = "fp32",
 ) -> list[tuple[str, float]]:
-    """``(label, probability)`` per mono signal at ``source_rate`` (e.g. from ``read_audio`` or a generated clip)."""
+    """``(label, probability)`` per mono signal at ``source_rate`` (e.g. from ``read_audio`` or a generated clip),
+    on the model's device, under autocast in ``precision``."""
     from lora_exp.data.audio import AudioCollator
 
     collate, out = AudioCollator(fe, source_rate), []
@@ -176,7 +218,9 @@ def predict_audio(
     model.eval()
     for i in range(0, len(signals), batch_size):
         batch = {k: v.to(device) for k, v in collate.features(signals[i : i + batch_size]).items()}
-        probs = torch.softmax(model(**batch).logits.float(), -1)
+        with autocast(device, precision):
+            logits = model(**batch).logits
+        probs = torch.softmax(logits.float(), -1)
         conf, idx = probs.max(-1)
         out += [(model.config.id2label[int(j)], float(c)) for j, c in zip(idx, conf)]
     return out

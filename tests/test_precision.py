@@ -52,3 +52,61 @@ def test_base_dtype_with_full_is_said_and_recorded_as_fp32(
     assert said["test_loss"] == plain["test_loss"]
     saved = json.loads((tmp_path / "bf16" / "config.yaml").with_name("results.json").read_text())
     assert saved["base_dtype"] == "fp32"
+
+
+def test_lora_layer_takes_bf16_input_without_autocast() -> None:
+    from lora_exp.adapters.layer import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 8).to(torch.bfloat16), r=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    assert layer.lora_A.weight.dtype == torch.bfloat16  # factors follow the wrapped weight ...
+    layer.lora_A.float(), layer.lora_B.float()  # ... trained ones are fp32 master weights (store_frozen_in)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    out = layer(x)  # bf16 hidden states of a bf16-stored base, no autocast
+    assert out.dtype == torch.bfloat16
+    expected = layer.base_layer(x).float() + layer.scaling * (x.float() @ layer.delta_weight().T / layer.scaling)
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_predict_after_bf16_base_training_runs_in_the_runs_precision(
+    tiny_cfg, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from lora_exp import inference
+    from lora_exp.device import autocast
+
+    cfg = tiny_cfg("model.base_dtype=bf16", "trainer.precision=bf16", "trainer.max_steps=3", "trainer.epochs=1")
+    run = tmp_path / "run"
+    res = train(cfg, run)
+    assert res["base_dtype"] == "bf16" and res["precision"] == "bf16"
+    texts = ["good great fun", "bad boring dull", "the film"]
+    predicted = inference.predict(run, texts)
+    assert len(predicted) == 3 and all(label in ("rotten", "fresh") and 0.5 <= p <= 1 for label, p in predicted)
+    tokenizer, unmerged = inference.load_trained(run, merge=False)
+    assert next(p for n, p in unmerged.named_parameters() if "lora_A" in n).dtype == torch.float32
+    assert any(p.dtype == torch.bfloat16 for p in unmerged.parameters())  # the base as stored in training
+    enc = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        probs = unmerged(**enc).logits.float().softmax(-1).max(-1).values
+    assert [p for _, p in predicted] == pytest.approx(probs.tolist(), abs=0.02)  # merged in bf16 = unmerged
+
+
+def test_a_gpu_run_predicts_on_the_cpu_here_and_says_so(tiny_cfg, tmp_path: Path, capsys: pytest.CaptureFixture):
+    from omegaconf import OmegaConf
+
+    from lora_exp import inference
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"device": "cuda:0", "precision": "fp16"}))
+    cfg = tiny_cfg()
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    assert inference.run_compute(run, cfg) == (torch.device("cpu"), "fp32")  # fp16 autocast is CUDA's
+    assert "the run computed on cuda:0, which is not available here: cpu in fp32" in capsys.readouterr().err
+    (run / "results.json").write_text(json.dumps({"device": "cpu", "precision": "bf16"}))
+    assert inference.run_compute(run, OmegaConf.merge(cfg, {"trainer": {"precision": "fp32"}})) == (
+        torch.device("cpu"),
+        "bf16",
+    )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_exp.adapters.layer import LoRALinear, _set_base_weight, base_weight
+from lora_exp.adapters.layer import LoRALinear, _set_base_weight, base_weight, cast_for
 from lora_exp.errors import LoraExpError
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's attribute name: export is a prefix rename
@@ -59,7 +59,7 @@ class DoRALinear(LoRALinear):
             x = self.lora_dropout(x)
             base_result = F.linear(x, w.to(x.dtype))
         scale = (self.lora_magnitude_vector / self.weight_norm()).view(*([1] * (result.dim() - 1)), -1)
-        lora_result = self.lora_B(self.lora_A(x)) * self.scaling
+        lora_result = self.lora_B(self.lora_A(cast_for(x, self.lora_A.weight))) * self.scaling
         # in the base output's dtype, as PEFT: the fp32 magnitude would turn a bf16 stream into fp32 (the next
         # bf16-stored LayerNorm refuses fp32 input)
         return (result + (scale - 1) * base_result + scale * lora_result).to(result.dtype)

@@ -77,7 +77,8 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        update = self.lora_B(self.lora_A(self.lora_dropout(cast_for(x, self.lora_A.weight)))) * self.scaling
+        return out + update.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -109,6 +110,14 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}{fifo}"
+
+
+def cast_for(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``weight``'s dtype when autocast is off: bf16 hidden states of a bf16-stored base (inference
+    without autocast) meet fp32 LoRA factors. Under autocast the matmul casts both itself (no extra copy)."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
 
 
 def base_weight(layer: LoRALinear) -> torch.Tensor:

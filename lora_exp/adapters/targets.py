@@ -218,6 +218,17 @@ def merge(model: nn.Module) -> int:
     return len(layers)
 
 
+def merge_and_unload(model: nn.Module) -> int:
+    """Merge every LoRA layer and put its wrapped module back in its place (PEFT's name): the model is then the
+    base model's own structure, so inference pays nothing for the adapter. Returns how many were unloaded."""
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    return len(layers)
+
+
 def unmerge(model: nn.Module) -> int:
     """Unmerge every LoRA layer; returns how many were unmerged."""
     layers = list(lora_layers(model))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lora_exp.bench.contenders import CONTENDERS, METHODS, PAD_MULTIPLE, StepWindow, peak_bf16_flops
+from lora_exp.config.checks import validate
 from lora_exp.device import AMP_DTYPES, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
 
@@ -201,6 +202,8 @@ def _check_args(ns: argparse.Namespace) -> list[str]:
             raise LoraExpError(f"bench: {option}={value} must be >= {low}")
     if ns.reps < 3:
         raise LoraExpError(f"bench: --reps={ns.reps} must be >= 3 (median and spread of alternated repetitions)")
+    if ns.out and ns.out.exists():
+        raise LoraExpError(f"bench: --out={str(ns.out)!r} already exists; give a new file")
     if "lora" in methods:
         try:
             import peft  # noqa: F401
@@ -209,17 +212,42 @@ def _check_args(ns: argparse.Namespace) -> list[str]:
     return methods
 
 
+def _latency(ns: argparse.Namespace) -> int:
+    """``--latency``: ``bench.latency`` on the composed config, its table printed, its JSON to ``--out``."""
+    from lora_exp.bench import latency
+
+    if ns.reps < 3 or ns.warmup < 1:
+        raise LoraExpError(f"bench --latency: --reps={ns.reps} must be >= 3 and --warmup={ns.warmup} >= 1")
+    cfg = _compose(["logger=none", *ns.overrides])
+    validate(cfg)
+    if ns.out and ns.out.exists():
+        raise LoraExpError(f"bench --latency: --out={str(ns.out)!r} already exists; give a new file")
+    result = latency.run(cfg, ns.reps, ns.warmup)
+    print(latency.table(result))
+    if ns.out:
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {ns.out}")
+    return 0
+
+
 def main(*args: str) -> int:
     """Entry for ``lora-exp bench``."""
     parser = argparse.ArgumentParser(prog="lora-exp bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before them (default 5)")
-    parser.add_argument("--reps", type=int, default=3, help="alternated repetitions per contender (>= 3)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps (--latency: forwards) before them")
+    parser.add_argument("--reps", type=int, default=None, help="alternated repetitions (>= 3; default 3, --latency 30)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--methods", default="lora,full,frozen")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result to this file")
+    parser.add_argument(
+        "--latency", action="store_true", help="inference instead: batch 1 and 32, base / LoRA unmerged / merged"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both contenders, e.g. model=tiny_bert")
     ns = parser.parse_args(args)
+    ns.reps = ns.reps if ns.reps is not None else (30 if ns.latency else 3)
+    if ns.latency:
+        return _latency(ns)
     methods = _check_args(ns)
     result = run(methods, ns.warmup, ns.steps, ns.batch, ns.reps, ns.overrides)
     print(table(result))
