@@ -13,7 +13,10 @@ from lora_exp.config.identity import TINY_ONLY
 
 from .test_train import cli as cli_process
 
-MODELS = "bert_base, distilbert, minilm, roberta_base, tiny_bert, tiny_distilbert, tiny_whisper, whisper_small"
+MODELS = (
+    "bert_base, distilbert, minilm, roberta_base, tiny_bert, tiny_distilbert, tiny_whisper, whisper_small, "
+    "whisper_tiny_en"
+)
 CLOSED = "; the config is closed: + only adds a config group, e.g. +sweep=NAME"
 
 
@@ -35,7 +38,7 @@ REFUSED = [
     (
         ["lora.foo=1"],
         "error: lora.foo=1: no such option (lora has r, alpha, targets, dropout, rslora, variant, use_dora, init, "
-        "bias, layers, rank_pattern, alpha_pattern)",
+        "bias, layers, rank_pattern, alpha_pattern, vera, eva, adalora, lora_ga)",
     ),
     (["+lora.r=4"], "error: +lora.r=4: lora.r already exists; write lora.r=4"),
     (["model=minlm"], f"error: model=minlm: no such option; model is one of {MODELS} (did you mean minilm?)"),
