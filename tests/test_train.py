@@ -91,18 +91,19 @@ def test_majority_baselines_come_from_their_own_splits(runs) -> None:
 def test_validation_baseline_follows_an_unbalanced_validation_split(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
     """Validation kept to 2 rows of class 0 and 6 of class 1 (a source's own split can be skewed): the validation
     baseline is 0.75 while the test baseline stays the test split's."""
-    real = text_data.load_splits
+    real = text_data.load_splits_counted  # what the job's data step calls
 
     def skewed(cfg):  # noqa: ANN001, ANN202
-        splits = real(cfg)
+        splits, dropped = real(cfg)
         labels = splits["validation"]["label"]
         keep = [i for i, y in enumerate(labels) if y == 0][:2] + [i for i, y in enumerate(labels) if y == 1][:6]
         splits["validation"] = splits["validation"].select(sorted(keep))
-        return splits
+        return splits, dropped
 
-    monkeypatch.setattr(text_data, "load_splits", skewed)
+    monkeypatch.setattr(text_data, "load_splits_counted", skewed)
     res = loop.train(tiny_cfg("trainer.max_steps=2", "trainer.epochs=1", "save_weights=false"), tmp_path / "run")
-    counts = torch.bincount(torch.tensor(real(OmegaConf.load(tmp_path / "run" / "config.yaml").data)["test"]["label"]))
+    test = real(OmegaConf.load(tmp_path / "run" / "config.yaml").data)[0]["test"]
+    counts = torch.bincount(torch.tensor(test["label"]))
     assert res["majority_baseline_val_acc"] == 0.75
     assert res["majority_baseline_acc"] == pytest.approx(counts.max().item() / counts.sum().item()) != 0.75
 
