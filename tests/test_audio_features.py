@@ -139,10 +139,13 @@ def test_cached_audio_model_gives_the_same_logits(cache: Path, tmp_path: Path, o
     assert torch.allclose(cached, real, atol=1e-5), (cached - real).abs().max()
 
 
-def test_audio_keys_are_per_clip_and_survive_reordering() -> None:
-    from lora_exp.training.features import example_keys
+def test_audio_rows_are_per_clip_and_survive_reordering() -> None:
+    """Clips are found by their position (row), their encoder output kept whole, in any batch order."""
+    from lora_exp.training.features import VECTOR, Rows
 
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 4, 6)).astype(np.float32))
-    keys = example_keys({"input_features": x})
-    assert len({k for k, _ in keys}) == 3 and all(n is None for _, n in keys)
-    assert example_keys({"input_features": x.flip(0)}) == keys[::-1]
+    rows = Rows({"hidden": VECTOR}, torch.zeros(3, dtype=torch.long))  # audio: no token lengths
+    rows.add(torch.tensor([2, 0, 1]), {"hidden": x})  # a batch in another order than the rows
+    assert len(rows.rows) == 3
+    assert torch.equal(rows.gather(torch.tensor([0, 1, 2]), 0)["hidden"], x[[1, 2, 0]])
+    assert torch.equal(rows.gather(torch.tensor([1, 0]), 0)["hidden"], x[[2, 1]])

@@ -126,11 +126,13 @@ def test_cached_outputs_equal_the_encoder_in_eval_mode(tiny_cfg) -> None:
     enc = tokenizer(["a good film", "the worst plot of the movie"], padding=True, return_tensors="pt")
     with torch.no_grad():
         real = model.bert(**enc)
-        cached = features.CachedBase(model.bert, type(real), features._describe(real, *enc["input_ids"].shape))
-        cached.add(enc["input_ids"], enc["attention_mask"], real)
+        kinds = features._describe(real, *enc["input_ids"].shape)
+        cached = features.CachedBase(model.bert, type(real), kinds, enc["attention_mask"].sum(-1))
+        cached.add(torch.arange(2), real)  # rows 0 and 1
         # the same examples in another order and padded longer
         ids = torch.nn.functional.pad(enc["input_ids"].flip(0), (0, 5))
         mask = torch.nn.functional.pad(enc["attention_mask"].flip(0), (0, 5))
+        cached.pending = cached.store.gather(torch.tensor([1, 0]), ids.shape[1])
         out = cached(ids, attention_mask=mask)
     assert torch.equal(out.pooler_output, real.pooler_output.flip(0))
     n = int(enc["attention_mask"][1].sum())

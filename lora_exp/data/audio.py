@@ -23,7 +23,7 @@ from scipy.signal import resample_poly
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from lora_exp.data import assets
-from lora_exp.data.text import Loaders
+from lora_exp.data.text import ROW, Loaders
 from lora_exp.errors import LoraExpError
 
 
@@ -155,8 +155,19 @@ def featurize(splits: Any, fe: Any, source_rate: int, folder: Path | None = None
     return datasets.DatasetDict(out)
 
 
-def _as_tensors(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}
+class ArrowBatches:
+    """The loaders' collate for one Arrow read per batch: columns as tensors. A ``row`` column is taken out and,
+    when ``extra`` is set (a frozen-feature cache's look-up), its stored outputs join the batch, as
+    ``data.text.PaddedBatches`` does for text."""
+
+    def __init__(self) -> None:
+        self.extra: Any = None
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items() if k != ROW}
+        if ROW in batch and self.extra is not None:
+            out.update(self.extra(torch.as_tensor(np.asarray(batch[ROW])), 0))
+        return out
 
 
 def make_loaders(
@@ -168,16 +179,18 @@ def make_loaders(
     examples in the same order as a plain ``DataLoader(batch_size=...)`` over a ``RandomSampler``.
     """
     own = {"generator": torch.Generator().manual_seed(0)}  # the global RNG (dropout) is left alone
+    collate = ArrowBatches()
 
     def loader(split: datasets.Dataset, sampler: Any, size: int) -> DataLoader:
         batches = BatchSampler(sampler, size, drop_last=False)
-        return DataLoader(split.with_format("numpy"), sampler=batches, batch_size=None, collate_fn=_as_tensors, **own)
+        return DataLoader(split.with_format("numpy"), sampler=batches, batch_size=None, collate_fn=collate, **own)
 
     train = feats["train"]
     return Loaders(
         train=loader(train, RandomSampler(train, generator=generator), batch_size),
         validation=loader(feats["validation"], SequentialSampler(feats["validation"]), eval_batch_size),
         test=loader(feats["test"], SequentialSampler(feats["test"]), eval_batch_size),
+        collate=collate,
     )
 
 

@@ -8,7 +8,9 @@ methods, so a comparison sees one split). Tokenised splits carry ``input_ids``, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import torch
@@ -233,11 +235,44 @@ def tokenize(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length
     return out.rename_column("label", "labels").with_format("torch")
 
 
+ROW = "row"  # an example's position in the tokenised splits (train, validation, test, numbered on)
+
+
+def number_rows(tok: DatasetDict) -> DatasetDict:
+    """``tok`` with a ``row`` column: each example's position across the splits, in their order. The loaders
+    carry it so a frozen-feature cache finds an example's stored outputs by position (see ``PaddedBatches``)."""
+    start, out = 0, {}
+    for name, split in tok.items():
+        out[name] = split.add_column(ROW, list(range(start, start + len(split))))
+        start += len(split)
+    return DatasetDict(out)
+
+
+class PaddedBatches:
+    """The loaders' collate: pads to the batch's longest sequence, rounded up to a multiple of 8 (tensor-core
+    tiles). A ``row`` column is taken out of the batch and, when ``extra`` is set (a frozen-feature cache's
+    look-up), handed to it with the batch's length; what it returns (host tensors: the cached outputs of those
+    rows) joins the batch, so it is pinned and copied to the device with the batch. The model never sees ``row``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+        self.extra: Callable[[torch.Tensor, int], dict[str, torch.Tensor]] | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows = torch.stack([torch.as_tensor(e[ROW]) for e in examples]) if examples and ROW in examples[0] else None
+        batch = dict(self.pad([{k: v for k, v in e.items() if k != ROW} for e in examples]))
+        if rows is not None and self.extra is not None:
+            batch.update(self.extra(rows, batch["input_ids"].shape[1]))
+        return batch
+
+
 @dataclass
 class Loaders:
     train: DataLoader
     validation: DataLoader
     test: DataLoader
+    collate: Any = None  # the three loaders' shared collate (text: PaddedBatches; audio: data.audio.ArrowBatches)
 
 
 def lengths(split: datasets.Dataset) -> list[int]:
@@ -262,12 +297,12 @@ def make_loaders(
 
     Padding goes to the longest sequence of each batch, rounded up to a multiple of 8 (tensor-core tiles).
     """
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    collate = PaddedBatches(tokenizer)
     # Each DataLoader draws a base seed when iterated; from its own generator it leaves the global RNG
     # (dropout) alone, so a resumed run continues with exactly the same dropout masks.
     own = {"generator": torch.Generator().manual_seed(0)}
 
-    cols = ["input_ids", "attention_mask", "labels"]
+    cols = ["input_ids", "attention_mask", "labels", *([ROW] if ROW in tok["train"].column_names else [])]
     train = tok["train"]
     if group_by_length:
         # Megabatches of 50 batches sorted by length: little padding, still a seeded random order.
@@ -290,6 +325,7 @@ def make_loaders(
             collate_fn=collate,
             **own,
         ),
+        collate=collate,
     )
 
 

@@ -8,15 +8,19 @@ before on the looked-up outputs, so each further epoch costs only the head.
 
 The same holds for any run whose layers below the first trainable one are frozen (LoRA on the upper layers
 only): the inputs of that layer are computed once (``PrefixCache``), the frozen layers below it are skipped,
-and training runs from that layer up. Examples are found by their inputs (text: the token ids; audio: a
-digest of the clip's features, whose encoder output has a fixed length), so loaders, samplers and the data
-order are untouched. ``trainer.feature_cache=false`` turns both off (the frozen part then runs in train mode
-every step, dropout included).
+and training runs from that layer up. ``trainer.feature_cache=false`` turns both off (the frozen part then runs
+in train mode every step, dropout included).
+
+The stored outputs live in host memory (pinned on CUDA): on the GPU they would cost as much as the frozen
+encoder's activations that caching saves. Examples are found by their position in the splits (the ``row``
+column the loaders carry: text and audio alike), never by their inputs: the loaders' collate looks the rows up
+on the host and the outputs join the batch (``cached.<field>``), so they are pinned and copied to the device
+with it, and the step never waits on the host. A pre-hook on the model hands them to the look-up module in the
+base's place. Samplers and the data order are untouched.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -29,6 +33,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from transformers import DataCollatorWithPadding
 
+from lora_exp.data.text import ROW
 from lora_exp.models.heads import base_path
 
 SEQUENCE, VECTOR = "sequence", "vector"
@@ -39,90 +44,96 @@ AUDIO_INPUTS = ("input_features", "input_values")  # Whisper's log-mels; wav2vec
 
 
 def input_names(columns: list[str]) -> tuple[str, ...] | None:
-    """The model inputs an example is found by: token ids + mask (text), or the audio input; None if neither."""
+    """The inputs the frozen part runs on: token ids + mask (text), or the audio input; None if neither."""
     if "input_ids" in columns:
         return TEXT_INPUTS
     return next(((name,) for name in AUDIO_INPUTS if name in columns), None)
 
 
-def example_keys(inputs: dict[str, torch.Tensor]) -> list[tuple[bytes, int | None]]:
-    """(key, real length) per example: the token ids up to the mask's length, or (audio, length None: the
-    output is kept whole) a 16-byte BLAKE2 digest of the example's input features."""
-    if "input_ids" in inputs:
-        lengths = inputs["attention_mask"].sum(-1).tolist()
-        ids = inputs["input_ids"].cpu().numpy()
-        return [(ids[i, :n].tobytes(), n) for i, n in enumerate(lengths)]
-    (x,) = inputs.values()
-    rows = x.detach().cpu().contiguous().numpy().reshape(x.shape[0], -1)
-    return [(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), None) for row in rows]
+PREFIX = "cached."  # batch keys of the looked-up outputs (popped by the model's pre-hook)
 
 
 class Rows:
-    """Per-example tensors keyed by the example's inputs (``example_keys``), sequences at their real length."""
+    """Per-example outputs by row position, in host memory: sequence fields (text) back to back at each example's
+    real length (``lengths[row]`` tokens), vector fields (audio outputs: whole) one per row. ``gather`` fills
+    pinned buffers when ``pin`` (CUDA): the loader's pinning keeps them and the copy to the device is
+    asynchronous."""
 
-    def __init__(self, kinds: dict[str, str]):
-        self.kinds, self.rows = kinds, {}
+    def __init__(self, kinds: dict[str, str], lengths: torch.Tensor, pin: bool = False):
+        self.kinds, self.lengths, self.pin = kinds, lengths.long(), pin
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        self.data: dict[str, torch.Tensor] = {}
 
-    def add(self, inputs: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
-        """Store one batch: sequence fields cut to each example's length, vector fields as they are."""
-        for i, (key, n) in enumerate(example_keys(inputs)):
-            self.rows[key] = {
-                name: (values[name][i, :n] if kind == SEQUENCE else values[name][i]).detach().clone()
-                for name, kind in self.kinds.items()
-            }
+    def __len__(self) -> int:
+        return len(self.lengths)
 
-    def gather(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The stored tensors of a batch, sequence fields padded with zeros to the batch's length."""
-        rows = [self.rows[key] for key, _ in example_keys(inputs)]
-        out = {}
+    @property
+    def rows(self) -> range:
+        """The row positions held: every example of every split."""
+        return range(len(self))
+
+    def add(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Store one batch (``rows``: the examples' positions; ``values``: batch-first, on any device)."""
         for name, kind in self.kinds.items():
-            if kind == VECTOR:
-                out[name] = torch.stack([r[name] for r in rows])
-                continue
-            first, length = rows[0][name], next(iter(inputs.values())).shape[1]
-            padded = first.new_zeros((len(rows), length, *first.shape[1:]))
-            for i, r in enumerate(rows):
-                padded[i, : len(r[name])] = r[name]
-            out[name] = padded
+            value = values[name].detach().to("cpu")
+            seq = kind == SEQUENCE
+            if name not in self.data:
+                size = (int(self.lengths.sum()) if seq else len(self), *value.shape[2 if seq else 1 :])
+                self.data[name] = torch.zeros(size, dtype=value.dtype)
+            for i, row in enumerate(rows.tolist()):
+                start, n = int(self.offsets[row]), int(self.lengths[row])
+                if seq:
+                    self.data[name][start : start + n] = value[i, :n]
+                else:
+                    self.data[name][row] = value[i]
+
+    def gather(self, rows: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``rows`` (host), sequence fields zero-padded to ``length`` tokens."""
+        out = {}
+        steps = torch.arange(length)
+        valid = steps[None, :] < self.lengths[rows][:, None]
+        positions = torch.where(valid, self.offsets[rows][:, None] + steps[None, :], 0)
+        for name, kind in self.kinds.items():
+            data, index = self.data[name], rows if kind == VECTOR else positions.reshape(-1)
+            picked = torch.empty((len(index), *data.shape[1:]), dtype=data.dtype, pin_memory=self.pin)
+            torch.index_select(data, 0, index, out=picked)
+            if kind == SEQUENCE:
+                picked = picked.view(*positions.shape, *data.shape[1:])
+                picked[~valid] = 0
+            out[name] = picked
         return out
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the stored tensors."""
-        return sum(t.numel() * t.element_size() for row in self.rows.values() for t in row.values())
-
-
-def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, torch.Tensor | None]:
-    """The inputs ``names`` of a call, positional (in that order) or by keyword."""
-    bound = dict(zip(names, args))
-    bound.update({n: kwargs[n] for n in names if n in kwargs})
-    return {n: bound.get(n) for n in names}
+        return sum(t.numel() * t.element_size() for t in self.data.values())
 
 
 class CachedBase(nn.Module):
-    """Stands in for the frozen base model: returns the outputs stored for each example of the batch."""
+    """Stands in for the frozen base model: returns the outputs the batch brought along for its examples."""
 
-    def __init__(
-        self, original: nn.Module, output_type: type, kinds: dict[str, str], names: tuple[str, ...] = TEXT_INPUTS
-    ):
+    def __init__(self, original: nn.Module, output_type: type, kinds: dict[str, str], lengths: torch.Tensor, pin=False):
         super().__init__()
         self.__dict__["original"] = original  # not a submodule: its parameters stay out of this model
-        self.output_type, self.store, self.names = output_type, Rows(kinds), tuple(names)
+        self.output_type, self.store, self.pending = output_type, Rows(kinds, lengths, pin), None
 
-    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: Any) -> None:
-        """Store the outputs of one text batch."""
-        self.add_batch({"input_ids": input_ids, "attention_mask": attention_mask}, out)
+    def add(self, rows: torch.Tensor, out: Any) -> None:
+        """Store the outputs of one batch."""
+        self.store.add(rows, {name: getattr(out, name) for name in self.store.kinds})
 
-    def add_batch(self, inputs: dict[str, torch.Tensor], out: Any) -> None:
-        """Store the outputs of one batch, found by ``inputs`` (named as in ``self.names``)."""
-        self.store.add(inputs, {name: getattr(out, name) for name in self.store.kinds})
+    def forward(self, *_: Any, **__: Any):
+        """The looked-up outputs of this batch's examples (its token ids are not read)."""
+        return self.output_type(**take(self))
 
-    def forward(self, *args: Any, **kwargs: Any):
-        """The stored outputs of these examples (text: padded with zeros to the batch's length)."""
-        inputs = _bind(self.names, args, kwargs)
-        if any(v is None for v in inputs.values()):
-            raise RuntimeError(f"the feature cache needs {' and '.join(self.names)}")
-        return self.output_type(**self.store.gather(inputs))
+
+def take(lookup: nn.Module) -> dict[str, torch.Tensor]:
+    """The outputs the model's pre-hook handed to ``lookup`` for this forward (once)."""
+    values, lookup.pending = lookup.pending, None
+    if values is None:
+        raise RuntimeError(
+            "the feature cache needs the batch's cached outputs: call the model on a batch of the job's loaders"
+        )
+    return values
 
 
 class SkippedLayer(nn.Module):
@@ -135,24 +146,43 @@ class SkippedLayer(nn.Module):
 class CachedLayerOutput(nn.Module):
     """Stands in for the last frozen layer: returns its stored output for the examples of the batch."""
 
-    def __init__(self, kind: str = SEQUENCE) -> None:
+    def __init__(self, lengths: torch.Tensor, pin: bool = False, kind: str = SEQUENCE) -> None:
         super().__init__()
-        self.store, self.batch = Rows({"hidden": kind}), None
+        self.store, self.pending = Rows({"hidden": kind}, lengths, pin), None
 
     def forward(self, hidden_states: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
-        return self.store.gather(self.batch)["hidden"]
+        return take(self)["hidden"]
 
 
 class FeatureCache:
     """Swaps the cached part in for the frozen modules; ``restore`` puts the real modules back."""
 
     def __init__(
-        self, swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]], store: Rows, seconds: float, what: str
+        self, swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]], lookup: nn.Module, seconds: float, what: str
     ):
-        self.swaps, self.store, self.seconds, self.what = swaps, store, seconds, what
+        self.swaps, self.lookup, self.store, self.seconds, self.what = swaps, lookup, lookup.store, seconds, what
         self.hooks: list[Any] = []
         for parent, name, _, replacement in swaps:
             _set(parent, name, replacement)
+
+    def batch_values(self, rows: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """The stored outputs of ``rows`` as batch entries (``cached.<field>``), for the loaders' collate."""
+        return {PREFIX + name: t for name, t in self.store.gather(rows, length).items()}
+
+    def feed(self, collate: Any, model: nn.Module) -> None:
+        """Let the loaders' collate (``data.text.PaddedBatches``) add each batch's stored outputs, and the
+        model hand them to the look-up: a pre-hook that takes the ``cached.*`` inputs out of its call. The hook
+        stays after ``restore`` (the loaders keep adding them; the real modules then ignore them)."""
+        collate.extra = self.batch_values
+        lookup = self.lookup
+
+        def hand_over(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            values = {k[len(PREFIX) :]: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(PREFIX)]}
+            if values:
+                lookup.pending = values
+            return args, kwargs
+
+        model.register_forward_pre_hook(hand_over, with_kwargs=True)
 
     @property
     def nbytes(self) -> int:
@@ -236,10 +266,30 @@ class Source:
 
     splits: Any
     tokenizer: Any
-    names: tuple[str, ...]  # the model inputs examples are found by (``input_names``)
+    names: tuple[str, ...]  # the model inputs (``input_names``)
     batch_size: int
     device: torch.device
     amp: Callable[[], AbstractContextManager]
+    lengths: torch.Tensor | None = None  # tokens of each row (``row`` column; audio: 0, outputs kept whole)
+
+    @property
+    def pin(self) -> bool:
+        """Pinned host memory: the copies to a CUDA device run asynchronously."""
+        return self.device.type == "cuda"
+
+
+def row_lengths(splits: Any) -> torch.Tensor:
+    """Each row's token count (0 where examples have no ``length``: audio), indexed by its ``row`` position
+    (``data.text.number_rows``)."""
+    rows, lengths = [], []
+    for split in splits.values():
+        columns = [ROW, *(["length"] if "length" in split.column_names else [])]
+        table = split.with_format(None).select_columns(columns).to_dict()
+        rows += table[ROW]
+        lengths += table.get("length", [0] * len(table[ROW]))
+    out = torch.zeros(max(rows) + 1, dtype=torch.long)
+    out[torch.tensor(rows)] = torch.tensor(lengths)
+    return out
 
 
 def maybe_cache(
@@ -256,11 +306,13 @@ def maybe_cache(
     """A ``FeatureCache`` when the whole base (frozen) or its bottom layers (a frozen prefix) are frozen.
 
     ``splits``: the tokenised splits (``input_ids``, ``attention_mask``, ``length``) or the featurized audio
-    splits (``input_features``); ``max_gib``: above this estimated size the frozen part runs every step;
-    ``amp``: the run's autocast context.
+    splits (``input_features``), numbered (``row``); ``max_gib``: above this estimated size the frozen part runs
+    every step; ``amp``: the run's autocast context. The outputs are kept in host memory;
+    ``FeatureCache.feed`` then makes the loaders bring them along.
     """
-    names, path = input_names(splits["train"].column_names), base_path(model)
-    if not enabled or names is None or path is None:
+    columns = splits["train"].column_names
+    names, path = input_names(columns), base_path(model)
+    if not enabled or names is None or path is None or ROW not in columns:
         return None
     base = model.get_submodule(path)
     whole = not any(p.requires_grad for p in base.parameters())
@@ -272,12 +324,12 @@ def maybe_cache(
         size = "an unknown size" if need is None else f"{need / 2**30:.1f} GiB > trainer.feature_cache_max_gib"
         print(f"[lora-exp] feature cache off: it would hold {size}={max_gib:g}; the frozen part runs at every step")
         return None
-    src, clock = Source(splits, tokenizer, names, batch_size, device, amp), {}
+    src, clock = Source(splits, tokenizer, names, batch_size, device, amp, row_lengths(splits)), {}
     cache = _cache_base(src, model, base, path, clock) if whole else _cache_prefix(src, base, k, clock)
     if cache is None:
         return None
     cache.seconds = clock.get("train", 0.0)  # charged to training; the evaluation splits' share is not
-    n = len(cache.store.rows)
+    n = len(cache.store)
     print(
         f"[lora-exp] {cache.what} run once over {n:,} examples in {sum(clock.values()):.1f} s "
         f"({cache.nbytes / 2**20:.0f} MiB kept); training runs on top of them (trainer.feature_cache=false: off)"
@@ -285,14 +337,15 @@ def maybe_cache(
     return cache
 
 
-def _split_batches(src: Source, clock: dict[str, float]) -> Iterator[dict[str, torch.Tensor]]:
-    """The inputs (``src.names``) of every example of every split, on the device, in eval-sized batches.
+def _split_batches(src: Source, clock: dict[str, float]) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """The inputs (``src.names``, on the device) and the rows (host) of every example of every split, in
+    eval-sized batches.
 
     ``clock["train"]`` gets the seconds spent on the training split: only that is training cost (encoding the
     evaluation splits replaces work the uncached run does at evaluation, which is not in ``train_seconds``)."""
     for name, split in src.splits.items():
         start = time.perf_counter()
-        part = split.select_columns(list(src.names))
+        part = split.select_columns([*src.names, ROW])
         if src.names == TEXT_INPUTS:
             collate = DataCollatorWithPadding(src.tokenizer, pad_to_multiple_of=8, return_tensors="pt")
             loader = DataLoader(part, batch_size=src.batch_size, collate_fn=collate)
@@ -300,7 +353,7 @@ def _split_batches(src: Source, clock: dict[str, float]) -> Iterator[dict[str, t
             batches = BatchSampler(SequentialSampler(part), src.batch_size, drop_last=False)
             loader = DataLoader(part.with_format("numpy"), sampler=batches, batch_size=None, collate_fn=_as_tensors)
         for batch in loader:
-            yield {k: batch[k].to(src.device) for k in src.names}
+            yield {k: batch[k].to(src.device) for k in src.names}, torch.as_tensor(batch[ROW])
         if src.device.type == "cuda":
             torch.cuda.synchronize(src.device)
         clock[name] = clock.get(name, 0.0) + time.perf_counter() - start
@@ -321,7 +374,7 @@ def _cache_base(
     was_training, cached = base.training, None
     base.eval()
     try:
-        for inputs in _split_batches(src, clock):
+        for inputs, rows in _split_batches(src, clock):
             with src.amp():
                 out = base(**inputs)
             if cached is None:
@@ -330,18 +383,19 @@ def _cache_base(
                 if not kinds:
                     print("[lora-exp] feature cache off: this base model's outputs cannot be cached")
                     return None
-                cached = CachedBase(base, type(out), kinds, src.names)
-            cached.add_batch(inputs, out)
+                cached = CachedBase(base, type(out), kinds, src.lengths, src.pin)
+            cached.add(rows, out)
     finally:
         base.train(was_training)
     parent, _, name = path.rpartition(".")
-    return FeatureCache([(model.get_submodule(parent), name, base, cached)], cached.store, 0.0, "frozen encoder")
+    return FeatureCache([(model.get_submodule(parent), name, base, cached)], cached, 0.0, "frozen encoder")
 
 
 @torch.inference_mode()
 def _cache_prefix(src: Source, base: nn.Module, k: int, clock: dict[str, float]) -> FeatureCache | None:
     layers = layer_stack(base)
-    lookup, captured = CachedLayerOutput(SEQUENCE if src.names == TEXT_INPUTS else VECTOR), {}
+    kind = SEQUENCE if src.names == TEXT_INPUTS else VECTOR
+    lookup, captured = CachedLayerOutput(src.lengths, src.pin, kind), {}
 
     def capture(_: nn.Module, __: Any, out: Any) -> None:
         captured["hidden"] = out
@@ -351,7 +405,7 @@ def _cache_prefix(src: Source, base: nn.Module, k: int, clock: dict[str, float])
     base.eval()
     hook = layers[k - 1].register_forward_hook(capture)
     try:
-        for inputs in _split_batches(src, clock):
+        for inputs, rows in _split_batches(src, clock):
             try:
                 with src.amp():
                     base(**inputs)
@@ -360,19 +414,10 @@ def _cache_prefix(src: Source, base: nn.Module, k: int, clock: dict[str, float])
             if not torch.is_tensor(captured.get("hidden")):
                 print("[lora-exp] feature cache off: this model's layers do not return a plain tensor")
                 return None
-            lookup.store.add(inputs, captured)
+            lookup.store.add(rows, captured)
     finally:
         hook.remove()
         base.train(was_training)
     swaps = [(layers, str(i), layers[i], SkippedLayer()) for i in range(k - 1)]
     swaps.append((layers, str(k - 1), layers[k - 1], lookup))
-    cache = FeatureCache(swaps, lookup.store, 0.0, f"frozen embeddings + layers 0..{k - 1}")
-
-    def remember_batch(_: nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs = _bind(src.names, args, kwargs)
-        if src.names == TEXT_INPUTS and inputs["attention_mask"] is None:
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        lookup.batch = inputs
-
-    cache.hooks.append(base.register_forward_pre_hook(remember_batch, with_kwargs=True))
-    return cache
+    return FeatureCache(swaps, lookup, 0.0, f"frozen embeddings + layers 0..{k - 1}")

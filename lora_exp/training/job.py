@@ -213,10 +213,10 @@ def make_loaders(
     no length grouping)."""
     t = cfg.trainer
     if cfg.model.get("task", "text") == "audio":
-        tok = audio_data.featurize(splits, tokenizer, cfg.data.gw.sample_rate)
+        tok = text_data.number_rows(audio_data.featurize(splits, tokenizer, cfg.data.gw.sample_rate))
         loaders = audio_data.make_loaders(tok, t.batch_size, t.eval_batch_size, generator)
     else:
-        tok = text_data.tokenize(splits, tokenizer, cfg.data.max_length)
+        tok = text_data.number_rows(text_data.tokenize(splits, tokenizer, cfg.data.max_length))
         loaders = text_data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
     if device.type == "cuda":
         text_data.pin_memory(loaders)
@@ -238,9 +238,10 @@ def make_schedule(model: torch.nn.Module, cfg: DictConfig, device: torch.device,
 
 
 def cache_features(job: Job) -> features.FeatureCache | None:
-    """The frozen-feature cache (``trainer.feature_cache``) for a frozen base or a frozen bottom of it."""
+    """The frozen-feature cache (``trainer.feature_cache``) for a frozen base or a frozen bottom of it, kept on
+    the host; the loaders then bring each batch's stored outputs along (``FeatureCache.feed``)."""
     t = job.cfg.trainer
-    return features.maybe_cache(
+    cache = features.maybe_cache(
         job.model,
         job.tok,
         job.tokenizer,
@@ -250,6 +251,9 @@ def cache_features(job: Job) -> features.FeatureCache | None:
         device=job.device,
         amp=job.amp,
     )
+    if cache is not None:
+        cache.feed(job.loaders.collate, job.model)
+    return cache
 
 
 def lora_scaling(cfg: DictConfig) -> float | None:
