@@ -239,7 +239,8 @@ def _fetch() -> int:
 def _report(*args: str) -> int:
     import argparse
 
-    from lora_exp.analysis.report import fair_comparison, load_runs, widen_commands, write_report
+    from lora_exp.analysis.fair import widen_commands
+    from lora_exp.analysis.report import fair_comparison, load_runs, write_report
 
     parser = argparse.ArgumentParser(prog="lora-exp report", description="Table + figures from a (multi)run dir")
     parser.add_argument("dir", type=Path, help="a run or multirun dir (every results.json below it is read)")

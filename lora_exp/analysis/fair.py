@@ -100,3 +100,15 @@ def widen_command(arm: str, runs: pd.DataFrame, lr: float, tried: list[float], e
     grid = [f"method.lr_grid=[{values}]", "lr_index=0,1"] if fair_sweep else [f"optimizer.lr={values}"]
     folder = Path(root) / f"widen_{edge}_{hashlib.sha256(arm.encode()).hexdigest()[:6]}"
     return "lora-exp -m " + shlex.join([*keep, *grid, f"trainer.seed={seeds}", f"hydra.sweep.dir={folder}"])
+
+
+def widen_commands(df: pd.DataFrame, table: pd.DataFrame, root: Path) -> list[str]:
+    """For each arm of ``report.fair_comparison``'s table whose chosen lr is at the edge of its grid: the sweep
+    command that tries two lrs beyond."""
+    out = []
+    for _, row in table[table["lr_edge"].notna()].iterrows() if not table.empty else []:
+        runs = df[(df["_arm"] == row["_arm"]) & (df["status"] == "ok")]
+        tried = tried_lrs(df[df["_arm"] == row["_arm"]]).get(row["_arm"], [])
+        command = widen_command(row["_arm"], runs, row["lr"], tried, row["lr_edge"], root)
+        out.append(f"{row['config']}: lr {row['lr']:g} is the {row['lr_edge']}est tried; widen: {command}")
+    return out

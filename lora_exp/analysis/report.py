@@ -69,6 +69,7 @@ COLUMNS = [
     "test_auc",
     "peak_vram_bytes",
     "peak_host_rss_bytes",
+    "steady_samples_per_s",
     "lora_dropout",
     "lora_init",
     "best_val_f1",
@@ -188,6 +189,7 @@ def aggregations(runs: pd.DataFrame) -> dict[str, tuple]:
         "predicted_peak_gib": ("mem_predicted_peak_bytes", _gib),
         "train_s": ("train_seconds", "mean"),
         "samples_per_s": ("samples_per_s", "mean"),
+        "steady_samples_per_s": ("steady_samples_per_s", "mean"),
         "best_val_acc": ("best_val_acc", "mean"),
         "test_acc": ("test_acc", "mean"),
         "test_acc_ci95": ("test_acc", ci95),
@@ -231,6 +233,11 @@ def _seed(seed: object) -> str:
     return f"{int(seed)}" if isinstance(seed, float) and seed.is_integer() else str(seed)
 
 
+def _rate(value: float | None) -> str:
+    """Samples/s, or "-" where a run had too few updates for a steady window (or predates it)."""
+    return "-" if value is None or pd.isna(value) else f"{value:.1f}"
+
+
 def _acc(mean: float, ci: float) -> str:
     return f"{mean:.4f}" + ("" if pd.isna(ci) else f" ± {ci:.4f}")
 
@@ -252,6 +259,7 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                 "host RSS (GiB)": summary["peak_host_rss_gib"].map("{:.2f}".format),
                 "train time (s)": summary["train_s"].map("{:.0f}".format),
                 "samples/s": summary["samples_per_s"].map("{:.1f}".format),
+                "steady samples/s": summary["steady_samples_per_s"].map(_rate),
                 "lr": summary["lr"].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v)),
                 "best val acc": summary["best_val_acc"].map("{:.4f}".format),
                 "test acc": [_acc(m, c) for m, c in zip(summary.test_acc, summary.test_acc_ci95)],
@@ -351,17 +359,6 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, pd.DataFrame(rows)
 
 
-def widen_commands(df: pd.DataFrame, table: pd.DataFrame, root: Path) -> list[str]:
-    """For each arm whose chosen lr is at the edge of its grid: the sweep command that tries two lrs beyond."""
-    out = []
-    for _, row in table[table["lr_edge"].notna()].iterrows() if not table.empty else []:
-        runs = df[(df["_arm"] == row["_arm"]) & (df["status"] == "ok")]
-        tried = fair.tried_lrs(df[df["_arm"] == row["_arm"]]).get(row["_arm"], [])
-        command = fair.widen_command(row["_arm"], runs, row["lr"], tried, row["lr_edge"], root)
-        out.append(f"{row['config']}: lr {row['lr']:g} is the {row['lr_edge']}est tried; widen: {command}")
-    return out
-
-
 def _count(n: float | None) -> str:
     return "n/a" if n is None or pd.isna(n) else f"{n:,.0f}"
 
@@ -384,7 +381,9 @@ def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
             ],
             "seeds": table["seeds"],
             "predicted peak (GiB)": table["predicted_peak_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}"),
-            "samples/s": table["samples_per_s"].map("{:.1f}".format),
+            "samples/s (steady)": [
+                f"{a:.1f} ({_rate(b)})" for a, b in zip(table.samples_per_s, table.steady_samples_per_s)
+            ],
             "trainable (adapter / head / other)": [
                 f"{_count(t)} ({_count(a)} / {_count(h)} / {_count(o)})"
                 for t, a, h, o in zip(

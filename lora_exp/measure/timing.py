@@ -7,6 +7,7 @@ import gc
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -132,3 +133,28 @@ class PhaseTimer:
             out[f"time_{phase}_ms"] = sum(ms) / len(ms)
         out["time_sampled_steps"] = len(done)
         return out
+
+
+@dataclass
+class Steady:
+    """The steady part of training: updates after ``start`` (start-up, allocator growth and kernel selection,
+    the gradient checks of the first updates), with pauses (validation, checkpoints) and the sampled memory
+    step left out. ``begin`` / ``end`` bracket each stretch with the loop's synchronising clock; seconds and
+    samples accumulate in the run's progress (``steady_seconds``, ``steady_samples``), so a resume adds to them.
+    """
+
+    start: int
+    t0: float | None = None
+    samples0: int = 0
+
+    def begin(self, now: float, step: int, samples: int) -> None:
+        """Open a stretch at ``now`` when update ``step`` is past ``start`` (no-op when one is open)."""
+        if self.t0 is None and step >= self.start:
+            self.t0, self.samples0 = now, samples
+
+    def end(self, now: float, samples: int, progress: Any) -> None:
+        """Close the open stretch at ``now`` and add it to ``progress``."""
+        if self.t0 is not None:
+            progress.steady_seconds += now - self.t0
+            progress.steady_samples += samples - self.samples0
+            self.t0 = None

@@ -46,6 +46,8 @@ class Progress:
     real_tokens: int = 0
     padded_tokens: int = 0
     train_seconds: float = 0.0
+    steady_seconds: float = 0.0  # the steady part of train_seconds (measure.timing.Steady)
+    steady_samples: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0})
     wandb_id: str | None = None

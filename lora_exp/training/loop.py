@@ -23,7 +23,7 @@ from lora_exp.adapters.store import trainable_state
 from lora_exp.config.identity import recorded
 from lora_exp.errors import TrainingFailure
 from lora_exp.measure import memory, tracking
-from lora_exp.measure.timing import RssPeak, clock
+from lora_exp.measure.timing import RssPeak, Steady, clock
 from lora_exp.training import checkpoint, interrupt, metrics
 from lora_exp.training.checks import check_gradients, check_lora_moving, has_adapter
 from lora_exp.training.job import Job, setup
@@ -68,6 +68,7 @@ def fit(job: Job) -> None:
     t, pg = job.cfg.trainer, job.pg
     now = clock(job.device)  # CUDA: synchronise first, so queued work is charged to training
     bar = tqdm(total=job.total_steps, initial=pg.step, desc=job.cfg.method.name, unit="step", mininterval=1.0)
+    steady = Steady(start=max(job.probe_step, pg.step + 1))  # a resumed run warms up again
     job.model.train()
     try:
         t0 = now()
@@ -84,39 +85,63 @@ def fit(job: Job) -> None:
                 # the last group of an epoch may hold fewer micro-batches: weight them by its real size
                 group = min(t.grad_accum, n - i // t.grad_accum * t.grad_accum)
                 timed = last_micro and job.timer.wants(pg.step)
+                if steady.t0 is not None and is_probe(job):  # the sampled memory step is no steady step
+                    steady.end(now(), pg.samples, pg)
                 micro_step(job, batch, group, timed)
                 pg.batches_done = i + 1
                 if not last_micro:
                     continue
                 optimizer_step(job, timed)
                 bar.update()
+                if steady.t0 is None and pg.step >= steady.start:
+                    steady.begin(now(), pg.step, pg.samples)
                 position = epoch + (i + 1) / n
                 if pg.step % t.log_every == 0 or pg.step == job.total_steps:  # the only host sync of the loop
                     bar.set_postfix(loss=f"{log_train_loss(job, position):.4f}")
                 if t.eval_every and pg.step % t.eval_every == 0:
-                    pg.train_seconds += now() - t0
+                    t0 = pause(job, now, t0, steady)
                     validate_now(job, position)
-                    t0 = now()
+                    t0 = resume_clock(job, now, steady)
                 if (t.checkpoint_every and pg.step % t.checkpoint_every == 0) or job.stop.is_set():
-                    pg.train_seconds += now() - t0
+                    t0 = pause(job, now, t0, steady)
                     save_checkpoint(job, epoch_state)
-                    t0 = now()
+                    t0 = resume_clock(job, now, steady)
                     if job.stop.is_set():
                         how = f"continue with: lora-exp resume={job.run_dir}"
                         signame = getattr(job.stop, "signal_name", None) or "SIGTERM"
                         raise TrainingFailure("preempted", f"{signame} at step {pg.step}: checkpoint saved; {how}")
                 if pg.step >= job.total_steps:
                     break
-            pg.train_seconds += now() - t0
+            t0 = pause(job, now, t0, steady)
             if not pg.history or pg.history[-1]["step"] != pg.step:  # always evaluate the last step
                 validate_now(job, epoch + pg.batches_done / n)
             pg.epoch, pg.batches_done = epoch + 1, 0
             save_checkpoint(job, job.generator.get_state())  # the next epoch's order is drawn from here
-            t0 = now()
+            t0 = resume_clock(job, now, steady)
             if pg.step >= job.total_steps:
                 break
     finally:
         bar.close()
+
+
+def pause(job: Job, now: Any, t0: float, steady: Steady) -> float:
+    """Charge the training stretch since ``t0`` to ``train_seconds`` (and the steady window) before a pause."""
+    end = now()
+    job.pg.train_seconds += end - t0
+    steady.end(end, job.pg.samples, job.pg)
+    return end
+
+
+def resume_clock(job: Job, now: Any, steady: Steady) -> float:
+    """Start a new training stretch after a pause (validation, checkpoint)."""
+    start = now()
+    steady.begin(start, job.pg.step, job.pg.samples)
+    return start
+
+
+def is_probe(job: Job) -> bool:
+    """Whether the next micro-step is the one whose memory is sampled."""
+    return job.sampled is None and job.pg.step == min(1, job.total_steps - 1)
 
 
 def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool) -> None:
@@ -132,7 +157,7 @@ def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool
         job.order.update(inputs.numpy().tobytes() + batch["labels"].numpy().tobytes())
         pg.order_digest = job.order.hexdigest()[:16]
     batch = {k: v.to(job.device, non_blocking=True) for k, v in batch.items()}
-    probe = _memory_probe(job) if job.sampled is None and pg.step == min(1, job.total_steps - 1) else None
+    probe = _memory_probe(job) if is_probe(job) else None
     if timed:
         job.timer.mark()
     with probe or nullcontext(), job.amp():

@@ -109,11 +109,17 @@ def majority_share(split: Any) -> float:
 
 
 def speed(job: Job) -> dict[str, Any]:
-    """Training time, throughput, padding and the forward / backward / optimizer split."""
+    """Training time, throughput (over the whole run: wall; and over its steady part, after the start-up, the
+    gradient checks and the sampled memory step), padding and the forward / backward / optimizer split."""
     pg = job.pg
+    steady = pg.steady_seconds > 0 and pg.steady_samples > 0
     return {
         "train_seconds": pg.train_seconds,
         "samples_per_s": pg.samples / pg.train_seconds,
+        "steady_seconds": pg.steady_seconds if steady else None,
+        "steady_samples": pg.steady_samples if steady else None,
+        "steady_samples_per_s": pg.steady_samples / pg.steady_seconds if steady else None,
+        "steady_from_update": job.probe_step,
         "tokens_per_s": pg.real_tokens / pg.train_seconds if pg.padded_tokens else None,
         "padding_efficiency": pg.real_tokens / pg.padded_tokens if pg.padded_tokens else None,
         **job.timer.summary(),
@@ -223,6 +229,10 @@ def print_summary(r: dict[str, Any], run_dir: Path) -> None:
     rows += [
         ("test acc", _fmt(r["test_acc"])),
         ("train time", f"{r['train_seconds']:.1f} s ({r['samples_per_s']:.1f} samples/s)"),
+        (
+            "steady samples/s",
+            "n/a (too few updates)" if r["steady_samples_per_s"] is None else f"{r['steady_samples_per_s']:.1f}",
+        ),
         ("peak VRAM", vram),
         ("peak host RSS", f"{r['peak_host_rss_bytes'] / 2**30:.2f} GiB"),
         ("run dir", str(run_dir)),
