@@ -33,13 +33,20 @@ def make_readable(folder: Path) -> None:
             path.chmod(FILE_MODE)
 
 
+def raw(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its keys would gain ``_orig_mod.``), else ``model`` itself:
+    what is saved, loaded and exported always carries the model's own parameter paths."""
+    return getattr(model, "_orig_mod", model)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every trainable tensor (LoRA A/B and head) on CPU.
 
     ``copy=True``: on a CPU model ``.to("cpu")`` would return the live parameter itself, and a "best"
     snapshot would silently follow every later update.
     """
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    params = raw(model).named_parameters()
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in params if p.requires_grad}
 
 
 def frozen_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,8 +73,8 @@ def save_adapter(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[s
     Frozen adapter tensors (LoRA-FA's A, VeRA's projections) are saved too: the adapter alone rebuilds the update.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    state = {**frozen_adapter_state(model), **trainable_state(model)}
-    layers = dict(lora_layers(model))
+    state = {**frozen_adapter_state(raw(model)), **trainable_state(model)}
+    layers = dict(lora_layers(raw(model)))
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise LoraExpError(f"save_adapter(): {len(merged)} LoRA layers are merged; unmerge() before saving")
@@ -98,7 +105,8 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy adapter tensors into a model that already carries the same LoRA layers; checks keys and shapes."""
-    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    plain = raw(model)
+    params = {**dict(plain.named_buffers()), **dict(plain.named_parameters())}
     check_tensors(params, tensors, f"adapter={where!r}")
     with torch.no_grad():
         for name, t in tensors.items():

@@ -171,6 +171,7 @@ def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
         "group_by_length": bool(cfg.trainer.group_by_length),
         "device": device_name(res["device"]),
         "trainable_params": res["trainable_params"],
+        "compiled": bool(res["compile"]),
     }
 
 
@@ -225,6 +226,7 @@ def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     from lora_exp.data import text as text_data
+    from lora_exp.training.job import COMPILE_BACKEND
 
     t = cfg.trainer
     device = pick_device(t.device)
@@ -260,6 +262,8 @@ def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
             dataloader_num_workers=0,
             seed=t.seed,
             use_cpu=device.type == "cpu",
+            torch_compile=bool(t.get("compile")),  # as ours: trainer.compile, with our backend
+            torch_compile_backend=COMPILE_BACKEND if t.get("compile") else None,
         )
         trainer = Trainer(
             model=model,
@@ -280,6 +284,7 @@ def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
         "group_by_length": args.train_sampling_strategy == "group_by_length",
         "device": device_name(next(model.parameters()).device),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "compiled": bool(args.torch_compile),
     }
 
 

@@ -101,22 +101,36 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run(methods: list[str], warmup: int, steps: int, batch: int, reps: int, overrides: list[str]) -> dict[str, Any]:
-    """Every method: ``reps`` alternated repetitions (ours, hf, ours, hf, ...), then medians and speedups."""
+COMPILE_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def run(
+    methods: list[str],
+    warmup: int,
+    steps: int,
+    batch: int,
+    reps: int,
+    overrides: list[str],
+    compile_modes: tuple[bool, ...] = (False,),
+) -> dict[str, Any]:
+    """Every method (and compile setting: ``trainer.compile`` for ours, ``torch_compile`` for HF): ``reps``
+    alternated repetitions (ours, hf, ours, hf, ...), then medians and speedups."""
     rows, flops = [], {}
     device = None
     for method in methods:
-        cfg = job_config(method, warmup, steps, batch, overrides)
-        device = pick_device(cfg.trainer.device)
-        for rep in range(reps):
-            for name, contender in CONTENDERS.items():
-                window = StepWindow(warmup, steps, device)
-                info = contender(cfg, window)
-                row = {"method": method, "contender": name, "rep": rep, "warmup_steps": warmup, **info}
-                row.update(window.result())
-                rows.append(row)
-                _free(device)
-                print(json.dumps({k: row[k] for k in ("method", "contender", "rep", "samples_per_s")}), flush=True)
+        for compiled in compile_modes:
+            cfg = job_config(method, warmup, steps, batch, [*overrides, f"trainer.compile={str(compiled).lower()}"])
+            device = pick_device(cfg.trainer.device)
+            for rep in range(reps):
+                for name, contender in CONTENDERS.items():
+                    window = StepWindow(warmup, steps, device)
+                    info = contender(cfg, window)
+                    row = {"method": method, "compile": compiled, "contender": name, "rep": rep, **info}
+                    row.update(warmup_steps=warmup, **window.result())
+                    rows.append(row)
+                    _free(device)
+                    keys = ("method", "compile", "contender", "rep", "samples_per_s")
+                    print(json.dumps({k: row[k] for k in keys}), flush=True)
         mine = [r for r in rows if r["method"] == method]
         mean_len = sum(r["padded_tokens"] for r in mine) / sum(r["samples"] for r in mine)
         seq_len = math.ceil(mean_len / PAD_MULTIPLE) * PAD_MULTIPLE
@@ -127,7 +141,14 @@ def run(methods: list[str], warmup: int, steps: int, batch: int, reps: int, over
         f = flops[r["method"]]["flops_per_step"]
         r["mfu"] = f * r["steps_timed"] / r["seconds"] / peak if peak else None
     return {
-        "settings": {"methods": methods, "warmup_steps": warmup, "steps": steps, "batch": batch, "reps": reps},
+        "settings": {
+            "methods": methods,
+            "compile": list(compile_modes),
+            "warmup_steps": warmup,
+            "steps": steps,
+            "batch": batch,
+            "reps": reps,
+        },
         "overrides": overrides,
         "device": str(device),
         "gpu_name": gpu,
@@ -157,36 +178,47 @@ def _spread(values: list[float | None]) -> dict[str, float | None]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def speedup_key(method: str, compiled: bool) -> str:
+    """``lora`` (compile off) or ``lora+compile``: the key of a method's speedup."""
+    return f"{method}+compile" if compiled else method
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and min/max per method and contender; ``speedup`` = median samples/s of ours / of HF."""
+    """Median and min/max per method, compile setting and contender; ``speedup`` = median samples/s of ours /
+    of HF, keyed ``method`` (compile off) and ``method+compile``."""
     summary, speedup = [], {}
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for method, compiled in dict.fromkeys((r["method"], r.get("compile", False)) for r in rows):
         for name in CONTENDERS:
-            mine = [r for r in rows if r["method"] == method and r["contender"] == name]
+            mine = [
+                r for r in rows if (r["method"], r.get("compile", False), r["contender"]) == (method, compiled, name)
+            ]
             summary.append(
                 {
                     "method": method,
+                    "compile": compiled,
                     "contender": name,
                     "reps": len(mine),
                     **{k: _spread([r[k] for r in mine]) for k in ("samples_per_s", "tokens_per_s", "mfu")},
                 }
             )
         ours, hf = summary[-2]["samples_per_s"]["median"], summary[-1]["samples_per_s"]["median"]
-        speedup[method] = ours / hf
+        speedup[speedup_key(method, compiled)] = ours / hf
     return {"summary": summary, "speedup": speedup}
 
 
 def table(result: dict[str, Any]) -> str:
     """Markdown: median samples/s and tokens/s with [min, max], MFU, and the speedup per method."""
     lines = [
-        "| method | contender | samples/s median [min, max] | tokens/s median | MFU | speedup (ours / HF) |",
-        "|---|---|---|---|---|---|",
+        "| method | compile | contender | samples/s median [min, max] | tokens/s median | MFU | speedup (ours / HF) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in result["summary"]:
         sps, tps, mfu = s["samples_per_s"], s["tokens_per_s"], s["mfu"]["median"]
-        ratio = f"{result['speedup'][s['method']]:.2f}x" if s["contender"] == "lora_exp" else ""
+        key = speedup_key(s["method"], s.get("compile", False))
+        ratio = f"{result['speedup'][key]:.2f}x" if s["contender"] == "lora_exp" else ""
         lines.append(
-            f"| {s['method']} | {s['contender']} | {sps['median']:.1f} [{sps['min']:.1f}, {sps['max']:.1f}] | "
+            f"| {s['method']} | {'on' if s.get('compile') else 'off'} | {s['contender']} | "
+            f"{sps['median']:.1f} [{sps['min']:.1f}, {sps['max']:.1f}] | "
             f"{tps['median']:,.0f} | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |"
         )
     return "\n".join(lines)
@@ -202,6 +234,8 @@ def _check_args(ns: argparse.Namespace) -> list[str]:
             raise LoraExpError(f"bench: {option}={value} must be >= {low}")
     if ns.reps < 3:
         raise LoraExpError(f"bench: --reps={ns.reps} must be >= 3 (median and spread of alternated repetitions)")
+    if ns.compile not in COMPILE_MODES:
+        raise LoraExpError(f"bench: --compile={ns.compile!r} is not one of {', '.join(COMPILE_MODES)}")
     if ns.out and ns.out.exists():
         raise LoraExpError(f"bench: --out={str(ns.out)!r} already exists; give a new file")
     if "lora" in methods:
@@ -243,13 +277,18 @@ def main(*args: str) -> int:
     parser.add_argument(
         "--latency", action="store_true", help="inference instead: batch 1 and 32, base / LoRA unmerged / merged"
     )
+    parser.add_argument(
+        "--compile",
+        default="off",
+        help="torch.compile on both sides (ours: trainer.compile; HF: torch_compile): off | on | both (default off)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both contenders, e.g. model=tiny_bert")
     ns = parser.parse_args(args)
     ns.reps = ns.reps if ns.reps is not None else (30 if ns.latency else 3)
     if ns.latency:
         return _latency(ns)
     methods = _check_args(ns)
-    result = run(methods, ns.warmup, ns.steps, ns.batch, ns.reps, ns.overrides)
+    result = run(methods, ns.warmup, ns.steps, ns.batch, ns.reps, ns.overrides, COMPILE_MODES[ns.compile])
     print(table(result))
     if ns.out:
         ns.out.parent.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,7 @@ class TrainerConfig:
     feature_cache: bool = True  # frozen runs: run the frozen encoder once per example, train the head on it
     feature_cache_max_gib: float = 8.0  # above this estimated size the frozen encoder runs every step
     monitor: str = "val/acc"  # selects the best checkpoint: val/acc | val/f1 | val/auc (higher) | val/loss (lower)
+    compile: bool = False  # torch.compile the model (inductor); checkpoints and adapters keep its own names
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_exp.adapters.adalora import TRAINING_BUFFERS as ADALORA_BUFFERS
+from lora_exp.adapters.store import raw
 from lora_exp.errors import LoraExpError
 
 FOLDER = "checkpoint"
@@ -31,7 +32,7 @@ BUFFERS = "adapter_buffers.safetensors"
 
 def adapter_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA layers' own buffers that training changes (AdaLoRA's rank masks and importance EMAs)."""
-    kept = {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] in ("rank_mask", *ADALORA_BUFFERS)}
+    kept = {n: b for n, b in raw(model).named_buffers() if n.rpartition(".")[2] in ("rank_mask", *ADALORA_BUFFERS)}
     return kept
 
 
@@ -70,7 +71,8 @@ def save(
     tmp = run_dir / f".{FOLDER}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    params = raw(model).named_parameters()  # plain paths, compiled or not
+    trainable = {n: p.detach().cpu().contiguous() for n, p in params if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     buffers = adapter_buffers(model)
     if buffers:  # AdaLoRA's masks and importance EMAs: the allocation continues where it was
@@ -129,7 +131,7 @@ def load(
             f"resume={str(run_dir)!r}: the checkpoint is unreadable ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''})"
         ) from err
-    params = dict(model.named_parameters())
+    params = dict(raw(model).named_parameters())
     if set(trainable) != {n for n, p in params.items() if p.requires_grad}:
         raise LoraExpError(f"resume={str(run_dir)!r}: the checkpoint's tensors do not match this model/method")
     with torch.no_grad():

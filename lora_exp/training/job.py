@@ -164,6 +164,8 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
         data_init=init_record,
     )
     job.cache = cache_features(job)  # a frozen encoder runs once per example, not once per epoch
+    if t.get("compile"):
+        compile_model(model)
     _print_banner(job)
     config["derived"] = derived_facts(job)
     job.pg.config_hash = config_hash(config)
@@ -254,6 +256,16 @@ def cache_features(job: Job) -> features.FeatureCache | None:
     if cache is not None:
         cache.feed(job.loaders.collate, job.model)
     return cache
+
+
+COMPILE_BACKEND = "inductor"
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """``trainer.compile``: compile the model in place (``nn.Module.compile``), so its parameters keep their own
+    paths (no ``_orig_mod.``): checkpoints, adapters, resume and export see the eager model's names. The first
+    steps (and the first evaluation) compile; ``Steady`` leaves them out of the steady window."""
+    model.compile(backend=COMPILE_BACKEND)
 
 
 def lora_scaling(cfg: DictConfig) -> float | None:

@@ -151,6 +151,7 @@ def identity(job: Job) -> dict[str, Any]:
         "scheduler": cfg.optimizer.scheduler,
         "warmup_ratio": cfg.optimizer.warmup_ratio,
         "gradient_checkpointing": bool(t.get("gradient_checkpointing")),
+        "compile": bool(t.get("compile")),
         "deterministic": bool(t.get("deterministic")),
         "feature_cache": job.cache is not None,
     }
