@@ -28,13 +28,16 @@ MEMORY_PARTS = [
 
 
 def peak_memory(summary: pd.DataFrame) -> tuple[pd.Series, str]:
-    """The memory a figure shows: the measured GPU peak when the runs were on a GPU, else the predicted peak
-    (parameters, gradients, optimizer state counted; activations measured on a sampled step); old CPU results
-    without a prediction fall back to host RSS. Returns the values (GiB) and the axis label."""
-    if summary["peak_vram_gib"].notna().any():
+    """The memory a figure shows, one quantity for every row: the measured GPU peak (allocated) when every run
+    was on a GPU; else the predicted peak (parameters, gradients, optimizer state counted; activations measured
+    on the longest batch), which every device gives, so a figure never sets a measured GPU bar next to a
+    predicted CPU one; old CPU results without a prediction fall back to host RSS. Returns the values (GiB) and
+    the axis label."""
+    if summary["peak_vram_gib"].notna().all():
         return summary["peak_vram_gib"], "peak GPU memory allocated (GiB), measured"
     if "predicted_peak_gib" in summary and summary["predicted_peak_gib"].notna().any():
-        return summary["predicted_peak_gib"], "predicted peak training memory (GiB), CPU runs"
+        where = "CPU runs" if summary["peak_vram_gib"].isna().all() else "every device"
+        return summary["predicted_peak_gib"], f"predicted peak training memory (GiB), {where}"
     return summary["peak_host_rss_gib"], "peak host RSS (GiB), CPU runs"
 
 

@@ -68,6 +68,7 @@ COLUMNS = [
     "best_val_auc",
     "test_auc",
     "peak_vram_bytes",
+    "peak_vram_reserved_bytes",
     "peak_host_rss_bytes",
     "steady_samples_per_s",
     "lora_dropout",
@@ -185,6 +186,7 @@ def aggregations(runs: pd.DataFrame) -> dict[str, tuple]:
         "head_params": ("head_params", "first"),
         "other_trainable_params": ("other_trainable_params", "first"),
         "peak_vram_gib": ("peak_vram_bytes", _gib),
+        "peak_vram_reserved_gib": ("peak_vram_reserved_bytes", _gib),
         "peak_host_rss_gib": ("peak_host_rss_bytes", _gib),
         "predicted_peak_gib": ("mem_predicted_peak_bytes", _gib),
         "train_s": ("train_seconds", "mean"),
@@ -254,7 +256,10 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                 "trainable params": [
                     f"{n:,.0f} ({pct(p)})" for n, p in zip(summary.trainable_params, summary.trainable_pct)
                 ],
-                "peak VRAM (GiB)": summary["peak_vram_gib"].map(lambda v: "n/a (CPU)" if pd.isna(v) else f"{v:.2f}"),
+                "peak VRAM (GiB)": [
+                    "n/a (CPU)" if pd.isna(a) else f"{a:.2f}" + ("" if pd.isna(r) else f" ({r:.2f} reserved)")
+                    for a, r in zip(summary["peak_vram_gib"], summary["peak_vram_reserved_gib"])
+                ],
                 "predicted peak (GiB)": summary["predicted_peak_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}"),
                 "host RSS (GiB)": summary["peak_host_rss_gib"].map("{:.2f}".format),
                 "train time (s)": summary["train_s"].map("{:.0f}".format),

@@ -29,6 +29,7 @@ TRAINER_COSMETIC = (
     "num_threads",
     "eval_batch_size",
     "feature_cache_max_gib",
+    "memory_probe",
 )
 
 

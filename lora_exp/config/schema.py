@@ -187,6 +187,7 @@ class TrainerConfig:
     feature_cache_max_gib: float = 8.0  # above this estimated size the frozen encoder runs every step
     monitor: str = "val/acc"  # selects the best checkpoint: val/acc | val/f1 | val/auc (higher) | val/loss (lower)
     compile: bool = False  # torch.compile the model (inductor); checkpoints and adapters keep its own names
+    memory_probe: bool = True  # sample the longest batch's memory (activations; on CUDA its measured peak)
 
 
 @dataclass

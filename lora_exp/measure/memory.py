@@ -308,11 +308,12 @@ class StepMemoryProbe:
     (absolute bytes): fold them in with ``max(probe.prior_peak_allocated, torch.cuda.max_memory_allocated())``.
     """
 
-    def __init__(self, device: torch.device, baseline: int = 0):
-        self.device, self.baseline = torch.device(device), baseline
+    def __init__(self, device: torch.device, baseline: int = 0, baseline_reserved: int = 0):
+        self.device, self.baseline, self.baseline_reserved = torch.device(device), baseline, baseline_reserved
         self.cuda = self.device.type == "cuda"
         self.static: int | None = None
         self.peak: int | None = None
+        self.peak_reserved: int | None = None
         self.prior_peak_allocated = 0
         self.prior_peak_reserved = 0
 
@@ -332,10 +333,14 @@ class StepMemoryProbe:
             return
         torch.cuda.synchronize(self.device)
         self.peak = torch.cuda.max_memory_allocated(self.device) - self.baseline
+        # what the allocator held (cached blocks included): PEFT's comparisons report it; on small models it can
+        # be twice the allocated peak
+        self.peak_reserved = torch.cuda.max_memory_reserved(self.device) - self.baseline_reserved
 
     def result(self, predicted_peak: int | None = None) -> dict[str, float | int | None]:
-        """``mem_measured_peak_bytes``, ``mem_static_bytes`` and ``mem_measured_over_predicted`` (None on
-        CPU, or when no step was probed)."""
+        """``mem_measured_peak_bytes`` (allocated), ``mem_static_bytes`` and ``mem_measured_over_predicted``
+        (allocated over ``predicted_peak``; None on CPU, or when no step was probed). The reserved peak of the
+        same window is ``peak_reserved``."""
         ratio = self.peak / predicted_peak if self.peak is not None and predicted_peak else None
         return {
             "mem_measured_peak_bytes": self.peak,
@@ -354,11 +359,14 @@ class SampledStep:
         memory_keys = sampled.result()
 
     ``result()`` gives :func:`breakdown`'s keys (with the backward watched) and :class:`StepMemoryProbe`'s.
-    Enter it right after ``zero_grad(set_to_none=True)``, on the first micro-batch of an update after the
-    first (optimizer state exists). ``mem_predicted_peak_bytes`` is the run's peak with its ``grad_accum``;
-    ``mem_measured_over_predicted`` compares the measured window with the prediction for that same window
-    (gradients of earlier micro-batches included only if they existed when it opened). After it, fold
-    ``prior_peak_allocated`` into any job-level ``max_memory_allocated`` (the probe reset the statistics).
+    Enter it right after ``zero_grad(set_to_none=True)``, on the micro-batch with the most tokens (its
+    activations are the run's largest). ``mem_predicted_peak_bytes`` is the run's peak with its
+    ``grad_accum`` and the optimizer state (counted at the end); ``window_predicted`` (after ``result()``) is
+    the prediction for the measured window itself (the gradients of earlier micro-batches and the optimizer
+    state only if they existed when it opened: on the first update the state does not exist yet), and
+    ``mem_measured_over_predicted`` compares the two; ``probe.peak_reserved`` is the window's reserved peak.
+    After it, fold ``prior_peak_allocated`` / ``prior_peak_reserved`` into any job-level peak (the probe reset
+    the statistics).
     """
 
     def __init__(
@@ -368,11 +376,14 @@ class SampledStep:
         device: torch.device,
         baseline: int = 0,
         grad_accum: int = 1,
+        baseline_reserved: int = 0,
     ):
         self.model, self.optimizer, self.grad_accum = model, optimizer, grad_accum
         self.meter = SavedTensorMeter(model)
-        self.probe = StepMemoryProbe(device, baseline)
+        self.probe = StepMemoryProbe(device, baseline, baseline_reserved)
         self.grads_in_window = False
+        self.optimizer_in_window = False
+        self.window_predicted: int | None = None
         self._done = False
 
     @property
@@ -380,8 +391,14 @@ class SampledStep:
         """Peak allocated bytes before the measured window (0 off CUDA)."""
         return self.probe.prior_peak_allocated
 
+    @property
+    def prior_peak_reserved(self) -> int:
+        """Peak reserved bytes before the measured window (0 off CUDA)."""
+        return self.probe.prior_peak_reserved
+
     def __enter__(self) -> SampledStep:
         self.grads_in_window = any(p.grad is not None for p in self.model.parameters())
+        self.optimizer_in_window = bool(self.optimizer is not None and self.optimizer.state)
         self.probe.before_forward()
         self.meter.__enter__()
         return self
@@ -404,11 +421,12 @@ class SampledStep:
         window = predicted_peak_bytes(
             out["mem_params_bytes"],
             out["mem_grads_bytes"],
-            out["mem_optimizer_bytes"],
+            out["mem_optimizer_bytes"] if self.optimizer_in_window else 0,
             out["mem_activations_bytes"],
             out["mem_autocast_copies_bytes"],
             grad_accum=2 if self.grads_in_window else 1,
             backward_live=out["mem_backward_live_bytes"],
         )
+        self.window_predicted = window
         out.update(self.probe.result(window))
         return out

@@ -15,17 +15,41 @@ import torch
 
 
 def reset_memory(device: torch.device) -> int:
-    """Clean measurement state for this job (previous jobs in the same process leave leftovers).
+    """Clean measurement state for this job (previous jobs in the same process leave leftovers); on CUDA the
+    libraries' workspaces are created first (``warm_up_cuda``), so every job's baseline holds them.
 
-    Returns the baseline allocated bytes (0 on CPU).
+    Returns the baseline allocated bytes (0 on CPU); ``reserved(device)`` right after is the reserved one.
     """
     gc.collect()
     if device.type != "cuda":
         return 0
+    warm_up_cuda(device)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device)
+
+
+def reserved(device: torch.device) -> int:
+    """Bytes the CUDA allocator holds now (0 off CUDA)."""
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
+def warm_up_cuda(device: torch.device) -> None:
+    """One small matmul (fp32, and under bf16 / fp16 autocast where the GPU runs it) with its backward, and one
+    convolution: cuBLAS, cuBLASLt and cuDNN create their handles and workspaces now. Otherwise the first job of a
+    process carries cuBLAS's workspace (32 MiB on Hopper) in its measured memory and the later ones do not."""
+    x = torch.ones(64, 64, device=device, requires_grad=True)
+    (x @ x).sum().backward()
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            with torch.autocast("cuda", dtype=dtype):
+                (x @ x).float().sum().backward()
+        except RuntimeError:  # a dtype this GPU does not compute
+            continue
+    w = torch.ones(4, 4, 3, device=device, requires_grad=True)
+    torch.nn.functional.conv1d(torch.ones(1, 4, 16, device=device), w).sum().backward()
+    torch.cuda.synchronize(device)
 
 
 def peak_memory(device: torch.device, baseline: int, rss: RssPeak) -> dict[str, int | None]:

@@ -26,10 +26,12 @@ from lora_exp.data import audio as audio_data
 from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import memory
-from lora_exp.measure.timing import PhaseTimer, RssPeak, reset_memory
+from lora_exp.measure.timing import PhaseTimer, RssPeak, reserved, reset_memory
 from lora_exp.models.build import build_model, sub_seeds
 from lora_exp.models.methods import count_parameters, model_facts
 from lora_exp.training import adalora_hooks, checkpoint, data_init, features
+
+CHECKED_UPDATES = 10  # the gradient checks run in the first update and in this one (LoRA moving)
 
 
 @dataclass
@@ -61,12 +63,15 @@ class Job:
     id2label: dict[int, str] | None
     data_dropped: dict[str, int]  # rows dropped while loading, by reason (results.json)
     pg: checkpoint.Progress
+    baseline_reserved: int = 0  # reserved bytes before this job (CUDA)
     resumed: bool = False
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
     cache: features.FeatureCache | None = None
     data_init: dict[str, Any] | None = None  # lora.init=eva: what the init used and cost (results.json)
     sampled: memory.SampledStep | None = None  # the step whose memory was measured
+    probe_at: tuple[int, int] | None = None  # (epoch, micro-batch) to sample: the longest (loop.plan_probe)
+    sampled_at: dict[str, Any] = field(default_factory=dict)  # which update it was, and its padded tokens
     run: Any = None  # the W&B run
     stop: threading.Event = field(default_factory=threading.Event)  # set by SIGINT / SIGTERM (training/interrupt.py)
     loss_sum: torch.Tensor | None = None  # running train loss on the device (the host syncs only to log)
@@ -78,8 +83,8 @@ class Job:
 
     @property
     def probe_step(self) -> int:
-        """The update after which LoRA must be seen moving."""
-        return min(10, self.total_steps)
+        """The update after which LoRA must be seen moving (the last one-off check: ``CHECKED_UPDATES``)."""
+        return min(CHECKED_UPDATES, self.total_steps)
 
 
 def _amp(device: torch.device, precision: str) -> Any:
@@ -122,6 +127,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
     device, precision = choose_device(cfg)
     seeds = sub_seeds(t.seed)
     baseline = reset_memory(device)  # clean state before anything of this job is allocated
+    baseline_reserved = reserved(device)
     splits, id2label, dropped = load_data(cfg)
     tokenizer, model, head, adapted = build_model(cfg, id2label)
     counts = count_parameters(model, head)
@@ -155,6 +161,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
         total_steps=total_steps,
         timer=PhaseTimer(device, every=t.profile_every),
         baseline=baseline,
+        baseline_reserved=baseline_reserved,
         rss=rss,
         id2label=id2label,
         data_dropped=dropped,

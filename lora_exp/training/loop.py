@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lora_exp.adapters.store import trainable_state
 from lora_exp.config.identity import recorded
+from lora_exp.data import text as text_data
 from lora_exp.errors import TrainingFailure
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import RssPeak, Steady, clock
@@ -69,6 +70,7 @@ def fit(job: Job) -> None:
     now = clock(job.device)  # CUDA: synchronise first, so queued work is charged to training
     bar = tqdm(total=job.total_steps, initial=pg.step, desc=job.cfg.method.name, unit="step", mininterval=1.0)
     steady = Steady(start=max(job.probe_step, pg.step + 1))  # a resumed run warms up again
+    job.probe_at = plan_probe(job) if job.sampled is None and t.get("memory_probe", True) else None
     job.model.train()
     try:
         t0 = now()
@@ -140,8 +142,39 @@ def resume_clock(job: Job, now: Any, steady: Steady) -> float:
 
 
 def is_probe(job: Job) -> bool:
-    """Whether the next micro-step is the one whose memory is sampled."""
-    return job.sampled is None and job.pg.step == min(1, job.total_steps - 1)
+    """Whether the next micro-step is the one whose memory is sampled (``plan_probe``)."""
+    return job.sampled is None and job.probe_at == (job.pg.epoch, job.pg.batches_done)
+
+
+def plan_probe(job: Job) -> tuple[int, int] | None:
+    """``(epoch, micro-batch)`` whose memory to sample: the run's longest micro-batch (most padded tokens: its
+    activations are the largest), among those still to run; of equally long ones the first with optimizer state
+    (after the first update), else the first. The length-grouped sampler puts the longest batch first, so a
+    one-epoch run samples its first step and a longer one the first step of its second epoch. The epochs' orders
+    are drawn from a copy of the data-order generator's state, which is then put back: the run is unchanged."""
+    t, pg, loader = job.cfg.trainer, job.pg, job.loaders.train
+    has_lengths = "length" in getattr(job.tok["train"], "column_names", [])
+    lengths = text_data.lengths(job.tok["train"]) if has_lengths else None
+    state, best, step = job.generator.get_state(), None, pg.step
+    try:
+        for epoch in range(pg.epoch, t.epochs):
+            order, size = list(iter(loader.sampler)), loader.batch_size
+            # a sampler of indices batched by the loader, or (audio: one Arrow read per batch) a BatchSampler
+            batches = order if size is None else [order[k : k + size] for k in range(0, len(order), size)]
+            for i, rows in enumerate(batches):
+                if epoch == pg.epoch and i < pg.batches_done:
+                    continue
+                longest = max(lengths[r] for r in rows) if lengths else 1
+                key = (len(rows) * (math.ceil(longest / 8) * 8 if lengths else 1), step > 0)
+                if best is None or key > best[0]:
+                    best = (key, (epoch, i))
+                if (i + 1) % t.grad_accum == 0 or i + 1 == len(batches):
+                    step += 1
+                    if step >= job.total_steps:
+                        return best[1]
+    finally:
+        job.generator.set_state(state)
+    return best[1] if best else None
 
 
 def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool) -> None:
@@ -171,6 +204,10 @@ def micro_step(job: Job, batch: dict[str, torch.Tensor], group: int, timed: bool
     if probe is not None:
         probe.result()  # ends the measurement right after the backward; finish() reads it again
         job.sampled = probe
+        job.sampled_at = {
+            "mem_sampled_update": pg.step,
+            "mem_sampled_tokens": mask.numel() if mask is not None else None,
+        }
     if timed:
         job.timer.mark()
 
@@ -251,4 +288,5 @@ def save_checkpoint(job: Job, epoch_state: torch.Tensor) -> None:
 
 def _memory_probe(job: Job) -> memory.SampledStep:
     """Measures one micro-step: saved activations, autocast copies, and on CUDA the real peak."""
-    return memory.SampledStep(job.model, job.optimizer, job.device, job.baseline, job.cfg.trainer.grad_accum)
+    t = job.cfg.trainer
+    return memory.SampledStep(job.model, job.optimizer, job.device, job.baseline, t.grad_accum, job.baseline_reserved)

@@ -162,9 +162,13 @@ MEMORY_KEYS = (
     "mem_autocast_copies_bytes",
     "mem_predicted_peak_bytes",
     "mem_backward_live_bytes",
+    "mem_window_predicted_bytes",
     "mem_measured_peak_bytes",
+    "mem_measured_peak_reserved_bytes",
     "mem_static_bytes",
     "mem_measured_over_predicted",
+    "mem_sampled_update",
+    "mem_sampled_tokens",
 )
 
 
@@ -175,8 +179,16 @@ def _memory_summary(job: Job, measured: dict[str, Any]) -> dict[str, Any]:
         return {**memory.static_bytes(job.model, job.optimizer), **dict.fromkeys(MEMORY_KEYS)}
     if measured.get("peak_vram_bytes") is not None:  # the probe reset the peak statistics: fold the earlier peak in
         peak = max(measured["peak_vram_bytes"], job.sampled.prior_peak_allocated)
+        held = max(measured["peak_vram_reserved_bytes"], job.sampled.prior_peak_reserved)
         measured.update(peak_vram_bytes=peak, peak_vram_above_baseline_bytes=peak - job.baseline)
-    return job.sampled.result(job.model)
+        measured.update(peak_vram_reserved_bytes=held)
+    probe = job.sampled
+    return {
+        **probe.result(job.model),
+        "mem_window_predicted_bytes": probe.window_predicted,
+        "mem_measured_peak_reserved_bytes": probe.probe.peak_reserved,  # next to the allocated peak
+        **job.sampled_at,
+    }
 
 
 def _none_if_nan(value: float | None) -> float | None:
@@ -232,7 +244,7 @@ def print_summary(r: dict[str, Any], run_dir: Path) -> None:
         ("train time", f"{r['train_seconds']:.1f} s ({r['samples_per_s']:.1f} samples/s)"),
         (
             "steady samples/s",
-            "n/a (too few updates)" if r["steady_samples_per_s"] is None else f"{r['steady_samples_per_s']:.1f}",
+            "n/a (too few updates)" if r.get("steady_samples_per_s") is None else f"{r['steady_samples_per_s']:.1f}",
         ),
         ("peak VRAM", vram),
         ("peak host RSS", f"{r['peak_host_rss_bytes'] / 2**30:.2f} GiB"),
