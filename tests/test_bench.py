@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,14 @@ def test_both_sides_record_the_same_settings(result: dict) -> None:
         assert a["device"] == b["device"] == "cpu"
         # the same trainable set: PEFT's LoRA on our resolved targets + our head list (DistilBERT's two modules)
         assert a["trainable_params"] == b["trainable_params"]
+        assert a["batches_digest"] == b["batches_digest"]  # the same batches in the same order (one sampler)
+        assert a["batch_shapes"] == b["batch_shapes"]
+        assert a["non_blocking"] is b["non_blocking"] is True  # host-to-device copies on both sides
         for r in (a, b):  # the window holds exactly `steps` full batches, each padded to a multiple of 8
             assert r["steps_timed"] == 3 and r["samples"] == 3 * 8
             assert r["padded_length_gcd"] % 8 == 0
-            assert 0 < r["real_tokens"] <= r["padded_tokens"]
-            assert r["samples_per_s"] == pytest.approx(r["samples"] / r["seconds"])
+            assert 0 < r["real_tokens"] <= r["padded_tokens"] == sum(n * length for n, length in r["batch_shapes"])
+            assert r["warmup_steps"] == 10  # --warmup 2 raised: our one-off checks (updates 1 and 10) stay outside
 
 
 def test_speedup_is_the_ratio_of_medians(result: dict) -> None:
@@ -58,8 +62,63 @@ def test_speedup_is_the_ratio_of_medians(result: dict) -> None:
     assert result["speedup"]["lora"] == pytest.approx(median("lora_exp") / median("hf_trainer"))
     spread = next(s for s in result["summary"] if s["contender"] == "hf_trainer")["samples_per_s"]
     assert spread["min"] <= spread["median"] <= spread["max"]
-    assert result["flops"]["lora"]["flops_per_step"] > 0
     assert result["peak_bf16_flops"] is None and result["rows"][0]["mfu"] is None  # CPU: no MFU
+
+
+def test_window_flops_count_each_batch_at_its_own_length(result: dict, reviews: Path) -> None:
+    """Each row's FLOPs equal FlopCounterMode's count of every window batch at its own shape, counted here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_exp.models.build import build_model
+
+    cfg = bench.job_config("lora", 10, 3, 8, ["model=tiny_distilbert", f"data.path={reviews}", "trainer.device=cpu"])
+    _, model, _, _ = build_model(cfg)
+    counted: dict[tuple[int, int], int] = {}
+    for n, length in {tuple(s) for r in result["rows"] for s in r["batch_shapes"]}:
+        ids = torch.randint(5, 100, (n, length))
+        with FlopCounterMode(display=False) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(n, dtype=torch.long)
+            ).loss.backward()
+        counted[(n, length)] = counter.get_total_flops()
+    for r in result["rows"]:
+        assert r["flops"] == sum(counted[tuple(s)] for s in r["batch_shapes"])
+    lengths = {length for r in result["rows"] for _, length in r["batch_shapes"]}
+    assert len(lengths) > 1  # batches of several lengths: a single mean length would not give these counts
+
+
+def test_step_window_times_only_its_steps_and_counts_its_batches() -> None:
+    window = bench.StepWindow(2, 3, torch.device("cpu"))
+    collate = window.collate(lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    masks = [torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[1] * 8, [1] * 8])] * 3
+    start = time.perf_counter()
+    for i, mask in enumerate(masks[:5]):
+        collate([{"input_ids": m, "attention_mask": m, "labels": torch.tensor(i)} for m in mask])
+        if i >= 2:
+            time.sleep(0.05)  # only the window's steps take time
+        window.step()
+    got, wall = window.result(), time.perf_counter() - start
+    assert got["samples"] == 6 and got["real_tokens"] == 5 + 16 + 5 and got["padded_tokens"] == 8 + 16 + 8
+    assert got["batch_shapes"] == [[2, 4], [2, 8], [2, 4]]
+    assert 0.15 <= got["seconds"] <= wall  # the three timed steps' sleeps, nothing of the two warm-up steps'
+
+
+def test_peak_flops_by_gpu_model_and_precision() -> None:
+    from lora_exp.bench.contenders import matmul_precision, peak_flops
+
+    assert peak_flops("NVIDIA H200 NVL", "bf16") == 835e12 < peak_flops("NVIDIA H200", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 NVL", "fp16") == 835e12 and peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "tf32") == 494.5e12 and peak_flops("NVIDIA H200", "fp32") == 67e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12 and peak_flops(None, "bf16") is None
+    assert matmul_precision("bf16") == "bf16"
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert matmul_precision("fp32") == "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert matmul_precision("fp32") == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_peak_table() -> None:

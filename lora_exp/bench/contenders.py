@@ -11,6 +11,7 @@ each side's collate function, the same wrapper for both.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
 import time
@@ -31,22 +32,40 @@ PAD_MULTIPLE = 8  # our loader pads to a multiple of 8 (data.text.make_loaders);
 METHODS = ("lora", "full", "frozen")
 
 
-# Peak dense (no sparsity) bf16 tensor-core FLOP/s, matched by substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 80GB HBM3", 989e12),  # H100 SXM
-    ("H100 SXM", 989e12),
-    ("A100", 312e12),
+# Peak dense (no sparsity) FLOP/s per GPU model and the precision the matmuls run in, from NVIDIA's datasheets
+# (their tensor-core figures are with 2:4 sparsity: halved here). Matched in order by substring of
+# torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM5 board, "NVIDIA H200" the SXM one, so the
+# NVL / PCIe names come first. fp16 runs at the bf16 rate; fp32 matmuls use TF32 tensor cores only when
+# torch.backends.cuda.matmul.allow_tf32 is set (PyTorch's default: not), else the plain FP32 units.
+PEAK_FLOPS = (
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),  # SXM
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 80GB HBM3", {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),  # SXM5
+    ("H100 SXM", {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
 )
 
 
-def peak_bf16_flops(gpu_name: str | None) -> float | None:
-    """The GPU's peak dense bf16 FLOP/s from a small table; None for CPUs and unknown GPUs."""
-    for key, peak in PEAK_BF16_FLOPS:
+def matmul_precision(precision: str) -> str:
+    """The precision a run's matmuls use: the autocast dtype, or for fp32 TF32 when PyTorch allows it."""
+    if precision != "fp32":
+        return precision
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def peak_flops(gpu_name: str | None, precision: str = "bf16") -> float | None:
+    """The GPU's peak dense FLOP/s for ``precision`` (bf16 | fp16 | tf32 | fp32); None for CPUs and unknown GPUs."""
+    for key, peaks in PEAK_FLOPS:
         if gpu_name and key in gpu_name:
-            return peak
+            return peaks.get(precision)
     return None
+
+
+def peak_bf16_flops(gpu_name: str | None) -> float | None:
+    """``peak_flops(gpu_name, "bf16")``."""
+    return peak_flops(gpu_name, "bf16")
 
 
 class StepWindow:
@@ -61,16 +80,19 @@ class StepWindow:
     def __init__(self, warmup: int, steps: int, device: torch.device):
         self.warmup, self.steps, self.device = warmup, steps, device
         self.done = 0
-        self.batches: list[tuple[int, int, int, int]] = []  # samples, real tokens, padded tokens, length
+        self.batches: list[tuple[int, int, int, int, str]] = []  # samples, real / padded tokens, length, digest
         self.times: list[float] = []
 
     def collate(self, fn: Callable[[list], dict]) -> Callable[[list], dict]:
-        """``fn`` with a record per batch: samples, real tokens (attention mask), padded tokens, length."""
+        """``fn`` with a record per batch: samples, real tokens (attention mask), padded tokens, length, and a
+        digest of its token ids and labels (both sides must train on the same batches in the same order)."""
 
         def counted(features: list) -> dict:
             batch = fn(features)
             mask = batch["attention_mask"]
-            self.batches.append((mask.shape[0], int(mask.sum()), mask.numel(), mask.shape[1]))
+            data = batch["input_ids"].numpy().tobytes() + batch["labels"].numpy().tobytes()
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            self.batches.append((mask.shape[0], int(mask.sum()), mask.numel(), mask.shape[1], digest))
             return batch
 
         return counted
@@ -91,6 +113,8 @@ class StepWindow:
         inside = self.batches[self.warmup : self.warmup + self.steps]
         samples, real, padded = (sum(b[i] for b in inside) for i in range(3))
         return {
+            "batch_shapes": [[b[0], b[3]] for b in inside],  # (samples, padded length): FLOPs per batch
+            "batches_digest": hashlib.sha256("".join(b[4] for b in self.batches).encode()).hexdigest()[:16],
             "steps_timed": self.steps,
             "seconds": seconds,
             "samples": samples,
@@ -172,6 +196,7 @@ def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
         "device": device_name(res["device"]),
         "trainable_params": res["trainable_params"],
         "compiled": bool(res["compile"]),
+        "non_blocking": True,  # the loop copies every batch with non_blocking=True (from pinned memory on CUDA)
     }
 
 
@@ -220,13 +245,70 @@ def _hf_model(cfg: Any) -> tuple[Any, torch.nn.Module]:
     return tokenizer, model
 
 
+class SameOrder(torch.utils.data.Sampler):
+    """Our loop's training sampler handed to HF Trainer: the same batches in the same order (its own
+    ``LengthGroupedSampler`` draws from the global RNG; a plain ``RandomSampler`` accelerate would re-seed)."""
+
+    def __init__(self, inner: torch.utils.data.Sampler):
+        self.inner = inner
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def our_sampler(cfg: Any, tok: Any, tokenizer: Any) -> torch.utils.data.Sampler:
+    """The sampler our loop trains with: built by our loaders from a generator seeded as the job seeds it."""
+    from lora_exp.data import text as text_data
+    from lora_exp.models.build import sub_seeds
+
+    t, generator = cfg.trainer, torch.Generator().manual_seed(sub_seeds(cfg.trainer.seed)["data"])
+    return text_data.make_loaders(
+        tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator
+    ).train.sampler
+
+
+def _hf_arguments(cfg: Any, precision: str, device: torch.device, total: int, out: str) -> Any:
+    """HF's TrainingArguments for the same work: batch, steps, precision, clipping, logging interval, compile,
+    and non-blocking host-to-device copies from pinned batches (as our loop copies them)."""
+    from transformers import TrainingArguments
+
+    from lora_exp.training.job import COMPILE_BACKEND
+
+    t = cfg.trainer
+    return TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=total,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        max_grad_norm=t.max_grad_norm,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",  # replaced by SameOrder
+        logging_strategy="steps",
+        logging_steps=t.log_every,  # the loss reaches the host as often as in our loop
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device.type == "cuda",
+        accelerator_config={"non_blocking": True},
+        seed=t.seed,
+        use_cpu=device.type == "cpu",
+        torch_compile=bool(t.get("compile")),  # as ours: trainer.compile, with our backend
+        torch_compile_backend=COMPILE_BACKEND if t.get("compile") else None,
+    )
+
+
 def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
-    """HF Trainer (+ PEFT) on the same work, timed by a ``TrainerCallback`` at ``on_step_end``."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    """HF Trainer (+ PEFT) on the same work and the same batch order, timed by a ``TrainerCallback`` at
+    ``on_step_end``."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from lora_exp.data import text as text_data
-    from lora_exp.training.job import COMPILE_BACKEND
 
     t = cfg.trainer
     device = pick_device(t.device)
@@ -235,37 +317,22 @@ def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
         torch.cuda.set_device(device)  # HF/accelerate place the model on the current CUDA device
     tokenizer, model = _hf_model(cfg)
     model.to(device)
-    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)["train"]
-    train_set = tok.select_columns(["input_ids", "attention_mask", "labels", "length"]).with_format(None)
-    total = window.warmup + window.steps
+    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
+    train_set = tok["train"].select_columns(["input_ids", "attention_mask", "labels", "length"]).with_format(None)
+    sampler, total = SameOrder(our_sampler(cfg, tok, tokenizer)), window.warmup + window.steps
 
     class Timing(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             window.step()
 
+    class OurOrder(Trainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+            return sampler
+
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=t.batch_size,
-            gradient_accumulation_steps=1,
-            max_steps=total,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            max_grad_norm=t.max_grad_norm,
-            train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-            logging_strategy="steps",
-            logging_steps=t.log_every,  # the loss reaches the host as often as in our loop
-            report_to=[],
-            save_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=t.seed,
-            use_cpu=device.type == "cpu",
-            torch_compile=bool(t.get("compile")),  # as ours: trainer.compile, with our backend
-            torch_compile_backend=COMPILE_BACKEND if t.get("compile") else None,
-        )
-        trainer = Trainer(
+        args = _hf_arguments(cfg, precision, device, total, tmp)
+        trainer = OurOrder(
             model=model,
             args=args,
             train_dataset=train_set,
@@ -285,6 +352,7 @@ def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
         "device": device_name(next(model.parameters()).device),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "compiled": bool(args.torch_compile),
+        "non_blocking": bool(trainer.accelerator.dataloader_config.non_blocking),
     }
 
 

@@ -19,17 +19,25 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import statistics
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_exp.bench.contenders import CONTENDERS, METHODS, PAD_MULTIPLE, StepWindow, peak_bf16_flops
+from lora_exp.bench.contenders import (
+    CONTENDERS,
+    METHODS,
+    StepWindow,
+    matmul_precision,
+    peak_bf16_flops,
+    peak_flops,
+)
 from lora_exp.config.checks import validate
 from lora_exp.device import AMP_DTYPES, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
+from lora_exp.training.job import CHECKED_UPDATES
 
 
 def _compose(overrides: list[str]) -> Any:
@@ -62,13 +70,21 @@ def job_config(method: str, warmup: int, steps: int, batch: int, overrides: list
             "save_weights=false",
             # the same work on both sides: our frozen-encoder cache would skip the encoder HF runs every step
             "trainer.feature_cache=false",
+            "trainer.memory_probe=false",  # HF samples no step's memory either
         ]
     )
 
 
-def flops_per_step(cfg: Any, seq_len: int) -> int:
+def effective_warmup(warmup: int) -> int:
+    """The untimed updates before the window: at least our loop's one-off checks (``CHECKED_UPDATES``: the
+    gradient checks of updates 1 and 10), so the window holds none of them."""
+    return max(warmup, CHECKED_UPDATES)
+
+
+def flops_per_step(cfg: Any, seq_len: int | list[int]) -> int | list[int]:
     """FLOPs of one training step (forward + backward) of our model for ``cfg`` on a batch of
-    ``trainer.batch_size`` x ``seq_len`` tokens, counted by ``FlopCounterMode`` (the optimizer is not counted)."""
+    ``trainer.batch_size`` x ``seq_len`` tokens (a list: one count per length, one model built), counted by
+    ``FlopCounterMode`` (the optimizer is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lora_exp.models.build import build_model
@@ -79,20 +95,45 @@ def flops_per_step(cfg: Any, seq_len: int) -> int:
     model.to(device).train()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    shape = (cfg.trainer.batch_size, seq_len)
-    batch = {
-        "input_ids": torch.randint(5, vocab, shape, generator=gen).to(device),
-        "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
-        "labels": torch.zeros(shape[0], dtype=torch.long, device=device),
-    }
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(**batch).loss
-        loss.backward()
-    flops = counter.get_total_flops()
-    del model, batch, loss
+    counts = []
+    for length in [seq_len] if isinstance(seq_len, int) else seq_len:
+        shape = (cfg.trainer.batch_size, length)
+        batch = {
+            "input_ids": torch.randint(5, vocab, shape, generator=gen).to(device),
+            "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
+            "labels": torch.zeros(shape[0], dtype=torch.long, device=device),
+        }
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = model(**batch).loss
+            loss.backward()
+        counts.append(int(counter.get_total_flops()))
+        model.zero_grad(set_to_none=True)
+        del batch, loss
+    del model
     _free(device)
-    return int(flops)
+    return counts[0] if isinstance(seq_len, int) else counts
+
+
+CURVE_LENGTHS = (8, 16, 24)
+
+
+def flops_curve(cfg: Any) -> list[Fraction]:
+    """``[c0, c1, c2]``: a training step's FLOPs on ``trainer.batch_size`` x L tokens is ``c0 + c1 L + c2 L^2``
+    exactly (matmuls: projections and FFN linear in L, attention scores and values quadratic, the head on one
+    token constant), solved from the counts at three lengths."""
+    counts = flops_per_step(cfg, list(CURVE_LENGTHS))
+    a, b, c = (Fraction(n) for n in CURVE_LENGTHS)
+    (fa, fb, fc) = (Fraction(n) for n in counts)
+    c2 = ((fc - fa) / (c - a) - (fb - fa) / (b - a)) / (c - b)
+    c1 = (fb - fa) / (b - a) - c2 * (a + b)
+    return [fa - c1 * a - c2 * a * a, c1, c2]
+
+
+def window_flops(curve: list[Fraction], batch_size: int, shapes: list[list[int]]) -> int:
+    """FLOPs of the timed window: each batch at its own padded length (and size, linear: FLOPs per example)."""
+    total = sum(Fraction(n, batch_size) * (curve[0] + curve[1] * length + curve[2] * length**2) for n, length in shapes)
+    return round(total)
 
 
 def _free(device: torch.device) -> None:
@@ -116,7 +157,9 @@ def run(
     """Every method (and compile setting: ``trainer.compile`` for ours, ``torch_compile`` for HF): ``reps``
     alternated repetitions (ours, hf, ours, hf, ...), then medians and speedups."""
     rows, flops = [], {}
-    device = None
+    device, requested, warmup = None, warmup, effective_warmup(warmup)
+    if warmup != requested:
+        print(f"[bench] --warmup={requested} raised to {warmup}: our one-off gradient checks run in updates 1 and 10")
     for method in methods:
         for compiled in compile_modes:
             cfg = job_config(method, warmup, steps, batch, [*overrides, f"trainer.compile={str(compiled).lower()}"])
@@ -131,20 +174,28 @@ def run(
                     _free(device)
                     keys = ("method", "compile", "contender", "rep", "samples_per_s")
                     print(json.dumps({k: row[k] for k in keys}), flush=True)
+        curve = flops_curve(cfg)
         mine = [r for r in rows if r["method"] == method]
-        mean_len = sum(r["padded_tokens"] for r in mine) / sum(r["samples"] for r in mine)
-        seq_len = math.ceil(mean_len / PAD_MULTIPLE) * PAD_MULTIPLE
-        flops[method] = {"seq_len": seq_len, "flops_per_step": flops_per_step(cfg, seq_len)}
+        for r in mine:  # every batch of the window at its own length
+            r["flops"] = window_flops(curve, batch, r["batch_shapes"])
+        flops[method] = {
+            "curve": [float(c) for c in curve],
+            "curve_lengths": list(CURVE_LENGTHS),
+            "flops_per_step": statistics.mean(r["flops"] / r["steps_timed"] for r in mine),
+        }
     gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
-    peak = peak_bf16_flops(gpu)
     for r in rows:
-        f = flops[r["method"]]["flops_per_step"]
-        r["mfu"] = f * r["steps_timed"] / r["seconds"] / peak if peak else None
+        r["matmul_precision"] = matmul_precision(r["precision"])
+        peak = peak_flops(gpu, r["matmul_precision"])
+        r["peak_flops"] = peak
+        r["mfu"] = r["flops"] / r["seconds"] / peak if peak else None
+    peak = peak_flops(gpu, rows[0]["matmul_precision"]) if rows else None
     return {
         "settings": {
             "methods": methods,
             "compile": list(compile_modes),
             "warmup_steps": warmup,
+            "warmup_requested": requested,
             "steps": steps,
             "batch": batch,
             "reps": reps,
@@ -152,7 +203,8 @@ def run(
         "overrides": overrides,
         "device": str(device),
         "gpu_name": gpu,
-        "peak_bf16_flops": peak,
+        "peak_flops": peak,
+        "peak_bf16_flops": peak_bf16_flops(gpu),
         "flops": flops,
         "versions": _versions(),
         "rows": rows,
@@ -269,7 +321,9 @@ def main(*args: str) -> int:
     """Entry for ``lora-exp bench``."""
     parser = argparse.ArgumentParser(prog="lora-exp bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps (--latency: forwards) before them")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="untimed steps before them (>= 10 is used; --latency: forwards)"
+    )
     parser.add_argument("--reps", type=int, default=None, help="alternated repetitions (>= 3; default 3, --latency 30)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--methods", default="lora,full,frozen")
