@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU acceptance check (issue 11, item 8): one command on a machine with CUDA. It runs the tests marked
-# `gpu`, the bench on a random DistilBERT-base at IMDB-like lengths, and the methods sweep for one epoch
-# with model.base_dtype=bf16, and writes ONE JSON summary (details: lora_exp/bench/gpu_acceptance.py).
+# GPU acceptance check (issue 19, item 10): one command, at most 8 minutes on one H100/H200. It runs the tests
+# marked `gpu`, the bench at equal precision with compile off and on (MFU against this GPU model's peak at the
+# precision used), the methods sweep for one epoch with model.base_dtype=bf16 (measured / predicted peak per
+# method, LoRA / full), and the merged-inference latency, and writes ONE JSON summary (details:
+# lora_exp/bench/gpu_acceptance.py).
 #
 # Prepare on the CPU machine, from the project root (the GPU image has torch, transformers, peft, pandas,
 # matplotlib; it lacks hydra-core, omegaconf, datasets, wandb and maybe pytest; the Hub is unreachable):
@@ -9,8 +11,8 @@
 #   bash ../shared/gpu/offline_assets.sh                                       # -> .gpu_assets/ (MiniLM + corpus)
 # (with --no-wandb, runs use logger=none, which needs no wandb). Then, on the GPU machine:
 #   bash scripts/gpu_acceptance.sh [SUMMARY.json]       default: $OUT/gpu_acceptance.json (or ./ without $OUT)
-# Expected to take 5-8 minutes on an H100 (stages time out at 5 / 5 / 7 minutes; the summary is rewritten after
-# each stage, so a run cut off by a 10-minute limit keeps what finished; --skip splits it over calls).
+# The stages share a budget of 470 s (--budget; each also has a cap: tests 150, bench 270, sweep 180, latency 90 s);
+# the summary is rewritten after each stage, so a run cut off keeps what finished; --skip splits it over calls.
 # Extra options go to the Python module, e.g. --skip tests or --steps 100:
 #   bash scripts/gpu_acceptance.sh "$OUT/gpu.json" --skip sweep
 set -euo pipefail

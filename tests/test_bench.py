@@ -153,3 +153,39 @@ def test_gpu_acceptance_without_cuda_is_a_one_line_error(tmp_path: Path) -> None
     with pytest.raises(LoraExpError, match="no CUDA device is visible"):
         gpu_acceptance.main(["--out", str(tmp_path / "s.json")])
     assert not (tmp_path / "s.json").exists()
+
+
+def test_gpu_acceptance_summary_targets_from_the_stages() -> None:
+    """The one JSON's targets, from stage outputs shaped as the stages write them."""
+    from lora_exp.bench.gpu_acceptance import targets
+
+    def spread(v: float) -> dict:
+        return {"median": v, "min": v, "max": v}
+
+    bench_summary = [
+        {"method": "lora", "compile": c, "contender": "lora_exp", "mfu": spread(m)}
+        for c, m in ((False, 0.2), (True, 0.35))
+    ]
+    sweep = [
+        {"method": "lora", "status": "ok", "peak_vram_bytes": 3, "peak_vram_reserved_bytes": 4, "base_dtype": "bf16"},
+        {"method": "full", "status": "ok", "peak_vram_bytes": 10, "peak_vram_reserved_bytes": 16, "base_dtype": "fp32"},
+    ]
+    for row, ratio in zip(sweep, (0.9, 1.2)):
+        row.update(mem_predicted_peak_bytes=row["peak_vram_bytes"], mem_measured_over_predicted=ratio)
+    summary = {
+        "bench": {"summary": bench_summary, "speedup": {"lora": 1.5, "lora+compile": 2.0}, "equal_precision": True},
+        "sweep": {"rows": sweep},
+        "latency": {"merged_over_base": {"batch_1": 1.01, "batch_32": 1.2}},
+    }
+    got = targets(summary)
+    assert (got["lora_mfu"], got["lora_mfu_compiled"], got["lora_speedup_vs_hf_peft_compiled"]) == (0.2, 0.35, 2.0)
+    assert got["lora_over_full_measured_peak"] == 0.3 and got["lora_over_full_reserved_peak"] == 0.25
+    assert got["base_dtype"] == {"lora": "bf16", "full": "fp32"}
+    assert got["met"] == {
+        "speedup_at_least_3x": False,
+        "mfu_at_least_30pct": False,
+        "lora_peak_at_most_half_of_full": True,
+        "measured_over_predicted_within_15pct": False,  # full at 1.2
+        "merged_adds_no_latency": False,  # batch 32 at 1.2
+    }
+    assert targets({"bench": {}, "sweep": {}})["met"]["lora_peak_at_most_half_of_full"] is None  # nothing ran
