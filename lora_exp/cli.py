@@ -8,7 +8,8 @@ lora-exp report DIR [--out D] [--wandb]   summary.csv / summary.md / fair.md / f
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
 lora-exp predict adapter=RUN_DIR text="..." | file=F [--force]   merged inference: label and probability
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
-lora-exp bench [--steps N] [overrides]    our loop vs HF Trainer (+ PEFT) on the same work
+lora-exp bench [--steps N] [--compile off|on|both] [overrides]    our loop vs HF Trainer (+ PEFT), same work
+lora-exp bench --latency [--out F] [overrides]    ms per batch: base / LoRA unmerged / LoRA merged
 """
 
 from __future__ import annotations
