@@ -96,7 +96,6 @@ def test_inductor_logits_equal_eager(tiny_cfg) -> None:
     torch._dynamo.reset()
 
 
-@pytest.mark.slow  # ~2.5 min on 2 CPU cores: 6 compiled training runs
 @pytest.mark.usefixtures("aot_eager")
 def test_bench_compiles_both_sides(reviews: Path, tmp_path: Path) -> None:
     from lora_exp.bench import run as bench
