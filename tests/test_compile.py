@@ -15,18 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_exp import cli, inference
 from lora_exp.models.build import build_model
 from lora_exp.training import job as job_setup
 from lora_exp.training.loop import train
 
+from .interrupts import train_until_update
+
 QUICK = ("trainer.epochs=1", "trainer.precision=fp32", "trainer.checkpoint_every=1", "trainer.keep_checkpoint=true")
-
-
-class Interrupt(Exception):
-    """Raised from an optimizer step: the process 'dies' mid-run."""
 
 
 @pytest.fixture
@@ -42,19 +39,7 @@ def aot_eager(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_compiled_run_resumes_exports_and_matches_eager(tiny_cfg, tmp_path: Path) -> None:
     cfg = tiny_cfg(*QUICK, "trainer.compile=true")
     eager = train(tiny_cfg(*QUICK), tmp_path / "eager")
-    steps = {"n": 0}
-
-    def die_at_step_4(*_: object) -> None:
-        steps["n"] += 1
-        if steps["n"] == 4:
-            raise Interrupt
-
-    hook = register_optimizer_step_post_hook(die_at_step_4)
-    try:
-        with pytest.raises(Interrupt):
-            train(cfg, tmp_path / "compiled")
-    finally:
-        hook.remove()
+    train_until_update(cfg, tmp_path / "compiled", 4)
     saved = load_file(str(tmp_path / "compiled" / "checkpoint" / "trainable.safetensors"))
     assert saved and not any("_orig_mod" in k for k in saved)
     compiled = train(cfg, tmp_path / "compiled", resume=True)

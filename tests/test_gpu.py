@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_exp.bench import run as bench
 from lora_exp.training import loop
 from lora_exp.training.loop import train
+
+from .interrupts import train_until_update
 
 pytestmark = [
     pytest.mark.gpu,
@@ -91,10 +92,6 @@ def test_every_job_of_a_process_has_the_same_baseline(tiny_cfg, tmp_path: Path) 
     assert abs(first["mem_measured_peak_bytes"] - second["mem_measured_peak_bytes"]) < 2**20
 
 
-class Interrupt(Exception):
-    """Raised from inside an optimizer step: the process 'dies' mid-run."""
-
-
 def _recording_batches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """(update, digest of the batch's token ids) of every micro-step the loop runs from now on."""
     seen: list[tuple[int, str]] = []
@@ -113,19 +110,7 @@ def test_resume_on_gpu_finishes_like_the_straight_run(tiny_cfg, tmp_path: Path, 
     seen = _recording_batches(monkeypatch)
     straight = train(cfg, tmp_path / "straight")
     straight_batches, seen[:] = list(seen), []
-    steps = {"n": 0}
-
-    def die_at_step_5(*_: object) -> None:
-        steps["n"] += 1
-        if steps["n"] == 5:
-            raise Interrupt
-
-    hook = register_optimizer_step_post_hook(die_at_step_5)
-    try:
-        with pytest.raises(Interrupt):
-            train(cfg, tmp_path / "resumed")
-    finally:
-        hook.remove()
+    train_until_update(cfg, tmp_path / "resumed", 5)
     assert (tmp_path / "resumed" / "checkpoint").is_dir()
     resumed = train(cfg, tmp_path / "resumed", resume=True)
     assert resumed["status"] == "ok" and resumed["resumed"] is True

@@ -9,16 +9,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_exp.training.loop import train
 
+from .interrupts import train_until_update
+
 NEW_VARIANTS = ["lora_fa", "vera", "adalora"]  # eva, lora_ga: test_data_init_runs_once_...
 H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
-
-
-class Interrupt(Exception):
-    """Raised from inside an optimizer step: the process 'dies' mid-run."""
 
 
 def run(tiny_cfg, variant: str, run_dir: Path, die_at: int | None = None, resume: bool = False, *extra: str) -> dict:
@@ -27,19 +24,7 @@ def run(tiny_cfg, variant: str, run_dir: Path, die_at: int | None = None, resume
     )
     if die_at is None:
         return train(cfg, run_dir, resume=resume)
-    seen = {"n": 0}
-
-    def die(*_: object) -> None:
-        seen["n"] += 1
-        if seen["n"] == die_at:
-            raise Interrupt
-
-    hook = register_optimizer_step_post_hook(die)
-    try:
-        with pytest.raises(Interrupt):
-            train(cfg, run_dir)
-    finally:
-        hook.remove()
+    train_until_update(cfg, run_dir, die_at)
     return {}
 
 
