@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model, initialize_lora_eva_weights
+from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
 from peft.utils.incremental_pca import IncrementalPCA as PeftIncrementalPCA
 
 from lora_exp.adapters import eva
 from lora_exp.adapters import targets as injection
 from lora_exp.adapters.ipca import IncrementalPCA
-from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.models import methods as model_methods
 
-from .test_variants import ARCHS, R, close, ids, ours_cfg, tiny
+from . import parity
+from .parity import ARCHS, R, ours_cfg, peft_cfg, tiny
 
 TAU = 0.95  # PEFT's default 0.99 converges in more batches; the same code path, a faster test
 # Targets whose inputs differ in spectrum (FFN output, attention output), so the ranks are redistributed.
@@ -46,16 +46,8 @@ def eva_pair(request: pytest.FixtureRequest):
     """(arch, ours, PEFT's, head, base, EvaResult): both initialised by EVA from the same batches."""
     arch = request.param
     base, head = tiny(arch)
-    conf = LoraConfig(
-        r=R,
-        lora_alpha=8.0,
-        lora_dropout=0.1,
-        target_modules=EVA_TARGETS[arch],
-        task_type="SEQ_CLS",
-        modules_to_save=list(head),
-        init_lora_weights="eva",
-        eva_config=EvaConfig(rho=2.0, tau=TAU),
-    )
+    eva_config = EvaConfig(rho=2.0, tau=TAU)
+    conf = peft_cfg(arch, head, 0.1, target_modules=EVA_TARGETS[arch], init_lora_weights="eva", eva_config=eva_config)
     ref = get_peft_model(copy.deepcopy(base), conf)
     initialize_lora_eva_weights(ref, dataloader=batches(), show_progress_bar=False)
     ours = copy.deepcopy(base)
@@ -81,42 +73,19 @@ def test_incremental_pca_equals_peft() -> None:
 def test_eva_ranks_alphas_and_a_equal_peft(eva_pair) -> None:
     arch, ours, ref, head, base, result = eva_pair
     config = ref.peft_config["default"]
-    layers = dict(injection.lora_layers(ours))
-    refp = dict(ref.named_parameters())
+    layers = parity.assert_factors_equal_peft(ours, ref, base, residual=False)  # and B = 0: unchanged at init
     ref_layers = {n.removeprefix("base_model.model.") for n, m in ref.named_modules() if hasattr(m, "lora_A")}
     assert set(layers) == ref_layers and len(layers) == len(ranks_of := [m.r for m in layers.values()])
     for name, m in layers.items():
         assert m.r == config.rank_pattern.get(name, R) and m.alpha == config.alpha_pattern.get(name, 8.0), name
-        close(m.lora_A.weight, refp[f"base_model.model.{name}.lora_A.default.weight"])
         assert not m.lora_B.weight.any()
     assert sum(ranks_of) == R * len(ranks_of) and len(set(ranks_of)) > 1  # the budget, redistributed
     assert result.batches > 2 and result.tokens > 0
-    with torch.no_grad():  # B = 0: the model is unchanged at init
-        close(ours.eval()(input_ids=ids()).logits, base(input_ids=ids()).logits)
 
 
 def test_eva_steps_equal_peft(eva_pair) -> None:
-    arch, ours, ref, head, base, _ = [copy.deepcopy(x) if i in (1, 2) else x for i, x in enumerate(eva_pair)]
-    from .test_variants import peft_name
-
-    ours.train(), ref.train()
-    names = [n for n, p in ours.named_parameters() if p.requires_grad]
-    ref_params = dict(ref.named_parameters())
-    assert {peft_name(n, head) for n in names} == {n for n, p in ref_params.items() if p.requires_grad}
-    opt_ours = torch.optim.AdamW([dict(ours.named_parameters())[n] for n in names], lr=1e-2)
-    opt_ref = torch.optim.AdamW([ref_params[peft_name(n, head)] for n in names], lr=1e-2)
-    labels = torch.tensor([0, 1, 1])
-    for step in range(3):
-        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
-            torch.manual_seed(10 + step)
-            loss = torch.nn.functional.cross_entropy(model(input_ids=ids(step)).logits, labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        after = ours.eval()(input_ids=ids()).logits
-        close(after, ref.eval()(input_ids=ids()).logits)
-        assert not torch.allclose(after, base(input_ids=ids()).logits, atol=1e-3)
+    arch, ours, ref, head, base, _ = eva_pair
+    parity.assert_steps_equal_peft(copy.deepcopy(ours), copy.deepcopy(ref), head, base)
 
 
 def test_eva_round_trips_through_peft(eva_pair, tmp_path: Path) -> None:
@@ -128,32 +97,17 @@ def test_eva_round_trips_through_peft(eva_pair, tmp_path: Path) -> None:
             for n, p in m.named_parameters():
                 if ".lora_B." in n:
                     p.normal_(std=0.1)
-    export_peft(ours, tmp_path / "ours", {"head_modules": head})
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    with torch.no_grad():
-        close(loaded(input_ids=ids()).logits, ours.eval()(input_ids=ids()).logits)
-    ref.save_pretrained(tmp_path / "ref")
-    back = copy.deepcopy(base)
-    import_peft(back, tmp_path / "ref", head)
+    _, back = parity.assert_peft_round_trip(ours, ref, head, base, tmp_path)
     assert {n: m.r for n, m in injection.lora_layers(back)} == {n: m.r for n, m in injection.lora_layers(ours)}
-    with torch.no_grad():
-        close(back.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
 
 
 def test_eva_merge_unmerge_and_counts(eva_pair) -> None:
     arch, ours, _, head, _, _ = eva_pair
     ours = copy.deepcopy(ours)
-    layers = dict(injection.lora_layers(ours))
     with torch.no_grad():
-        for m in layers.values():
+        for _, m in injection.lora_layers(ours):
             m.lora_B.weight.normal_(std=0.1)
-        w0 = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
-        before = ours.eval()(input_ids=ids()).logits
-        injection.merge(ours)
-        close(ours(input_ids=ids()).logits, before)
-        injection.unmerge(ours)
-    for n, m in layers.items():
-        torch.testing.assert_close(m.base_layer.weight, w0[n], atol=1e-6, rtol=1e-5)
+    layers = parity.assert_merge_unmerge(ours)
     counts = model_methods.count_parameters(ours, head)
     assert counts["adapter"] == sum(
         m.r * (m.base_layer.in_features + m.base_layer.out_features) for m in layers.values()
@@ -172,24 +126,14 @@ def test_rank_zero_layer_gets_its_base_layer_back() -> None:
     assert set(dict(injection.lora_layers(base))) == set(kept)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
+test_eva_bad_options_are_one_line = parity.one_line_error_test(
     [
         (["lora.init=eva", "lora.variant=dora"], "lora.init=eva needs lora.variant=lora (not dora)"),
         (["lora.init=eva", "lora.eva.rho=0.5"], "lora.eva.rho=0.5 must be >= 1"),
         (["lora.init=eva", "lora.eva.tau=2"], "lora.eva.tau=2.0 must be in [0, 1]"),
         (["lora.init=eva", "lora.eva.max_batches=0"], "lora.eva.max_batches=0 must be >= 1"),
-    ],
+    ]
 )
-def test_eva_bad_options_are_one_line(overrides: list[str], message: str) -> None:
-    from lora_exp.config.checks import validate
-    from lora_exp.errors import LoraExpError
-
-    from .conftest import make_cfg
-
-    with pytest.raises(LoraExpError) as err:
-        validate(make_cfg(overrides))
-    assert str(err.value).startswith(message) and len(str(err.value).splitlines()) == 1
 
 
 def test_eva_under_bf16_autocast() -> None:

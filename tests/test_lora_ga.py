@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model, preprocess_loraga
+from peft import LoraGAConfig, get_peft_model, preprocess_loraga
 
 from lora_exp.adapters import lora_ga
 from lora_exp.adapters import targets as injection
-from lora_exp.adapters.peft_format import export_peft, import_peft
+from lora_exp.adapters.peft_format import import_peft
 from lora_exp.errors import LoraExpError
 from lora_exp.models import methods as model_methods
 
-from .test_variants import ARCHS, TARGETS, R, close, ids, ours_cfg, peft_name, tiny
+from . import parity
+from .parity import ARCHS, R, eval_logits, ours_cfg, peft_cfg, tiny
 
 SEED, N_BATCHES = 3, 4
 
@@ -40,16 +41,7 @@ def ga_pair(request: pytest.FixtureRequest):
     """(arch, ours, PEFT's, head, base, grads): both initialised by LoRA-GA from the same batches and dropout."""
     arch = request.param
     base, head = tiny(arch)
-    conf = LoraConfig(
-        r=R,
-        lora_alpha=8.0,
-        lora_dropout=0.1,
-        target_modules=TARGETS[arch],
-        task_type="SEQ_CLS",
-        modules_to_save=list(head),
-        init_lora_weights="lora_ga",
-        lora_ga_config=LoraGAConfig(),
-    )
+    conf = peft_cfg(arch, head, 0.1, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
     ref = copy.deepcopy(base)
 
     def train_step() -> None:
@@ -87,41 +79,15 @@ def _seeded_svd(fn, x: torch.Tensor, q: int, niter: int) -> tuple:
 
 def test_factors_and_residual_equal_peft(ga_pair) -> None:
     arch, ours, ref, head, base, grads = ga_pair
-    refp = dict(ref.named_parameters())
-    layers = dict(injection.lora_layers(ours))
+    layers = parity.assert_factors_equal_peft(ours, ref, base)  # W0 adjusted; W0 - s B A + s B A: unchanged at init
     assert len(layers) == 6
     for n, m in layers.items():
-        p = f"base_model.model.{n}"
-        close(m.lora_A.weight, refp[f"{p}.lora_A.default.weight"])
-        close(m.lora_B.weight, refp[f"{p}.lora_B.default.weight"])
-        close(m.base_layer.weight, refp[f"{p}.base_layer.weight"])
         assert m.lora_B.weight.abs().sum() > 0 and grads[n].abs().sum() > 0
-        assert not torch.allclose(m.base_layer.weight, base.get_submodule(n).weight)  # W0 was adjusted
-    with torch.no_grad():  # W0 - s B A + s B A: unchanged at init
-        close(ours.eval()(input_ids=ids()).logits, base(input_ids=ids()).logits)
 
 
 def test_lora_ga_steps_equal_peft(ga_pair) -> None:
     arch, ours, ref, head, base, _ = ga_pair
-    ours, ref = copy.deepcopy(ours), copy.deepcopy(ref)
-    ours.train(), ref.train()
-    names = [n for n, p in ours.named_parameters() if p.requires_grad]
-    ref_params = dict(ref.named_parameters())
-    assert {peft_name(n, head) for n in names} == {n for n, p in ref_params.items() if p.requires_grad}
-    opt_ours = torch.optim.AdamW([dict(ours.named_parameters())[n] for n in names], lr=1e-2)
-    opt_ref = torch.optim.AdamW([ref_params[peft_name(n, head)] for n in names], lr=1e-2)
-    labels = torch.tensor([0, 1, 1])
-    for step in range(3):
-        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
-            torch.manual_seed(10 + step)
-            loss = torch.nn.functional.cross_entropy(model(input_ids=ids(step)).logits, labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        after = ours.eval()(input_ids=ids()).logits
-        close(after, ref.eval()(input_ids=ids()).logits)
-        assert not torch.allclose(after, base(input_ids=ids()).logits, atol=1e-3)
+    parity.assert_steps_equal_peft(copy.deepcopy(ours), copy.deepcopy(ref), head, base)
 
 
 def test_export_is_a_plain_lora_on_the_pristine_base(ga_pair, tmp_path: Path) -> None:
@@ -133,16 +99,9 @@ def test_export_is_a_plain_lora_on_the_pristine_base(ga_pair, tmp_path: Path) ->
         for n, p in ours.named_parameters():
             if ".lora_" in n:
                 p.add_(torch.randn_like(p) * 0.05)  # trained-looking
-        expected = ours.eval()(input_ids=ids()).logits
-    export_peft(ours, tmp_path / "ours", {"head_modules": head})
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    loaded = parity.assert_peft_loads(ours, head, base, tmp_path / "ours")
     assert loaded.peft_config["default"].r == 2 * R and loaded.peft_config["default"].lora_alpha == 16.0
-    with torch.no_grad():
-        close(loaded(input_ids=ids()).logits, expected)
-    back = copy.deepcopy(base)
-    import_peft(back, tmp_path / "ours", head)
-    with torch.no_grad():
-        close(back.eval()(input_ids=ids()).logits, expected)
+    parity.assert_imports(tmp_path / "ours", head, base, eval_logits(ours))
     ref.save_pretrained(tmp_path / "ref")
     with pytest.raises(LoraExpError, match="init_lora_weights='lora_ga' needs the residual base"):
         import_peft(copy.deepcopy(base), tmp_path / "ref", head)
@@ -151,36 +110,19 @@ def test_export_is_a_plain_lora_on_the_pristine_base(ga_pair, tmp_path: Path) ->
 def test_lora_ga_merge_unmerge_and_counts(ga_pair) -> None:
     arch, ours, _, head, _, _ = ga_pair
     ours = copy.deepcopy(ours)
-    layers = dict(injection.lora_layers(ours))
-    w0 = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
-    with torch.no_grad():
-        before = ours.eval()(input_ids=ids()).logits
-        injection.merge(ours)
-        close(ours(input_ids=ids()).logits, before)
-        injection.unmerge(ours)
-    for n, m in layers.items():
-        torch.testing.assert_close(m.base_layer.weight, w0[n], atol=1e-6, rtol=1e-5)
+    parity.assert_merge_unmerge(ours)
     counts = model_methods.count_parameters(ours, head)
     assert counts["adapter"] == 2 * R * ((32 + 32) * 2 + (32 + 64))  # LoRA's count: 2 blocks x (q, v, ffn up)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
+test_lora_ga_bad_options_are_one_line = parity.one_line_error_test(
     [
         (["lora.init=lora_ga", "lora.lora_ga.batches=0"], "lora.lora_ga.batches=0 must be >= 1"),
         (["lora.init=lora_ga", "lora.lora_ga.direction=up"], "lora.lora_ga.direction='up' is not one of ArB2r"),
         (["lora.init=lora_ga", "lora.lora_ga.scale=big"], "lora.lora_ga.scale='big' is not one of stable"),
         (["lora.init=lora_ga", "lora.variant=dora"], "lora.init=lora_ga needs lora.variant=lora (not dora)"),
-    ],
+    ]
 )
-def test_lora_ga_bad_options_are_one_line(overrides: list[str], message: str) -> None:
-    from lora_exp.config.checks import validate
-
-    from .conftest import make_cfg
-
-    with pytest.raises(LoraExpError) as err:
-        validate(make_cfg(overrides))
-    assert str(err.value).startswith(message) and len(str(err.value).splitlines()) == 1
 
 
 def test_rank_too_large_for_a_layer_is_one_line_before_any_gradient() -> None:

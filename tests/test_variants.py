@@ -13,27 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import get_peft_model
 from peft.optimizers import create_loraplus_optimizer
-from transformers import AutoModelForSequenceClassification, RobertaConfig
 
 from lora_exp.adapters import dora
 from lora_exp.adapters import params as adapter_params
 from lora_exp.adapters import store as adapter_store
 from lora_exp.adapters import targets as injection
-from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import timing
 from lora_exp.models import methods as model_methods
 
+from . import parity
+from .parity import ARCHS, TARGETS, R, close, eval_logits, ours_cfg, peft_cfg, peft_name, tiny
 from .test_models import tiny as tiny_built
 
-ARCHS = ("bert", "distilbert", "roberta")
-TARGETS = {
-    "bert": ["query", "value", "intermediate.dense"],
-    "roberta": ["query", "value", "intermediate.dense"],
-    "distilbert": ["q_lin", "v_lin", "lin1"],
-}
 # name -> (our lora config overrides, PEFT LoraConfig kwargs)
 VARIANTS = {
     "lora": ({}, {}),
@@ -44,106 +38,22 @@ VARIANTS = {
     "olora": ({"init": "olora"}, {"init_lora_weights": "olora"}),
     "dora-pissa": ({"variant": "dora", "init": "pissa"}, {"use_dora": True, "init_lora_weights": "pissa"}),
 }
-R, ALPHA = 4, 8.0
-
-
-def tiny(arch: str):
-    """(model, head) for a tiny random model; RoBERTa built here (models.build knows bert/distilbert)."""
-    if arch != "roberta":
-        _, model, head = tiny_built(arch)
-        return model.eval(), head
-    torch.manual_seed(0)
-    conf = RobertaConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return AutoModelForSequenceClassification.from_config(conf).eval(), ["classifier"]
-
-
-def ours_cfg(arch: str, dropout: float = 0.0, **over):
-    base = {"targets": TARGETS[arch], "r": R, "alpha": ALPHA, "dropout": dropout, "rslora": False}
-    return OmegaConf.create({**base, **over})
-
-
-def peft_cfg(arch: str, head: list[str], dropout: float = 0.0, **over) -> LoraConfig:
-    kw = dict(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=TARGETS[arch], task_type="SEQ_CLS")
-    return LoraConfig(**kw, modules_to_save=list(head), **over)  # PEFT appends to the list it gets
-
-
-def peft_name(name: str, head: list[str]) -> str:
-    """Our parameter path -> the PEFT model's."""
-    for part in ("lora_A", "lora_B"):
-        name = name.replace(f".{part}.", f".{part}.default.")
-    if name.endswith("." + dora.MAGNITUDE):
-        name += ".default.weight"
-    for h in head:
-        if name.startswith(h + "."):
-            name = f"{h}.modules_to_save.default.{name[len(h) + 1 :]}"
-    return "base_model.model." + name
 
 
 def pair(arch: str, variant: str, dropout: float = 0.0, **extra):
     """(ours, PEFT's, head, base) built from one base with identical trainable tensors (B randomised)."""
     base, head = tiny(arch)
     ours_over, peft_over = VARIANTS[variant]
-    ref = get_peft_model(copy.deepcopy(base), peft_cfg(arch, head, dropout, **peft_over, **extra.get("peft", {})))
-    ours = copy.deepcopy(base)
-    model_methods.apply_method(ours, "lora", head, ours_cfg(arch, dropout, **ours_over, **extra.get("ours", {})))
-    torch.manual_seed(5)
-    ref_params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for n, p in ref_params.items():
-            if ".lora_B." in n:
-                p.normal_(std=0.1)
-        for n, p in ours.named_parameters():
-            if p.requires_grad:
-                p.copy_(ref_params[peft_name(n, head)])
+    peft_conf = peft_cfg(arch, head, dropout, **peft_over, **extra.get("peft", {}))
+    ours, ref = parity.build_pair(base, head, peft_conf, ours_cfg(arch, dropout, **ours_over, **extra.get("ours", {})))
     return ours, ref, head, base
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(5, 100, (3, 11), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
-    torch.manual_seed(123)  # the same dropout masks in both models (they draw in the same order)
-    return model(input_ids=ids(seed)).logits
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_and_training_steps_equal_peft(arch: str, variant: str) -> None:
     """(a) Equal logits at the start and after 3 identical AdamW steps, in train mode with dropout 0.1."""
-    ours, ref, head, base = pair(arch, variant, dropout=0.1)
-    ours.train(), ref.train()
-    close(logits(ours), logits(ref))
-    names = [n for n, p in ours.named_parameters() if p.requires_grad]
-    ref_params = dict(ref.named_parameters())
-    assert {peft_name(n, head) for n in names} == {n for n, p in ref.named_parameters() if p.requires_grad}
-    opt_ours = torch.optim.AdamW([dict(ours.named_parameters())[n] for n in names], lr=1e-2)
-    opt_ref = torch.optim.AdamW([ref_params[peft_name(n, head)] for n in names], lr=1e-2)
-    labels = torch.tensor([0, 1, 1])
-    for step in range(3):
-        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
-            torch.manual_seed(10 + step)
-            loss = torch.nn.functional.cross_entropy(model(input_ids=ids(step)).logits, labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    ours.eval(), ref.eval()
-    with torch.no_grad():
-        after = logits(ours)
-        close(after, logits(ref))
-        assert not torch.allclose(after, base(input_ids=ids()).logits, atol=1e-3)  # training moved it
+    parity.assert_steps_equal_peft(*pair(arch, variant, dropout=0.1))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -155,18 +65,10 @@ def test_peft_export_import_round_trip(arch: str, variant: str, tmp_path: Path) 
         for p in ours.parameters():  # a trained-looking adapter, magnitude included
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    export_peft(ours, tmp_path / "ours", {"head_modules": head})
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    with torch.no_grad():
-        close(loaded(input_ids=ids()).logits, ours.eval()(input_ids=ids()).logits)
+    parity.assert_peft_round_trip(ours, ref, head, base, tmp_path)
     if "dora" in variant:
         keys = (tmp_path / "ours" / "adapter_model.safetensors").read_bytes()
         assert b"lora_magnitude_vector" in keys
-    ref.save_pretrained(tmp_path / "ref")
-    back = copy.deepcopy(base)
-    import_peft(back, tmp_path / "ref", head)
-    with torch.no_grad():
-        close(back.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -178,15 +80,7 @@ def test_merge_unmerge(arch: str, variant: str) -> None:
         for n, p in ours.named_parameters():
             if n.endswith(dora.MAGNITUDE):
                 p.mul_(1 + 0.1 * torch.rand_like(p))
-    w0 = {n: m.base_layer.weight.detach().clone() for n, m in injection.lora_layers(ours)}
-    with torch.no_grad():
-        before = ours(input_ids=ids()).logits
-        injection.merge(ours)
-        assert all(not torch.equal(m.base_layer.weight, w0[n]) for n, m in injection.lora_layers(ours))
-        close(ours(input_ids=ids()).logits, before)
-        injection.unmerge(ours)
-    for n, m in injection.lora_layers(ours):
-        torch.testing.assert_close(m.base_layer.weight, w0[n], atol=1e-6, rtol=1e-5)
+    parity.assert_merge_unmerge(ours, moves=True)
 
 
 def test_dora_merge_low_precision_restores_exactly() -> None:
@@ -226,17 +120,7 @@ def test_residual_and_factors_equal_peft(arch: str, init: str) -> None:
     ref = get_peft_model(copy.deepcopy(base), peft_cfg(arch, head, init_lora_weights=init))
     ours = copy.deepcopy(base)
     model_methods.apply_method(ours, "lora", head, ours_cfg(arch, init=init))
-    refp = dict(ref.named_parameters())
-    layers = dict(injection.lora_layers(ours))
-    assert len(layers) == 6
-    for n, m in layers.items():
-        p = f"base_model.model.{n}"
-        close(m.base_layer.weight, refp[f"{p}.base_layer.weight"])
-        close(m.lora_A.weight, refp[f"{p}.lora_A.default.weight"])
-        close(m.lora_B.weight, refp[f"{p}.lora_B.default.weight"])
-        assert not torch.allclose(m.base_layer.weight, base.get_submodule(n).weight)  # W0 was replaced
-    with torch.no_grad():
-        close(ours(input_ids=ids()).logits, base(input_ids=ids()).logits)
+    assert len(parity.assert_factors_equal_peft(ours, ref, base)) == 6
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -307,12 +191,8 @@ def test_layers_and_patterns_equal_peft(arch: str, tmp_path: Path) -> None:
     assert len(layers) == 3 and all(injection.layer_index(n) == 1 for n in layers)
     assert sorted(m.r for m in layers.values()) == [2, 3, 4]
     assert {m.scaling for n, m in layers.items() if n.endswith(key)} == {3.0 / 2}
-    with torch.no_grad():
-        close(ours.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
-    export_peft(ours, tmp_path / "p", {"head_modules": head})  # per-layer r / alpha travel as rank_pattern
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
-    with torch.no_grad():
-        close(loaded(input_ids=ids()).logits, ours(input_ids=ids()).logits)
+    close(eval_logits(ours), eval_logits(ref))
+    parity.assert_peft_loads(ours, head, base, tmp_path / "p")  # per-layer r / alpha travel as rank_pattern
 
 
 def test_layers_that_select_nothing_is_an_error() -> None:
@@ -347,8 +227,7 @@ def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> 
     ours_over, _ = VARIANTS[variant]
     model_methods.apply_method(fresh, "lora", head, ours_cfg("bert", **ours_over))
     adapter_store.load_into(fresh, tensors, "test")
-    with torch.no_grad():
-        close(fresh.eval()(input_ids=ids()).logits, ours.eval()(input_ids=ids()).logits)
+    close(eval_logits(fresh), eval_logits(ours))
 
 
 @pytest.mark.parametrize(
@@ -491,13 +370,7 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
     ],
 )
 def test_bad_variant_options_are_one_line_errors(override: str, message: str) -> None:
-    from lora_exp.config.checks import validate
-
-    from .conftest import make_cfg
-
-    with pytest.raises(LoraExpError) as err:
-        validate(make_cfg([override]))
-    assert str(err.value).splitlines()[0].startswith(message)
+    parity.assert_one_line_error([override], message)
 
 
 def test_loraplus_needs_lora_and_use_dora_is_an_alias() -> None:
@@ -520,24 +393,14 @@ def test_peft_round_trip_with_trained_biases(bias: str, tmp_path: Path) -> None:
         for n, p in ours.named_parameters():
             if n.endswith(".bias") and p.requires_grad:
                 p.add_(0.1)
-    export_peft(ours, tmp_path / "ours", {"head_modules": head})
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    with torch.no_grad():
-        expected = ours.eval()(input_ids=ids()).logits
-        close(loaded(input_ids=ids()).logits, expected)
-    back = copy.deepcopy(base)
-    import_peft(back, tmp_path / "ours", head)
-    with torch.no_grad():
-        close(back.eval()(input_ids=ids()).logits, expected)
+    parity.assert_peft_loads(ours, head, base, tmp_path / "ours")
+    parity.assert_imports(tmp_path / "ours", head, base, eval_logits(ours))
     with torch.no_grad():  # and PEFT's own save of a model whose biases trained
         for n, p in ref.named_parameters():
             if n.endswith(".bias") and p.requires_grad:
                 p.add_(0.1)
     ref.save_pretrained(tmp_path / "ref")
-    back = copy.deepcopy(base)
-    import_peft(back, tmp_path / "ref", head)
-    with torch.no_grad():
-        close(back.eval()(input_ids=ids()).logits, ref.eval()(input_ids=ids()).logits)
+    parity.assert_imports(tmp_path / "ref", head, base, eval_logits(ref))
 
 
 def test_loop_uses_loraplus_groups(tiny_cfg, tmp_path) -> None:
