@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from lora_exp.analysis import figures, report
+from lora_exp.analysis import fair, figures, report
 from lora_exp.cli import CONF_DIR
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
@@ -173,7 +173,7 @@ def test_fair_protocol_picks_lr_on_validation_and_pairs_seeds(tmp_path: Path) ->
     assert paired.iloc[0]["reference"] == "full fine-tuning"
     assert paired.iloc[0]["diff"] == pytest.approx(0.02)  # 0.82+s - (0.80+s) on each seed
     assert paired.iloc[0]["diff_ci95"] == pytest.approx(0.0, abs=1e-12)
-    md = report.fair_markdown(table, paired)
+    md = fair.markdown(table, paired)
     assert "Paired difference to full fine-tuning" in md and "+0.0200" in md
 
 
@@ -428,3 +428,34 @@ def test_validation_curves_draw_the_validation_majority_baseline(tmp_path: Path,
     report.write_report(tmp_path)
     assert lines["validation_curves.png"] == [0.58, 0.58]  # both panels: the validation split's baseline
     assert lines["accuracy_vs_params.png"] == [0.5]  # test accuracy figures keep the test baseline
+
+
+def test_fair_table_under_an_auc_monitor_reports_test_auc_and_pairs_it(tmp_path: Path) -> None:
+    """The detector selects by validation AUC: its fair table and paired differences are in test AUC, not in the
+    test accuracy that a collapsed threshold can pin at 0.5 (here LoRA's accuracy is constant; its AUC is not)."""
+    for method, lrs, auc in (("full", (5e-5, 1e-4), 0.90), ("lora", (1e-3, 2e-3), 0.92)):
+        for lr in lrs:
+            for seed in (1, 2, 3):
+                _result(
+                    tmp_path,
+                    f"{method}{lr}s{seed}",
+                    method=method,
+                    lr=lr,
+                    seed=seed,
+                    monitor="val/auc",
+                    best_val_auc=auc + lr,  # the higher lr wins on validation
+                    best_val_acc=0.9 - lr,  # ... and would lose by accuracy
+                    test_auc=auc + seed / 100,
+                    test_acc=0.5 if method == "lora" else 0.7 + seed / 100,
+                    r=8 if method == "lora" else None,
+                    alpha=16 if method == "lora" else None,
+                    train_seconds=100.0 if method == "full" else 40.0,
+                )
+    table, paired = report.fair_comparison(report.load_runs(tmp_path))
+    assert dict(zip(table.method, table.lr)) == {"full": 1e-4, "lora": 2e-3}
+    assert table.set_index("method").loc["lora", "headline"] == pytest.approx(0.94)  # mean AUC of seeds 1-3
+    assert paired.iloc[0]["diff"] == pytest.approx(0.02)  # 0.92+s - (0.90+s), in AUC; accuracy would give -0.22
+    md = fair.markdown(table, paired)
+    assert "test AUC (mean ± 95% CI)" in md and "test AUC − full fine-tuning" in md and "+0.0200" in md
+    assert "test acc" not in md and "train time (s)" in md
+    assert table.set_index("method")["train_s"].to_dict() == {"full": 100.0, "lora": 40.0}

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from lora_exp.analysis.stats import count, rate
+
 # trainer.monitor -> the results.json column of the best step's value; val/loss is the one lower-is-better
 MONITOR_COLUMNS = {
     "val/acc": "best_val_acc",
@@ -22,6 +24,24 @@ LOWER_IS_BETTER = ("val/loss",)
 EDGE_MARKS = {"high": "▲ highest tried", "low": "▼ lowest tried"}
 # a job's own overrides that the widening command replaces
 GRID_KEYS = ("lr_index", "trainer.seed", "method.lr_grid", "optimizer.lr", "method.lr")
+
+
+# the test column a fair table reports for the metric its runs selected by (selected by the loss: accuracy)
+TEST_COLUMNS = {
+    "val/acc": ("test_acc", "test acc"),
+    "val/f1": ("test_f1", "test F1"),
+    "val/auc": ("test_auc", "test AUC"),
+    "val/loss": ("test_acc", "test acc"),
+}
+
+
+def headline(runs: pd.DataFrame) -> tuple[str, str]:
+    """The test column and its label that a fair table and its paired differences report: the test value of
+    the metric every run monitored (AUC for a detector selected by validation AUC), accuracy when the runs
+    selected by different metrics or by the loss, or when the column is missing."""
+    monitors = {m if m in MONITOR_COLUMNS else "val/acc" for m in runs.get("monitor", pd.Series(["val/acc"]))}
+    column, label = TEST_COLUMNS[monitors.pop()] if len(monitors) == 1 else TEST_COLUMNS["val/acc"]
+    return (column, label) if column in runs and runs[column].notna().any() else TEST_COLUMNS["val/acc"]
 
 
 def monitor_of(runs: pd.DataFrame) -> str:
@@ -112,3 +132,53 @@ def widen_commands(df: pd.DataFrame, table: pd.DataFrame, root: Path) -> list[st
         command = widen_command(row["_arm"], runs, row["lr"], tried, row["lr_edge"], root)
         out.append(f"{row['config']}: lr {row['lr']:g} is the {row['lr_edge']}est tried; widen: {command}")
     return out
+
+
+def markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
+    """The fair comparison as Markdown: chosen lr, test mean ± CI, trainable breakdown, paired differences."""
+    if table.empty:
+        return "No finished runs.\n"
+    show = pd.DataFrame(
+        {
+            "config": table["config"],
+            "lrs tried": table["lrs_tried"],
+            "chosen lr (val)": [
+                f"{lr:g}" + (f" {EDGE_MARKS[e]}" if isinstance(e, str) else "")
+                for lr, e in zip(table["lr"], table["lr_edge"])
+            ],
+            "val (monitored)": [f"{v:.4f} {m.split('/')[-1]}" for v, m in zip(table["val"], table["monitor"])],
+            f"{table['headline_name'].iloc[0]} (mean ± 95% CI)": [
+                f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(table.headline, table.headline_ci95)
+            ],
+            "seeds": table["seeds"],
+            "predicted peak (GiB)": table["predicted_peak_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}"),
+            "train time (s)": table["train_s"].map(lambda v: "-" if pd.isna(v) else f"{v:.0f}"),
+            "samples/s (steady)": [
+                f"{a:.1f} ({rate(b)})" for a, b in zip(table.samples_per_s, table.steady_samples_per_s)
+            ],
+            "trainable (adapter / head / other)": [
+                f"{count(t)} ({count(a)} / {count(h)} / {count(o)})"
+                for t, a, h, o in zip(
+                    table.trainable_params, table.adapter_params, table.head_params, table.other_trainable_params
+                )
+            ],
+        }
+    )
+    text = show.to_markdown(index=False) + "\n"
+    if table["lr_edge"].notna().any():
+        text += (
+            "\n▲ / ▼: the chosen lr is the highest / lowest of its grid, so a better one may lie beyond it; "
+            "`lora-exp report` prints the sweep that widens the grid.\n"
+        )
+    for ref_name, rows in paired.groupby("reference", sort=False) if not paired.empty else []:
+        diffs = pd.DataFrame(
+            {
+                "config": rows["config"],
+                "paired seeds": rows["pairs"],
+                f"{rows['metric'].iloc[0]} − {ref_name} (mean ± 95% CI)": [
+                    f"{m:+.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(rows["diff"], rows.diff_ci95)
+                ],
+            }
+        )
+        text += f"\nPaired difference to {ref_name} (same seed):\n\n" + diffs.to_markdown(index=False) + "\n"
+    return text

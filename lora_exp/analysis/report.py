@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from lora_exp.analysis import fair, figures
-from lora_exp.analysis.stats import ci95, pct
+from lora_exp.analysis.stats import ci95, mean_ci, pct, rate
 from lora_exp.errors import LoraExpError
 
 # The fallback identity of a configuration for results without group_hash / arm_hash.
@@ -168,7 +168,7 @@ def _auc_columns(summary: pd.DataFrame) -> dict[str, list[str]]:
         return {}
     return {
         "best val AUC": [("-" if pd.isna(v) else f"{v:.4f}") for v in summary.best_val_auc],
-        "test AUC": [("-" if pd.isna(m) else _acc(m, c)) for m, c in zip(summary.test_auc, summary.test_auc_ci95)],
+        "test AUC": [("-" if pd.isna(m) else mean_ci(m, c)) for m, c in zip(summary.test_auc, summary.test_auc_ci95)],
     }
 
 
@@ -201,6 +201,7 @@ def aggregations(runs: pd.DataFrame) -> dict[str, tuple]:
         "best_val_auc": ("best_val_auc", "mean"),
         "test_auc": ("test_auc", "mean"),
         "test_auc_ci95": ("test_auc", ci95),
+        **({"test_f1": ("test_f1", "mean"), "test_f1_ci95": ("test_f1", ci95)} if "test_f1" in runs else {}),
         "majority_baseline_acc": ("majority_baseline_acc", "mean"),
         "one_class_runs": ("one_class", "sum"),
         **{c: (c, "mean") for c in MEMORY_PARTS if c in runs},
@@ -235,15 +236,6 @@ def _seed(seed: object) -> str:
     return f"{int(seed)}" if isinstance(seed, float) and seed.is_integer() else str(seed)
 
 
-def _rate(value: float | None) -> str:
-    """Samples/s, or "-" where a run had too few updates for a steady window (or predates it)."""
-    return "-" if value is None or pd.isna(value) else f"{value:.1f}"
-
-
-def _acc(mean: float, ci: float) -> str:
-    return f"{mean:.4f}" + ("" if pd.isna(ci) else f" ± {ci:.4f}")
-
-
 def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     """The summary as a Markdown table, the majority-class baseline, runs that predict a single class and
     the failed jobs with their reasons."""
@@ -264,10 +256,10 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                 "host RSS (GiB)": summary["peak_host_rss_gib"].map("{:.2f}".format),
                 "train time (s)": summary["train_s"].map("{:.0f}".format),
                 "samples/s": summary["samples_per_s"].map("{:.1f}".format),
-                "steady samples/s": summary["steady_samples_per_s"].map(_rate),
+                "steady samples/s": summary["steady_samples_per_s"].map(rate),
                 "lr": summary["lr"].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v)),
                 "best val acc": summary["best_val_acc"].map("{:.4f}".format),
-                "test acc": [_acc(m, c) for m, c in zip(summary.test_acc, summary.test_acc_ci95)],
+                "test acc": [mean_ci(m, c) for m, c in zip(summary.test_acc, summary.test_acc_ci95)],
                 **_auc_columns(summary),
                 "seeds": summary["seeds"],
             }
@@ -316,21 +308,25 @@ def _filled(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The protocol: per arm (``arm_hash``), the lr with the best mean validation value of the metric its runs
-    monitored (``trainer.monitor``: accuracy, F1, AUC, or the loss, lower being better) over seeds; test
-    accuracy at that lr (mean, 95% CI), ``lr_edge`` when that lr is the highest / lowest tried; and the paired
-    differences (same seeds) to the reference arms: full fine-tuning, and plain LoRA (``variant`` lora) of the
-    same rank, alpha, targets and dropout when the dir holds it. A run pairs at most once with each reference
+    monitored (``trainer.monitor``: accuracy, F1, AUC, or the loss, lower being better) over seeds; the test
+    value of that metric at that lr (``fair.headline``: AUC under val/auc, accuracy under the loss; mean, 95% CI),
+    ``lr_edge`` when that lr is the highest / lowest tried; and the paired differences of the same test metric
+    (same seeds) to the reference arms: full fine-tuning, and plain LoRA (``variant`` lora) of the same rank,
+    alpha, targets and dropout when the dir holds it. A run pairs at most once with each reference
     arm; two reference arms of one method (e.g. two full fine-tunings that differ in weight decay) give one row
     each, named after the reference arm."""
     ok = _filled(df[df["status"] == "ok"], PAIR_KEYS)
     if ok.empty:
         return pd.DataFrame(), pd.DataFrame()
+    metric, metric_name = fair.headline(ok)
     by_lr = fair.lr_scores(ok, df[df["status"] != "ok"])
     tried = fair.tried_lrs(df)
     best = by_lr.loc[by_lr.groupby("_arm", sort=False)["score"].idxmax(), ["_arm", "lr", "monitor", "val"]]
     chosen = ok.merge(best[["_arm", "lr"]], on=["_arm", "lr"])
     table = chosen.groupby("_arm", sort=False).agg(**aggregations(chosen)).reset_index()
     table = table.drop(columns="monitor").merge(best[["_arm", "monitor", "val"]], on="_arm")
+    table["headline"], table["headline_ci95"] = table[metric], table[f"{metric}_ci95"]
+    table["headline_name"] = metric_name
     table["lrs_tried"] = [", ".join(f"{v:g}" for v in tried.get(a, [])) for a in table["_arm"]]
     table["lr_edge"] = [fair.grid_edge(lr, tried.get(a, [])) for a, lr in zip(table["_arm"], table["lr"])]
     table.insert(0, "config", _labels(table, "_arm", with_lr=False))
@@ -346,10 +342,10 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         for arm, runs in chosen[compared].groupby("_arm", sort=False):
             matches = []
             for ref_arm, ref in ref_arms:
-                ref = _filled(ref, keys).drop_duplicates([*keys, "seed"])[[*keys, "seed", "test_acc"]]
-                pairs = _filled(runs, keys).merge(ref.rename(columns={"test_acc": "ref_acc"}), on=[*keys, "seed"])
+                ref = _filled(ref, keys).drop_duplicates([*keys, "seed"])[[*keys, "seed", metric]]
+                pairs = _filled(runs, keys).merge(ref.rename(columns={metric: "ref"}), on=[*keys, "seed"])
                 if len(pairs):
-                    matches.append((ref_arm, pairs["test_acc"] - pairs["ref_acc"]))
+                    matches.append((ref_arm, pairs[metric] - pairs["ref"]))
             for ref_arm, diff in matches:
                 name = ref_name if len(matches) == 1 else f"{ref_name} ({label[ref_arm]})"
                 rows.append(
@@ -357,64 +353,12 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "config": label[arm],
                         "reference": name,
                         "pairs": len(diff),
+                        "metric": metric_name,
                         "diff": diff.mean(),
                         "diff_ci95": ci95(diff),
                     }
                 )
     return table, pd.DataFrame(rows)
-
-
-def _count(n: float | None) -> str:
-    return "n/a" if n is None or pd.isna(n) else f"{n:,.0f}"
-
-
-def fair_markdown(table: pd.DataFrame, paired: pd.DataFrame) -> str:
-    """The fair comparison as Markdown: chosen lr, test mean ± CI, trainable breakdown, paired differences."""
-    if table.empty:
-        return "No finished runs.\n"
-    show = pd.DataFrame(
-        {
-            "config": table["config"],
-            "lrs tried": table["lrs_tried"],
-            "chosen lr (val)": [
-                f"{lr:g}" + (f" {fair.EDGE_MARKS[e]}" if isinstance(e, str) else "")
-                for lr, e in zip(table["lr"], table["lr_edge"])
-            ],
-            "val (monitored)": [f"{v:.4f} {m.split('/')[-1]}" for v, m in zip(table["val"], table["monitor"])],
-            "test acc (mean ± 95% CI)": [
-                f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(table.test_acc, table.test_acc_ci95)
-            ],
-            "seeds": table["seeds"],
-            "predicted peak (GiB)": table["predicted_peak_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}"),
-            "samples/s (steady)": [
-                f"{a:.1f} ({_rate(b)})" for a, b in zip(table.samples_per_s, table.steady_samples_per_s)
-            ],
-            "trainable (adapter / head / other)": [
-                f"{_count(t)} ({_count(a)} / {_count(h)} / {_count(o)})"
-                for t, a, h, o in zip(
-                    table.trainable_params, table.adapter_params, table.head_params, table.other_trainable_params
-                )
-            ],
-        }
-    )
-    text = show.to_markdown(index=False) + "\n"
-    if table["lr_edge"].notna().any():
-        text += (
-            "\n▲ / ▼: the chosen lr is the highest / lowest of its grid, so a better one may lie beyond it; "
-            "`lora-exp report` prints the sweep that widens the grid.\n"
-        )
-    for ref_name, rows in paired.groupby("reference", sort=False) if not paired.empty else []:
-        diffs = pd.DataFrame(
-            {
-                "config": rows["config"],
-                "paired seeds": rows["pairs"],
-                f"test acc − {ref_name} (mean ± 95% CI)": [
-                    f"{m:+.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}") for m, c in zip(rows["diff"], rows.diff_ci95)
-                ],
-            }
-        )
-        text += f"\nPaired difference to {ref_name} (same seed):\n\n" + diffs.to_markdown(index=False) + "\n"
-    return text
 
 
 def report_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -442,6 +386,6 @@ def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
         return written
     written.update(figures.write_figures(summary, df.assign(config=run_labels(df, summary)), out))
     if lr_grid_swept(df):
-        (out / "fair.md").write_text(fair_markdown(*fair_comparison(df)))
+        (out / "fair.md").write_text(fair.markdown(*fair_comparison(df)))
         written["fair.md"] = out / "fair.md"
     return written

@@ -25,3 +25,18 @@ def pct(p: float) -> str:
     if p == 0 or p >= 10:
         return f"{p:.0f}%"
     return f"{p:.{max(1, 1 - math.floor(math.log10(abs(p))))}f}%"
+
+
+def rate(value: float | None) -> str:
+    """Samples/s, or "-" where a run had too few updates for a steady window (or predates it)."""
+    return "-" if value is None or pd.isna(value) else f"{value:.1f}"
+
+
+def mean_ci(mean: float, ci: float) -> str:
+    """``0.8123 ± 0.0100``, or the mean alone where there is no interval (one seed)."""
+    return f"{mean:.4f}" + ("" if pd.isna(ci) else f" ± {ci:.4f}")
+
+
+def count(n: float | None) -> str:
+    """A parameter count with thousands separators, or "n/a"."""
+    return "n/a" if n is None or pd.isna(n) else f"{n:,.0f}"
