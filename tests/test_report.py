@@ -459,3 +459,21 @@ def test_fair_table_under_an_auc_monitor_reports_test_auc_and_pairs_it(tmp_path:
     assert "test AUC (mean ± 95% CI)" in md and "test AUC − full fine-tuning" in md and "+0.0200" in md
     assert "test acc" not in md and "train time (s)" in md
     assert table.set_index("method")["train_s"].to_dict() == {"full": 100.0, "lora": 40.0}
+
+
+def test_vera_and_adalora_pair_with_plain_lora_at_their_own_rank_meaning(tmp_path: Path) -> None:
+    """VeRA's r is its shared projections' rank (any plain LoRA of the same targets is its twin); AdaLoRA pairs at
+    the mean of its final ranks (its budget); a LoRA-FA of another r finds no twin."""
+    final_ranks = {"layer.0.query": 9, "layer.0.value": 7, "layer.1.query": 10, "layer.1.value": 6}  # mean 8
+    arms = [("lora", 8, 0.80, {}), ("vera", 256, 0.70, {}), ("adalora", 12, 0.75, {"adalora_ranks": final_ranks})]
+    arms.append(("lora_fa", 16, 0.78, {}))
+    for variant, r, acc, extra in arms:
+        for lr in (1e-3, 2e-3):
+            for seed in (1, 2, 3):
+                fields = dict(method="lora", variant=variant, lr=lr, seed=seed, r=r, alpha=16, targets="q+v", **extra)
+                _result(tmp_path, f"{variant}{lr}s{seed}", test_acc=acc + seed / 100, best_val_acc=acc + lr, **fields)
+    _, paired = report.fair_comparison(report.load_runs(tmp_path))
+    vs_lora = paired[paired.reference == "LoRA"]
+    diffs = {c.split()[0]: (d, n) for c, d, n in zip(vs_lora.config, vs_lora["diff"], vs_lora.pairs)}
+    assert set(diffs) == {"vera", "adalora"}  # lora_fa r=16 has no plain LoRA r=16 here
+    assert diffs["vera"] == (pytest.approx(-0.10), 3) and diffs["adalora"] == (pytest.approx(-0.05), 3)

@@ -44,6 +44,23 @@ def headline(runs: pd.DataFrame) -> tuple[str, str]:
     return (column, label) if column in runs and runs[column].notna().any() else TEST_COLUMNS["val/acc"]
 
 
+def lora_twin_rank(runs: pd.DataFrame) -> pd.Series:
+    """The rank of the plain LoRA each run is compared with: its own ``r``; for AdaLoRA the mean of its final
+    per-layer ranks (the budget, ``lora.adalora.target_r``, that it prunes its initial ``r`` to); for VeRA none
+    (NaN), since its ``r`` is the rank of the random projections all layers share: plain LoRA of any rank with
+    the same targets, alpha and dropout pairs with it."""
+    finals = runs["adalora_ranks"] if "adalora_ranks" in runs else pd.Series(None, index=runs.index)
+    ranks = []
+    for variant, r, final in zip(runs["variant"], runs["r"], finals):
+        if variant == "vera":
+            ranks.append(float("nan"))
+        elif variant == "adalora" and isinstance(final, dict) and final:
+            ranks.append(float(round(sum(final.values()) / len(final))))
+        else:
+            ranks.append(float(r))
+    return pd.Series(ranks, index=runs.index)
+
+
 def monitor_of(runs: pd.DataFrame) -> str:
     """The metric an arm's runs selected their best step by (``trainer.monitor``; val/acc for older results)."""
     known = [m for m in runs.get("monitor", pd.Series(dtype=object)).dropna() if m in MONITOR_COLUMNS]

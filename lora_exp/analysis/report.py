@@ -340,10 +340,14 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     for ref_name, is_ref, compared, keys in references:
         ref_arms = list(chosen[is_ref].groupby("_arm", sort=False))
         for arm, runs in chosen[compared].groupby("_arm", sort=False):
-            matches = []
+            matches, arm_keys = [], keys
+            if ref_name == "LoRA":  # the rank a variant is compared at (AdaLoRA: its budget; VeRA: any)
+                runs = runs.assign(r=fair.lora_twin_rank(runs))
+                arm_keys = keys if runs["r"].notna().all() else [k for k in keys if k != "r"]
             for ref_arm, ref in ref_arms:
-                ref = _filled(ref, keys).drop_duplicates([*keys, "seed"])[[*keys, "seed", metric]]
-                pairs = _filled(runs, keys).merge(ref.rename(columns={metric: "ref"}), on=[*keys, "seed"])
+                ref = _filled(ref.assign(r=ref["r"].astype(float)), arm_keys).drop_duplicates([*arm_keys, "seed"])
+                ref = ref[[*arm_keys, "seed", metric]].rename(columns={metric: "ref"})
+                pairs = _filled(runs, arm_keys).merge(ref, on=[*arm_keys, "seed"])
                 if len(pairs):
                     matches.append((ref_arm, pairs[metric] - pairs["ref"]))
             for ref_arm, diff in matches:
