@@ -477,3 +477,25 @@ def test_vera_and_adalora_pair_with_plain_lora_at_their_own_rank_meaning(tmp_pat
     diffs = {c.split()[0]: (d, n) for c, d, n in zip(vs_lora.config, vs_lora["diff"], vs_lora.pairs)}
     assert set(diffs) == {"vera", "adalora"}  # lora_fa r=16 has no plain LoRA r=16 here
     assert diffs["vera"] == (pytest.approx(-0.10), 3) and diffs["adalora"] == (pytest.approx(-0.05), 3)
+
+
+def test_chosen_curves_plot_each_arm_at_its_chosen_lr_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """validation_curves_chosen.png: the seed's two figures without the lrs the protocol did not choose."""
+    for method, lrs in (("full", (5e-5, 1e-4)), ("frozen", (1e-2, 3e-2))):
+        for lr in lrs:
+            for seed in (1, 2):
+                history = [{"step": s, "epoch": s, "time_s": 2.0 * s, "val_acc": 0.6 + lr} for s in (1, 2)]
+                fields = dict(method=method, lr=lr, seed=seed, best_val_acc=0.6 + lr, history=history)
+                _result(tmp_path / "runs", f"{method}{lr}s{seed}", **fields)
+    plotted: dict[str, set] = {}
+    real = figures.plot_validation_curves
+
+    def spy(runs, path):
+        plotted[Path(path).name] = set(zip(runs["method"], runs["lr"]))
+        return real(runs, path)
+
+    monkeypatch.setattr(figures, "plot_validation_curves", spy)
+    written = report.write_report(tmp_path / "runs", tmp_path / "out")
+    assert written["validation_curves_chosen.png"].stat().st_size > 0
+    assert plotted["validation_curves_chosen.png"] == {("full", 1e-4), ("frozen", 3e-2)}
+    assert len(plotted["validation_curves.png"]) == 4  # the plain figure keeps every lr

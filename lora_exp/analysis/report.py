@@ -390,6 +390,11 @@ def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
         return written
     written.update(figures.write_figures(summary, df.assign(config=run_labels(df, summary)), out))
     if lr_grid_swept(df):
-        (out / "fair.md").write_text(fair.markdown(*fair_comparison(df)))
+        table, paired = fair_comparison(df)
+        (out / "fair.md").write_text(fair.markdown(table, paired))
         written["fair.md"] = out / "fair.md"
+        if not table.empty:  # the seed's curves once more, each arm at its chosen lr only
+            chosen = df[df["status"] == "ok"].merge(table[["_arm", "lr"]], on=["_arm", "lr"])
+            path = out / "validation_curves_chosen.png"
+            written[path.name] = figures.plot_validation_curves(chosen.assign(config=run_labels(chosen, summary)), path)
     return written
