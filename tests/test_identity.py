@@ -188,7 +188,7 @@ def test_lr_is_chosen_by_the_monitored_metric(tmp_path: Path) -> None:
     chosen = table.set_index("_arm")
     assert chosen.loc["auc", "lr"] == 2e-3 and chosen.loc["auc", "val"] == pytest.approx(0.95)
     assert chosen.loc["loss", "lr"] == 5e-4 and chosen.loc["loss", "monitor"] == "val/loss"
-    md = report.fair_markdown(*report.fair_comparison(report.load_runs(tmp_path)))
+    md = fair.markdown(*report.fair_comparison(report.load_runs(tmp_path)))
     assert "0.9500 auc" in md and "0.2000 loss" in md
 
 
@@ -224,3 +224,15 @@ def test_widened_grid_goes_beyond_the_edge_in_the_grid_ratio() -> None:
     assert fair.widened(4e-3, [1e-3, 2e-3, 4e-3], "high") == [8e-3, 1.6e-2]
     assert fair.widened(1e-4, [1e-4, 3e-4, 9e-4], "low") == pytest.approx([1.11e-5, 3.33e-5])
     assert fair.grid_edge(2e-3, [1e-3, 2e-3, 4e-3]) is None and fair.grid_edge(1e-3, [1e-3]) is None
+
+
+def test_a_second_widening_goes_to_a_new_folder(tmp_path: Path) -> None:
+    """Widening twice (the lr still at the top) must not send the new grid into the first widening's job dirs."""
+    import pandas as pd
+
+    runs = pd.DataFrame({"seed": [1, 2], "job_dir": [str(tmp_path / "a"), str(tmp_path / "b")], "method": "lora"})
+    first = fair.widen_command("arm", runs, 4e-3, [1e-3, 2e-3, 4e-3], "high", tmp_path)
+    second = fair.widen_command("arm", runs, 1.6e-2, [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], "high", tmp_path)
+    dirs = [next(c for c in shlex.split(cmd) if c.startswith("hydra.sweep.dir=")) for cmd in (first, second)]
+    assert dirs[0] != dirs[1] and all(d.startswith(f"hydra.sweep.dir={tmp_path}/widen_high_") for d in dirs)
+    assert "method.lr_grid=[0.032,0.064]" in shlex.split(second) or "optimizer.lr=0.032,0.064" in shlex.split(second)

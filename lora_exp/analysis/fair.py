@@ -124,7 +124,8 @@ def job_overrides(job_dir: str | Path) -> list[str] | None:
 
 def widen_command(arm: str, runs: pd.DataFrame, lr: float, tried: list[float], edge: str, root: Path) -> str:
     """The sweep that runs this arm at two lrs beyond the edge of its grid, with its seeds, into a folder under
-    ``root`` (so ``lora-exp report ROOT`` then reads both grids: same arm hash, one arm)."""
+    ``root`` named by the arm and the new lrs (so ``lora-exp report ROOT`` then reads every grid: same arm hash,
+    one arm; widening again goes to a new folder)."""
     new = widened(lr, tried, edge)
     seeds = ",".join(str(int(s)) for s in sorted(runs["seed"].dropna().unique()))
     overrides = next((o for o in map(job_overrides, runs["job_dir"]) if o is not None), None)
@@ -135,7 +136,8 @@ def widen_command(arm: str, runs: pd.DataFrame, lr: float, tried: list[float], e
     fair_sweep = any(o.split("=", 1)[0].lstrip("+") == "lr_index" for o in overrides)
     values = ",".join(f"{v:g}" for v in new)
     grid = [f"method.lr_grid=[{values}]", "lr_index=0,1"] if fair_sweep else [f"optimizer.lr={values}"]
-    folder = Path(root) / f"widen_{edge}_{hashlib.sha256(arm.encode()).hexdigest()[:6]}"
+    # one folder per arm and new grid: a second widening never lands in the first one's job dirs
+    folder = Path(root) / f"widen_{edge}_{hashlib.sha256(f'{arm}|{values}'.encode()).hexdigest()[:6]}"
     return "lora-exp -m " + shlex.join([*keep, *grid, f"trainer.seed={seeds}", f"hydra.sweep.dir={folder}"])
 
 
