@@ -436,21 +436,11 @@ def test_fair_table_under_an_auc_monitor_reports_test_auc_and_pairs_it(tmp_path:
     for method, lrs, auc in (("full", (5e-5, 1e-4), 0.90), ("lora", (1e-3, 2e-3), 0.92)):
         for lr in lrs:
             for seed in (1, 2, 3):
-                _result(
-                    tmp_path,
-                    f"{method}{lr}s{seed}",
-                    method=method,
-                    lr=lr,
-                    seed=seed,
-                    monitor="val/auc",
-                    best_val_auc=auc + lr,  # the higher lr wins on validation
-                    best_val_acc=0.9 - lr,  # ... and would lose by accuracy
-                    test_auc=auc + seed / 100,
-                    test_acc=0.5 if method == "lora" else 0.7 + seed / 100,
-                    r=8 if method == "lora" else None,
-                    alpha=16 if method == "lora" else None,
-                    train_seconds=100.0 if method == "full" else 40.0,
-                )
+                shape = {"r": 8, "alpha": 16, "train_seconds": 40.0} if method == "lora" else {"train_seconds": 100.0}
+                scores = {"best_val_auc": auc + lr, "best_val_acc": 0.9 - lr}  # the higher lr wins by AUC, not by acc
+                tests = {"test_auc": auc + seed / 100, "test_acc": 0.5 if method == "lora" else 0.7 + seed / 100}
+                name = f"{method}{lr}s{seed}"
+                _result(tmp_path, name, method=method, lr=lr, seed=seed, monitor="val/auc", **shape, **scores, **tests)
     table, paired = report.fair_comparison(report.load_runs(tmp_path))
     assert dict(zip(table.method, table.lr)) == {"full": 1e-4, "lora": 2e-3}
     assert table.set_index("method").loc["lora", "headline"] == pytest.approx(0.94)  # mean AUC of seeds 1-3
