@@ -141,23 +141,32 @@ def _randomise_trainables(model: torch.nn.Module) -> None:
                 p.normal_(std=0.2)
 
 
-def test_peft_export_import_equal_logits_on_tiny_whisper(tmp_path: Path) -> None:
+def assert_audio_peft_round_trip(
+    ours: torch.nn.Module, base: torch.nn.Module, head: list[str], x: torch.Tensor, folder: Path, tensors: int
+) -> None:
+    """Ours -> PEFT's format -> ``PeftModel.from_pretrained`` and back through ``import_peft`` (``tensors`` LoRA
+    tensors): the same logits as ours on ``x`` (atol 1e-5), which differ from the base's (the adapter matters)."""
     from peft import PeftModel
+
+    export_peft(ours, folder, {"head_modules": head})
+    with torch.no_grad():
+        expected = ours.eval()(input_features=x).logits
+        assert not torch.allclose(expected, base.eval()(input_features=x).logits)  # the adapter matters
+        ref = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+        torch.testing.assert_close(ref.get_base_model()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
+        back = copy.deepcopy(base)
+        assert len(import_peft(back, folder, head)) == tensors
+        torch.testing.assert_close(back.eval()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_export_import_equal_logits_on_tiny_whisper(tmp_path: Path) -> None:
 
     fe, base, head = audio_models.build(whisper_cfg(audio_max_seconds=2.0), 2)
     x = features(fe, 2.0)
     ours = copy.deepcopy(base)
     model_methods.apply_method(ours, "lora", head, lora_cfg("q", "v", "ffn"))
     _randomise_trainables(ours)
-    export_peft(ours, tmp_path / "peft", {"head_modules": head})
-    with torch.no_grad():
-        expected = ours.eval()(input_features=x).logits
-        assert not torch.allclose(expected, base.eval()(input_features=x).logits)  # the adapter matters
-        ref = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-        torch.testing.assert_close(ref.get_base_model()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
-        back = copy.deepcopy(base)
-        assert len(import_peft(back, tmp_path / "peft", head)) == LAYERS * 4
-        torch.testing.assert_close(back.eval()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
+    assert_audio_peft_round_trip(ours, base, head, x, tmp_path / "peft", LAYERS * 4)
 
 
 def test_collator_resamples_and_pads_to_the_window() -> None:

@@ -3,7 +3,6 @@ monitored metric, and a chosen lr at the edge of its grid."""
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from lora_exp.analysis import fair, report
 from lora_exp.config.identity import arm_hash, group_hash
 
 from .conftest import make_cfg
+from .test_report import _result as write_result
 
 CPU_BF16 = devices.compute_identity(torch.device("cpu"), "bf16", "fp32")
 CPU_FP32 = devices.compute_identity(torch.device("cpu"), "fp32", "fp32")
@@ -63,33 +63,9 @@ def test_auto_and_explicit_runs_that_resolve_alike_pool_and_fp32_does_not(
 
 
 def _result(tmp: Path, name: str, overrides: list[str] | None = None, **fields) -> None:
-    base = {
-        "status": "ok",
-        "method": "lora",
-        "variant": "lora",
-        "model": "m",
-        "data": "d",
-        "targets": "q+v",
-        "r": 8,
-        "alpha": 16,
-        "lora_dropout": 0.0,
-        "rslora": False,
-        "lr": 1e-3,
-        "seed": 1,
-        "precision": "bf16",
-        "device_type": "cpu",
-        "trainable_params": 100,
-        "trainable_pct": 1.0,
-        "peak_vram_bytes": None,
-        "peak_host_rss_bytes": 2**30,
-        "train_seconds": 10.0,
-        "samples_per_s": 5.0,
-        "best_val_acc": 0.8,
-        "test_acc": 0.8,
-        "history": [],
-    }
-    (tmp / name).mkdir(parents=True)
-    (tmp / name / "results.json").write_text(json.dumps({**base, **fields}))
+    """``test_report``'s results.json with the identity fields these tests pair on, and the job's overrides."""
+    identity = dict(variant="lora", model="m", data="d", r=8, alpha=16, lora_dropout=0.0, precision="bf16")
+    write_result(tmp, name, **{**identity, "device_type": "cpu", **fields})
     if overrides is not None:
         (tmp / name / ".hydra").mkdir()
         (tmp / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))

