@@ -56,6 +56,8 @@ REFUSED = [
     (["trainer.epochs=abc"], "error: trainer.epochs=abc must be an integer"),
     (["trainer.max_steps=x"], "error: trainer.max_steps=x must be an integer or null"),
     (["trainer.keep_checkpoint=maybe"], "error: trainer.keep_checkpoint=maybe must be true or false"),
+    (["trainer.memory_probe=3"], "error: trainer.memory_probe=3 must be true or false"),  # OmegaConf: True
+    (["-m", "trainer.compile=false,yes"], "error: trainer.compile=yes must be true or false"),
     (["lora.targets=q"], "error: lora.targets=q must be a list like [a,b]"),
     (["-m", "lora.r=4,x"], "error: lora.r=x must be an integer"),
     (["lora.r=[1,"], "error: lora.r=[1,: cannot be parsed (no viable alternative at input '[1,')"),

@@ -124,10 +124,13 @@ def _key_problem(override: Any, leaves: dict[str, Any], open_: set[str], node: D
     if override.is_add():
         return f"{arg}: {key} already exists; write {arg.lstrip('+')}"
     for value in _values(override):
+        shown = f"{key}={value}" if override.is_sweep_override() else arg
+        # OmegaConf reads 1, 3 or "yes" as a bool; an on/off switch takes true or false only
+        if leaves.get(key) is bool and not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+            return f"{shown} must be true or false"
         try:
             OmegaConf.update(node, key, value, merge=True)
         except ValidationError:
-            shown = f"{key}={value}" if override.is_sweep_override() else arg
             return f"{shown} must be {_kind(leaves.get(key))}"
     return None
 
