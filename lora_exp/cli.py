@@ -348,7 +348,8 @@ def _export_peft(*args: str) -> int:
     """lora-exp export-peft RUN_DIR OUT_DIR: a LoRA run's adapter (and head) in the PEFT layout."""
     from lora_exp.adapters import init_state, store
     from lora_exp.adapters.peft_format import export_peft
-    from lora_exp.models.build import build_model
+    from lora_exp.config.schema import typed_config
+    from lora_exp.training.job import build_model_for
 
     force = "--force" in args
     paths = [a for a in args if a != "--force"]
@@ -366,7 +367,7 @@ def _export_peft(*args: str) -> int:
     if cfg.method.name != "lora":
         raise LoraExpError(f"export-peft: {str(run_dir)!r} is a method={cfg.method.name} run; only lora exports")
     meta, tensors = store.read_adapter(run_dir / "adapter")
-    _, model, _, _ = build_model(cfg)
+    _, model, _, _ = build_model_for(typed_config(cfg))
     if init_state.exists(run_dir):  # lora.init=eva: the saved ranks
         init_state.restore_state(model, run_dir)
     store.load_into(model, tensors, str(run_dir / "adapter"))

@@ -107,7 +107,7 @@ def resolve_compute(trainer: Any, model: Any, method: str) -> dict[str, str | No
     (for records written without a job, e.g. a failure before training started)."""
     device = pick_device(trainer.device)
     precision = pick_precision(trainer.precision, device)
-    return compute_identity(device, precision, effective_base_dtype(model.get("base_dtype", "fp32"), method))
+    return compute_identity(device, precision, effective_base_dtype(model.base_dtype, method))
 
 
 def check_base_dtype(base_dtype: str, precision: str) -> None:

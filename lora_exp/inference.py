@@ -9,16 +9,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from lora_exp.adapters import init_state, store
 from lora_exp.adapters import targets as injection
+from lora_exp.config.schema import Config, typed_config
 from lora_exp.device import autocast, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
 
 
-def run_compute(run_dir: Path, cfg: DictConfig) -> tuple[torch.device, str]:
+def run_compute(run_dir: Path, cfg: Config) -> tuple[torch.device, str]:
     """The device and precision a finished run computed in (its results.json; the config's choice resolved here
     for older runs). Without that device here (a GPU run read on a CPU machine): the CPU, in bf16 when the run
     was bf16, else in fp32 (fp16 autocast is CUDA's), with one line saying so."""
@@ -60,21 +61,18 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
         AutoTokenizer,
     )
 
-    from lora_exp.models.build import build_model
     from lora_exp.models.location import model_location
+    from lora_exp.training.job import build_model_for
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise LoraExpError(f"run dir {str(run_dir)!r} has no config.yaml (not a lora-exp run dir)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    cfg.pop("derived", None)
+    cfg = run_config(run_dir)
     device, precision = run_compute(run_dir, cfg)
-    if cfg.model.get("base_dtype", "fp32") not in ("fp32", precision):  # e.g. an fp16 base read on a CPU
+    if cfg.model.base_dtype not in ("fp32", precision):  # e.g. an fp16 base read on a CPU
         cfg.model.base_dtype = "fp32"
     if cfg.method.name == "full":
         if not (run_dir / "model").is_dir():
             raise LoraExpError(f"run dir {str(run_dir)!r} has no saved model/ (trained with save_weights=false?)")
-        if cfg.model.get("task", "text") == "audio":
+        if cfg.model.task == "audio":
             tokenizer = AutoFeatureExtractor.from_pretrained(run_dir / "model")
             model = AutoModelForAudioClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
         else:
@@ -86,7 +84,7 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
             raise LoraExpError(
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
-        tokenizer, model, _, _ = build_model(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
+        tokenizer, model, _, _ = build_model_for(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
         if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
             init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
@@ -95,6 +93,16 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
         if merge:  # folded into W0 and unwrapped: the base model's own modules, no added latency
             injection.merge_and_unload(model)
     return tokenizer, model.to(device).eval(), precision
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config a finished run recorded (``config.yaml``, without its ``derived`` facts) as the schema's
+    dataclasses."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise LoraExpError(f"run dir {str(run_dir)!r} has no config.yaml (not a lora-exp run dir)")
+    saved = OmegaConf.load(Path(run_dir) / "config.yaml")
+    saved.pop("derived", None)
+    return typed_config(saved)
 
 
 class AdapterBank:
@@ -143,8 +151,8 @@ def predict(
     one line with the lines/s go to stderr. ``force`` loads an adapter onto a base it was not trained on.
     """
     tokenizer, model, precision = _load(Path(run_dir), merge=True, force=force)
-    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
-    if cfg.model.get("task", "text") == "audio":
+    cfg = run_config(Path(run_dir))
+    if cfg.model.task == "audio":
         from lora_exp.data import audio
 
         signals = []

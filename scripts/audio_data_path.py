@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from lora_exp.config.schema import typed_config
 from lora_exp.data import audio as audio_data
 from lora_exp.data import text as text_data
 from lora_exp.models import audio as audio_models
@@ -22,7 +23,7 @@ from tests.conftest import make_cfg
 
 def main(overrides: list[str]) -> None:
     torch.set_num_threads(1)
-    cfg = make_cfg(["experiment=gw_whisper_offline", *overrides])
+    cfg = typed_config(make_cfg(["experiment=gw_whisper_offline", *overrides]))
     t = cfg.trainer
     splits = text_data.load_splits(cfg.data)
     fe, _, _ = audio_models.build(cfg.model, 2)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, RobertaConfig
 
 from lora_exp.adapters import dora
 from lora_exp.adapters import targets as injection
 from lora_exp.adapters.peft_format import export_peft, import_peft
+from lora_exp.config import schema
 from lora_exp.models import methods as model_methods
 
 from .test_models import tiny as tiny_built
@@ -53,10 +53,10 @@ def tiny(arch: str) -> tuple[torch.nn.Module, list[str]]:
     return AutoModelForSequenceClassification.from_config(conf).eval(), ["classifier"]
 
 
-def ours_cfg(arch: str, dropout: float = 0.0, **over) -> DictConfig:
-    """Our ``lora`` config group for ``arch``'s targets at rank R, alpha ALPHA, overridden by ``over``."""
+def ours_cfg(arch: str, dropout: float = 0.0, **over) -> schema.LoraConfig:
+    """Our ``lora`` options for ``arch``'s targets at rank R, alpha ALPHA, overridden by ``over``."""
     base = {"targets": TARGETS[arch], "r": R, "alpha": ALPHA, "dropout": dropout, "rslora": False}
-    return OmegaConf.create({**base, **over})
+    return schema.typed_config({**base, **over}, schema.LoraConfig)
 
 
 def peft_cfg(arch: str, head: list[str], dropout: float = 0.0, **over) -> LoraConfig:
@@ -108,7 +108,7 @@ def build_pair(
     base: torch.nn.Module,
     head: list[str],
     peft_conf: PeftConfig,
-    ours_conf: DictConfig,
+    ours_conf: schema.LoraConfig,
     marker: str = ".lora_B.",
     randomise: Callable[[torch.Tensor], object] = lambda p: p.normal_(std=0.1),
     to_peft: NameMap = peft_name,

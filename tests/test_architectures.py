@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 from lora_exp import cli
 from lora_exp.adapters import targets as injection
+from lora_exp.config.schema import LoraConfig, ModelConfig, typed_config
 from lora_exp.errors import LoraExpError
-from lora_exp.models import build as model_build
 from lora_exp.models import heads as model_heads
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
 from lora_exp.training import loop
+from lora_exp.training.job import build_model_for
 
 from . import tiny_checkpoints as tc
 from .tiny_checkpoints import FFN as F
@@ -88,8 +88,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def model_cfg(path: Path, arch: str):
-    return OmegaConf.create({"source": "local", "path": str(path), "name": arch, "trust_remote_code": False})
+def model_cfg(path: Path, arch: str) -> ModelConfig:
+    return ModelConfig(source="local", path=str(path), name=arch, trust_remote_code=False)
 
 
 def local(path: Path, arch: str) -> list[str]:
@@ -144,7 +144,9 @@ def test_checkpoint_with_head_builds_exactly_like_its_base(arch: str, tiny_cfg, 
     """Same base weights, head saved or not: the same model after build (head re-initialised per seed)."""
     with_head, base = tc.save_pair(arch, tmp_path)
     targets = f"lora.targets=[{','.join(TARGETS[arch])}]"
-    built = [model_build.build_model(tiny_cfg(*local(p, arch), "method=lora", targets))[1] for p in (with_head, base)]
+    built = [
+        build_model_for(typed_config(tiny_cfg(*local(p, arch), "method=lora", targets)))[1] for p in (with_head, base)
+    ]
     a, b = (dict(m.named_parameters()) for m in built)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -203,7 +205,7 @@ def test_head_without_parameters_is_refused(head: list[str], checkpoint) -> None
     _, model, _ = text_models.build(model_cfg(checkpoint("bert"), "bert"), 2)
     for method in ("lora", "frozen"):
         with pytest.raises(LoraExpError, match=f"method={method}: the model has no classification head") as err:
-            model_methods.apply_method(model, method, head, OmegaConf.create({"targets": ["q"], "r": 4, "alpha": 8.0}))
+            model_methods.apply_method(model, method, head, LoraConfig(targets=["q"], r=4, alpha=8.0))
         assert "\n" not in str(err.value)
     assert model_methods.apply_method(model, "full", head) == []  # full needs no head
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from lora_exp import inference
 from lora_exp.adapters import targets as injection
 from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.config import checks as config_checks
+from lora_exp.config.schema import LoraConfig, ModelConfig, typed_config
 from lora_exp.data import audio as audio_data
 from lora_exp.errors import LoraExpError
 from lora_exp.models import audio as audio_models
@@ -40,11 +40,11 @@ def whisper_cfg(**extra: object):
         "trust_remote_code": False,
         "audio_max_seconds": None,
     }
-    return OmegaConf.create({**base, **extra})
+    return typed_config({**base, **extra}, ModelConfig)
 
 
-def lora_cfg(*targets: str):
-    return OmegaConf.create({"targets": list(targets), "r": R, "alpha": 8.0, "dropout": 0.0, "rslora": False})
+def lora_cfg(*targets: str) -> LoraConfig:
+    return LoraConfig(targets=list(targets), r=R, alpha=8.0, dropout=0.0, rslora=False)
 
 
 def features(fe, seconds: float, n: int = 3, seed: int = 0) -> torch.Tensor:

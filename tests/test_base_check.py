@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from lora_exp import inference
+from lora_exp.config.schema import typed_config
 from lora_exp.errors import LoraExpError
-from lora_exp.models.build import build_model
 from lora_exp.training import loop
+from lora_exp.training.job import build_model_for
 
 from . import tiny_checkpoints as tc
 from .conftest import make_cfg
@@ -95,9 +96,9 @@ def test_adapter_bank_refuses_an_adapter_of_another_seed(trained: tuple[Path, Pa
     from lora_exp.cli import recorded_config
 
     run, base = trained
-    cfg = recorded_config(run)
+    cfg = typed_config(recorded_config(run))
     cfg.model.path = str(save_base(tmp_path / "other-bert", seed=1))
-    _, model, _, _ = build_model(cfg)
+    _, model, _, _ = build_model_for(cfg)
     bank = inference.AdapterBank(model)
     with pytest.raises(LoraExpError) as err:
         bank.add("theirs", run / "adapter")
@@ -115,10 +116,12 @@ def test_fingerprint_is_the_pristine_fp32_base() -> None:
     equals the plain fp32 build's; the head's init does not enter it; another seed's weights give another."""
 
     def fingerprint(*overrides: str) -> str:
-        return build_model(make_cfg(["model=tiny_bert", *overrides]))[1].base_fingerprint
+        return build_model_for(typed_config(make_cfg(["model=tiny_bert", *overrides])))[1].base_fingerprint
 
     plain = fingerprint()
-    pissa_bf16 = build_model(make_cfg(["model=tiny_bert", "lora.init=pissa", "model.base_dtype=bf16"]))[1]
+    pissa_bf16 = build_model_for(
+        typed_config(make_cfg(["model=tiny_bert", "lora.init=pissa", "model.base_dtype=bf16"]))
+    )[1]
     assert pissa_bf16.base_fingerprint == plain
     layer = pissa_bf16.bert.encoder.layer[0].attention.self.query
     assert layer.base_layer.weight.dtype == torch.bfloat16  # really stored in bf16, really rewritten

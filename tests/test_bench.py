@@ -69,10 +69,11 @@ def test_window_flops_count_each_batch_at_its_own_length(result: dict, reviews: 
     """Each row's FLOPs equal FlopCounterMode's count of every window batch at its own shape, counted here."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_exp.models.build import build_model
+    from lora_exp.config.schema import typed_config
+    from lora_exp.training.job import build_model_for
 
     cfg = bench.job_config("lora", 10, 3, 8, ["model=tiny_distilbert", f"data.path={reviews}", "trainer.device=cpu"])
-    _, model, _, _ = build_model(cfg)
+    _, model, _, _ = build_model_for(typed_config(cfg))
     counted: dict[tuple[int, int], int] = {}
     for n, length in {tuple(s) for r in result["rows"] for s in r["batch_shapes"]}:
         ids = torch.randint(5, 100, (n, length))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from lora_exp import cli, inference
-from lora_exp.models.build import build_model
+from lora_exp.config.schema import typed_config
 from lora_exp.training import job as job_setup
 from lora_exp.training.loop import train
 
@@ -65,7 +65,7 @@ def test_compiled_frozen_run_with_the_feature_cache(tiny_cfg, tmp_path: Path) ->
 
 def test_inductor_logits_equal_eager(tiny_cfg) -> None:
     torch._dynamo.reset()
-    _, model, _, _ = build_model(tiny_cfg("lora.targets=[q,v,ffn]"))
+    _, model, _, _ = job_setup.build_model_for(typed_config(tiny_cfg("lora.targets=[q,v,ffn]")))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -197,11 +197,12 @@ def test_recorded_config_keeps_only_fields_that_apply() -> None:
 
 
 def test_model_facts_read_from_the_loaded_model() -> None:
+    from lora_exp.config.schema import typed_config
     from lora_exp.models import methods as model_methods
     from lora_exp.models import text as text_models
     from lora_exp.models.methods import model_facts
 
-    cfg = make_cfg(["model=tiny_distilbert", "model.layers=3", "model.hidden_size=48", "model.heads=3"])
+    cfg = typed_config(make_cfg(["model=tiny_distilbert", "model.layers=3", "model.hidden_size=48", "model.heads=3"]))
     _, model, head = text_models.build(cfg.model, 2)
     before = model_facts(model)
     total = model_methods.count_parameters(model, head)["total"]

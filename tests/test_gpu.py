@@ -160,10 +160,11 @@ def _flops_of_shapes(reviews: Path, tmp_path: Path, shapes: set[tuple[int, int]]
     """FlopCounterMode's count of one bf16 training step of the bench's model at each (batch, length)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_exp.models.build import build_model
+    from lora_exp.config.schema import typed_config
+    from lora_exp.training.job import build_model_for
 
     overrides = ["model=tiny_bert", f"data.path={reviews}", f"data.cache_dir={tmp_path / 'hf'}", "trainer.device=cuda"]
-    _, model, _, _ = build_model(bench.job_config("lora", 10, 4, 8, overrides))
+    _, model, _, _ = build_model_for(typed_config(bench.job_config("lora", 10, 4, 8, overrides)))
     model.cuda().train()
     out = {}
     for n, length in shapes:

@@ -11,6 +11,7 @@ import torch
 from lora_exp.adapters import targets as injection
 from lora_exp.bench import latency
 from lora_exp.bench import run as bench
+from lora_exp.config.schema import typed_config
 from lora_exp.errors import LoraExpError
 
 from .conftest import make_cfg
@@ -43,7 +44,7 @@ def test_latency_json_has_every_batch_model_and_statistic(reviews: Path, tmp_pat
 
 def test_merged_model_has_the_base_structure_and_the_lora_outputs(reviews: Path) -> None:
     cfg = make_cfg(["model=tiny_bert", f"data.path={reviews}", "lora.targets=[q,v,ffn]", "trainer.device=cpu"])
-    _, models = latency.build_models(cfg)
+    _, models = latency.build_models(typed_config(cfg))
     base, unmerged, merged = models["base"], models["unmerged"], models["merged"]
     assert [type(m) for m in merged.modules()] == [type(m) for m in base.modules()]
     assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lora_exp import device as devices
+from lora_exp.config.schema import typed_config
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import timing, tracking
 from lora_exp.models import build as model_build
@@ -73,8 +74,8 @@ def test_logged_loss_is_unbiased_with_grad_accum(tiny_cfg, tmp_path: Path, recor
 
 
 def test_base_dtype_halves_frozen_parameter_bytes(tiny_cfg) -> None:
-    _, fp32, head, _ = model_build.build_model(tiny_cfg("method=lora"))
-    _, bf16, _, _ = model_build.build_model(tiny_cfg("method=lora", "model.base_dtype=bf16"))
+    _, fp32, head, _ = job_setup.build_model_for(typed_config(tiny_cfg("method=lora")))
+    _, bf16, _, _ = job_setup.build_model_for(typed_config(tiny_cfg("method=lora", "model.base_dtype=bf16")))
 
     def frozen_bytes(model: torch.nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
@@ -121,7 +122,7 @@ def test_frozen_feature_cache_runs_the_encoder_once(tiny_cfg, tmp_path: Path, mo
 
 
 def test_cached_outputs_equal_the_encoder_in_eval_mode(tiny_cfg) -> None:
-    tokenizer, model, head, _ = model_build.build_model(tiny_cfg("method=frozen"))
+    tokenizer, model, head, _ = job_setup.build_model_for(typed_config(tiny_cfg("method=frozen")))
     model.eval()
     enc = tokenizer(["a good film", "the worst plot of the movie"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -152,7 +153,7 @@ def test_deterministic_option_is_restored_after_the_job(tiny_cfg, tmp_path: Path
 
 
 def test_store_frozen_in_leaves_trainables_alone(tiny_cfg) -> None:
-    _, model, _, _ = model_build.build_model(tiny_cfg("method=full"))
+    _, model, _, _ = job_setup.build_model_for(typed_config(tiny_cfg("method=full")))
     assert model_methods.store_frozen_in(model, "bf16") == 0  # full: nothing is frozen
 
 

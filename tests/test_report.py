@@ -11,6 +11,7 @@ import pytest
 
 from lora_exp.analysis import fair, figures, report
 from lora_exp.cli import CONF_DIR
+from lora_exp.config.schema import typed_config
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
 
@@ -29,7 +30,7 @@ def test_summary_rows_and_counts_match_the_models(written: dict[str, Path]) -> N
     summary = pd.read_csv(written["summary.csv"])
     assert sorted(summary["method"]) == ["frozen", "full", "lora"]
     for method in ("full", "frozen", "lora"):
-        cfg = make_cfg(["model=tiny_bert", f"method={method}"])
+        cfg = typed_config(make_cfg(["model=tiny_bert", f"method={method}"]))
         _, model, head = text_models.build(cfg.model, 2)
         model_methods.apply_method(model, method, head, cfg.lora)
         expected = model_methods.count_parameters(model, head)["trainable"]

@@ -13,10 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from lora_exp import inference
+from lora_exp.config.schema import typed_config
 from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError, TrainingFailure
-from lora_exp.models import build as model_build
 from lora_exp.training import checks, loop, metrics
+from lora_exp.training.job import build_model_for
 
 from . import wandb_file
 
@@ -82,7 +83,7 @@ def test_results_json_is_complete(runs, method: str) -> None:
 def test_majority_baselines_come_from_their_own_splits(runs) -> None:
     """The validation curves' baseline is the validation split's majority share, the test tables' the test's."""
     run_dir, res = runs["lora"]
-    splits = text_data.load_splits(OmegaConf.load(run_dir / "config.yaml").data)
+    splits = text_data.load_splits(inference.run_config(run_dir).data)
     for split, key in (("validation", "majority_baseline_val_acc"), ("test", "majority_baseline_acc")):
         counts = torch.bincount(torch.tensor(splits[split]["label"]))
         assert res[key] == pytest.approx(counts.max().item() / counts.sum().item()), key
@@ -102,7 +103,7 @@ def test_validation_baseline_follows_an_unbalanced_validation_split(tiny_cfg, tm
 
     monkeypatch.setattr(text_data, "load_splits_counted", skewed)
     res = loop.train(tiny_cfg("trainer.max_steps=2", "trainer.epochs=1", "save_weights=false"), tmp_path / "run")
-    test = real(OmegaConf.load(tmp_path / "run" / "config.yaml").data)[0]["test"]
+    test = real(inference.run_config(tmp_path / "run").data)[0]["test"]
     counts = torch.bincount(torch.tensor(test["label"]))
     assert res["majority_baseline_val_acc"] == 0.75
     assert res["majority_baseline_acc"] == pytest.approx(counts.max().item() / counts.sum().item()) != 0.75
@@ -154,7 +155,7 @@ def test_reload_reproduces_test_accuracy(runs, method: str) -> None:
     ids = tokenizer(["good great fun", "bad boring dull"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, again(**ids).logits)  # two reloads agree
-    cfg = __import__("omegaconf").OmegaConf.load(run_dir / "config.yaml")
+    cfg = inference.run_config(run_dir)
     tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
     loaders = text_data.make_loaders(tok, tokenizer, 16, 64, True, torch.Generator().manual_seed(0))
     acc = metrics.evaluate(model, loaders.test, torch.device("cpu"), lambda: torch.no_grad())["acc"]
@@ -171,10 +172,10 @@ def test_adapter_is_small_and_holds_the_head(runs) -> None:
 def test_same_seed_same_head_init_across_methods(tiny_cfg) -> None:
     heads = {}
     for method in ("full", "frozen", "lora"):
-        _, model, _, _ = model_build.build_model(tiny_cfg(f"method={method}"))
+        _, model, _, _ = build_model_for(typed_config(tiny_cfg(f"method={method}")))
         heads[method] = model.classifier.weight.detach().clone()
     assert torch.equal(heads["full"], heads["frozen"]) and torch.equal(heads["full"], heads["lora"])
-    _, other, _, _ = model_build.build_model(tiny_cfg("trainer.seed=7"))
+    _, other, _, _ = build_model_for(typed_config(tiny_cfg("trainer.seed=7")))
     assert not torch.equal(other.classifier.weight, heads["full"])
 
 
@@ -280,13 +281,14 @@ def test_export_peft_cli_loads_in_peft(runs, tmp_path: Path) -> None:
     run_dir, _ = runs["lora"]
     proc = cli(["export-peft", str(run_dir), str(tmp_path / "peft")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from omegaconf import OmegaConf
 
     from lora_exp.cli import recorded_config
 
     tokenizer, ours = inference.load_trained(run_dir, merge=False)
     # the same seeded base (tiny random weights) without LoRA: method=frozen builds exactly that
-    _, base, _, _ = model_build.build_model(OmegaConf.merge(recorded_config(run_dir), {"method": {"name": "frozen"}}))
+    _, base, _, _ = build_model_for(
+        typed_config(OmegaConf.merge(recorded_config(run_dir), {"method": {"name": "frozen"}}))
+    )
     ref = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     ids = tokenizer(["good great fun", "bad boring dull"], return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -20,6 +20,7 @@ from lora_exp.adapters import dora
 from lora_exp.adapters import params as adapter_params
 from lora_exp.adapters import store as adapter_store
 from lora_exp.adapters import targets as injection
+from lora_exp.config.schema import LoraConfig
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import timing
 from lora_exp.models import methods as model_methods
@@ -250,7 +251,7 @@ def test_saved_adapter_rebuilds_the_same_model(variant: str, tmp_path: Path) -> 
     ],
 )
 def test_variant_label(over: dict, method: str, ratio: float | None, label: str) -> None:
-    assert adapter_params.variant_label(OmegaConf.create(over), method, ratio) == label
+    assert adapter_params.variant_label(LoraConfig(**over), method, ratio) == label
 
 
 VARIANT_LABELS = {

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from lora_exp.training.loop import train
@@ -82,7 +81,7 @@ def test_data_init_runs_once_records_its_cost_and_keeps_the_data_order(
 
     from lora_exp.adapters.targets import lora_layers
     from lora_exp.data import text as text_data
-    from lora_exp.inference import load_trained
+    from lora_exp.inference import load_trained, run_config
     from lora_exp.training import metrics
 
     fast = ("lora.eva.tau=0.9", "trainer.precision=fp32")  # EVA: fewer batches on this tiny corpus
@@ -106,7 +105,7 @@ def test_data_init_runs_once_records_its_cost_and_keeps_the_data_order(
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     tokenizer, model = load_trained(tmp_path / init, merge=False)
     assert {n: m.r for n, m in lora_layers(model)} == {n: r for n, r in rec["ranks"].items() if r}
-    cfg = OmegaConf.load(tmp_path / init / "config.yaml")
+    cfg = run_config(tmp_path / init)
     tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
     loaders = text_data.make_loaders(tok, tokenizer, 16, cfg.trainer.eval_batch_size, True, torch.Generator())
     loss = metrics.evaluate(model, loaders.test, torch.device("cpu"), torch.no_grad)["loss"]

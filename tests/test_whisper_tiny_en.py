@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_exp.adapters import targets as injection
+from lora_exp.config.schema import typed_config
 from lora_exp.data import gw as gw_data
 from lora_exp.errors import LoraExpError
 from lora_exp.models import audio as audio_models
@@ -50,7 +51,7 @@ def built(tiny_en: Path):
     """(feature extractor, model, head) of experiment=gw_whisper_offline's model: tiny.en on a 6 s window."""
     cfg = make_cfg(["experiment=gw_whisper_offline"])
     assert cfg.model.name == "whisper_tiny_en" and cfg.model.source == "package" and cfg.model.path is None
-    return audio_models.build(cfg.model, 2, {0: "noise", 1: "signal"})
+    return audio_models.build(typed_config(cfg).model, 2, {0: "noise", 1: "signal"})
 
 
 def clips(n: int = 3) -> torch.Tensor:
@@ -97,7 +98,7 @@ def test_peft_export_import_equal_logits_on_tiny_en(built, tmp_path: Path) -> No
     _, base, head = built
     x = clips()
     ours = copy.deepcopy(base)
-    cfg = make_cfg(["experiment=gw_whisper_offline", "lora.targets=[q,v,ffn]"]).lora
+    cfg = typed_config(make_cfg(["experiment=gw_whisper_offline", "lora.targets=[q,v,ffn]"])).lora
     adapted = model_methods.apply_method(ours, "lora", head, cfg)
     assert len(adapted) == LAYERS * 4
     torch.manual_seed(3)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -14,6 +14,9 @@ from lora_exp.adapters.dora import MAGNITUDE
 from lora_exp.adapters.layer import LoRALinear
 from lora_exp.adapters.vera import PARAMS as VERA_PARAMS
 from lora_exp.errors import LoraExpError
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import LoraConfig
 
 
 def layers_meta(layers: Mapping[str, LoRALinear]) -> dict[str, Any]:
@@ -97,7 +100,7 @@ def optimizer_groups(
     ]
 
 
-def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = None) -> str:
+def variant_label(lora_cfg: LoraConfig, method: str, loraplus_lr_ratio: float | None = None) -> str:
     """Short name of what trains, for run names, results and report rows.
 
     ``full`` / ``frozen`` / ``bitfit`` for those methods; for LoRA ``lora``, ``rslora``, the variant
@@ -107,32 +110,28 @@ def variant_label(lora_cfg: Any, method: str, loraplus_lr_ratio: float | None = 
     """
     if method != "lora":
         return method
-    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     parts = []
     if variant_of(lora_cfg) != "lora":
         parts.append(variant_of(lora_cfg))
-    init = get("init", "default")
+    init = lora_cfg.init
     if init in RESIDUAL_INITS or init in DATA_INITS or init == "gaussian":
         parts.append(init)
-    if get("rslora", False):
+    if lora_cfg.rslora:
         parts.append("rslora")
     if loraplus_lr_ratio is not None:
         parts.append("lora+")
     return "-".join(parts) or "lora"
 
 
-def variant_of(lora_cfg: Any) -> str:
+def variant_of(lora_cfg: LoraConfig) -> str:
     """``lora.variant`` (``dora`` also from its alias ``lora.use_dora``)."""
-    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
-    return "dora" if get("use_dora", False) or get("variant", "lora") == "dora" else get("variant", "lora")
+    return "dora" if lora_cfg.use_dora else lora_cfg.variant
 
 
-def variant_options(lora_cfg: Any) -> dict[str, Any]:
+def variant_options(lora_cfg: LoraConfig) -> dict[str, Any]:
     """The variant's own layer options from ``lora.*`` (``inject(options=...)``): VeRA's d_initial and PRNG key."""
-    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     if variant_of(lora_cfg) == "vera":
-        vera = get("vera") or {}
-        return {"d_initial": float(vera.get("d_initial", 0.1)), "prng_key": int(vera.get("prng_key", 0))}
+        return {"d_initial": float(lora_cfg.vera.d_initial), "prng_key": int(lora_cfg.vera.prng_key)}
     return {}
 
 

@@ -18,13 +18,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_exp.device import pick_device, pick_precision
 from lora_exp.errors import LoraExpError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from lora_exp.config.schema import Config
 
 PAD_MULTIPLE = 8  # our loader pads to a multiple of 8 (data.text.make_loaders); HF's collator gets the same
 
@@ -167,7 +172,7 @@ def _flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
+def _ours(cfg: DictConfig, window: StepWindow) -> dict[str, Any]:
     """Our loop via ``train()``; the window hooks every optimizer step and wraps the training collate."""
     from lora_exp.data import text as text_data
     from lora_exp.training.loop import train
@@ -200,7 +205,7 @@ def _ours(cfg: Any, window: StepWindow) -> dict[str, Any]:
     }
 
 
-def _adamw(model: torch.nn.Module, cfg: Any, device: torch.device, total_steps: int) -> tuple[Any, Any]:
+def _adamw(model: torch.nn.Module, cfg: Config, device: torch.device, total_steps: int) -> tuple[Any, Any]:
     """AdamW and schedule exactly as our loop builds them (``train.make_optimizer``: the same groups, LoRA+
     included, as PEFT's parameter names hold ``lora_A`` / ``lora_B`` too)."""
     from transformers import get_scheduler
@@ -215,7 +220,7 @@ def _adamw(model: torch.nn.Module, cfg: Any, device: torch.device, total_steps: 
     return opt, sched
 
 
-def _hf_model(cfg: Any) -> tuple[Any, torch.nn.Module]:
+def _hf_model(cfg: Config) -> tuple[Any, torch.nn.Module]:
     """The same base model (same seed) with PEFT's LoRA on our resolved targets, or our frozen/full set."""
     from lora_exp.adapters.targets import resolve_targets
     from lora_exp.models import text
@@ -241,7 +246,7 @@ def _hf_model(cfg: Any) -> tuple[Any, torch.nn.Module]:
         model = get_peft_model(model, peft_cfg)
     elif method == "frozen":
         apply_method(model, "frozen", head)
-    store_frozen_in(model, cfg.model.get("base_dtype", "fp32") or "fp32")  # as ours: trainable weights fp32
+    store_frozen_in(model, cfg.model.base_dtype)  # as ours: trainable weights fp32
     return tokenizer, model
 
 
@@ -259,7 +264,7 @@ class SameOrder(torch.utils.data.Sampler):
         return len(self.inner)
 
 
-def our_sampler(cfg: Any, tok: Any, tokenizer: Any) -> torch.utils.data.Sampler:
+def our_sampler(cfg: Config, tok: Any, tokenizer: Any) -> torch.utils.data.Sampler:
     """The sampler our loop trains with: built by our loaders from a generator seeded as the job seeds it."""
     from lora_exp.data import text as text_data
     from lora_exp.models.build import sub_seeds
@@ -270,7 +275,7 @@ def our_sampler(cfg: Any, tok: Any, tokenizer: Any) -> torch.utils.data.Sampler:
     ).train.sampler
 
 
-def _hf_arguments(cfg: Any, precision: str, device: torch.device, total: int, out: str) -> Any:
+def _hf_arguments(cfg: Config, precision: str, device: torch.device, total: int, out: str) -> Any:
     """HF's TrainingArguments for the same work: batch, steps, precision, clipping, logging interval, compile,
     and non-blocking host-to-device copies from pinned batches (as our loop copies them)."""
     from transformers import TrainingArguments
@@ -297,19 +302,21 @@ def _hf_arguments(cfg: Any, precision: str, device: torch.device, total: int, ou
         accelerator_config={"non_blocking": True},
         seed=t.seed,
         use_cpu=device.type == "cpu",
-        torch_compile=bool(t.get("compile")),  # as ours: trainer.compile, with our backend
-        torch_compile_backend=COMPILE_BACKEND if t.get("compile") else None,
+        torch_compile=t.compile,  # as ours: trainer.compile, with our backend
+        torch_compile_backend=COMPILE_BACKEND if t.compile else None,
     )
 
 
-def _hf(cfg: Any, window: StepWindow) -> dict[str, Any]:
+def _hf(composed: DictConfig, window: StepWindow) -> dict[str, Any]:
     """HF Trainer (+ PEFT) on the same work and the same batch order, timed by a ``TrainerCallback`` at
-    ``on_step_end``."""
+    ``on_step_end`` (``composed``: the job's config, read as the schema's dataclasses)."""
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from lora_exp.config.schema import typed_config
     from lora_exp.data import text as text_data
 
+    cfg = typed_config(composed)
     t = cfg.trainer
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -23,19 +24,21 @@ from lora_exp.adapters import targets as injection
 from lora_exp.device import autocast, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from lora_exp.config.schema import Config
+
 MODELS = ("base", "unmerged", "merged")
 BATCH_SIZES = (1, 32)
 
 
-def build_models(cfg: Any) -> tuple[Any, dict[str, torch.nn.Module]]:
+def build_models(cfg: Config) -> tuple[Any, dict[str, torch.nn.Module]]:
     """Tokenizer and the three eval-mode models (same base and head; LoRA B small and non-zero)."""
-    from omegaconf import OmegaConf
+    from lora_exp.training.job import build_model_for
 
-    from lora_exp.models.build import build_model
-
-    base_cfg = OmegaConf.merge(cfg, {"method": {"name": "frozen"}})
-    tokenizer, base, _, _ = build_model(base_cfg)
-    _, lora, _, adapted = build_model(OmegaConf.merge(cfg, {"method": {"name": "lora"}}))
+    tokenizer, base, _, _ = build_model_for(replace(cfg, method=replace(cfg.method, name="frozen")))
+    _, lora, _, adapted = build_model_for(replace(cfg, method=replace(cfg.method, name="lora")))
     if not adapted:
         raise LoraExpError("bench --latency: lora.targets adapt no layer of this model")
     gen = torch.Generator().manual_seed(0)
@@ -48,7 +51,7 @@ def build_models(cfg: Any) -> tuple[Any, dict[str, torch.nn.Module]]:
     return tokenizer, {"base": base.eval(), "unmerged": lora.eval(), "merged": merged.eval()}
 
 
-def batches(cfg: Any, tokenizer: Any) -> dict[int, dict[str, torch.Tensor]]:
+def batches(cfg: Config, tokenizer: Any) -> dict[int, dict[str, torch.Tensor]]:
     """The first 1 and 32 validation texts (then test, train), tokenised and padded as the loaders pad them."""
     from transformers import DataCollatorWithPadding
 
@@ -96,9 +99,12 @@ def time_models(
     return {name: _spread(ms) for name, ms in times.items()}
 
 
-def run(cfg: Any, reps: int, warmup: int) -> dict[str, Any]:
+def run(composed: DictConfig, reps: int, warmup: int) -> dict[str, Any]:
     """Latency per batch size and model, the merged model's largest logit difference to the unmerged one, and
-    the settings it ran under."""
+    the settings it ran under (``composed``: the validated config, turned into the schema's dataclasses here)."""
+    from lora_exp.config.schema import typed_config
+
+    cfg = typed_config(composed)
     device = pick_device(cfg.trainer.device)
     precision = pick_precision(cfg.trainer.precision, device)
     if cfg.trainer.num_threads:

@@ -87,11 +87,12 @@ def flops_per_step(cfg: Any, seq_len: int | list[int]) -> int | list[int]:
     ``FlopCounterMode`` (the optimizer is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_exp.models.build import build_model
+    from lora_exp.config.schema import typed_config
+    from lora_exp.training.job import build_model_for
 
     device = pick_device(cfg.trainer.device)
     dtype = AMP_DTYPES.get(pick_precision(cfg.trainer.precision, device))
-    _, model, _, _ = build_model(cfg)
+    _, model, _, _ = build_model_for(typed_config(cfg))
     model.to(device).train()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)

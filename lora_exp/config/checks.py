@@ -59,7 +59,7 @@ def _audio_checks(e: list[str], cfg: DictConfig) -> None:
     if m.audio_max_seconds is not None and not audio:
         e.append("model.audio_max_seconds applies to model.task=audio only; leave it null")
     if d.source == "gw":
-        opts = gw.GwOptions.from_cfg(d.gw)
+        opts = gw.GwOptions.from_cfg(OmegaConf.to_container(d.gw))
         e += gw.check(opts)
         clip = opts.clip_seconds()
         if m.audio_max_seconds is not None and m.audio_max_seconds + 1e-9 < clip:

@@ -11,10 +11,10 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any  # noqa: UP035  (OmegaConf needs Optional, not X | None)
+from typing import Any, TypeVar  # noqa: UP035  (OmegaConf needs Optional, not X | None)
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_exp.data.gw import GwOptions
 from lora_exp.device import DTYPES
@@ -215,6 +215,19 @@ class Config:
     skip_done: bool = True  # in a multirun, skip a job whose config hash already finished in the sweep dir
     lr_index: int | None = None  # the `fair` sweep: optimizer.lr = method.lr_grid[lr_index]
     resume: str | None = None  # a run dir with a checkpoint: continue that run (its own config is used)
+
+
+Node = TypeVar("Node")
+
+
+def typed_config(cfg: DictConfig | dict, schema: type[Node] = Config) -> Node:  # type: ignore[assignment]
+    """The composed (or recorded) config as the schema's dataclasses, every interpolation resolved: what the
+    layers below the entry point take (``Config.data`` is a ``DataConfig``, ...). The entry points call it once.
+
+    ``schema`` gives another node of the schema (``LoraConfig``, ...) for a config of that node alone. Keys the
+    config leaves out take the schema's defaults; a key the schema does not have, or a missing value, is an error.
+    """
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))  # type: ignore[return-value]
 
 
 def register_configs() -> None:

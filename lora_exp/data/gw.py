@@ -25,12 +25,11 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
 from lora_exp.errors import LoraExpError
 
@@ -63,9 +62,10 @@ class GwOptions:
     seed: int = 0
 
     @classmethod
-    def from_cfg(cls, cfg: object) -> GwOptions:
-        """From ``data.gw`` (a DictConfig or a dict); lists become tuples so the options hash and compare."""
-        d = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    def from_cfg(cls, cfg: GwOptions | dict[str, Any]) -> GwOptions:
+        """From ``data.gw`` (the typed config's ``GwOptions`` or a plain dict); lists become tuples so the options
+        hash and compare."""
+        d = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
         return cls(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in d.items()})
 
     def sizes(self) -> dict[str, int]:

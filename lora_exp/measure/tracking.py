@@ -12,13 +12,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
-from omegaconf import DictConfig
 
-from lora_exp.adapters.params import variant_label
+if TYPE_CHECKING:
+    from lora_exp.config.schema import LoggerConfig, LoraConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,12 +69,13 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def run_name(cfg: DictConfig) -> str:
-    """Compact, readable W&B run name: variant (lora, dora, pissa, lora+, ...), LoRA shape, lr, seed."""
-    parts = [variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio"))]
-    if cfg.method.name == "lora":
-        parts += [f"r{cfg.lora.r}", f"a{cfg.lora.alpha:g}", "+".join(cfg.lora.targets)]
-    parts += [f"lr{cfg.optimizer.lr:g}", f"s{cfg.trainer.seed}"]
+def run_name(variant: str, method: str, lora_cfg: LoraConfig, lr: float, seed: int) -> str:
+    """Compact, readable W&B run name: ``variant`` (``adapters.params.variant_label``: lora, dora, pissa, lora+,
+    ...), the LoRA shape (``lora_cfg``, for ``method=lora``), lr (``optimizer.lr``), seed (``trainer.seed``)."""
+    parts = [variant]
+    if method == "lora":
+        parts += [f"r{lora_cfg.r}", f"a{lora_cfg.alpha:g}", "+".join(lora_cfg.targets)]
+    parts += [f"lr{lr:g}", f"s{seed}"]
     return "-".join(parts)
 
 
@@ -91,26 +92,29 @@ class NoRun:
 
 
 @contextlib.contextmanager
-def wandb_run(cfg: DictConfig, run_dir: Path, config: dict, resume_id: str | None = None) -> Iterator[Any]:
+def wandb_run(
+    lg: LoggerConfig, run_dir: Path, config: dict, name: str, job_type: str, resume_id: str | None = None
+) -> Iterator[Any]:
     """A W&B run for this job only, finished on exit (failed runs exit with code 1), never global.
 
-    ``resume_id`` continues that run (a resumed job keeps its W&B run). ``logger.mode=disabled`` needs no
-    wandb installed (the GPU image has none): a stand-in run that records nothing.
+    ``lg`` is the ``logger`` options; ``config`` the resolved config W&B records (plain containers); ``name`` and
+    ``job_type`` the run's name and job type unless ``logger.name`` / ``logger.job_type`` give them. ``resume_id``
+    continues that run (a resumed job keeps its W&B run). ``logger.mode=disabled`` needs no wandb installed (the
+    GPU image has none): a stand-in run that records nothing.
     """
-    if cfg.logger.mode == "disabled":
+    if lg.mode == "disabled":
         yield NoRun()
         return
     import wandb
 
-    lg = cfg.logger
     os.environ.setdefault("WANDB_SILENT", "true")
     kwargs = dict(
         mode=lg.mode,
         project=lg.project,
         entity=lg.entity,
         group=lg.group,
-        job_type=lg.job_type or variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio")),
-        name=lg.name or run_name(cfg),
+        job_type=lg.job_type or job_type,
+        name=lg.name or name,
         tags=list(lg.tags),
         dir=str(run_dir),
         config=config,

@@ -9,10 +9,9 @@ compute.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
@@ -30,6 +29,9 @@ from lora_exp.errors import LoraExpError
 from lora_exp.models.heads import find_head
 from lora_exp.models.location import model_location
 
+if TYPE_CHECKING:
+    from lora_exp.config.schema import ModelConfig
+
 TINY_BANNER = (
     "[lora-exp] model.source=tiny: a small RANDOMLY INITIALISED Whisper encoder (for tests; the offline "
     "pretrained encoder is model=whisper_tiny_en). This is a pipeline check, not the seed's science."
@@ -40,7 +42,7 @@ PACKAGE_BANNER = (
 )
 
 
-def tiny_whisper(cfg: DictConfig, num_labels: int) -> WhisperForAudioClassification:
+def tiny_whisper(cfg: ModelConfig, num_labels: int) -> WhisperForAudioClassification:
     """``WhisperForAudioClassification`` from a ``WhisperConfig`` (real module names, random weights)."""
     conf = WhisperConfig(
         num_mel_bins=80,
@@ -58,7 +60,7 @@ def tiny_whisper(cfg: DictConfig, num_labels: int) -> WhisperForAudioClassificat
 
 
 def build(
-    cfg: DictConfig, num_labels: int, id2label: dict[int, str] | None = None
+    cfg: ModelConfig, num_labels: int, id2label: dict[int, str] | None = None
 ) -> tuple[Any, PreTrainedModel, list[str]]:
     """Feature extractor, fp32 audio-classification model (its window set), head module paths."""
     if cfg.source == "tiny":
@@ -71,12 +73,12 @@ def build(
     if id2label:
         model.config.id2label = dict(id2label)
         model.config.label2id = {v: k for k, v in id2label.items()}
-    if cfg.get("audio_max_seconds") is not None:
+    if cfg.audio_max_seconds is not None:
         set_window(model, fe, float(cfg.audio_max_seconds))
     return fe, model, find_head(model)
 
 
-def _load(cfg: DictConfig, num_labels: int) -> tuple[Any, PreTrainedModel]:
+def _load(cfg: ModelConfig, num_labels: int) -> tuple[Any, PreTrainedModel]:
     """Feature extractor and fp32 model from the Hub, a local folder, or the offline Whisper tiny.en."""
     where = model_location(cfg)
     if cfg.source == "package":

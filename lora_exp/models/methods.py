@@ -4,10 +4,9 @@ options, the frozen base's storage dtype, one counting function for every method
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from lora_exp.adapters import params as adapter_params
@@ -18,9 +17,13 @@ from lora_exp.device import DTYPES
 from lora_exp.errors import LoraExpError
 from lora_exp.models.heads import head_parameters
 
+if TYPE_CHECKING:
+    from lora_exp.config.schema import LoraConfig
 
-def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictConfig | None = None) -> list[str]:
-    """Set ``requires_grad`` for ``method``; for lora inject adapters. Returns the LoRA module paths.
+
+def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: LoraConfig | None = None) -> list[str]:
+    """Set ``requires_grad`` for ``method``; for lora inject adapters (``lora_cfg``: the ``lora`` options, needed
+    for ``method=lora`` only). Returns the LoRA module paths.
 
     bitfit: every bias + the head; lora: ``lora.bias`` (none | lora_only | all) biases train too.
     """
@@ -36,7 +39,8 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
     model.requires_grad_(False)
     adapted: list[str] = []
     if method == "lora":
-        get = lora_cfg.get
+        if lora_cfg is None:
+            raise LoraExpError("method=lora needs the lora options (apply_method's lora_cfg)")
         adapted = injection.inject(
             model,
             list(lora_cfg.targets),
@@ -46,10 +50,10 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
             lora_cfg.rslora,
             protected=head,  # newly initialised: a frozen random base + LoRA would cripple the model
             variant=adapter_params.variant_of(lora_cfg),
-            init=get("init", "default"),
-            layers=None if get("layers") is None else list(get("layers")),
-            rank_pattern=dict(get("rank_pattern") or {}),
-            alpha_pattern=dict(get("alpha_pattern") or {}),
+            init=lora_cfg.init,
+            layers=None if lora_cfg.layers is None else list(lora_cfg.layers),
+            rank_pattern=dict(lora_cfg.rank_pattern or {}),
+            alpha_pattern=dict(lora_cfg.alpha_pattern or {}),
             options=adapter_params.variant_options(lora_cfg),
         )
     for _, p in params:
@@ -58,7 +62,7 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: DictC
         sub = model.get_submodule(name).requires_grad_(False)
         for p in sub.trainable_parameters():
             p.requires_grad_(True)
-    bias = "all" if method == "bitfit" else (lora_cfg.get("bias", "none") if method == "lora" else "none")
+    bias = "all" if method == "bitfit" else (lora_cfg.bias if method == "lora" and lora_cfg else "none")
     params = dict(model.named_parameters())
     for name in adapter_params.bias_parameters(model, bias, adapted):
         params[name].requires_grad_(True)

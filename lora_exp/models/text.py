@@ -6,9 +6,9 @@ from __future__ import annotations
 import string
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
@@ -25,6 +25,9 @@ from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
 from lora_exp.models.heads import find_head
 from lora_exp.models.location import model_location
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import ModelConfig
 
 TINY_VOCAB = 1000
 
@@ -76,7 +79,7 @@ def _tiny_tokenizer() -> PreTrainedTokenizerBase:
         return BertTokenizerFast(str(Path(tmp) / "vocab.txt"), model_max_length=512)
 
 
-def _tiny_model(cfg: DictConfig, num_labels: int) -> PreTrainedModel:
+def _tiny_model(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     if cfg.arch == "distilbert":
         conf = DistilBertConfig(
             vocab_size=TINY_VOCAB,
@@ -99,7 +102,7 @@ def _tiny_model(cfg: DictConfig, num_labels: int) -> PreTrainedModel:
 
 
 def build(
-    cfg: DictConfig, num_labels: int, id2label: dict[int, str] | None = None
+    cfg: ModelConfig, num_labels: int, id2label: dict[int, str] | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, list[str]]:
     """Tokenizer, fp32 model and the head (module paths or bare parameter names, trained in full by
     frozen/lora)."""

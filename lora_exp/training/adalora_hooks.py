@@ -4,17 +4,19 @@ the training loss, both as hooks, so the loop stays the same for every variant."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
 from torch import nn
 
 from lora_exp.adapters import adalora
 from lora_exp.adapters.targets import lora_layers
 
+if TYPE_CHECKING:
+    from lora_exp.config.schema import Config
+
 
 def attach(
-    cfg: DictConfig, model: nn.Module, optimizer: Any, total_steps: int, step_of: Any
+    cfg: Config, model: nn.Module, optimizer: Any, total_steps: int, step_of: Any
 ) -> adalora.RankAllocator | None:
     """Hook AdaLoRA's allocator onto ``optimizer`` and its regulariser onto ``model``; ``step_of()`` gives the
     0-based index of the update that just ran. ``None`` for other variants."""

@@ -8,10 +8,9 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from lora_exp.adapters import eva, init_state, lora_ga
@@ -19,15 +18,18 @@ from lora_exp.adapters.choices import DATA_INITS
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.errors import LoraExpError
 
+if TYPE_CHECKING:
+    from lora_exp.config.schema import Config
 
-def wanted(cfg: DictConfig) -> str | None:
+
+def wanted(cfg: Config) -> str | None:
     """The data-driven init this job uses, if any."""
-    init = cfg.lora.get("init", "default") if cfg.method.name == "lora" else None
+    init = cfg.lora.init if cfg.method.name == "lora" else None
     return init if init in DATA_INITS else None
 
 
 def prepare(
-    cfg: DictConfig,
+    cfg: Config,
     model: nn.Module,
     train_loader: Any,
     generator: torch.Generator,
@@ -62,7 +64,7 @@ def prepare(
 
 
 def _eva(
-    cfg: DictConfig, model: nn.Module, train_loader: Any, amp: Callable[[], AbstractContextManager]
+    cfg: Config, model: nn.Module, train_loader: Any, amp: Callable[[], AbstractContextManager]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """EVA on the training batches: the record and each layer's A (B stays 0)."""
     opts = cfg.lora.eva
@@ -79,7 +81,7 @@ def _eva(
 
 
 def _lora_ga(
-    cfg: DictConfig, model: nn.Module, train_loader: Any, amp: Callable[[], AbstractContextManager]
+    cfg: Config, model: nn.Module, train_loader: Any, amp: Callable[[], AbstractContextManager]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """LoRA-GA: the mean gradient over ``lora.lora_ga.batches`` batches, A, B from its SVD, W0 adjusted."""
     opts = cfg.lora.lora_ga

@@ -22,6 +22,7 @@ from lora_exp.adapters.params import optimizer_groups
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
+from lora_exp.config.schema import Config, OptimizerConfig, typed_config
 from lora_exp.data import audio as audio_data
 from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError
@@ -38,7 +39,7 @@ CHECKED_UPDATES = 10  # the gradient checks run in the first update and in this 
 class Job:
     """Everything one training job holds while it runs: built by ``setup``, advanced by ``fit``."""
 
-    cfg: DictConfig
+    cfg: Config  # the schema's dataclasses (``typed_config``), read by every step below
     run_dir: Path
     device: torch.device
     precision: str
@@ -105,33 +106,35 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return config
 
 
-def make_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device) -> Any:
+def make_optimizer(model: torch.nn.Module, o: OptimizerConfig, device: torch.device) -> Any:
     """AdamW over trainable parameters only (groups from ``optimizer_groups``: weight decay on >= 2-D
     weights; with ``optimizer.loraplus_lr_ratio`` PEFT's LoRA+ groups); fused on CUDA. LoRA-FA layers get
     PEFT's LoRA-FA optimizer (``adapters.lora_fa``) instead."""
     if lora_fa.has_layers(model):
         return lora_fa.make_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps)
-    groups = optimizer_groups(model, o.lr, o.weight_decay, o.get("loraplus_lr_ratio"))
+    groups = optimizer_groups(model, o.lr, o.weight_decay, o.loraplus_lr_ratio)
     cuda = device.type == "cuda"
     return torch.optim.AdamW(
         groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=cuda, foreach=None if cuda else True
     )
 
 
-def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
-    """Validate, then seed -> data -> model -> method -> optimizer -> schedule -> feature cache; restore a
-    checkpoint when resuming."""
-    validate(cfg)
+def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
+    """Validate, record the resolved config, turn it into the schema's dataclasses (the one conversion: every
+    step below reads ``Config``), then seed -> data -> model -> method -> optimizer -> schedule -> feature cache;
+    restore a checkpoint when resuming."""
+    validate(composed)
+    config = _prepare_run_dir(composed, run_dir)
+    cfg = typed_config(composed)
     t = cfg.trainer
-    config = _prepare_run_dir(cfg, run_dir)
     device, precision = choose_device(cfg)
     seeds = sub_seeds(t.seed)
     baseline = reset_memory(device)  # clean state before anything of this job is allocated
     baseline_reserved = reserved(device)
     splits, id2label, dropped = load_data(cfg)
-    tokenizer, model, head, adapted = build_model(cfg, id2label)
+    tokenizer, model, head, adapted = build_model_for(cfg, id2label)
     counts = count_parameters(model, head)
-    place_model(model, device, bool(t.get("gradient_checkpointing")))
+    place_model(model, device, t.gradient_checkpointing)
     generator = torch.Generator().manual_seed(seeds["data"])
     tok, loaders = make_loaders(cfg, splits, tokenizer, generator, device)
     amp = _amp(device, precision)
@@ -171,7 +174,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
         data_init=init_record,
     )
     job.cache = cache_features(job)  # a frozen encoder runs once per example, not once per epoch
-    if t.get("compile"):
+    if t.compile:
         compile_model(model)
     _print_banner(job)
     config["derived"] = derived_facts(job)
@@ -181,7 +184,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
     return job
 
 
-def choose_device(cfg: DictConfig) -> tuple[torch.device, str]:
+def choose_device(cfg: Config) -> tuple[torch.device, str]:
     """Threads, device, the precision ``auto`` resolves to, deterministic kernels when asked."""
     t = cfg.trainer
     if t.num_threads:
@@ -189,18 +192,32 @@ def choose_device(cfg: DictConfig) -> tuple[torch.device, str]:
     device = devices.pick_device(t.device)
     precision = devices.pick_precision(t.precision, device)
     devices.check_base_dtype(base_dtype(cfg), precision)
-    if t.get("deterministic"):
+    if t.deterministic:
         devices.make_deterministic(device)
     return device, precision
 
 
-def base_dtype(cfg: DictConfig) -> str:
+def base_dtype(cfg: Config) -> str:
     """The frozen base's dtype as it takes effect (``model.base_dtype``; fp32 for ``method=full``, which
     freezes nothing: the banner says so)."""
-    return devices.effective_base_dtype(cfg.model.get("base_dtype", "fp32"), cfg.method.name)
+    return devices.effective_base_dtype(cfg.model.base_dtype, cfg.method.name)
 
 
-def load_data(cfg: DictConfig) -> tuple[Any, dict[int, str] | None, dict[str, int]]:
+def build_model_for(cfg: Config, id2label: dict[int, str] | None = None) -> tuple[Any, torch.nn.Module, list, list]:
+    """``models.build.build_model`` with this config's slices: tokenizer, model with the method applied, head and
+    LoRA module paths."""
+    return build_model(
+        cfg.model,
+        cfg.method.name,
+        cfg.lora,
+        num_labels=cfg.data.num_labels,
+        max_length=cfg.data.max_length,
+        seed=cfg.trainer.seed,
+        id2label=id2label,
+    )
+
+
+def load_data(cfg: Config) -> tuple[Any, dict[int, str] | None, dict[str, int]]:
     """Raw splits (tokenised once the model's limits are known), string label names if any, and the rows
     dropped by reason (missing label, empty text, duplicate)."""
     splits, dropped = text_data.load_splits_counted(cfg.data)
@@ -216,12 +233,12 @@ def place_model(model: torch.nn.Module, device: torch.device, gradient_checkpoin
 
 
 def make_loaders(
-    cfg: DictConfig, splits: Any, tokenizer: Any, generator: torch.Generator, device: torch.device
+    cfg: Config, splits: Any, tokenizer: Any, generator: torch.Generator, device: torch.device
 ) -> tuple[Any, text_data.Loaders]:
     """Tokenised splits and loaders (audio: each clip's features computed once into the cache, fixed length,
     no length grouping)."""
     t = cfg.trainer
-    if cfg.model.get("task", "text") == "audio":
+    if cfg.model.task == "audio":
         tok = text_data.number_rows(audio_data.featurize(splits, tokenizer, cfg.data.gw.sample_rate))
         loaders = audio_data.make_loaders(tok, t.batch_size, t.eval_batch_size, generator)
     else:
@@ -232,7 +249,7 @@ def make_loaders(
     return tok, loaders
 
 
-def make_schedule(model: torch.nn.Module, cfg: DictConfig, device: torch.device, batches: int) -> tuple[Any, Any, int]:
+def make_schedule(model: torch.nn.Module, cfg: Config, device: torch.device, batches: int) -> tuple[Any, Any, int]:
     """The optimizer over trainable parameters, the lr schedule and the number of updates."""
     t = cfg.trainer
     optimizer = make_optimizer(model, cfg.optimizer, device)
@@ -254,8 +271,8 @@ def cache_features(job: Job) -> features.FeatureCache | None:
         job.model,
         job.tok,
         job.tokenizer,
-        enabled=bool(t.get("feature_cache", True)) and job.cfg.method.name != "full",
-        max_gib=float(t.get("feature_cache_max_gib", 8.0)),
+        enabled=t.feature_cache and job.cfg.method.name != "full",
+        max_gib=float(t.feature_cache_max_gib),
         batch_size=t.eval_batch_size,
         device=job.device,
         amp=job.amp,
@@ -275,7 +292,7 @@ def compile_model(model: torch.nn.Module) -> None:
     model.compile(backend=COMPILE_BACKEND)
 
 
-def lora_scaling(cfg: DictConfig) -> float | None:
+def lora_scaling(cfg: Config) -> float | None:
     """The effective LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) for a LoRA run."""
     if cfg.method.name != "lora":
         return None
@@ -319,7 +336,7 @@ def restore_or_seed(job: Job) -> None:
 
 def _print_banner(job: Job) -> None:
     cfg, c = job.cfg, job.counts
-    stored = cfg.model.get("base_dtype", "fp32")
+    stored = cfg.model.base_dtype
     print(
         f"[lora-exp] {cfg.method.name} on {cfg.model.name}/{cfg.data.name}: {c['trainable']:,} of "
         f"{c['total']:,} parameters trainable ({c['trainable_pct']:.4g}%), "

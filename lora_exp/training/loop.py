@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from lora_exp.adapters.params import variant_label
 from lora_exp.adapters.store import trainable_state
 from lora_exp.config.identity import recorded
 from lora_exp.data import text as text_data
@@ -40,8 +41,11 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     with RssPeak() as rss, _restore_determinism(deterministic_before):  # this job's own host-memory peak
         job = setup(cfg, run_dir, resume, rss)
+        c = job.cfg  # the schema's dataclasses from here on
+        variant = variant_label(c.lora, c.method.name, c.optimizer.loraplus_lr_ratio)
+        name = tracking.run_name(variant, c.method.name, c.lora, c.optimizer.lr, c.trainer.seed)
         with (
-            tracking.wandb_run(cfg, run_dir, recorded(job.config), resume_id=job.pg.wandb_id) as run,
+            tracking.wandb_run(c.logger, run_dir, recorded(job.config), name, variant, job.pg.wandb_id) as run,
             interrupt.stop_flag() as stop,
         ):
             job.run, job.stop = run, stop
@@ -49,7 +53,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
             job.pg.wandb_id = tracking.wandb_ref(run)["wandb_id"]
             fit(job)
             results = finish(job)
-    if not cfg.trainer.keep_checkpoint:  # finished: results and weights are written; optimizer state is not needed
+    if not job.cfg.trainer.keep_checkpoint:  # finished: results and weights are written; optimizer state is not needed
         shutil.rmtree(run_dir / checkpoint.FOLDER, ignore_errors=True)
     print_summary(results, run_dir)
     return results
@@ -70,7 +74,7 @@ def fit(job: Job) -> None:
     now = clock(job.device)  # CUDA: synchronise first, so queued work is charged to training
     bar = tqdm(total=job.total_steps, initial=pg.step, desc=job.cfg.method.name, unit="step", mininterval=1.0)
     steady = Steady(start=max(job.probe_step, pg.step + 1))  # a resumed run warms up again
-    job.probe_at = plan_probe(job) if job.sampled is None and t.get("memory_probe", True) else None
+    job.probe_at = plan_probe(job) if job.sampled is None and t.memory_probe else None
     job.model.train()
     try:
         t0 = now()
@@ -270,7 +274,7 @@ def validate_now(job: Job, epoch: float) -> None:
         },
         step=pg.step,
     )
-    monitor = job.cfg.trainer.get("monitor", "val/acc")  # one selection metric; every metric reported at that step
+    monitor = job.cfg.trainer.monitor  # one selection metric; every metric reported at that step
     if metrics.is_better(monitor, m[metrics.monitor_key(monitor)], pg.best.get(metrics.monitor_key(monitor))):
         pg.best = {**{k: v for k, v in m.items() if not k.endswith("_counts")}, "step": pg.step, "epoch": epoch}
         job.best_state = trainable_state(job.model)

@@ -52,7 +52,7 @@ def what_trained(job: Job) -> dict[str, Any]:
     lora = cfg.method.name == "lora"
     return {
         "method": cfg.method.name,
-        "variant": variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio")),
+        "variant": variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio),
         "model": cfg.model.name,
         "data": cfg.data.name,
         "r": cfg.lora.r if lora else None,
@@ -61,13 +61,13 @@ def what_trained(job: Job) -> dict[str, Any]:
         "targets": "+".join(cfg.lora.targets) if lora else None,
         "lora_scaling": lora_scaling(cfg),
         "lora_layers": len(job.adapted),
-        "lora_init": cfg.lora.get("init", "default") if lora else None,
+        "lora_init": cfg.lora.init if lora else None,
         "lora_dropout": cfg.lora.dropout if lora else None,
         "data_init": job.data_init,  # lora.init=eva: batches, tokens, seconds, ranks (null otherwise)
         "data_init_seconds": (job.data_init or {}).get("seconds"),  # flat, for W&B's summary and the report
         "data_init_batches": (job.data_init or {}).get("batches"),
         "adalora_ranks": adalora_hooks.final_ranks(job.model),  # lora.variant=adalora: rank per layer at the end
-        "loraplus_lr_ratio": cfg.optimizer.get("loraplus_lr_ratio"),
+        "loraplus_lr_ratio": cfg.optimizer.loraplus_lr_ratio,
         **variant_counts(job.model),
         "lr": cfg.optimizer.lr,
         "trainable_params": counts["trainable"],
@@ -87,7 +87,7 @@ def scores(job: Job, test: dict[str, Any]) -> dict[str, Any]:
         "best_val_f1": best["f1"],
         "best_val_loss": best["loss"],
         "best_val_auc": _none_if_nan(best.get("auc")),
-        "monitor": job.cfg.trainer.get("monitor", "val/acc"),
+        "monitor": job.cfg.trainer.monitor,
         "best_step": best["step"],
         "best_epoch": best["epoch"],
         "test_acc": test["acc"],
@@ -150,9 +150,9 @@ def identity(job: Job) -> dict[str, Any]:
         "max_length": cfg.data.max_length,
         "scheduler": cfg.optimizer.scheduler,
         "warmup_ratio": cfg.optimizer.warmup_ratio,
-        "gradient_checkpointing": bool(t.get("gradient_checkpointing")),
-        "compile": bool(t.get("compile")),
-        "deterministic": bool(t.get("deterministic")),
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "compile": t.compile,
+        "deterministic": t.deterministic,
         "feature_cache": job.cache is not None,
     }
 
