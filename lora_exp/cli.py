@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.adapters.params import layer_rank
 from lora_exp.config import cmdline
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
@@ -198,7 +199,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
         "data": cfg.data.name,
         "config_hash": digest,
         **ident,
-        "r": cfg.lora.r if lora else None,
+        "r": layer_rank(cfg.lora) if lora else None,
         "alpha": cfg.lora.alpha if lora else None,
         "targets": "+".join(cfg.lora.targets) if lora else None,
         "seed": cfg.trainer.seed,

@@ -118,11 +118,11 @@ def test_schedule_without_a_pruning_phase_is_an_error() -> None:
 
 test_adalora_bad_options_are_one_line = parity.one_line_error_test(
     [
-        (["+variant=adalora", "lora.adalora.target_r=20"], "lora.adalora.target_r=20 must be in [1, lora.r=12]"),
-        (["+variant=adalora", "lora.adalora.beta1=1"], "lora.adalora.beta1/beta2=1.0/0.85 must be in (0, 1)"),
-        (["+variant=adalora", "lora.adalora.tinit_ratio=0.6", "lora.adalora.tfinal_ratio=0.4"], "lora.adalora.tinit"),
-        (["+variant=adalora", "lora.init=pissa"], "lora.init=pissa does not apply to lora.variant=adalora"),
-        (["+variant=adalora", "lora.adalora.orth_reg_weight=-1"], "lora.adalora.orth_reg_weight=-1.0 must be >= 0"),
+        (["+preset=adalora", "lora.adalora.init_r=4"], "lora.adalora.init_r=4 must be null or >= lora.r=8"),
+        (["+preset=adalora", "lora.adalora.beta1=1"], "lora.adalora.beta1/beta2=1.0/0.85 must be in (0, 1)"),
+        (["+preset=adalora", "lora.adalora.tinit_ratio=0.6", "lora.adalora.tfinal_ratio=0.4"], "lora.adalora.tinit"),
+        (["+preset=adalora", "lora.init=pissa"], "lora.init=pissa does not apply to lora.variant=adalora"),
+        (["+preset=adalora", "lora.adalora.orth_reg_weight=-1"], "lora.adalora.orth_reg_weight=-1.0 must be >= 0"),
     ]
 )
 

@@ -1,4 +1,4 @@
-"""The new variants end to end on the tiny model: ``+variant=<name>`` composes, a short run trains and records
+"""The new variants end to end on the tiny model: ``+preset=<name>`` composes, a short run trains and records
 the variant, and a run interrupted mid-way resumes to exactly the straight run's weights and metrics (CPU)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
 
 def run(tiny_cfg, variant: str, run_dir: Path, die_at: int | None = None, resume: bool = False, *extra: str) -> dict:
     cfg = tiny_cfg(
-        f"+variant={variant}", "trainer.max_steps=6", "trainer.checkpoint_every=1", "lora.dropout=0.1", *extra
+        f"+preset={variant}", "trainer.max_steps=6", "trainer.checkpoint_every=1", "lora.dropout=0.1", *extra
     )
     if die_at is None:
         return train(cfg, run_dir, resume=resume)
@@ -66,7 +66,7 @@ def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
     from .conftest import make_cfg
     from .test_variants import label
 
-    cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={variant}", f"lr_index={i}"]) for i in range(3)]
+    cfgs = [make_cfg(["+sweep=fair_variants", f"+preset={variant}", f"lr_index={i}"]) for i in range(3)]
     assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
     assert all(label(c) == variant and (c.lora.r, list(c.lora.targets)) == (r, ["q", "v"]) for c in cfgs)
 

@@ -6,7 +6,8 @@ trains silently with r=8 and records a junk key. Here every override is checked 
 (``schema.Config``) and Hydra's config groups first: an unknown key, with ``+`` / ``++`` or without, names the
 nearest valid one (difflib); a config group's unknown option lists the group's options; a value of the wrong
 type says the type. ``+`` stays for what it is for: adding a config group that is not chosen by default
-(``+sweep=NAME``, ``+variant=NAME``). ``hydra.*`` keys are Hydra's and left to it.
+(``+sweep=NAME``, ``+preset=NAME``). ``hydra.*`` keys are Hydra's and left to it. The presets' old spelling
+``+variant=NAME`` is refused in one line that names ``+preset=``.
 """
 
 from __future__ import annotations
@@ -135,6 +136,20 @@ def _key_problem(override: Any, leaves: dict[str, Any], open_: set[str], node: D
     return None
 
 
+def _refuse_old_spelling(arg: str) -> None:
+    """``+variant=NAME`` (before one preset per variant): one line naming ``+preset=NAME``."""
+    key, _, value = arg.partition("=")
+    if key.lstrip("+~") != "variant":
+        return
+    name = value.split(",")[0]
+    base = name.replace("_r32", "").replace("_all", "") if name else "NAME"
+    shape = " lora.r=32" * ("_r32" in name) + " 'lora.targets=[q,k,v,o,ffn]'" * name.endswith("_all")
+    raise LoraExpError(
+        f"{arg}: the presets are +preset=NAME now, with rank and targets as options: +preset={base}{shape} "
+        f"(presets: {', '.join(sorted(p.stem for p in (Path(CONF_DIR) / 'preset').glob('*.yaml')))})"
+    )
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Refuse, in one line (``LoraExpError``), the first override that names no option of the closed schema
     or of a config group, or whose value has the wrong type."""
@@ -145,6 +160,7 @@ def check_overrides(overrides: list[str]) -> None:
 
     parsed = []
     for arg in overrides:
+        _refuse_old_spelling(arg)
         try:
             parsed += OverridesParser.create().parse_overrides([arg])
         except OverrideParseException as err:

@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from lora_exp import device as devices
 from lora_exp.adapters import lora_fa
 from lora_exp.adapters.layer import scaling
-from lora_exp.adapters.params import optimizer_groups
+from lora_exp.adapters.params import layer_rank, optimizer_groups
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
@@ -279,7 +279,7 @@ def lora_scaling(cfg: DictConfig) -> float | None:
     """The effective LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) for a LoRA run."""
     if cfg.method.name != "lora":
         return None
-    return scaling(cfg.lora.r, cfg.lora.alpha, cfg.lora.rslora)
+    return scaling(layer_rank(cfg.lora), cfg.lora.alpha, cfg.lora.rslora)
 
 
 def derived_facts(job: Job) -> dict[str, Any]:

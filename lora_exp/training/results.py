@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from lora_exp.adapters import store
-from lora_exp.adapters.params import variant_counts, variant_label
+from lora_exp.adapters.params import layer_rank, variant_counts, variant_label
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import peak_memory
@@ -55,7 +55,7 @@ def what_trained(job: Job) -> dict[str, Any]:
         "variant": variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio")),
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "r": cfg.lora.r if lora else None,
+        "r": layer_rank(cfg.lora) if lora else None,  # the layers' rank (VeRA: shared; AdaLoRA: initial)
         "alpha": cfg.lora.alpha if lora else None,
         "rslora": cfg.lora.rslora if lora else None,
         "targets": "+".join(cfg.lora.targets) if lora else None,
@@ -211,7 +211,7 @@ def _save_weights(job: Job) -> dict[str, Any]:
         "model_source": cfg.model.source,
         "method": cfg.method.name,
         "targets": list(cfg.lora.targets),
-        "r": cfg.lora.r,
+        "r": layer_rank(cfg.lora),
         "alpha": cfg.lora.alpha,
         "dropout": cfg.lora.dropout,
         "rslora": cfg.lora.rslora,
