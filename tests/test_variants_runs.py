@@ -107,8 +107,8 @@ def test_data_init_runs_once_records_its_cost_and_keeps_the_data_order(
     tokenizer, model = load_trained(tmp_path / init, merge=False)
     assert {n: m.r for n, m in lora_layers(model)} == {n: r for n, r in rec["ranks"].items() if r}
     cfg = OmegaConf.load(tmp_path / init / "config.yaml")
-    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
-    loaders = text_data.make_loaders(tok, tokenizer, 16, cfg.trainer.eval_batch_size, True, torch.Generator())
+    encoded = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
+    loaders = text_data.make_loaders(encoded, tokenizer, 16, cfg.trainer.eval_batch_size, True, torch.Generator())
     loss = metrics.evaluate(model, loaders.test, torch.device("cpu"), torch.no_grad)["loss"]
     assert loss == pytest.approx(straight["test_loss"], rel=1e-5)
 

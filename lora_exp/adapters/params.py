@@ -134,7 +134,7 @@ def layer_rank(lora_cfg: Any) -> int:
     get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
     r, variant = int(get("r")), variant_of(lora_cfg)
     options = get(variant) if variant in ("vera", "adalora") else None
-    if options is None:  # a bare lora config (tests, old recorded runs): lora.r
+    if options is None:  # a bare lora config without the variant's group: its defaults
         own: Any = lambda k, d=None: d  # noqa: E731
     else:
         own = options.get if hasattr(options, "get") else (lambda k, d=None: getattr(options, k, d))
