@@ -267,7 +267,7 @@ def main() -> None:
     try:  # a closed config: each refused override in one line, before Hydra composes anything
         ns = cmdline.parse_args(args)
         if not (ns.help or ns.hydra_help or ns.shell_completion):
-            cmdline.check_overrides(ns.overrides)
+            cmdline.check_overrides(ns.overrides, ns.config_dir)
         if ns.cfg == "job" and not (ns.config_path or ns.config_dir):  # only the fields that apply
             sys.stdout.write(cmdline.show_job(ns))
             sys.exit(0)

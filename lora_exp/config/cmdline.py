@@ -150,9 +150,10 @@ def _refuse_old_spelling(arg: str) -> None:
     )
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str], config_dir: str | None = None) -> None:
     """Refuse, in one line (``LoraExpError``), the first override that names no option of the closed schema
-    or of a config group, or whose value has the wrong type."""
+    or of a config group, or whose value has the wrong type. ``config_dir`` (Hydra's ``--config-dir``): a user's
+    folder whose group files are options too (``model=mine`` for ``DIR/model/mine.yaml``)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -174,6 +175,8 @@ def check_overrides(overrides: list[str]) -> None:
             if override.is_delete() or override.package or key == "hydra" or key.startswith("hydra."):
                 continue  # deletions, packages and Hydra's own settings: Hydra's
             options = sorted(loader.get_group_options(key)) if "." not in key else []
+            if config_dir and "." not in key:  # --config-dir: Hydra searches it too
+                options = sorted({*options, *(p.stem for p in (Path(config_dir) / key).glob("*.yaml"))})
             if options:
                 problem = _group_problem(override, default, options)
             else:

@@ -31,7 +31,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def git_info(root: Path = PROJECT_ROOT, diff_to: Path | None = None) -> dict[str, Any]:
-    """Commit, branch and dirty flag of the harness checkout (None outside a git checkout).
+    """Commit, branch and dirty flag of the harness checkout (None outside a git checkout, and installed).
 
     When the checkout is dirty and ``diff_to`` is given, the uncommitted diff is saved there.
     """
@@ -43,6 +43,8 @@ def git_info(root: Path = PROJECT_ROOT, diff_to: Path | None = None) -> dict[str
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    if not (root / "pyproject.toml").is_file():  # installed (a wheel in site-packages): no checkout of ours
+        return {"git_commit": None, "git_branch": None, "git_dirty": None, "git_diff_file": None}
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     dirty = bool(status) if status is not None else None
