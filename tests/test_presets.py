@@ -169,3 +169,28 @@ def test_old_variant_spelling_is_one_line_naming_preset(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "+preset=vera" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_runs_recorded_before_presets_load_as_the_same_job(tmp_path: Path) -> None:
+    """A run dir from before (AdaLoRA's lora.r its initial rank and lora.adalora.target_r; VeRA's rank in lora.r)
+    reloads (rerun, predict, export-peft, resume) as the same job: same layers, same config hash."""
+    from omegaconf import OmegaConf
+
+    from lora_exp.training.rundir import recorded_config
+
+    adalora, vera = compose_all([["+preset=adalora"], ["+preset=vera"]])
+    old_adalora = OmegaConf.to_container(adalora, resolve=True)
+    old_adalora["lora"]["r"] = 12
+    old_adalora["lora"]["adalora"] = {k: v for k, v in old_adalora["lora"]["adalora"].items() if k != "init_r"}
+    old_adalora["lora"]["adalora"]["target_r"] = 8
+    old_vera = OmegaConf.to_container(vera, resolve=True)
+    old_vera["lora"]["r"] = 256
+    del old_vera["lora"]["vera"]["r"]
+    for name, old in (("adalora", old_adalora), ("vera", old_vera)):
+        (tmp_path / name).mkdir()
+        OmegaConf.save(OmegaConf.create(old), tmp_path / name / "config.yaml")
+        cfg = recorded_config(tmp_path / name)
+        assert config_hash(cfg) == OLD_VARIANT_HASHES[name]
+    ada = recorded_config(tmp_path / "adalora").lora
+    assert (ada.r, ada.adalora.init_r, layer_rank(ada)) == (8, 12, 12)
+    assert layer_rank(recorded_config(tmp_path / "vera").lora) == 256
