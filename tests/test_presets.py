@@ -5,6 +5,7 @@ config hash), the report groups a sweep over those axes as before, and the old s
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,19 @@ def test_runs_recorded_before_presets_load_as_the_same_job(tmp_path: Path) -> No
     ada = recorded_config(tmp_path / "adalora").lora
     assert (ada.r, ada.adalora.init_r, layer_rank(ada)) == (8, 12, 12)
     assert layer_rank(recorded_config(tmp_path / "vera").lora) == 256
+
+
+def test_widening_an_old_variant_job_spells_it_as_a_preset(tmp_path: Path) -> None:
+    """``lora-exp report`` on a sweep from before prints a widening command that today's CLI accepts."""
+    import pandas as pd
+    import yaml
+
+    from lora_exp.analysis import fair
+
+    job = tmp_path / "3_dora_r32_all"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["+sweep=fair_variants", "+variant=dora_r32_all"]))
+    runs = pd.DataFrame({"job_dir": [str(job)], "seed": [1], "method": ["lora"]})
+    command = fair.widen_command("arm", runs, 2e-3, [5e-4, 1e-3, 2e-3], "high", tmp_path)
+    assert command.startswith("lora-exp -m +sweep=fair_variants +preset=dora lora.r=32 'lora.targets=[q,k,v,o,ffn]'")
+    cmdline.check_overrides(shlex.split(command)[3:])  # accepted as it stands
