@@ -210,4 +210,4 @@ def test_widening_an_old_variant_job_spells_it_as_a_preset(tmp_path: Path) -> No
     runs = pd.DataFrame({"job_dir": [str(job)], "seed": [1], "method": ["lora"]})
     command = fair.widen_command("arm", runs, 2e-3, [5e-4, 1e-3, 2e-3], "high", tmp_path)
     assert command.startswith("lora-exp -m +sweep=fair_variants +preset=dora lora.r=32 'lora.targets=[q,k,v,o,ffn]'")
-    cmdline.check_overrides(shlex.split(command)[3:])  # accepted as it stands
+    cmdline.check_overrides(shlex.split(command)[2:])  # after "lora-exp -m"  # accepted as it stands
