@@ -51,12 +51,25 @@ def sweep_axes(name: str) -> tuple[dict[str, list[str]], str]:
     return axes, str(cfg.trainer.monitor)
 
 
+def _typed(token: str) -> Any:
+    """An integer or a boolean as itself (W&B shows its axis as numbers / flags and passes ``8``, ``True``,
+    which Hydra reads back the same); anything else (lists, quoted interpolations) as Hydra's string."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(token)
+    except yaml.YAMLError:
+        return token
+    return value if isinstance(value, bool | int) and str(value).lower() == token.lower() else token
+
+
 def wandb_sweep(name: str) -> dict[str, Any]:
     """The W&B sweep spec (``method: grid``) whose jobs are the Hydra sweep ``name``'s jobs."""
     axes, monitor = sweep_axes(name)
     metric, goal = METRICS[monitor]
     parameters: dict[str, Any] = {"+sweep": {"value": name}}
-    for key, values in axes.items():
+    for key, strings in axes.items():
+        values = [_typed(s) for s in strings]
         parameters[key] = {"values": values} if len(values) > 1 else {"value": values[0]}
     parameters["logger"] = {"value": "wandb_online"}
     return {

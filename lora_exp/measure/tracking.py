@@ -18,7 +18,7 @@ import torch
 import transformers
 from omegaconf import DictConfig
 
-from lora_exp.adapters.params import variant_label
+from lora_exp.adapters.params import layer_rank, variant_label
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def run_name(cfg: DictConfig) -> str:
     """Compact, readable W&B run name: variant (lora, dora, pissa, lora+, ...), LoRA shape, lr, seed."""
     parts = [variant_label(cfg.lora, cfg.method.name, cfg.optimizer.get("loraplus_lr_ratio"))]
     if cfg.method.name == "lora":
-        parts += [f"r{cfg.lora.r}", f"a{cfg.lora.alpha:g}", "+".join(cfg.lora.targets)]
+        parts += [f"r{layer_rank(cfg.lora)}", f"a{cfg.lora.alpha:g}", "+".join(cfg.lora.targets)]  # as results.json
     parts += [f"lr{cfg.optimizer.lr:g}", f"s{cfg.trainer.seed}"]
     return "-".join(parts)
 
