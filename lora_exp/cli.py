@@ -1,4 +1,5 @@
-"""``lora-exp``: the Hydra app (one training job, or a multirun), plus a few subcommands.
+"""``lora-exp``: the Hydra app (one training job, or a multirun), and the dispatcher of the subcommands
+(``lora_exp/commands/``).
 
 lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp method=full
 lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
@@ -10,6 +11,7 @@ lora-exp predict adapter=RUN_DIR text="..." | file=F [--force]   merged inferenc
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
 lora-exp bench [--steps N] [--compile off|on|both] [overrides]    our loop vs HF Trainer (+ PEFT), same work
 lora-exp bench --latency [--out F] [overrides]    ms per batch: base / LoRA unmerged / LoRA merged
+lora-exp wandb-sweep NAME [--out FILE]   the W&B sweep file (grid) of sweeps/NAME.yaml, for wandb agent
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.adapters.params import layer_rank
 from lora_exp.config import cmdline
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
@@ -44,7 +47,6 @@ from lora_exp.training.rundir import (
     finished_job,
     guard_job_dir,
     read_json,
-    recorded_config,
     set_aside_failure,
 )
 
@@ -198,7 +200,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
         "data": cfg.data.name,
         "config_hash": digest,
         **ident,
-        "r": cfg.lora.r if lora else None,
+        "r": layer_rank(cfg.lora) if lora else None,
         "alpha": cfg.lora.alpha if lora else None,
         "targets": "+".join(cfg.lora.targets) if lora else None,
         "seed": cfg.trainer.seed,
@@ -223,181 +225,30 @@ def hydra_app(cfg: DictConfig) -> float:
     return results.get("best_val_acc", math.nan)
 
 
-def _fetch() -> int:
-    """Fetch every offline asset once (a no-op offline when cached); one line per asset: name and path."""
-    from lora_exp.data import assets
-    from lora_exp.models.whisper_ct2 import whisper_tiny_en_dir
-
-    for name, where in (
-        ("minilm", assets.minilm_dir),
-        ("rotten_tomatoes", assets.rotten_tomatoes_file),
-        ("whisper_tiny_en", whisper_tiny_en_dir),
-    ):
-        print(f"{name}: {where()}", flush=True)
-    return 0
-
-
-def _report(*args: str) -> int:
-    import argparse
-
-    from lora_exp.analysis.fair import widen_commands
-    from lora_exp.analysis.report import fair_comparison, load_runs, write_report
-
-    parser = argparse.ArgumentParser(prog="lora-exp report", description="Table + figures from a (multi)run dir")
-    parser.add_argument("dir", type=Path, help="a run or multirun dir (every results.json below it is read)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR/report)")
-    parser.add_argument("--wandb", action="store_true", help="also log tables + figures to a W&B run (job_type=report)")
-    ns = parser.parse_args(args)
-    if not ns.dir.is_dir():
-        raise LoraExpError(f"report: {str(ns.dir)!r} is not a folder")
-    written = write_report(ns.dir, ns.out)
-    print(written["summary.md"].read_text())  # the runs are read once (an unreadable one is reported once)
-    if "fair.md" in written:  # a chosen lr at the edge of its grid: the sweep that looks beyond it
-        df = load_runs(ns.dir)
-        print("\n".join(widen_commands(df, fair_comparison(df)[0], ns.dir)))
-    print("\n".join(f"wrote {p}" for p in written.values()))
-    if ns.wandb:
-        from lora_exp.analysis.report import load_runs, report_tables
-        from lora_exp.analysis.wandb_report import log_report
-
-        out = ns.out or ns.dir / "report"
-        df = load_runs(ns.dir)
-        df = df[~df["job_dir"].str.startswith(str(out))]
-        figures = {name: path for name, path in written.items() if name.endswith(".png")}
-        print(log_report(ns.dir, out, df, report_tables(df), figures))
-    return 0
-
-
-RERUN_COMPARED = ("best_val_acc", "best_step", "test_acc", "test_loss", "trainable_params", "data_order_digest")
-
-
-def _rerun(*args: str) -> int:
-    import argparse
-    import time
-
-    from lora_exp.training.loop import train
-
-    parser = argparse.ArgumentParser(prog="lora-exp rerun", description="Train a finished job again from its config")
-    parser.add_argument("job_dir", type=Path, help="a run dir holding config.yaml and results.json")
-    parser.add_argument("--out", type=Path, default=None, help="new run dir (default: JOB_DIR-rerun-<stamp>)")
-    ns = parser.parse_args(args)
-    cfg = recorded_config(ns.job_dir)
-    out = ns.out or ns.job_dir.with_name(f"{ns.job_dir.name}-rerun-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "results.json").exists():
-        raise LoraExpError(f"rerun: {str(out)!r} already holds results.json; give another --out")
-    new = train(cfg, out)
-    old = json.loads((ns.job_dir / "results.json").read_text()) if (ns.job_dir / "results.json").exists() else {}
-    tolerance = rerun_tolerance(new)
-    same = True
-    for key in RERUN_COMPARED:
-        equal = same_metric(old.get(key), new.get(key), tolerance)
-        same &= equal
-        print(f"  {key:<20} {old.get(key)!s:<22} {new.get(key)!s:<22} {'same' if equal else 'DIFFERENT'}")
-    how = "identical" if tolerance == 0 else f"within {tolerance:g} (CUDA without trainer.deterministic)"
-    print(f"rerun in {out}: {how if same else 'differs'} (config hash {new['config_hash']})")
-    return 0
-
-
-def rerun_tolerance(results: dict) -> float:
-    """0 (bit-identical) on CPU or with ``trainer.deterministic``; on CUDA otherwise non-deterministic kernels
-    (atomics in backward, cuBLAS split-K) move metrics slightly, so floats are compared to 0.01."""
-    cuda = str(results.get("device", "cpu")).startswith("cuda")
-    return 0.0 if not cuda or results.get("deterministic") else 0.01
-
-
-def same_metric(old: object, new: object, tolerance: float) -> bool:
-    """Equal, or (floats) within ``tolerance``."""
-    if tolerance and isinstance(old, float) and isinstance(new, float):
-        return abs(old - new) <= tolerance
-    return old == new
-
-
-def _predict(*args: str) -> int:
-    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy [--force]  (key=value
-    arguments; --force: load the adapter although the base's weights differ from those it was trained on)."""
-    from lora_exp.inference import predict
-
-    force = "--force" in args  # an adapter onto a base of the same shapes but other weights
-    args = tuple(a for a in args if a != "--force")
-    kv = dict(a.split("=", 1) for a in args if "=" in a)
-    bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file", "audio")]
-    if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file") or kv.get("audio")):
-        raise LoraExpError(
-            'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav '
-            f"[--force] (got {list(args)})"
-        )
-    run_dir = Path(kv.get("adapter") or kv["run"])
-    if run_dir.name == "adapter":  # the adapter folder itself: its run dir holds the config
-        run_dir = run_dir.parent
-    texts = [kv["text"]] if "text" in kv else []
-    if "audio" in kv:  # an audio run: the clip's path (.wav, or .npy at the data's sample rate)
-        if not Path(kv["audio"]).is_file():
-            raise LoraExpError(f"predict: audio={kv['audio']!r}: no such file")
-        texts.append(kv["audio"])
-    if "file" in kv:
-        if not Path(kv["file"]).is_file():
-            raise LoraExpError(f"predict: file={kv['file']!r}: no such file")
-        lines = Path(kv["file"]).read_text().split("\n")  # not splitlines(): \x85 or \u2028 inside a line is text
-        texts += [line.strip() for line in lines if line.strip()]
-    for (label, prob), text in zip(predict(run_dir, texts, force=force), texts):
-        print(f"{label}\t{prob:.4f}\t{text}")
-    return 0
-
-
-def _export_peft(*args: str) -> int:
-    """lora-exp export-peft RUN_DIR OUT_DIR: a LoRA run's adapter (and head) in the PEFT layout."""
-    from lora_exp.adapters import init_state, store
-    from lora_exp.adapters.peft_format import export_peft
-    from lora_exp.config.schema import typed_config
-    from lora_exp.training.job import build_model_for
-
-    force = "--force" in args
-    paths = [a for a in args if a != "--force"]
-    if len(paths) != 2 or any(a.startswith("-") for a in paths):
-        raise LoraExpError(f"export-peft: usage: lora-exp export-peft RUN_DIR OUT_DIR [--force] (got {list(args)})")
-    run_dir, out = Path(paths[0]), Path(paths[1])
-    if out.exists() and not out.is_dir():
-        raise LoraExpError(f"export-peft: OUT_DIR={str(out)!r} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LoraExpError(
-            f"export-peft: OUT_DIR={str(out)!r} is not empty; give a new or empty folder, or --force to replace "
-            "the adapter files in it"
-        )
-    cfg = recorded_config(run_dir)
-    if cfg.method.name != "lora":
-        raise LoraExpError(f"export-peft: {str(run_dir)!r} is a method={cfg.method.name} run; only lora exports")
-    meta, tensors = store.read_adapter(run_dir / "adapter")
-    _, model, _, _ = build_model_for(typed_config(cfg))
-    if init_state.exists(run_dir):  # lora.init=eva: the saved ranks
-        init_state.restore_state(model, run_dir)
-    store.load_into(model, tensors, str(run_dir / "adapter"))
-    export_peft(model, out, meta)
-    store.make_readable(out)
-    print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
-    return 0
-
-
-def _bench(*args: str) -> int:
-    from lora_exp.bench.run import main as bench_main
-
-    return bench_main(*args)
-
-
+# The subcommands: lora_exp/commands/<module>.py, each main(*args) -> exit status (imported when it runs).
 SUBCOMMANDS = {
-    "fetch": _fetch,
-    "report": _report,
-    "rerun": _rerun,
-    "predict": _predict,
-    "export-peft": _export_peft,
-    "bench": _bench,
+    "fetch": "fetch",
+    "report": "report",
+    "rerun": "rerun",
+    "predict": "predict",
+    "export-peft": "export_peft",
+    "bench": "bench",
+    "wandb-sweep": "wandb_sweep",
 }
+
+
+def run_subcommand(name: str, *args: str) -> int:
+    """``lora-exp NAME args...``: ``lora_exp.commands.<module>.main(*args)``."""
+    import importlib
+
+    return importlib.import_module(f"lora_exp.commands.{SUBCOMMANDS[name]}").main(*args)
 
 
 def main() -> None:
     """Console entry point: a subcommand, or Hydra overrides for a training job."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         try:
-            sys.exit(SUBCOMMANDS[sys.argv[1]](*sys.argv[2:]))
+            sys.exit(run_subcommand(sys.argv[1], *sys.argv[2:]))
         except LoraExpError as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
@@ -416,7 +267,7 @@ def main() -> None:
     try:  # a closed config: each refused override in one line, before Hydra composes anything
         ns = cmdline.parse_args(args)
         if not (ns.help or ns.hydra_help or ns.shell_completion):
-            cmdline.check_overrides(ns.overrides)
+            cmdline.check_overrides(ns.overrides, ns.config_dir)
         if ns.cfg == "job" and not (ns.config_path or ns.config_dir):  # only the fields that apply
             sys.stdout.write(cmdline.show_job(ns))
             sys.exit(0)

@@ -48,7 +48,8 @@ def ada_pair(arch: str, dropout: float = 0.1):
         task_type="SEQ_CLS",
         modules_to_save=list(head),
     )
-    ours_conf = ours_cfg(arch, dropout, variant="adalora", alpha=8.0)
+    # PEFT's init_r=R, target_r=TARGET_R: our lora.r is the target, lora.adalora.init_r the start
+    ours_conf = ours_cfg(arch, dropout, variant="adalora", alpha=8.0, r=TARGET_R, adalora={"init_r": R})
     ours, ref = parity.build_pair(base, head, conf, ours_conf, ".lora_E.", lambda p: p.normal_(std=0.5), peft_key)
     layers = dict(injection.lora_layers(ours))
     allocator = adalora.RankAllocator(layers, TARGET_R, TOTAL, tinit=0, tfinal=TFINAL, delta_t=1)
@@ -111,18 +112,18 @@ def test_adalora_merge_unmerge_counts_and_regulariser() -> None:
 
 def test_schedule_without_a_pruning_phase_is_an_error() -> None:
     base, head = tiny("bert")
-    model_methods.apply_method(base, "lora", head, ours_cfg("bert", variant="adalora"))
+    model_methods.apply_method(base, "lora", head, ours_cfg("bert", variant="adalora", adalora={"init_r": parity.R}))
     with pytest.raises(LoraExpError, match="leave no budgeting phase in 4 steps"):
         adalora.RankAllocator(dict(injection.lora_layers(base)), 2, 4, tinit=2, tfinal=2)
 
 
 test_adalora_bad_options_are_one_line = parity.one_line_error_test(
     [
-        (["+variant=adalora", "lora.adalora.target_r=20"], "lora.adalora.target_r=20 must be in [1, lora.r=12]"),
-        (["+variant=adalora", "lora.adalora.beta1=1"], "lora.adalora.beta1/beta2=1.0/0.85 must be in (0, 1)"),
-        (["+variant=adalora", "lora.adalora.tinit_ratio=0.6", "lora.adalora.tfinal_ratio=0.4"], "lora.adalora.tinit"),
-        (["+variant=adalora", "lora.init=pissa"], "lora.init=pissa does not apply to lora.variant=adalora"),
-        (["+variant=adalora", "lora.adalora.orth_reg_weight=-1"], "lora.adalora.orth_reg_weight=-1.0 must be >= 0"),
+        (["+preset=adalora", "lora.adalora.init_r=4"], "lora.adalora.init_r=4 must be null or >= lora.r=8"),
+        (["+preset=adalora", "lora.adalora.beta1=1"], "lora.adalora.beta1/beta2=1.0/0.85 must be in (0, 1)"),
+        (["+preset=adalora", "lora.adalora.tinit_ratio=0.6", "lora.adalora.tfinal_ratio=0.4"], "lora.adalora.tinit"),
+        (["+preset=adalora", "lora.init=pissa"], "lora.init=pissa does not apply to lora.variant=adalora"),
+        (["+preset=adalora", "lora.adalora.orth_reg_weight=-1"], "lora.adalora.orth_reg_weight=-1.0 must be >= 0"),
     ]
 )
 

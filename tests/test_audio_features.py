@@ -141,7 +141,7 @@ def test_cached_audio_model_gives_the_same_logits(cache: Path, tmp_path: Path, o
 
 def test_audio_rows_are_per_clip_and_survive_reordering() -> None:
     """Clips are found by their position (row), their encoder output kept whole, in any batch order."""
-    from lora_exp.training.features import VECTOR, Rows
+    from lora_exp.training.feature_cache import VECTOR, Rows
 
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 4, 6)).astype(np.float32))
     rows = Rows({"hidden": VECTOR}, torch.zeros(3, dtype=torch.long))  # audio: no token lengths

@@ -333,6 +333,7 @@ def test_multirun_with_cfg_is_one_line(tmp_path: Path) -> None:
 
 def test_help_lists_subcommands_and_real_groups(tmp_path: Path) -> None:
     from lora_exp.cli import CONF_DIR, SUBCOMMANDS
+    from lora_exp.config.schema import SWEEPS_DIR
 
     proc = cli(["--help"], tmp_path)
     assert proc.returncode == 0
@@ -345,8 +346,9 @@ def test_help_lists_subcommands_and_real_groups(tmp_path: Path) -> None:
     )
     conf = Path(CONF_DIR)
     on_disk = {d.name for d in conf.iterdir() if d.is_dir() and d.name != "hydra" and any(d.glob("*.yaml"))}
-    assert set(groups) == on_disk and "sweep/wandb" not in proc.stdout
-    assert groups["sweep"].split(", ") == sorted(p.stem for p in (conf / "sweep").glob("*.yaml"))
+    assert set(groups) == on_disk | {"sweep"} and "sweep/wandb" not in proc.stdout  # sweep: sweeps/ at the top
+    assert groups["sweep"].split(", ") == sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    assert groups["preset"].split(", ") == sorted(p.stem for p in (conf / "preset").glob("*.yaml"))
 
 
 def test_host_memory_is_sampled_through_psutil() -> None:

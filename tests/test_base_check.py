@@ -93,7 +93,7 @@ def test_another_base_of_the_same_shapes_is_refused_in_one_line_and_force_loads(
 
 def test_adapter_bank_refuses_an_adapter_of_another_seed(trained: tuple[Path, Path], tmp_path: Path) -> None:
     """The bank's base is another seed's checkpoint of the same shapes, built with the run's own settings."""
-    from lora_exp.cli import recorded_config
+    from lora_exp.training.rundir import recorded_config
 
     run, base = trained
     cfg = typed_config(recorded_config(run))

@@ -90,7 +90,7 @@ def show(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: 
     ("args", "where", "value"),
     [
         (["+sweep=quick"], "data.limit", 2000),
-        (["+variant=dora"], "lora.variant", "dora"),
+        (["+preset=dora"], "lora.variant", "dora"),
         (["++lora.r=4"], "lora.r", 4),
         (["lora.rank_pattern={query:4}"], "lora.rank_pattern", {"query": 4}),
         (["experiment=quick"], "data.limit", 2000),

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from lora_exp import cli, inference
+from lora_exp import inference
+from lora_exp.commands import export_peft
 from lora_exp.config.schema import typed_config
 from lora_exp.training import job as job_setup
 from lora_exp.training.loop import train
@@ -48,7 +49,7 @@ def test_compiled_run_resumes_exports_and_matches_eager(tiny_cfg, tmp_path: Path
     adapter = json.loads((tmp_path / "compiled" / "adapter" / "adapter_config.json").read_text())
     assert adapter["keys"] and not any("_orig_mod" in k for k in adapter["keys"])
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], abs=1e-4)  # the same training, compiled
-    assert cli._export_peft(str(tmp_path / "compiled"), str(tmp_path / "peft")) == 0
+    assert export_peft.main(str(tmp_path / "compiled"), str(tmp_path / "peft")) == 0
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     assert [p for _, p in inference.predict(tmp_path / "compiled", ["good fun"])] == pytest.approx(
         [p for _, p in inference.predict(tmp_path / "eager", ["good fun"])], abs=1e-4

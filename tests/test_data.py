@@ -95,18 +95,18 @@ def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> N
         ModelConfig(name="t", source="tiny", arch="bert", hidden_size=8, layers=1, heads=2, ffn_size=8),
         2,
     )
-    tok = text_data.tokenize(text_data.load_splits(data_cfg(reviews, tmp_path)), tokenizer, 64)
-    assert set(tok["train"].column_names) == {"input_ids", "attention_mask", "labels", "length"}
-    loaders = text_data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0))
+    encoded = text_data.tokenize(text_data.load_splits(data_cfg(reviews, tmp_path)), tokenizer, 64)
+    assert set(encoded["train"].column_names) == {"input_ids", "attention_mask", "labels", "length"}
+    loaders = text_data.make_loaders(encoded, tokenizer, 8, 16, True, torch.Generator().manual_seed(0))
     batches = list(loaders.train)
     assert sum(len(b["labels"]) for b in batches) == 128
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)  # padded to a multiple of 8
-    again = list(text_data.make_loaders(tok, tokenizer, 8, 16, True, torch.Generator().manual_seed(0)).train)
+    again = list(text_data.make_loaders(encoded, tokenizer, 8, 16, True, torch.Generator().manual_seed(0)).train)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))  # seeded order
     grouped_pad = sum(b["attention_mask"].numel() for b in batches)
     random_pad = sum(
         b["attention_mask"].numel()
-        for b in text_data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train
+        for b in text_data.make_loaders(encoded, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train
     )
     assert grouped_pad < random_pad  # length grouping wastes less padding
 

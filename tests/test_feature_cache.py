@@ -9,7 +9,7 @@ import torch
 
 from lora_exp.data.text import ROW
 from lora_exp.measure import timing
-from lora_exp.training import features
+from lora_exp.training import feature_cache
 from lora_exp.training import job as job_setup
 
 
@@ -28,14 +28,14 @@ def test_cache_is_host_memory_outside_the_model(frozen_job) -> None:
     held = {t.untyped_storage().data_ptr() for t in store.data.values()}
     in_model = {t.untyped_storage().data_ptr() for t in (*frozen_job.model.parameters(), *frozen_job.model.buffers())}
     assert not held & in_model  # model.to(device) never moves it
-    assert len(store) == sum(len(s) for s in frozen_job.tok.values())  # one row per example of every split
+    assert len(store) == sum(len(s) for s in frozen_job.encoded.values())  # one row per example of every split
     assert store.nbytes == sum(t.numel() * t.element_size() for t in store.data.values()) > 0
 
 
 def test_batches_bring_their_rows_cached_outputs_along(frozen_job) -> None:
     batch = next(iter(frozen_job.loaders.train))
     assert ROW not in batch  # taken out by the collate: the model never sees it
-    hidden = batch[features.PREFIX + "last_hidden_state"]
+    hidden = batch[feature_cache.PREFIX + "last_hidden_state"]
     assert hidden.device.type == "cpu" and hidden.shape[:2] == batch["input_ids"].shape
     assert (hidden[batch["attention_mask"] == 0] == 0).all()  # padding is zeros
 
@@ -55,14 +55,16 @@ def test_lookup_by_position_gives_the_real_encoders_logits_without_reading_token
 
 
 def test_a_forward_without_the_batch_outputs_is_an_error(frozen_job) -> None:
-    batch = {k: v for k, v in next(iter(frozen_job.loaders.validation)).items() if not k.startswith(features.PREFIX)}
+    batch = {
+        k: v for k, v in next(iter(frozen_job.loaders.validation)).items() if not k.startswith(feature_cache.PREFIX)
+    }
     with pytest.raises(RuntimeError, match="needs the batch's cached outputs"):
         frozen_job.model(**batch)
 
 
 def test_rows_gather_pads_and_orders_by_position() -> None:
     lengths = torch.tensor([2, 3, 1])
-    rows = features.Rows({"h": features.SEQUENCE, "v": features.VECTOR}, lengths)
+    rows = feature_cache.Rows({"h": feature_cache.SEQUENCE, "v": feature_cache.VECTOR}, lengths)
     values = {"h": torch.arange(3 * 4 * 2, dtype=torch.float).view(3, 4, 2), "v": torch.tensor([[1.0], [2.0], [3.0]])}
     rows.add(torch.tensor([2, 0, 1]), values)  # batch order differs from row order
     out = rows.gather(torch.tensor([1, 2]), 4)

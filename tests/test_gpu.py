@@ -98,7 +98,7 @@ def _recording_batches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]
     micro_step = loop.micro_step
 
     def recorded(job, batch, *args):  # noqa: ANN001, ANN002, ANN202
-        seen.append((job.pg.step, hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest()))
+        seen.append((job.progress.step, hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest()))
         return micro_step(job, batch, *args)
 
     monkeypatch.setattr(loop, "micro_step", recorded)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from lora_exp import cli
 from lora_exp import device as devices
 from lora_exp.analysis import fair, report
+from lora_exp.commands import report as report_command
 from lora_exp.config.identity import arm_hash, group_hash
 
 from .conftest import make_cfg
@@ -184,7 +184,7 @@ def test_a_chosen_lr_at_the_edge_is_flagged_and_report_prints_the_widening_sweep
     written = report.write_report(tmp_path)
     md = written["fair.md"].read_text()
     assert md.count(fair.EDGE_MARKS["high"]) == 1 and "widens the grid" in md
-    assert cli._report(str(tmp_path)) == 0
+    assert report_command.main(str(tmp_path)) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "widen:" in line]
     assert len(lines) == 1 and "lr 0.004 is the highest tried" in lines[0]
     command = shlex.split(lines[0].split("widen: ", 1)[1])

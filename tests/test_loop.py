@@ -16,7 +16,7 @@ from lora_exp.errors import LoraExpError
 from lora_exp.measure import timing, tracking
 from lora_exp.models import build as model_build
 from lora_exp.models import methods as model_methods
-from lora_exp.training import checks, features, loop
+from lora_exp.training import checks, feature_cache, loop
 from lora_exp.training import job as job_setup
 
 
@@ -127,8 +127,8 @@ def test_cached_outputs_equal_the_encoder_in_eval_mode(tiny_cfg) -> None:
     enc = tokenizer(["a good film", "the worst plot of the movie"], padding=True, return_tensors="pt")
     with torch.no_grad():
         real = model.bert(**enc)
-        kinds = features._describe(real, *enc["input_ids"].shape)
-        cached = features.CachedBase(model.bert, type(real), kinds, enc["attention_mask"].sum(-1))
+        kinds = feature_cache._describe(real, *enc["input_ids"].shape)
+        cached = feature_cache.CachedBase(model.bert, type(real), kinds, enc["attention_mask"].sum(-1))
         cached.add(torch.arange(2), real)  # rows 0 and 1
         # the same examples in another order and padded longer
         ids = torch.nn.functional.pad(enc["input_ids"].flip(0), (0, 5))
@@ -187,7 +187,7 @@ def test_prefix_cache_trains_the_upper_layer(tiny_cfg, tmp_path: Path) -> None:
 
 
 def test_rerun_tolerance_only_for_cuda_without_determinism() -> None:
-    from lora_exp.cli import rerun_tolerance, same_metric
+    from lora_exp.commands.rerun import rerun_tolerance, same_metric
 
     assert rerun_tolerance({"device": "cpu"}) == 0
     assert rerun_tolerance({"device": "cuda:0", "deterministic": True}) == 0

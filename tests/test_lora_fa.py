@@ -107,7 +107,7 @@ def test_lora_fa_merge_unmerge_and_counts() -> None:
 test_lora_fa_bad_combinations_are_one_line = parity.one_line_error_test(
     [
         (
-            ["+variant=lora_fa", "optimizer.loraplus_lr_ratio=16"],
+            ["+preset=lora_fa", "optimizer.loraplus_lr_ratio=16"],
             "optimizer.loraplus_lr_ratio=16.0 cannot combine with lora.variant=lora_fa",
         ),
         (["lora.variant=lora_fa", "lora.use_dora=true"], "lora.use_dora=true is DoRA; it cannot combine with"),

@@ -26,7 +26,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 def test_dora_with_a_bf16_base_is_the_identity_at_init(tiny_cfg) -> None:
     _, model, _, adapted = build_model_for(
-        typed_config(tiny_cfg("+variant=dora", "model.base_dtype=bf16", "lora.targets=[q,v,ffn]"))
+        typed_config(tiny_cfg("+preset=dora", "model.base_dtype=bf16", "lora.targets=[q,v,ffn]"))
     )
     layers = dict(lora_layers(model))
     assert len(layers) == len(adapted) > 0 and all(isinstance(m, DoRALinear) for m in layers.values())

@@ -189,10 +189,10 @@ def test_resumed_run_charges_the_feature_cache_once(tiny_cfg, tmp_path: Path, mo
     """A preempted frozen run (feature cache on) resumed in-process: the cache's encoding time, already in the
     checkpoint, is not added again, so the cost bar shows the configuration's time, not the interruption's."""
     from lora_exp.errors import TrainingFailure
-    from lora_exp.training import features, loop
+    from lora_exp.training import feature_cache, loop
 
     encode_s = 1000.0  # a cache encoding time far above the tiny run's whole training time
-    real_cache, real_step = features.maybe_cache, loop.optimizer_step
+    real_cache, real_step = feature_cache.maybe_cache, loop.optimizer_step
 
     def slow_cache(*a, **kw):
         cache = real_cache(*a, **kw)
@@ -202,10 +202,10 @@ def test_resumed_run_charges_the_feature_cache_once(tiny_cfg, tmp_path: Path, mo
 
     def preempt_at_3(job, timed: bool) -> None:
         real_step(job, timed)
-        if job.pg.step == 3 and not job.resumed:
+        if job.progress.step == 3 and not job.resumed:
             os.kill(os.getpid(), signal.SIGTERM)  # the real preemption path: the loop's SIGTERM flag
 
-    monkeypatch.setattr(features, "maybe_cache", slow_cache)
+    monkeypatch.setattr(feature_cache, "maybe_cache", slow_cache)
     monkeypatch.setattr(loop, "optimizer_step", preempt_at_3)
     cfg, run_dir = tiny_cfg("method=frozen"), tmp_path / "run"
     with pytest.raises(TrainingFailure, match="SIGTERM at step 3"):

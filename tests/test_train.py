@@ -156,8 +156,8 @@ def test_reload_reproduces_test_accuracy(runs, method: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, again(**ids).logits)  # two reloads agree
     cfg = inference.run_config(run_dir)
-    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
-    loaders = text_data.make_loaders(tok, tokenizer, 16, 64, True, torch.Generator().manual_seed(0))
+    encoded = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
+    loaders = text_data.make_loaders(encoded, tokenizer, 16, 64, True, torch.Generator().manual_seed(0))
     acc = metrics.evaluate(model, loaders.test, torch.device("cpu"), lambda: torch.no_grad())["acc"]
     assert acc == pytest.approx(res["test_acc"])  # head and adapter both came back
 
@@ -282,7 +282,7 @@ def test_export_peft_cli_loads_in_peft(runs, tmp_path: Path) -> None:
     proc = cli(["export-peft", str(run_dir), str(tmp_path / "peft")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
-    from lora_exp.cli import recorded_config
+    from lora_exp.training.rundir import recorded_config
 
     tokenizer, ours = inference.load_trained(run_dir, merge=False)
     # the same seeded base (tiny random weights) without LoRA: method=frozen builds exactly that

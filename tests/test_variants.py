@@ -289,23 +289,28 @@ def label(cfg) -> str:
 
 def test_variants_sweep_composes_every_arm() -> None:
     from lora_exp.config.checks import validate
+    from lora_exp.config.identity import config_hash
 
     from .conftest import make_cfg
 
     jobs = sweep_jobs("variants")
-    assert len(jobs) == 9 * 2 * 2 + 2 + 3
-    arms = set()
+    assert len(jobs) == 13 * 2 * 2  # presets x lora.r x lora.targets
+    arms, hashes = set(), set()
     for overrides in jobs:
         cfg = make_cfg(["+sweep=variants", *overrides])
         validate(cfg)
-        adaptive = cfg.lora.variant == "adalora"  # its shape: the final average rank (from 1.5x as many)
-        r = cfg.lora.adalora.target_r if adaptive else cfg.lora.r
-        shape = (r, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
+        r = adapter_params.layer_rank(cfg.lora)  # VeRA: its own; AdaLoRA: 1.5x the average it prunes to
+        average = None if cfg.lora.variant == "vera" else cfg.lora.r  # lora.r does not apply to VeRA
+        shape = (r, average, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
         arms.add((label(cfg), shape))
-    assert {a for a, _ in arms} == VARIANT_LABELS and len(arms) == len(jobs)
+        hashes.add(config_hash(cfg))
+    # where lora.r / lora.targets do not apply the grid point is an earlier job (one hash): 41 jobs train
+    assert {a for a, _ in arms} == VARIANT_LABELS and len(arms) == len(hashes) == 9 * 2 * 2 + 2 + 3
     both = (("q", "v"), ("q", "k", "v", "o", "ffn"))
-    assert {s for a, s in arms if s and a != "vera"} == {(r, t) for r in (8, 32) for t in both}
-    assert {s for a, s in arms if a == "vera"} == {(256, t) for t in both}  # VeRA's own shared rank
+    plain = {s for a, s in arms if s and a not in ("vera", "adalora")}
+    assert plain == {(r, r, t) for r in (8, 32) for t in both}
+    assert {s for a, s in arms if a == "adalora"} == {(r0, r, t) for r0, r in ((12, 8), (48, 32)) for t in both}
+    assert {s for a, s in arms if a == "vera"} == {(256, None, t) for t in both}  # VeRA's own shared rank
 
 
 def test_fair_variants_each_over_its_own_grid() -> None:
@@ -315,7 +320,7 @@ def test_fair_variants_each_over_its_own_grid() -> None:
     assert len(jobs) == 13 * 3 * 3
     grids = {}
     for v in ("lora", "rslora", "dora", "pissa", "loraplus", "lora_fa", "bitfit", "full", "frozen"):
-        cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={v}", f"lr_index={i}"]) for i in range(3)]
+        cfgs = [make_cfg(["+sweep=fair_variants", f"+preset={v}", f"lr_index={i}"]) for i in range(3)]
         assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
         assert all((c.lora.r, list(c.lora.targets)) == (8, ["q", "v"]) for c in cfgs)
         grids[label(cfgs[0])] = list(cfgs[0].method.lr_grid)
@@ -343,8 +348,9 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
         cfg = OmegaConf.load(res_path.parent / "config.yaml")
         runs.append((label(cfg), cfg, res))
     assert len(runs) == 41 and all(res["status"] == "ok" for _, _, res in runs), [r for *_, r in runs][:1]
-    arms = {o.split("=", 1)[1] for (o,) in sweep_jobs("variants")}
-    assert {p.parent.name.split("_", 1)[1] for p in sweep.glob("*/results.json")} == arms  # dirs named by variant
+    assert proc.stderr.count("skip: this job already finished") == 52 - 41  # VeRA's r, the references' r, targets
+    arms = {o.split("=", 1)[1] for o, *_ in sweep_jobs("variants")}
+    assert {p.parent.name.split("_", 1)[1] for p in sweep.glob("*/results.json")} == arms  # dirs named by preset
     by = {(lab, cfg.lora.r, tuple(cfg.lora.targets)): res for lab, cfg, res in runs}
     qv = ("q", "v")
     # DoRA = LoRA's A/B + one magnitude per output row of each adapted layer (2 layers, hidden 64 here).

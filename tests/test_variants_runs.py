@@ -1,4 +1,4 @@
-"""The new variants end to end on the tiny model: ``+variant=<name>`` composes, a short run trains and records
+"""The new variants end to end on the tiny model: ``+preset=<name>`` composes, a short run trains and records
 the variant, and a run interrupted mid-way resumes to exactly the straight run's weights and metrics (CPU)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_exp.adapters.params import layer_rank
 from lora_exp.training.loop import train
 
 from .interrupts import train_until_update
@@ -19,7 +20,7 @@ H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
 
 def run(tiny_cfg, variant: str, run_dir: Path, die_at: int | None = None, resume: bool = False, *extra: str) -> dict:
     cfg = tiny_cfg(
-        f"+variant={variant}", "trainer.max_steps=6", "trainer.checkpoint_every=1", "lora.dropout=0.1", *extra
+        f"+preset={variant}", "trainer.max_steps=6", "trainer.checkpoint_every=1", "lora.dropout=0.1", *extra
     )
     if die_at is None:
         return train(cfg, run_dir, resume=resume)
@@ -65,9 +66,10 @@ def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
     from .conftest import make_cfg
     from .test_variants import label
 
-    cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={variant}", f"lr_index={i}"]) for i in range(3)]
+    cfgs = [make_cfg(["+sweep=fair_variants", f"+preset={variant}", f"lr_index={i}"]) for i in range(3)]
     assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
-    assert all(label(c) == variant and (c.lora.r, list(c.lora.targets)) == (r, ["q", "v"]) for c in cfgs)
+    shape = [(layer_rank(c.lora), list(c.lora.targets)) for c in cfgs]  # VeRA: its own rank; AdaLoRA: its start
+    assert all(label(c) == variant for c in cfgs) and shape == [(r, ["q", "v"])] * 3
 
 
 @pytest.mark.parametrize(("init", "computes"), [("eva", "eva_components"), ("lora_ga", "estimate_gradients")])
@@ -106,8 +108,8 @@ def test_data_init_runs_once_records_its_cost_and_keeps_the_data_order(
     tokenizer, model = load_trained(tmp_path / init, merge=False)
     assert {n: m.r for n, m in lora_layers(model)} == {n: r for n, r in rec["ranks"].items() if r}
     cfg = run_config(tmp_path / init)
-    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
-    loaders = text_data.make_loaders(tok, tokenizer, 16, cfg.trainer.eval_batch_size, True, torch.Generator())
+    encoded = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
+    loaders = text_data.make_loaders(encoded, tokenizer, 16, cfg.trainer.eval_batch_size, True, torch.Generator())
     loss = metrics.evaluate(model, loaders.test, torch.device("cpu"), torch.no_grad)["loss"]
     assert loss == pytest.approx(straight["test_loss"], rel=1e-5)
 

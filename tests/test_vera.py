@@ -119,7 +119,8 @@ test_vera_bad_options_are_one_line = parity.one_line_error_test(
         (["lora.variant=vera", "+lora.rank_pattern={query: 2}"], "lora.rank_pattern={'query': 2} does not apply"),
         (["lora.variant=vera", "lora.vera.d_initial=0"], "lora.vera.d_initial=0 must be != 0"),
         (["lora.vera.prng_key=-1"], "lora.vera.prng_key=-1 must be in [0, 2**63)"),
-        (["+variant=vera", "optimizer.loraplus_lr_ratio=4"], "optimizer.loraplus_lr_ratio=4.0 cannot combine"),
+        (["lora.vera.r=0"], "lora.vera.r=0 must be an integer >= 1"),
+        (["+preset=vera", "optimizer.loraplus_lr_ratio=4"], "optimizer.loraplus_lr_ratio=4.0 cannot combine"),
     ]
 )
 
@@ -132,5 +133,5 @@ def test_vera_options_hash_only_where_they_apply() -> None:
     from .conftest import make_cfg
 
     assert config_hash(make_cfg(["lora.vera.prng_key=3"])) == config_hash(make_cfg([]))
-    vera = ["+variant=vera"]
+    vera = ["+preset=vera"]
     assert config_hash(make_cfg([*vera, "lora.vera.prng_key=3"])) != config_hash(make_cfg(vera))

@@ -117,7 +117,7 @@ def test_report_logs_tables_and_figures_to_one_report_run_in_the_sweeps_group(
 
 def test_report_of_an_lr_grid_logs_the_fair_and_paired_tables(tmp_path: Path) -> None:
     from lora_exp.analysis import report
-    from lora_exp.cli import _report
+    from lora_exp.commands.report import main as _report
 
     for method, lrs in {"full": (5e-5, 1e-4), "lora": (1e-3, 2e-3)}.items():
         for lr in lrs:

@@ -68,10 +68,12 @@ def decoder_tokenizer(eos: bool = True) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the test corpus' words: an EOS token (id 1) and no pad token."""
     words = sorted(set(POSITIVE + NEGATIVE + FILLER))
     vocab = {"<unk>": 0, EOS: 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **({"eos_token": EOS} if eos else {}))
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.normalizer = normalizers.Lowercase()
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level, unk_token="<unk>", **({"eos_token": EOS} if eos else {})
+    )
 
 
 def save(arch: str, folder: Path, head: bool = True, eos: bool = True) -> Path:

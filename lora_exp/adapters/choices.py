@@ -16,3 +16,9 @@ OPTION_OWNERS = {
     "eva": ("init", "eva"),
     "lora_ga": ("init", "lora_ga"),
 }
+
+
+def adalora_initial_rank(r: int, init_r: int | None) -> int:
+    """AdaLoRA's rank at the start: ``lora.adalora.init_r``, null: 1.5 x ``lora.r`` (its average at the end)
+    rounded up, PEFT's init_r=12 for target_r=8."""
+    return int(init_r) if init_r is not None else (3 * int(r) + 1) // 2

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lora_exp.adapters.adalora import E_NAME as ADALORA_E
-from lora_exp.adapters.choices import BIASES, DATA_INITS, RESIDUAL_INITS
+from lora_exp.adapters.choices import BIASES, DATA_INITS, RESIDUAL_INITS, adalora_initial_rank
 from lora_exp.adapters.dora import MAGNITUDE
 from lora_exp.adapters.layer import LoRALinear
 from lora_exp.adapters.vera import PARAMS as VERA_PARAMS
@@ -126,6 +126,24 @@ def variant_label(lora_cfg: LoraConfig, method: str, loraplus_lr_ratio: float | 
 def variant_of(lora_cfg: LoraConfig) -> str:
     """``lora.variant`` (``dora`` also from its alias ``lora.use_dora``)."""
     return "dora" if lora_cfg.use_dora else lora_cfg.variant
+
+
+def layer_rank(lora_cfg: Any) -> int:
+    """The rank each adapted layer is built with: ``lora.r``; for VeRA its own ``lora.vera.r`` (the shared
+    projections'); for AdaLoRA ``lora.adalora.init_r``, null: 1.5 x ``lora.r`` rounded up (PEFT's 12 for a
+    target of 8), which it prunes to an average of ``lora.r``."""
+    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
+    r, variant = int(get("r")), variant_of(lora_cfg)
+    options = get(variant) if variant in ("vera", "adalora") else None
+    if options is None:  # a bare lora config without the variant's group: its defaults
+        own: Any = lambda k, d=None: d  # noqa: E731
+    else:
+        own = options.get if hasattr(options, "get") else (lambda k, d=None: getattr(options, k, d))
+    if variant == "vera":
+        return int(own("r", r))
+    if variant == "adalora":
+        return adalora_initial_rank(r, own("init_r", None))
+    return r
 
 
 def variant_options(lora_cfg: LoraConfig) -> dict[str, Any]:

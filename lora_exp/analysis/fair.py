@@ -122,6 +122,20 @@ def job_overrides(job_dir: str | Path) -> list[str] | None:
     return [str(o) for o in loaded] if isinstance(loaded, list) else None
 
 
+def preset_spelling(overrides: list[str]) -> list[str]:
+    """A job's overrides with the presets' old spelling (``+variant=dora_r32_all``, before one preset per
+    variant) as today's: ``+preset=dora lora.r=32 lora.targets=[q,k,v,o,ffn]``, the same job."""
+    out = []
+    for o in overrides:
+        key, _, name = o.partition("=")
+        if key != "+variant":
+            out.append(o)
+            continue
+        out.append(f"+preset={name.replace('_r32', '').replace('_all', '')}")
+        out += ["lora.r=32"] * ("_r32" in name) + ["lora.targets=[q,k,v,o,ffn]"] * name.endswith("_all")
+    return out
+
+
 def widen_command(arm: str, runs: pd.DataFrame, lr: float, tried: list[float], edge: str, root: Path) -> str:
     """The sweep that runs this arm at two lrs beyond the edge of its grid, with its seeds, into a folder under
     ``root`` named by the arm and the new lrs (so ``lora-exp report ROOT`` then reads every grid: same arm hash,
@@ -132,7 +146,7 @@ def widen_command(arm: str, runs: pd.DataFrame, lr: float, tried: list[float], e
     if overrides is None:  # not a Hydra job dir: name the arm by what results.json says
         row = runs.iloc[0]
         overrides = [f"method={row['method']}"]
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in GRID_KEYS]
+    keep = [o for o in preset_spelling(overrides) if o.split("=", 1)[0].lstrip("+~") not in GRID_KEYS]
     fair_sweep = any(o.split("=", 1)[0].lstrip("+") == "lr_index" for o in overrides)
     values = ",".join(f"{v:g}" for v in new)
     grid = [f"method.lr_grid=[{values}]", "lr_index=0,1"] if fair_sweep else [f"optimizer.lr={values}"]

@@ -264,14 +264,14 @@ class SameOrder(torch.utils.data.Sampler):
         return len(self.inner)
 
 
-def our_sampler(cfg: Config, tok: Any, tokenizer: Any) -> torch.utils.data.Sampler:
+def our_sampler(cfg: Config, encoded: Any, tokenizer: Any) -> torch.utils.data.Sampler:
     """The sampler our loop trains with: built by our loaders from a generator seeded as the job seeds it."""
     from lora_exp.data import text as text_data
     from lora_exp.models.build import sub_seeds
 
     t, generator = cfg.trainer, torch.Generator().manual_seed(sub_seeds(cfg.trainer.seed)["data"])
     return text_data.make_loaders(
-        tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator
+        encoded, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator
     ).train.sampler
 
 
@@ -324,9 +324,9 @@ def _hf(composed: DictConfig, window: StepWindow) -> dict[str, Any]:
         torch.cuda.set_device(device)  # HF/accelerate place the model on the current CUDA device
     tokenizer, model = _hf_model(cfg)
     model.to(device)
-    tok = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
-    train_set = tok["train"].select_columns(["input_ids", "attention_mask", "labels", "length"]).with_format(None)
-    sampler, total = SameOrder(our_sampler(cfg, tok, tokenizer)), window.warmup + window.steps
+    encoded = text_data.tokenize(text_data.load_splits(cfg.data), tokenizer, cfg.data.max_length)
+    train_set = encoded["train"].select_columns(["input_ids", "attention_mask", "labels", "length"]).with_format(None)
+    sampler, total = SameOrder(our_sampler(cfg, encoded, tokenizer)), window.warmup + window.steps
 
     class Timing(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

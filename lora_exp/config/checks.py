@@ -178,14 +178,15 @@ def _variant_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, ga.stable_gamma > 0, f"lora.lora_ga.stable_gamma={ga.stable_gamma} must be > 0")
     _adalora_checks(e, lo)
     v = lo.vera
+    _check(e, v.r >= 1, f"lora.vera.r={v.r} must be an integer >= 1")
     _check(e, v.d_initial != 0, "lora.vera.d_initial=0 must be != 0 (lambda_b and lambda_d would never move)")
     _check(e, 0 <= v.prng_key < 2**63, f"lora.vera.prng_key={v.prng_key} must be in [0, 2**63)")
 
 
 def _adalora_checks(e: list[str], lo: DictConfig) -> None:
     ada = lo.adalora
-    if lo.variant == "adalora":
-        _check(e, 1 <= ada.target_r <= lo.r, f"lora.adalora.target_r={ada.target_r} must be in [1, lora.r={lo.r}]")
+    if lo.variant == "adalora" and ada.init_r is not None:
+        _check(e, ada.init_r >= lo.r, f"lora.adalora.init_r={ada.init_r} must be null or >= lora.r={lo.r}")
     _check(
         e,
         0 < ada.beta1 < 1 and 0 < ada.beta2 < 1,

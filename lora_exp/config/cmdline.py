@@ -6,7 +6,8 @@ trains silently with r=8 and records a junk key. Here every override is checked 
 (``schema.Config``) and Hydra's config groups first: an unknown key, with ``+`` / ``++`` or without, names the
 nearest valid one (difflib); a config group's unknown option lists the group's options; a value of the wrong
 type says the type. ``+`` stays for what it is for: adding a config group that is not chosen by default
-(``+sweep=NAME``, ``+variant=NAME``). ``hydra.*`` keys are Hydra's and left to it.
+(``+sweep=NAME``, ``+preset=NAME``). ``hydra.*`` keys are Hydra's and left to it. The presets' old spelling
+``+variant=NAME`` is refused in one line that names ``+preset=``.
 """
 
 from __future__ import annotations
@@ -135,9 +136,24 @@ def _key_problem(override: Any, leaves: dict[str, Any], open_: set[str], node: D
     return None
 
 
-def check_overrides(overrides: list[str]) -> None:
+def _refuse_old_spelling(arg: str) -> None:
+    """``+variant=NAME`` (before one preset per variant): one line naming ``+preset=NAME``."""
+    key, _, value = arg.partition("=")
+    if key.lstrip("+~") != "variant":
+        return
+    name = value.split(",")[0]
+    base = name.replace("_r32", "").replace("_all", "") if name else "NAME"
+    shape = " lora.r=32" * ("_r32" in name) + " 'lora.targets=[q,k,v,o,ffn]'" * name.endswith("_all")
+    raise LoraExpError(
+        f"{arg}: the presets are +preset=NAME now, with rank and targets as options: +preset={base}{shape} "
+        f"(presets: {', '.join(sorted(p.stem for p in (Path(CONF_DIR) / 'preset').glob('*.yaml')))})"
+    )
+
+
+def check_overrides(overrides: list[str], config_dir: str | None = None) -> None:
     """Refuse, in one line (``LoraExpError``), the first override that names no option of the closed schema
-    or of a config group, or whose value has the wrong type."""
+    or of a config group, or whose value has the wrong type. ``config_dir`` (Hydra's ``--config-dir``): a user's
+    folder whose group files are options too (``model=mine`` for ``DIR/model/mine.yaml``)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -145,6 +161,7 @@ def check_overrides(overrides: list[str]) -> None:
 
     parsed = []
     for arg in overrides:
+        _refuse_old_spelling(arg)
         try:
             parsed += OverridesParser.create().parse_overrides([arg])
         except OverrideParseException as err:
@@ -158,6 +175,8 @@ def check_overrides(overrides: list[str]) -> None:
             if override.is_delete() or override.package or key == "hydra" or key.startswith("hydra."):
                 continue  # deletions, packages and Hydra's own settings: Hydra's
             options = sorted(loader.get_group_options(key)) if "." not in key else []
+            if config_dir and "." not in key:  # --config-dir: Hydra searches it too
+                options = sorted({*options, *(p.stem for p in (Path(config_dir) / key).glob("*.yaml"))})
             if options:
                 problem = _group_problem(override, default, options)
             else:

@@ -9,7 +9,7 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.adapters.choices import OPTION_OWNERS
+from lora_exp.adapters.choices import OPTION_OWNERS, adalora_initial_rank
 
 
 def resolved_dict(cfg: DictConfig) -> dict:
@@ -45,10 +45,35 @@ def applicable_lora(lora: dict) -> dict:
     }
 
 
+# lora.r and lora.targets where they do not apply (method full / frozen / bitfit): hashed at the defaults, so a
+# sweep over them (lora.r=8,32 with +preset=full among the presets) trains the reference once, as before.
+UNUSED_LORA_SHAPE = {"r": 8, "targets": ["q", "v"]}
+
+
+def _rank_as_built(lora: dict) -> dict:
+    """VeRA's and AdaLoRA's shape as the layers are built, in the keys their runs hashed before ``+preset``:
+    VeRA's own rank (``lora.vera.r``) as ``r``; AdaLoRA's initial rank as ``r`` and ``lora.r`` (the average
+    it prunes to) as ``adalora.target_r``. A job has one hash however it was spelled."""
+    lora = dict(lora)
+    if lora.get("variant") == "vera" and isinstance(lora.get("vera"), dict):
+        vera = dict(lora["vera"])
+        lora["r"] = vera.pop("r", lora.get("r"))
+        lora["vera"] = vera
+    elif lora.get("variant") == "adalora" and isinstance(lora.get("adalora"), dict):
+        ada = dict(lora["adalora"])
+        init = ada.pop("init_r", None)
+        ada["target_r"] = lora.get("r")
+        lora["r"] = adalora_initial_rank(lora["r"], init)
+        lora["adalora"] = ada
+    return lora
+
+
 def _identity(resolved: dict) -> dict:
     ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
     if isinstance(ident.get("lora"), dict):
-        ident["lora"] = applicable_lora(ident["lora"])
+        ident["lora"] = _rank_as_built(applicable_lora(ident["lora"]))
+        if (ident.get("method") or {}).get("name", "lora") != "lora":
+            ident["lora"].update(UNUSED_LORA_SHAPE)
     data = ident.get("data", {})
     ident["data"] = {
         k: v for k, v in data.items() if k != "cache_dir" and not (k in DATA_DEFAULTS and DATA_DEFAULTS[k] == v)

@@ -31,7 +31,18 @@ MODEL_TASKS = ("text", "audio")
 MONITORS = ("val/acc", "val/f1", "val/auc", "val/loss")
 LOGGER_MODES = ("offline", "online", "disabled")
 OPTIMIZERS = ("adamw",)
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+
+
+def _shipped(name: str) -> Path:
+    """A folder the product keeps at the repository's top (``conf``, ``sweeps``): inside the installed package
+    (a wheel maps it to ``lora_exp/<name>``, pyproject.toml), else next to it in a clone (editable install)."""
+    package = Path(__file__).resolve().parent.parent
+    inside = package / name
+    return inside if inside.is_dir() else package.parent / name
+
+
+CONF_DIR = str(_shipped("conf"))  # Hydra's primary config dir; a user's own dir joins it with --config-dir
+SWEEPS_DIR = _shipped("sweeps")  # the `sweep` config group (+sweep=NAME), registered by register_configs
 
 
 @dataclass
@@ -56,6 +67,7 @@ class ModelConfig:
 class VeraOptions:
     """``lora.vera.*``, for ``lora.variant=vera`` (PEFT ``VeraConfig``); left out of the job's identity otherwise."""
 
+    r: int = 256  # the rank of the shared random projections (PEFT's default); lora.r does not apply to VeRA
     d_initial: float = 0.1  # lambda_d's initial value (PEFT d_initial)
     prng_key: int = 0  # seed of the shared random projections (PEFT projection_prng_key)
 
@@ -82,13 +94,14 @@ class LoraGaOptions:
 
 @dataclass
 class AdaLoraOptions:
-    """``lora.adalora.*``, for ``lora.variant=adalora`` (PEFT ``AdaLoraConfig``; ``lora.r`` is its init_r).
+    """``lora.adalora.*``, for ``lora.variant=adalora`` (PEFT ``AdaLoraConfig``; ``lora.r`` is its target_r, the
+    average rank left per layer, so AdaLoRA at r=8 spends the budget of LoRA at r=8).
 
     PEFT counts tinit / tfinal in steps; here they are fractions of the run's updates (PEFT's example: 10 and 20
     of 100 steps), so one preset fits runs of any length.
     """
 
-    target_r: int = 8  # the average rank left per layer at the end (budget = target_r x layers)
+    init_r: int | None = None  # the rank each layer starts at; null: 1.5 x lora.r rounded up (PEFT's 12 -> 8)
     tinit_ratio: float = 0.1  # updates at the full budget before pruning starts
     tfinal_ratio: float = 0.2  # final updates at the target budget (masks fixed)
     delta_t: int = 1  # updates between two reallocations
@@ -105,8 +118,8 @@ class LoraConfig:
     dropout: float = 0.0
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     # lora | dora (+ a trained magnitude per row) | lora_fa (A frozen, PEFT LoRA-FA optimizer) | vera (shared
-    # frozen random A, B; trained vectors d, b per layer; r is the shared rank, alpha unused) | adalora (SVD-form
-    # update P diag(E) Q, ranks pruned from r to lora.adalora.target_r on average during training)
+    # frozen random A, B of rank lora.vera.r; trained vectors d, b per layer; r and alpha unused) | adalora
+    # (SVD-form update P diag(E) Q, ranks pruned from lora.adalora.init_r to an average of r during training)
     variant: str = "lora"
     use_dora: bool = False  # alias of variant=dora (PEFT's name)
     # default (A Kaiming, B 0) | gaussian | pissa (SVD of W0) | olora (QR of W0) | eva (SVD of the layers' inputs
@@ -231,8 +244,13 @@ def typed_config(cfg: DictConfig | dict, schema: type[Node] = Config) -> Node:  
 
 
 def register_configs() -> None:
-    """Register the schema as ``base_config`` (conf/config.yaml lists it first) and run-dir resolvers."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    """Register the schema as ``base_config`` (conf/config.yaml lists it first), the files of ``sweeps/`` as the
+    ``sweep`` group (in Hydra's search path as ``structured://``; installed, from the package) and the run-dir
+    resolvers."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for path in sorted(SWEEPS_DIR.glob("*.yaml")):  # sweeps/ is the only copy: Hydra sees it as group `sweep`
+        store.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_", provider="lora-exp")
     if not OmegaConf.has_resolver("uid"):
         # A short random suffix so two runs started in the same microsecond never share a dir.
         OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)

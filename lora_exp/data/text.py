@@ -240,11 +240,11 @@ def tokenize(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length
 ROW = "row"  # an example's position in the tokenised splits (train, validation, test, numbered on)
 
 
-def number_rows(tok: DatasetDict) -> DatasetDict:
-    """``tok`` with a ``row`` column: each example's position across the splits, in their order. The loaders
+def number_rows(encoded: DatasetDict) -> DatasetDict:
+    """``encoded`` with a ``row`` column: each example's position across the splits, in their order. The loaders
     carry it so a frozen-feature cache finds an example's stored outputs by position (see ``PaddedBatches``)."""
     start, out = 0, {}
-    for name, split in tok.items():
+    for name, split in encoded.items():
         out[name] = split.add_column(ROW, list(range(start, start + len(split))))
         start += len(split)
     return DatasetDict(out)
@@ -288,7 +288,7 @@ def _by_length(split: datasets.Dataset) -> list[int]:
 
 
 def make_loaders(
-    tok: DatasetDict,
+    encoded: DatasetDict,
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     eval_batch_size: int,
@@ -304,8 +304,8 @@ def make_loaders(
     # (dropout) alone, so a resumed run continues with exactly the same dropout masks.
     own = {"generator": torch.Generator().manual_seed(0)}
 
-    cols = ["input_ids", "attention_mask", "labels", *([ROW] if ROW in tok["train"].column_names else [])]
-    train = tok["train"]
+    cols = ["input_ids", "attention_mask", "labels", *([ROW] if ROW in encoded["train"].column_names else [])]
+    train = encoded["train"]
     if group_by_length:
         # Megabatches of 50 batches sorted by length: little padding, still a seeded random order.
         sampler = LengthGroupedSampler(batch_size, lengths=lengths(train), generator=generator)
@@ -314,16 +314,16 @@ def make_loaders(
     return Loaders(
         train=DataLoader(train.select_columns(cols), batch_size=batch_size, sampler=sampler, collate_fn=collate, **own),
         validation=DataLoader(
-            tok["validation"].select_columns(cols),
+            encoded["validation"].select_columns(cols),
             batch_size=eval_batch_size,
-            sampler=_by_length(tok["validation"]),
+            sampler=_by_length(encoded["validation"]),
             collate_fn=collate,
             **own,
         ),
         test=DataLoader(
-            tok["test"].select_columns(cols),
+            encoded["test"].select_columns(cols),
             batch_size=eval_batch_size,
-            sampler=_by_length(tok["test"]),
+            sampler=_by_length(encoded["test"]),
             collate_fn=collate,
             **own,
         ),

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import transformers
 
+from lora_exp.adapters.params import layer_rank
+
 if TYPE_CHECKING:
     from lora_exp.config.schema import LoggerConfig, LoraConfig
 
@@ -31,7 +33,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def git_info(root: Path = PROJECT_ROOT, diff_to: Path | None = None) -> dict[str, Any]:
-    """Commit, branch and dirty flag of the harness checkout (None outside a git checkout).
+    """Commit, branch and dirty flag of the harness checkout (None outside a git checkout, and installed).
 
     When the checkout is dirty and ``diff_to`` is given, the uncommitted diff is saved there.
     """
@@ -43,6 +45,8 @@ def git_info(root: Path = PROJECT_ROOT, diff_to: Path | None = None) -> dict[str
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    if not (root / "pyproject.toml").is_file():  # installed (a wheel in site-packages): no checkout of ours
+        return {"git_commit": None, "git_branch": None, "git_dirty": None, "git_diff_file": None}
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     dirty = bool(status) if status is not None else None
@@ -74,7 +78,7 @@ def run_name(variant: str, method: str, lora_cfg: LoraConfig, lr: float, seed: i
     ...), the LoRA shape (``lora_cfg``, for ``method=lora``), lr (``optimizer.lr``), seed (``trainer.seed``)."""
     parts = [variant]
     if method == "lora":
-        parts += [f"r{lora_cfg.r}", f"a{lora_cfg.alpha:g}", "+".join(lora_cfg.targets)]
+        parts += [f"r{layer_rank(lora_cfg)}", f"a{lora_cfg.alpha:g}", "+".join(lora_cfg.targets)]
     parts += [f"lr{lr:g}", f"s{seed}"]
     return "-".join(parts)
 

@@ -44,7 +44,7 @@ def apply_method(model: nn.Module, method: str, head: list[str], lora_cfg: LoraC
         adapted = injection.inject(
             model,
             list(lora_cfg.targets),
-            lora_cfg.r,
+            adapter_params.layer_rank(lora_cfg),  # VeRA: its own; AdaLoRA: its initial rank
             lora_cfg.alpha,
             lora_cfg.dropout,
             lora_cfg.rslora,

@@ -26,7 +26,7 @@ def attach(
     opts = cfg.lora.adalora
     allocator = adalora.RankAllocator(
         layers,
-        target_r=int(opts.target_r),
+        target_r=int(cfg.lora.r),  # lora.r is AdaLoRA's average rank at the end
         total_step=total_steps,
         tinit=int(opts.tinit_ratio * total_steps),
         tfinal=int(opts.tfinal_ratio * total_steps),

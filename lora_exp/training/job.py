@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from lora_exp import device as devices
 from lora_exp.adapters import lora_fa
 from lora_exp.adapters.layer import scaling
-from lora_exp.adapters.params import optimizer_groups
+from lora_exp.adapters.params import layer_rank, optimizer_groups
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
@@ -30,7 +30,7 @@ from lora_exp.measure import memory
 from lora_exp.measure.timing import PhaseTimer, RssPeak, reserved, reset_memory
 from lora_exp.models.build import build_model, sub_seeds
 from lora_exp.models.methods import count_parameters, model_facts
-from lora_exp.training import adalora_hooks, checkpoint, data_init, features
+from lora_exp.training import adalora_hooks, checkpoint, data_init, feature_cache
 
 CHECKED_UPDATES = 10  # the gradient checks run in the first update and in this one (LoRA moving)
 
@@ -50,7 +50,7 @@ class Job:
     head: list[str]
     adapted: list[str]
     counts: dict[str, Any]
-    tok: Any  # tokenised (text) or featurized (audio) splits
+    encoded: Any  # tokenised (text) or featurized (audio) splits
     loaders: text_data.Loaders
     generator: torch.Generator  # the training data order
     trainable: list[tuple[str, torch.nn.Parameter]]
@@ -63,12 +63,12 @@ class Job:
     rss: RssPeak
     id2label: dict[int, str] | None
     data_dropped: dict[str, int]  # rows dropped while loading, by reason (results.json)
-    pg: checkpoint.Progress
+    progress: checkpoint.Progress
     baseline_reserved: int = 0  # reserved bytes before this job (CUDA)
     resumed: bool = False
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     order: Any = None  # sha256 of the first batches (paired design), None once resumed past them
-    cache: features.FeatureCache | None = None
+    cache: feature_cache.FeatureCache | None = None
     data_init: dict[str, Any] | None = None  # lora.init=eva: what the init used and cost (results.json)
     sampled: memory.SampledStep | None = None  # the step whose memory was measured
     probe_at: tuple[int, int] | None = None  # (epoch, micro-batch) to sample: the longest (loop.plan_probe)
@@ -136,7 +136,7 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
     counts = count_parameters(model, head)
     place_model(model, device, t.gradient_checkpointing)
     generator = torch.Generator().manual_seed(seeds["data"])
-    tok, loaders = make_loaders(cfg, splits, tokenizer, generator, device)
+    encoded, loaders = make_loaders(cfg, splits, tokenizer, generator, device)
     amp = _amp(device, precision)
     init_record = data_init.prepare(cfg, model, loaders.train, generator, amp, run_dir, resume)
     if init_record is not None:  # ranks redistributed (EVA): other layers, other counts
@@ -154,7 +154,7 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
         head=head,
         adapted=adapted,
         counts=counts,
-        tok=tok,
+        encoded=encoded,
         loaders=loaders,
         generator=generator,
         trainable=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
@@ -168,7 +168,7 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
         rss=rss,
         id2label=id2label,
         data_dropped=dropped,
-        pg=checkpoint.Progress(),
+        progress=checkpoint.Progress(),
         resumed=resume,
         loss_sum=torch.zeros((), device=device),
         data_init=init_record,
@@ -178,9 +178,9 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
         compile_model(model)
     _print_banner(job)
     config["derived"] = derived_facts(job)
-    job.pg.config_hash = config_hash(config)
+    job.progress.config_hash = config_hash(config)
     restore_or_seed(job)
-    adalora_hooks.attach(cfg, model, optimizer, total_steps, lambda: job.pg.step)  # after restore: its step
+    adalora_hooks.attach(cfg, model, optimizer, total_steps, lambda: job.progress.step)  # after restore: its step
     return job
 
 
@@ -239,14 +239,16 @@ def make_loaders(
     no length grouping)."""
     t = cfg.trainer
     if cfg.model.task == "audio":
-        tok = text_data.number_rows(audio_data.featurize(splits, tokenizer, cfg.data.gw.sample_rate))
-        loaders = audio_data.make_loaders(tok, t.batch_size, t.eval_batch_size, generator)
+        encoded = text_data.number_rows(audio_data.featurize(splits, tokenizer, cfg.data.gw.sample_rate))
+        loaders = audio_data.make_loaders(encoded, t.batch_size, t.eval_batch_size, generator)
     else:
-        tok = text_data.number_rows(text_data.tokenize(splits, tokenizer, cfg.data.max_length))
-        loaders = text_data.make_loaders(tok, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator)
+        encoded = text_data.number_rows(text_data.tokenize(splits, tokenizer, cfg.data.max_length))
+        loaders = text_data.make_loaders(
+            encoded, tokenizer, t.batch_size, t.eval_batch_size, t.group_by_length, generator
+        )
     if device.type == "cuda":
         text_data.pin_memory(loaders)
-    return tok, loaders
+    return encoded, loaders
 
 
 def make_schedule(model: torch.nn.Module, cfg: Config, device: torch.device, batches: int) -> tuple[Any, Any, int]:
@@ -263,13 +265,13 @@ def make_schedule(model: torch.nn.Module, cfg: Config, device: torch.device, bat
     return optimizer, scheduler, total_steps
 
 
-def cache_features(job: Job) -> features.FeatureCache | None:
+def cache_features(job: Job) -> feature_cache.FeatureCache | None:
     """The frozen-feature cache (``trainer.feature_cache``) for a frozen base or a frozen bottom of it, kept on
     the host; the loaders then bring each batch's stored outputs along (``FeatureCache.feed``)."""
     t = job.cfg.trainer
-    cache = features.maybe_cache(
+    cache = feature_cache.maybe_cache(
         job.model,
-        job.tok,
+        job.encoded,
         job.tokenizer,
         enabled=t.feature_cache and job.cfg.method.name != "full",
         max_gib=float(t.feature_cache_max_gib),
@@ -296,7 +298,7 @@ def lora_scaling(cfg: Config) -> float | None:
     """The effective LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) for a LoRA run."""
     if cfg.method.name != "lora":
         return None
-    return scaling(cfg.lora.r, cfg.lora.alpha, cfg.lora.rslora)
+    return scaling(layer_rank(cfg.lora), cfg.lora.alpha, cfg.lora.rslora)
 
 
 def derived_facts(job: Job) -> dict[str, Any]:
@@ -321,17 +323,18 @@ def restore_or_seed(job: Job) -> None:
     a resumed run's checkpoint already holds it (encoding again after a restart, like the steps lost since the
     last checkpoint, is the interruption's cost, not the configuration's)."""
     if job.resumed:
-        job.pg, job.best_state, generator_state = checkpoint.load(
+        job.progress, job.best_state, generator_state = checkpoint.load(
             job.run_dir, job.model, job.optimizer, job.scheduler, job.scaler
         )
         job.generator.set_state(generator_state)
-        pg = job.pg
-        print(f"[lora-exp] resuming {job.run_dir} at step {pg.step} (epoch {pg.epoch}, batch {pg.batches_done})")
+        progress = job.progress
+        at = f"step {progress.step} (epoch {progress.epoch}, batch {progress.batches_done})"
+        print(f"[lora-exp] resuming {job.run_dir} at {at}")
     else:
         torch.manual_seed(job.seeds["dropout"])
     if job.cache is not None and not job.resumed:
-        job.pg.train_seconds += job.cache.seconds
-    job.order = hashlib.sha256() if job.pg.step == 0 else None
+        job.progress.train_seconds += job.cache.seconds
+    job.order = hashlib.sha256() if job.progress.step == 0 else None
 
 
 def _print_banner(job: Job) -> None:
@@ -341,7 +344,7 @@ def _print_banner(job: Job) -> None:
         f"[lora-exp] {cfg.method.name} on {cfg.model.name}/{cfg.data.name}: {c['trainable']:,} of "
         f"{c['total']:,} parameters trainable ({c['trainable_pct']:.4g}%), "
         f"{len(job.adapted)} LoRA layers, head {'+'.join(job.head)} (trained in full), "
-        f"{len(job.tok['train'])} train examples, {job.total_steps} steps, {job.device} {job.precision}"
+        f"{len(job.encoded['train'])} train examples, {job.total_steps} steps, {job.device} {job.precision}"
         + (f", frozen weights in {stored}" if base_dtype(cfg) != "fp32" else "")
     )
     if stored != base_dtype(cfg):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from lora_exp.adapters import store
-from lora_exp.adapters.params import variant_counts, variant_label
+from lora_exp.adapters.params import layer_rank, variant_counts, variant_label
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import peak_memory
@@ -37,7 +37,7 @@ def finish(job: Job) -> dict[str, Any]:
         **tracking.environment(job.device),
         **tracking.git_info(diff_to=job.run_dir / "git.diff"),
         **tracking.wandb_ref(job.run),
-        "history": job.pg.history,
+        "history": job.progress.history,
     }
     if job.cfg.save_weights:
         results.update(_save_weights(job))
@@ -55,7 +55,7 @@ def what_trained(job: Job) -> dict[str, Any]:
         "variant": variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio),
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "r": cfg.lora.r if lora else None,
+        "r": layer_rank(cfg.lora) if lora else None,  # the layers' rank (VeRA: shared; AdaLoRA: initial)
         "alpha": cfg.lora.alpha if lora else None,
         "rslora": cfg.lora.rslora if lora else None,
         "targets": "+".join(cfg.lora.targets) if lora else None,
@@ -81,7 +81,7 @@ def what_trained(job: Job) -> dict[str, Any]:
 
 def scores(job: Job, test: dict[str, Any]) -> dict[str, Any]:
     """Validation at the best step (by ``trainer.monitor``) and test with those weights."""
-    best = job.pg.best
+    best = job.progress.best
     return {
         "best_val_acc": best["acc"],
         "best_val_f1": best["f1"],
@@ -96,7 +96,7 @@ def scores(job: Job, test: dict[str, Any]) -> dict[str, Any]:
         "test_auc": _none_if_nan(test.get("auc")),
         "test_pred_counts": test["pred_counts"],
         "majority_baseline_acc": max(test["label_counts"]) / sum(test["label_counts"]),
-        "majority_baseline_val_acc": majority_share(job.tok["validation"]),  # the validation curves' baseline
+        "majority_baseline_val_acc": majority_share(job.encoded["validation"]),  # the validation curves' baseline
     }
 
 
@@ -111,31 +111,31 @@ def majority_share(split: Any) -> float:
 def speed(job: Job) -> dict[str, Any]:
     """Training time, throughput (over the whole run: wall; and over its steady part, after the start-up, the
     gradient checks and the sampled memory step), padding and the forward / backward / optimizer split."""
-    pg = job.pg
-    steady = pg.steady_seconds > 0 and pg.steady_samples > 0
+    progress = job.progress
+    steady = progress.steady_seconds > 0 and progress.steady_samples > 0
     return {
-        "train_seconds": pg.train_seconds,
-        "samples_per_s": pg.samples / pg.train_seconds,
-        "steady_seconds": pg.steady_seconds if steady else None,
-        "steady_samples": pg.steady_samples if steady else None,
-        "steady_samples_per_s": pg.steady_samples / pg.steady_seconds if steady else None,
+        "train_seconds": progress.train_seconds,
+        "samples_per_s": progress.samples / progress.train_seconds,
+        "steady_seconds": progress.steady_seconds if steady else None,
+        "steady_samples": progress.steady_samples if steady else None,
+        "steady_samples_per_s": progress.steady_samples / progress.steady_seconds if steady else None,
         "steady_from_update": job.probe_step,
-        "tokens_per_s": pg.real_tokens / pg.train_seconds if pg.padded_tokens else None,
-        "padding_efficiency": pg.real_tokens / pg.padded_tokens if pg.padded_tokens else None,
+        "tokens_per_s": progress.real_tokens / progress.train_seconds if progress.padded_tokens else None,
+        "padding_efficiency": progress.real_tokens / progress.padded_tokens if progress.padded_tokens else None,
         **job.timer.summary(),
     }
 
 
 def identity(job: Job) -> dict[str, Any]:
     """What makes the run comparable: data order, steps, hashes, seeds and the compute settings."""
-    cfg, t, pg = job.cfg, job.cfg.trainer, job.pg
+    cfg, t, progress = job.cfg, job.cfg.trainer, job.progress
     return {
-        "data_order_digest": pg.order_digest or None,
+        "data_order_digest": progress.order_digest or None,
         "resumed": job.resumed,
-        "steps": pg.step,
+        "steps": progress.step,
         "epochs": t.epochs,
         "batch_size": t.batch_size,
-        "train_examples": len(job.tok["train"]),
+        "train_examples": len(job.encoded["train"]),
         "data_dropped": job.data_dropped,  # rows dropped while loading: missing_label, empty_text, duplicate
         "config_hash": config_hash(job.config),
         "group_hash": group_hash(job.config),  # the report's configuration: every setting but the seed
@@ -211,7 +211,7 @@ def _save_weights(job: Job) -> dict[str, Any]:
         "model_source": cfg.model.source,
         "method": cfg.method.name,
         "targets": list(cfg.lora.targets),
-        "r": cfg.lora.r,
+        "r": layer_rank(cfg.lora),
         "alpha": cfg.lora.alpha,
         "dropout": cfg.lora.dropout,
         "rslora": cfg.lora.rslora,

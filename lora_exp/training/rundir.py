@@ -71,7 +71,22 @@ def recorded_config(run_dir: Path) -> DictConfig:
         raise LoraExpError(f"{str(run_dir)!r} has no config.yaml (not a lora-exp run dir)")
     saved = OmegaConf.load(run_dir / "config.yaml")
     saved.pop("derived", None)
-    return OmegaConf.merge(OmegaConf.structured(Config), saved)
+    return OmegaConf.merge(OmegaConf.structured(Config), _before_presets(saved))
+
+
+def _before_presets(saved: DictConfig) -> DictConfig:
+    """A config recorded before ``+preset`` in today's keys: AdaLoRA's ``lora.r`` (its initial rank) becomes
+    ``lora.adalora.init_r`` and its ``target_r`` ``lora.r``; VeRA's ``lora.r`` becomes ``lora.vera.r``."""
+    lora = saved.get("lora")
+    if not isinstance(lora, DictConfig):
+        return saved
+    ada, vera = lora.get("adalora"), lora.get("vera")
+    if isinstance(ada, DictConfig) and "target_r" in ada:
+        ada.init_r = lora.r
+        lora.r = ada.pop("target_r")
+    if lora.get("variant") == "vera" and isinstance(vera, DictConfig) and "r" not in vera:
+        vera.r = lora.r
+    return saved
 
 
 def check_resume(value: str) -> tuple[Path, DictConfig]:
