@@ -34,7 +34,7 @@ from lora_exp.adapters.params import layer_rank
 from lora_exp.config import cmdline
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
-from lora_exp.config.schema import CONF_DIR, register_configs
+from lora_exp.config.schema import CONF_DIR, LoraConfig, register_configs, typed_config
 from lora_exp.device import resolve_compute
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.measure.tracking import write_json
@@ -191,6 +191,10 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
     except Exception:  # an unresolvable config has no identity
         digest, ident = None, {}
     lora = cfg.method.name == "lora"
+    try:
+        rank = layer_rank(typed_config(cfg.lora, LoraConfig)) if lora else None
+    except Exception:  # a lora node that does not convert: its r as given
+        rank = cfg.lora.get("r")
     results = {
         "status": "failed",
         "failure": kind,
@@ -200,7 +204,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, kind: str, reason: str) -> N
         "data": cfg.data.name,
         "config_hash": digest,
         **ident,
-        "r": layer_rank(cfg.lora) if lora else None,
+        "r": rank,
         "alpha": cfg.lora.alpha if lora else None,
         "targets": "+".join(cfg.lora.targets) if lora else None,
         "seed": cfg.trainer.seed,

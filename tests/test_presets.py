@@ -17,6 +17,7 @@ from lora_exp.cli import CONF_DIR
 from lora_exp.config import cmdline
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import arm_hash, config_hash, group_hash
+from lora_exp.config.schema import LoraConfig, typed_config
 from lora_exp.errors import LoraExpError
 
 from .test_train import cli
@@ -93,7 +94,7 @@ def test_every_preset_composes_at_rank_32_on_every_layer(preset: str) -> None:
     validate(cfg)
     assert (cfg.lora.r, list(cfg.lora.targets)) == (32, ["q", "k", "v", "o", "ffn"])
     expected = {"vera": 256, "adalora": 48}.get(preset, 32)  # VeRA keeps its own rank; AdaLoRA starts at 1.5 r
-    assert layer_rank(cfg.lora) == expected
+    assert layer_rank(typed_config(cfg.lora, LoraConfig)) == expected
     assert cfg.optimizer.lr == cfg.method.lr and cfg.optimizer.lr in cfg.method.lr_grid
 
 

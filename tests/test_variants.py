@@ -20,7 +20,7 @@ from lora_exp.adapters import dora
 from lora_exp.adapters import params as adapter_params
 from lora_exp.adapters import store as adapter_store
 from lora_exp.adapters import targets as injection
-from lora_exp.config.schema import LoraConfig
+from lora_exp.config.schema import LoraConfig, typed_config
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import timing
 from lora_exp.models import methods as model_methods
@@ -299,7 +299,9 @@ def test_variants_sweep_composes_every_arm() -> None:
     for overrides in jobs:
         cfg = make_cfg(["+sweep=variants", *overrides])
         validate(cfg)
-        r = adapter_params.layer_rank(cfg.lora)  # VeRA: its own; AdaLoRA: 1.5x the average it prunes to
+        r = adapter_params.layer_rank(
+            typed_config(cfg.lora, LoraConfig)
+        )  # VeRA: its own; AdaLoRA: 1.5x the average it prunes to
         average = None if cfg.lora.variant == "vera" else cfg.lora.r  # lora.r does not apply to VeRA
         shape = (r, average, tuple(cfg.lora.targets)) if cfg.method.name == "lora" else None
         arms.add((label(cfg), shape))

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_exp.adapters.params import layer_rank
+from lora_exp.config.schema import LoraConfig, typed_config
 from lora_exp.training.loop import train
 
 from .interrupts import train_until_update
@@ -68,7 +69,9 @@ def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
 
     cfgs = [make_cfg(["+sweep=fair_variants", f"+preset={variant}", f"lr_index={i}"]) for i in range(3)]
     assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
-    shape = [(layer_rank(c.lora), list(c.lora.targets)) for c in cfgs]  # VeRA: its own rank; AdaLoRA: its start
+    shape = [
+        (layer_rank(typed_config(c.lora, LoraConfig)), list(c.lora.targets)) for c in cfgs
+    ]  # VeRA: its own rank; AdaLoRA: its start
     assert all(label(c) == variant for c in cfgs) and shape == [(r, ["q", "v"])] * 3
 
 

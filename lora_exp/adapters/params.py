@@ -128,22 +128,16 @@ def variant_of(lora_cfg: LoraConfig) -> str:
     return "dora" if lora_cfg.use_dora else lora_cfg.variant
 
 
-def layer_rank(lora_cfg: Any) -> int:
+def layer_rank(lora_cfg: LoraConfig) -> int:
     """The rank each adapted layer is built with: ``lora.r``; for VeRA its own ``lora.vera.r`` (the shared
     projections'); for AdaLoRA ``lora.adalora.init_r``, null: 1.5 x ``lora.r`` rounded up (PEFT's 12 for a
     target of 8), which it prunes to an average of ``lora.r``."""
-    get = lora_cfg.get if hasattr(lora_cfg, "get") else (lambda k, d=None: getattr(lora_cfg, k, d))
-    r, variant = int(get("r")), variant_of(lora_cfg)
-    options = get(variant) if variant in ("vera", "adalora") else None
-    if options is None:  # a bare lora config without the variant's group: its defaults
-        own: Any = lambda k, d=None: d  # noqa: E731
-    else:
-        own = options.get if hasattr(options, "get") else (lambda k, d=None: getattr(options, k, d))
+    variant = variant_of(lora_cfg)
     if variant == "vera":
-        return int(own("r", r))
+        return int(lora_cfg.vera.r)
     if variant == "adalora":
-        return adalora_initial_rank(r, own("init_r", None))
-    return r
+        return adalora_initial_rank(int(lora_cfg.r), lora_cfg.adalora.init_r)
+    return int(lora_cfg.r)
 
 
 def variant_options(lora_cfg: LoraConfig) -> dict[str, Any]:
