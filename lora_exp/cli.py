@@ -4,7 +4,7 @@ lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp m
 lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
 lora-exp resume=RUN_DIR               continue an interrupted run from its checkpoint
 lora-exp fetch                        fetch the offline models and data once (else done on first use)
-lora-exp report DIR [--out D] [--wandb]   summary.csv / summary.md / fair.md / figures from results under DIR
+lora-exp report DIR [DIR ...] [--out D] [--wandb]   summary.csv / .md / fair.md / figures from results under DIRs
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
 lora-exp predict adapter=RUN_DIR text="..." | file=F [--force]   merged inference: label and probability
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
@@ -220,6 +220,10 @@ def hydra_app(cfg: DictConfig) -> float:
     if multirun and cfg.logger.group is None:  # one W&B group per sweep: its name + the sweep dir's stamp
         cfg.logger.group = f"{cfg.sweep_name or 'adhoc'}-{run_dir.parent.name}"
     results = run_job(cfg, run_dir, multirun)
+    if multirun and "max_num_timeout" in hc.launcher:  # hydra/launcher=slurm: requeue before the time limit
+        from lora_exp.launcher import requeue_if_timed_out
+
+        requeue_if_timed_out(results, int(hc.launcher.max_num_timeout))
     return results.get("best_val_acc", math.nan)
 
 
@@ -244,24 +248,28 @@ def _report(*args: str) -> int:
     from lora_exp.analysis.report import fair_comparison, load_runs, write_report
 
     parser = argparse.ArgumentParser(prog="lora-exp report", description="Table + figures from a (multi)run dir")
-    parser.add_argument("dir", type=Path, help="a run or multirun dir (every results.json below it is read)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR/report)")
+    parser.add_argument("dirs", type=Path, nargs="+", help="run or multirun dirs (every results.json below them)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: DIR/report; several DIRs: DIR/report-merged)"
+    )
     parser.add_argument("--wandb", action="store_true", help="also log tables + figures to a W&B run (job_type=report)")
     ns = parser.parse_args(args)
-    if not ns.dir.is_dir():
-        raise LoraExpError(f"report: {str(ns.dir)!r} is not a folder")
-    written = write_report(ns.dir, ns.out)
+    for folder in ns.dirs:
+        if not folder.is_dir():
+            raise LoraExpError(f"report: {str(folder)!r} is not a folder")
+    ns.dir = ns.dirs[0]  # where the fair comparison's widening sweeps and the W&B report are written
+    written = write_report(ns.dirs, ns.out)
     print(written["summary.md"].read_text())  # the runs are read once (an unreadable one is reported once)
     if "fair.md" in written:  # a chosen lr at the edge of its grid: the sweep that looks beyond it
-        df = load_runs(ns.dir)
+        df = load_runs(ns.dirs)
         print("\n".join(widen_commands(df, fair_comparison(df)[0], ns.dir)))
     print("\n".join(f"wrote {p}" for p in written.values()))
     if ns.wandb:
         from lora_exp.analysis.report import load_runs, report_tables
         from lora_exp.analysis.wandb_report import log_report
 
-        out = ns.out or ns.dir / "report"
-        df = load_runs(ns.dir)
+        out = written["summary.md"].parent
+        df = load_runs(ns.dirs)
         df = df[~df["job_dir"].str.startswith(str(out))]
         figures = {name: path for name, path in written.items() if name.endswith(".png")}
         print(log_report(ns.dir, out, df, report_tables(df), figures))
