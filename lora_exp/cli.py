@@ -163,7 +163,7 @@ def _train_or_record(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
         reason = one_line(err)
         _record_failure(cfg, run_dir, kind, reason)
         trace = _write_traceback(run_dir, err)
-        where = f" (traceback in {trace})" if trace and kind not in ("config", "preempted") else ""
+        where = f" (traceback in {trace})" if trace and kind not in ("config", "preempted", "pruned") else ""
         print(f"error: {reason}" if kind == "config" else f"error ({kind}): {reason}{where}", file=sys.stderr)
         if multirun:
             return {"status": "failed", "failure": kind, "reason": reason}
