@@ -88,7 +88,8 @@ def load_runs(roots: Path | Sequence[Path]) -> pd.DataFrame:
     ``one_class`` (the run predicted a single class on the whole test split).
     """
     roots = [Path(roots)] if isinstance(roots, str | Path) else [Path(r) for r in roots]
-    paths = sorted({p.resolve(): p for root in roots for p in root.rglob("results.json")}.values())
+    found = {p.resolve(): p for root in roots for p in sorted(root.rglob("results.json"))}  # a dir given twice: once
+    paths = list(found.values())  # in the order of the dirs given: a copied run keeps its first dir's row
     rows = [{**_read_result(path), "job_dir": str(path.parent)} for path in paths]
     if not rows:
         where = " or ".join(repr(str(r)) for r in roots)

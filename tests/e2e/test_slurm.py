@@ -1,6 +1,7 @@
 """A real SLURM on localhost (tests/helpers/slurm_cluster.py): a 2-job sweep through ``hydra/launcher=slurm``, one
-job requeued mid-run with ``scontrol requeue`` (what preemption does). The resumed job ends bit-identical to an
-uninterrupted run with the same W&B run id, the sweep's summary counts it as finished, the report has both rows.
+job requeued mid-run with ``scontrol requeue`` (what preemption does: SIGTERM), the other sent SIGUSR2 (what SLURM
+sends ``signal_delay_s`` before the time limit: the job requeues itself). The requeued job ends bit-identical to an
+uninterrupted run with the same W&B run id, the sweep's summary counts both as finished, the report has both rows.
 
 Needs root and Debian's slurm-wlm + munge (``.ci/run`` installs them); skipped with the reason otherwise.
 """
@@ -105,15 +106,19 @@ def test_requeued_job_resumes_bit_identical_and_counts_once(cluster, reviews: Pa
         text=True,
     )
     try:
-        lora_dir = sweep_dir / "0_lora"
+        lora_dir, frozen_dir = sweep_dir / "0_lora", sweep_dir / "1_frozen"
+        jobs = wait_for(lambda: sorted(squeue(cluster)) if len(squeue(cluster)) == 2 else None, "2 jobs", 120, proc)
+        wait_for(lambda: checkpoint_step(frozen_dir) >= 2, "checkpoint of the frozen job", 240, proc)
+        subprocess.run(["scancel", "--signal=USR2", jobs[1]], check=True, env=env)  # the time-limit signal
+        print(f"SIGUSR2 to SLURM job {jobs[1]} (frozen) at step {checkpoint_step(frozen_dir)}")
         wait_for(lambda: checkpoint_step(lora_dir) >= 4, "checkpoint of the lora job", 240, proc)
         wandb_id = json.loads((lora_dir / "checkpoint" / "progress.json").read_text())["wandb_id"]
-        job_id = wait_for(lambda: next((j for j in squeue(cluster) if j.endswith("_0")), None), "lora job", 30)
-        subprocess.run(["scontrol", "requeue", job_id], check=True, env=env)
-        print(f"requeued SLURM job {job_id} at step {checkpoint_step(lora_dir)}")
-        wait_for(lambda: squeue(cluster, "-j", job_id.split("_")[0]).get(job_id) == "PENDING", "requeue", 120, proc)
-        # SLURM holds a requeued job back for two minutes (BeginTime); a busy cluster would too: release it now
-        subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True, env=env)
+        subprocess.run(["scontrol", "requeue", jobs[0]], check=True, env=env)  # what preemption does
+        print(f"scontrol requeue {jobs[0]} (lora) at step {checkpoint_step(lora_dir)}")
+        for job_id in jobs:
+            wait_for(lambda j=job_id: squeue(cluster, "-j", j.split("_")[0]).get(j) == "PENDING", "requeue", 120, proc)
+            # SLURM holds a requeued job back for two minutes (BeginTime); release it now
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True, env=env)
         out, _ = proc.communicate(timeout=420)
     finally:
         if proc.poll() is None:
@@ -134,6 +139,9 @@ def test_requeued_job_resumes_bit_identical_and_counts_once(cluster, reviews: Pa
     assert first["failure"] == "preempted" and "SIGTERM" in first["reason"]
     assert final["status"] == "ok" and final["resumed"] is True
     assert final["wandb_id"] == wandb_id  # the same W&B run, continued
+    frozen = json.loads((frozen_dir / "results.json").read_text())
+    assert "SIGUSR2" in json.loads((frozen_dir / "results.failed-0.json").read_text())["reason"]
+    assert frozen["status"] == "ok" and frozen["resumed"] is True  # requeued itself, resumed, finished
 
     # an uninterrupted run of the same recorded config, here: bit-identical adapter and scores
     straight = train(recorded_config(lora_dir), tmp_path / "straight")
