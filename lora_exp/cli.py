@@ -5,7 +5,7 @@ lora-exp [key=value ...]              one job (Hydra overrides), e.g. lora-exp m
 lora-exp -m [key=a,b ...]             a multirun sweep, e.g. lora-exp -m +sweep=methods
 lora-exp resume=RUN_DIR               continue an interrupted run from its checkpoint
 lora-exp fetch                        fetch the offline models and data once (else done on first use)
-lora-exp report DIR [--out D] [--wandb]   summary.csv / summary.md / fair.md / figures from results under DIR
+lora-exp report DIR [DIR ...] [--out D] [--wandb]   summary.csv / .md / fair.md / figures from results under DIRs
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
 lora-exp predict adapter=RUN_DIR text="..." | file=F [--force]   merged inference: label and probability
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
@@ -165,7 +165,7 @@ def _train_or_record(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
         reason = one_line(err)
         _record_failure(cfg, run_dir, kind, reason)
         trace = _write_traceback(run_dir, err)
-        where = f" (traceback in {trace})" if trace and kind not in ("config", "preempted") else ""
+        where = f" (traceback in {trace})" if trace and kind not in ("config", "preempted", "pruned") else ""
         print(f"error: {reason}" if kind == "config" else f"error ({kind}): {reason}{where}", file=sys.stderr)
         if multirun:
             return {"status": "failed", "failure": kind, "reason": reason}
@@ -226,6 +226,10 @@ def hydra_app(cfg: DictConfig) -> float:
     if multirun and cfg.logger.group is None:  # one W&B group per sweep: its name + the sweep dir's stamp
         cfg.logger.group = f"{cfg.sweep_name or 'adhoc'}-{run_dir.parent.name}"
     results = run_job(cfg, run_dir, multirun)
+    if multirun and "max_num_timeout" in hc.launcher:  # hydra/launcher=slurm: requeue before the time limit
+        from lora_exp.launcher import requeue_if_timed_out
+
+        requeue_if_timed_out(results, int(hc.launcher.max_num_timeout))
     return results.get("best_val_acc", math.nan)
 
 

@@ -85,6 +85,16 @@ def stopped_line(sweep_dir: Path, signal_name: str) -> str:
     )
 
 
+def wandb_sync_line(sweep_dir: Path) -> str | None:
+    """The command that uploads the sweep's offline W&B runs (a resumed job's second run dir continues the same
+    run id, so it is counted once); None when there are none."""
+    found = sorted(sweep_dir.glob("*/wandb/offline-run-*"))
+    if not found:
+        return None
+    runs = {path.name.rsplit("-", 1)[-1] for path in found}
+    return f"W&B: {len(runs)} offline run(s); upload with: wandb sync {sweep_dir}/*/wandb/offline-run-*"
+
+
 class SweepCallback(Callback):
     """Hydra callback for the multirun's main process (see the module's docstring). It holds no state: Hydra
     pickles the callbacks into every joblib task."""
@@ -100,6 +110,9 @@ class SweepCallback(Callback):
         except Exception as err:  # the sweep's results are written; a table that fails must not hide that
             table = f"[lora-exp] no summary table: {type(err).__name__}: {err}".splitlines()[0]
         print(f"\nsweep {sweep_dir}:\n{table}", flush=True)
+        sync = wandb_sync_line(sweep_dir)
+        if sync:
+            print(sync, flush=True)
         stopped = interrupt.requested()
         if stopped is not None:
             end_idle_workers()

@@ -15,7 +15,8 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 def test_pyproject_lists_every_package_and_maps_conf_and_sweeps() -> None:
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "lora_exp").rglob("__init__.py")}
+    inits = [*(REPO / "lora_exp").rglob("__init__.py"), *(REPO / "hydra_plugins").rglob("__init__.py")]
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in inits}  # hydra_plugins: a namespace package
     assert set(setuptools["packages"]) == on_disk | {"lora_exp.conf", "lora_exp.sweeps"}
     assert setuptools["package-dir"] == {"lora_exp.conf": "conf", "lora_exp.sweeps": "sweeps"}
     data = setuptools["package-data"]["lora_exp.conf"]

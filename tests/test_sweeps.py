@@ -178,3 +178,10 @@ def test_optuna_study_runs_and_persists(reviews: Path, tmp_path: Path) -> None:
     assert all(1e-4 <= r["lr"] <= 1e-2 and r["r"] in (2, 4, 8, 16, 32) for r in got)
     assert (sweep / "optuna.db").stat().st_size > 0
     assert "Best parameters" in proc.stdout + proc.stderr or (sweep / "optimization_results.yaml").is_file()
+    import optuna  # our sweeper (lora_exp/search.py) drives a current Optuna, no optuna<3 pin
+
+    assert int(optuna.__version__.split(".")[0]) >= 4, optuna.__version__
+    study = optuna.load_study(study_name="lora_lr_r_alpha", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.intermediate_values for t in study.trials)  # each job reported its validation curve for pruning
+    assert sorted(t.value for t in study.trials) == sorted(r["best_val_acc"] for r in got)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -78,19 +79,26 @@ COLUMNS = [
 ]
 
 
-def load_runs(root: Path) -> pd.DataFrame:
-    """Every ``results.json`` below ``root`` as one row (failed jobs included, ``status`` says which).
+def load_runs(roots: Path | Sequence[Path]) -> pd.DataFrame:
+    """Every ``results.json`` below ``roots`` (one dir, or several sweep dirs merged) as one row (failed jobs
+    included, ``status`` says which). Set-aside attempts (``results.failed-N.json``) are never read, and a run
+    found twice (a job folder copied into a second sweep dir) is one row, by its run id.
 
     Adds ``_group`` / ``_arm`` (the recorded hashes, else the CONFIG_KEYS / ARM_KEYS values) and
     ``one_class`` (the run predicted a single class on the whole test split).
     """
-    rows = [{**_read_result(path), "job_dir": str(path.parent)} for path in sorted(Path(root).rglob("results.json"))]
+    roots = [Path(roots)] if isinstance(roots, str | Path) else [Path(r) for r in roots]
+    found = {p.resolve(): p for root in roots for p in sorted(root.rglob("results.json"))}  # a dir given twice: once
+    paths = list(found.values())  # in the order of the dirs given: a copied run keeps its first dir's row
+    rows = [{**_read_result(path), "job_dir": str(path.parent)} for path in paths]
     if not rows:
-        raise LoraExpError(f"report: no results.json under {str(root)!r} (is it a run or multirun dir?)")
+        where = " or ".join(repr(str(r)) for r in roots)
+        raise LoraExpError(f"report: no results.json under {where} (is it a run or multirun dir?)")
     df = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in df:
             df[col] = None
+    df = df[~df.assign(_run=run_ids(df)).duplicated("_run", keep="first")].reset_index(drop=True)
     df["_group"] = _identity(df, "group_hash", CONFIG_KEYS)
     df["_arm"] = _identity(df, "arm_hash", ARM_KEYS)
     df["one_class"] = [is_one_class(c) for c in df["test_pred_counts"]]
@@ -99,6 +107,17 @@ def load_runs(root: Path) -> pd.DataFrame:
     job = df["group_hash"].where(df["group_hash"].notna(), df["config_hash"])
     twice = done & job.notna() & df.assign(_job=job).duplicated(["_job", "seed"], keep="first")
     return df[~twice].reset_index(drop=True)
+
+
+def run_ids(df: pd.DataFrame) -> pd.Series:
+    """Each row's run id: its W&B run id (a resumed run keeps it), else what a copy of the same results.json
+    shares and a rerun does not (config hash, seed, training time); a row without either is its own run."""
+    cols = [c for c in ("config_hash", "seed", "train_seconds") if c in df]
+    fallback = df[cols].astype(str).agg("|".join, axis=1) if cols else pd.Series("", index=df.index)
+    has_own = df["config_hash"].notna() & df.get("train_seconds", pd.Series(None, index=df.index)).notna()
+    fallback = fallback.where(has_own, "row:" + df["job_dir"])
+    wandb_id = df["wandb_id"] if "wandb_id" in df else pd.Series(None, index=df.index)
+    return ("wandb:" + wandb_id.astype(str)).where(wandb_id.notna(), fallback)
 
 
 def _read_result(path: Path) -> dict:
@@ -374,13 +393,13 @@ def report_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
-    """Read the runs under ``root``; write summary.csv, summary.md, the figures and, when an lr grid was swept,
-    fair.md into ``out`` (default ``root/report``)."""
-    root = Path(root)
-    out = Path(out) if out else root / "report"
+def write_report(roots: Path | Sequence[Path], out: Path | None = None) -> dict[str, Path]:
+    """Read the runs under ``roots`` (one dir, or several merged); write summary.csv, summary.md, the figures and,
+    when an lr grid was swept, fair.md into ``out`` (default ``<dir>/report``; several: ``<first>/report-merged``)."""
+    roots = [Path(roots)] if isinstance(roots, str | Path) else [Path(r) for r in roots]
+    out = Path(out) if out else roots[0] / ("report" if len(roots) == 1 else "report-merged")
     out.mkdir(parents=True, exist_ok=True)
-    df = load_runs(root)
+    df = load_runs(roots)
     df = df[~df["job_dir"].str.startswith(str(out))]
     summary = summarize(df)
     summary.drop(columns=["_group"], errors="ignore").to_csv(out / "summary.csv", index=False)

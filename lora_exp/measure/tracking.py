@@ -149,7 +149,17 @@ def wandb_run(
         yield run
         failed = False
     finally:
-        run.finish(exit_code=1 if failed else 0)
+        try:
+            run.finish(exit_code=1 if failed else 0)
+        except Exception as err:  # on SLURM, SIGTERM reaches W&B's service too: it may be gone already
+            if not failed:
+                raise
+            # the job's own failure (preempted: checkpoint saved) is what it records, not W&B's lost connection
+            why = f"{type(err).__name__}: {err}".splitlines()[0]
+            print(
+                f"[lora-exp] W&B run {run.id} not finished ({why}); its offline files stay for wandb sync",
+                file=sys.stderr,
+            )
 
 
 def wandb_ref(run: Any) -> dict[str, Any]:

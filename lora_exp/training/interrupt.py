@@ -11,16 +11,29 @@ other workers before they can checkpoint. So each process keeps a flag instead:
   after the signal sees it and does not start;
 - a multirun's main process (``install``, from ``lora_exp.sweep``): forwards the signal to its workers, waits
   for them, and aborts at once on a second Ctrl-C.
+
+In a job that submitit started on SLURM the signal it asks SLURM to send before the time limit (SIGUSR2, or
+``SUBMITIT_PREEMPT_SIGNAL``) sets the flag too (``lora_exp/launcher.py`` then requeues the job).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def signals() -> tuple[signal.Signals, ...]:
+    """SIGINT and SIGTERM, plus submitit's time-limit signal in a SLURM job (submitit sets SUBMITIT_EXECUTOR)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return SIGNALS
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    extra = getattr(signal, f"SIG{name}", None) or getattr(signal, name, None)
+    return SIGNALS + ((extra,) if extra is not None and extra not in SIGNALS else ())
 
 
 class StopFlag(threading.Event):
@@ -53,7 +66,7 @@ def install(escalate: bool, then: Callable[[int], None] | None = None) -> StopFl
     """
     global _current
     flag = StopFlag()
-    for sig in SIGNALS:
+    for sig in signals():
         signal.signal(sig, _handler(flag, escalate, then))
     _current = flag
     return flag
@@ -79,7 +92,7 @@ def stop_flag() -> Iterator[StopFlag]:
         return
     flag = StopFlag()
     try:
-        previous = {sig: signal.signal(sig, _handler(flag, True, None)) for sig in SIGNALS}
+        previous = {sig: signal.signal(sig, _handler(flag, True, None)) for sig in signals()}
     except ValueError:  # not the main thread: signals stay as they are
         yield flag
         return

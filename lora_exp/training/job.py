@@ -75,6 +75,7 @@ class Job:
     sampled_at: dict[str, Any] = field(default_factory=dict)  # which update it was, and its padded tokens
     run: Any = None  # the W&B run
     stop: threading.Event = field(default_factory=threading.Event)  # set by SIGINT / SIGTERM (training/interrupt.py)
+    trial: Any = None  # an Optuna trial's reporter (training/pruning.py) when the job is one, else None
     loss_sum: torch.Tensor | None = None  # running train loss on the device (the host syncs only to log)
     loss_count: int = 0
 

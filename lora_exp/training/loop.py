@@ -26,7 +26,7 @@ from lora_exp.data import text as text_data
 from lora_exp.errors import TrainingFailure
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import RssPeak, Steady, clock
-from lora_exp.training import checkpoint, interrupt, metrics
+from lora_exp.training import checkpoint, interrupt, metrics, pruning
 from lora_exp.training.checks import check_gradients, check_lora_moving, has_adapter
 from lora_exp.training.job import Job, setup
 from lora_exp.training.metrics import evaluate, is_nan
@@ -48,7 +48,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any
             tracking.wandb_run(c.logger, run_dir, recorded(job.config), name, variant, job.progress.wandb_id) as run,
             interrupt.stop_flag() as stop,
         ):
-            job.run, job.stop = run, stop
+            job.run, job.stop, job.trial = run, stop, pruning.from_env()
             tracking.declare_axes(run, metrics.HIGHER_IS_BETTER)
             job.progress.wandb_id = tracking.wandb_ref(run)["wandb_id"]
             fit(job)
@@ -290,6 +290,9 @@ def validate_now(job: Job, epoch: float) -> None:
             "epoch": epoch,
         }
         job.best_state = trainable_state(job.model)
+    value = m[metrics.monitor_key(monitor)]
+    if job.trial is not None and job.trial.report(value, pg.step):  # hydra/sweeper=lora_optuna: the pruner stops it
+        raise TrainingFailure("pruned", f"pruned by the Optuna study at step {pg.step} ({monitor} {value:.4f})")
 
 
 def save_checkpoint(job: Job, epoch_state: torch.Tensor) -> None:
