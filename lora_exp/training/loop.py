@@ -291,8 +291,9 @@ def validate_now(job: Job, epoch: float) -> None:
         }
         job.best_state = trainable_state(job.model)
     value = m[metrics.monitor_key(monitor)]
-    if job.trial is not None and job.trial.report(value, pg.step):  # hydra/sweeper=lora_optuna: the pruner stops it
-        raise TrainingFailure("pruned", f"pruned by the Optuna study at step {pg.step} ({monitor} {value:.4f})")
+    step = job.progress.step
+    if job.trial is not None and job.trial.report(value, step):  # hydra/sweeper=lora_optuna: the pruner stops it
+        raise TrainingFailure("pruned", f"pruned by the Optuna study at step {step} ({monitor} {value:.4f})")
 
 
 def save_checkpoint(job: Job, epoch_state: torch.Tensor) -> None:

@@ -79,6 +79,14 @@ def commands(page: Path) -> list[Command]:
             continue
         if fence is not None:
             text = stripped.removeprefix("$ ")
+            if raw.rstrip().endswith("\\") and fence in COMMAND_FENCES:  # a command continued on the next lines
+                continue
+            start = number - 1
+            while start > 0 and lines[start - 1].rstrip().endswith("\\"):
+                start -= 1
+            if start < number - 1:  # the last line of a continued command: the whole command, joined
+                text = " ".join(line.strip().removesuffix("\\").strip() for line in lines[start:number])
+                text = text.removeprefix("$ ")
             if fence in COMMAND_FENCES and (text == "lora-exp" or text.startswith("lora-exp ")):
                 after = lines[number].strip() if number < len(lines) else ""
                 error = after if after.startswith("error") else None
