@@ -113,7 +113,7 @@ def run_ids(df: pd.DataFrame) -> pd.Series:
     """Each row's run id: its W&B run id (a resumed run keeps it), else what a copy of the same results.json
     shares and a rerun does not (config hash, seed, training time); a row without either is its own run."""
     cols = [c for c in ("config_hash", "seed", "train_seconds") if c in df]
-    fallback = df[cols].astype(str).agg("|".join, axis=1) if cols else pd.Series("", index=df.index)
+    fallback = pd.Series(["|".join(map(str, row)) for row in df[cols].itertuples(index=False)], index=df.index)
     has_own = df["config_hash"].notna() & df.get("train_seconds", pd.Series(None, index=df.index)).notna()
     fallback = fallback.where(has_own, "row:" + df["job_dir"])
     wandb_id = df["wandb_id"] if "wandb_id" in df else pd.Series(None, index=df.index)
