@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_exp.config.schema import typed_config
 from lora_exp.errors import TrainingFailure
 from lora_exp.measure import tracking
 
@@ -22,9 +23,12 @@ def test_lost_wandb_service_does_not_mask_preempted(tiny_cfg, tmp_path: Path, mo
     import wandb
 
     monkeypatch.setattr(wandb, "init", lambda **kwargs: LostService())
-    cfg = tiny_cfg("logger=wandb")
-    with pytest.raises(TrainingFailure, match="SIGTERM at step 3"), tracking.wandb_run(cfg, tmp_path, {}):
+    logger = typed_config(tiny_cfg("logger=wandb")).logger
+    with (
+        pytest.raises(TrainingFailure, match="SIGTERM at step 3"),
+        tracking.wandb_run(logger, tmp_path, {}, "lora-r8", "lora"),
+    ):
         raise TrainingFailure("preempted", "SIGTERM at step 3: checkpoint saved")
     assert "W&B run run1 not finished (ConnectionResetError: Connection lost)" in capsys.readouterr().err
-    with pytest.raises(ConnectionResetError), tracking.wandb_run(cfg, tmp_path, {}):
+    with pytest.raises(ConnectionResetError), tracking.wandb_run(logger, tmp_path, {}, "lora-r8", "lora"):
         pass  # a job that finished: the lost connection is its error
