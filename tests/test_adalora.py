@@ -15,9 +15,8 @@ from lora_exp.adapters import adalora
 from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 from lora_exp.models import methods as model_methods
-
-from . import parity
-from .parity import ARCHS, TARGETS, R, close, ids, ours_cfg, tiny
+from tests.helpers import parity
+from tests.helpers.parity import ARCHS, TARGETS, R, close, ids, ours_cfg, tiny_model
 
 TARGET_R, TOTAL, TFINAL, ORTH = 2, 4, 1, 0.5
 
@@ -33,7 +32,7 @@ def peft_key(name: str, head: list[str]) -> str:
 
 def ada_pair(arch: str, dropout: float = 0.1):
     """(ours, PEFT's, head, base, allocator): equal A, E (randomised), B and head; our allocator and regulariser on."""
-    base, head = tiny(arch)
+    base, head = tiny_model(arch)
     conf = AdaLoraConfig(
         init_r=R,
         target_r=TARGET_R,
@@ -110,7 +109,7 @@ def test_adalora_merge_unmerge_counts_and_regulariser() -> None:
 
 
 def test_schedule_without_a_pruning_phase_is_an_error() -> None:
-    base, head = tiny("bert")
+    base, head = tiny_model("bert")
     model_methods.apply_method(base, "lora", head, ours_cfg("bert", variant="adalora"))
     with pytest.raises(LoraExpError, match="leave no budgeting phase in 4 steps"):
         adalora.RankAllocator(dict(injection.lora_layers(base)), 2, 4, tinit=2, tfinal=2)

@@ -24,12 +24,11 @@ from lora_exp.models import heads as model_heads
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
 from lora_exp.training import loop
-
-from . import tiny_checkpoints as tc
-from .tiny_checkpoints import FFN as F
-from .tiny_checkpoints import LABELS as C
-from .tiny_checkpoints import LAYERS as L
-from .tiny_checkpoints import H
+from tests.helpers import tiny_checkpoints as tc
+from tests.helpers.tiny_checkpoints import FFN as F
+from tests.helpers.tiny_checkpoints import LABELS as C
+from tests.helpers.tiny_checkpoints import LAYERS as L
+from tests.helpers.tiny_checkpoints import H
 
 R = 4
 TARGETS = {

@@ -10,41 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from lora_exp import inference
 from lora_exp.adapters import targets as injection
-from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.config import checks as config_checks
 from lora_exp.data import audio as audio_data
 from lora_exp.errors import LoraExpError
 from lora_exp.models import audio as audio_models
 from lora_exp.models import heads as model_heads
 from lora_exp.models import methods as model_methods
-
-from .conftest import make_cfg
-
-H, LAYERS, R = 32, 2, 4
-
-
-def whisper_cfg(**extra: object):
-    base = {
-        "name": "t",
-        "task": "audio",
-        "source": "tiny",
-        "arch": "whisper",
-        "hidden_size": H,
-        "layers": LAYERS,
-        "heads": 2,
-        "ffn_size": 64,
-        "trust_remote_code": False,
-        "audio_max_seconds": None,
-    }
-    return OmegaConf.create({**base, **extra})
-
-
-def lora_cfg(*targets: str):
-    return OmegaConf.create({"targets": list(targets), "r": R, "alpha": 8.0, "dropout": 0.0, "rslora": False})
+from tests.helpers.audio import assert_audio_peft_round_trip, whisper_cfg
+from tests.helpers.configs import make_cfg
+from tests.helpers.models import LAYERS, H, R, lora_cfg, randomise_trainables
 
 
 def features(fe, seconds: float, n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -133,39 +110,13 @@ def test_frozen_trains_the_head_only_and_full_everything() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-def _randomise_trainables(model: torch.nn.Module) -> None:
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.2)
-
-
-def assert_audio_peft_round_trip(
-    ours: torch.nn.Module, base: torch.nn.Module, head: list[str], x: torch.Tensor, folder: Path, tensors: int
-) -> None:
-    """Ours -> PEFT's format -> ``PeftModel.from_pretrained`` and back through ``import_peft`` (``tensors`` LoRA
-    tensors): the same logits as ours on ``x`` (atol 1e-5), which differ from the base's (the adapter matters)."""
-    from peft import PeftModel
-
-    export_peft(ours, folder, {"head_modules": head})
-    with torch.no_grad():
-        expected = ours.eval()(input_features=x).logits
-        assert not torch.allclose(expected, base.eval()(input_features=x).logits)  # the adapter matters
-        ref = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
-        torch.testing.assert_close(ref.get_base_model()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
-        back = copy.deepcopy(base)
-        assert len(import_peft(back, folder, head)) == tensors
-        torch.testing.assert_close(back.eval()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
-
-
 def test_peft_export_import_equal_logits_on_tiny_whisper(tmp_path: Path) -> None:
 
     fe, base, head = audio_models.build(whisper_cfg(audio_max_seconds=2.0), 2)
     x = features(fe, 2.0)
     ours = copy.deepcopy(base)
     model_methods.apply_method(ours, "lora", head, lora_cfg("q", "v", "ffn"))
-    _randomise_trainables(ours)
+    randomise_trainables(ours)
     assert_audio_peft_round_trip(ours, base, head, x, tmp_path / "peft", LAYERS * 4)
 
 

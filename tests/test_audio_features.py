@@ -16,9 +16,9 @@ from lora_exp.measure import timing
 from lora_exp.models import audio as audio_models
 from lora_exp.training import job as job_setup
 from lora_exp.training import loop
-
-from .conftest import make_cfg
-from .test_audio import whisper_cfg
+from tests.helpers.audio import whisper_cfg
+from tests.helpers.configs import make_cfg
+from tests.helpers.models import count_calls
 
 RATE = 2048
 SMALL = [
@@ -99,21 +99,8 @@ def test_loaders_give_the_old_order(splits, cache: Path) -> None:
     assert [len(b["labels"]) for b in loaders.validation] == [5, 3] and batches[0]["labels"].dtype == torch.long
 
 
-def _count_encoder_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    calls = {"n": 0}
-    forward = torch.nn.Module.__call__
-
-    def counting(self, *args, **kwargs):
-        if type(self).__name__ == "WhisperEncoder":
-            calls["n"] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
-    return calls
-
-
 def test_frozen_audio_runs_the_encoder_once_per_clip(cache: Path, tmp_path: Path, monkeypatch) -> None:
-    calls = _count_encoder_calls(monkeypatch)
+    calls = count_calls(monkeypatch, "WhisperEncoder")
     res = loop.train(make_cfg([*SMALL, "method=frozen", "trainer.epochs=3"]), tmp_path / "run")
     assert res["status"] == "ok" and res["feature_cache"] is True
     assert calls["n"] == math.ceil(40 / 16) + math.ceil(20 / 16) * 2  # one pass per split, eval batch 16

@@ -16,16 +16,15 @@ from lora_exp.adapters import store as adapter_store
 from lora_exp.errors import LoraExpError
 from lora_exp.models import methods as model_methods
 from lora_exp.training import checkpoint, checks, loop
-
-from .test_models import lora_cfg, tiny
-from .test_train import cli
+from tests.helpers.models import lora_cfg, tiny_text
+from tests.helpers.processes import cli
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_exp"
 
 
 @pytest.fixture
 def saved_adapter(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
-    _, model, head = tiny("bert")
+    _, model, head = tiny_text("bert")
     model_methods.apply_method(model, "lora", head, lora_cfg("q", "v"))
     adapter_store.save_adapter(model, tmp_path / "a", {"num_labels": 2})
     return model, tmp_path / "a"
@@ -51,7 +50,7 @@ def test_corrupted_adapter_config(saved_adapter) -> None:
 
 
 def test_adapter_with_other_rank_is_refused(saved_adapter) -> None:
-    _, model, head = tiny("bert")
+    _, model, head = tiny_text("bert")
     model_methods.apply_method(model, "lora", head, lora_cfg("q", "v", r=2))
     _, tensors = adapter_store.read_adapter(saved_adapter[1])
     with pytest.raises(LoraExpError, match=r"lora_A.weight has shape \(4, 32\), the model \(2, 32\)"):
@@ -59,7 +58,7 @@ def test_adapter_with_other_rank_is_refused(saved_adapter) -> None:
 
 
 def test_adapter_for_other_targets_is_refused(saved_adapter) -> None:
-    _, model, head = tiny("bert")
+    _, model, head = tiny_text("bert")
     model_methods.apply_method(model, "lora", head, lora_cfg("k"))
     _, tensors = adapter_store.read_adapter(saved_adapter[1])
     with pytest.raises(LoraExpError, match="has tensors this model lacks"):
@@ -81,7 +80,7 @@ def test_corrupted_checkpoint_is_one_line(tiny_cfg, tmp_path: Path) -> None:
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "progress.json").write_text("{}")
     (tmp_path / "checkpoint" / "state.pt").write_bytes(b"garbage")
-    _, model, head = tiny("bert")
+    _, model, head = tiny_text("bert")
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(LoraExpError, match="the checkpoint is unreadable"):
         checkpoint.load(tmp_path, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None)
@@ -143,7 +142,7 @@ def test_wandb_api_key_never_written(tiny_cfg, tmp_path: Path, monkeypatch: pyte
 
 
 def test_no_pickle_loading_and_no_remote_code_by_default() -> None:
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     assert make_cfg().model.trust_remote_code is False
     for path in PACKAGE.glob("*.py"):
@@ -155,8 +154,7 @@ def test_no_pickle_loading_and_no_remote_code_by_default() -> None:
 
 def test_failed_run_never_overwrites_a_finished_result(tmp_path: Path) -> None:
     from lora_exp.cli import _record_failure
-
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "test_acc": 0.9}))
     _record_failure(make_cfg(), tmp_path, "error", "boom")
@@ -210,8 +208,7 @@ def test_unexpected_exception_is_one_line_with_traceback_in_error_txt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, multirun: bool
 ) -> None:
     from lora_exp import cli
-
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     def boom(*args, **kwargs):
         raise KeyError("a bug deep inside")
@@ -235,8 +232,7 @@ def test_unexpected_exception_is_one_line_with_traceback_in_error_txt(
 
 def test_seed_out_of_range_is_one_line() -> None:
     from lora_exp.config.checks import validate
-
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     for seed in (-1, 2**32):
         with pytest.raises(LoraExpError, match=rf"^trainer.seed={seed} must be an integer in \[0, 2\*\*32\)$"):
@@ -271,7 +267,7 @@ def test_saved_files_are_0644_whatever_the_umask(saved_adapter, tmp_path: Path) 
 
     old = os.umask(0o077)
     try:
-        _, model, head = tiny("bert")
+        _, model, head = tiny_text("bert")
         model_methods.apply_method(model, "lora", head, lora_cfg("q", "v"))
         adapter_store.save_adapter(model, tmp_path / "b", {"num_labels": 2})
         model.save_pretrained(tmp_path / "full")

@@ -13,10 +13,9 @@ from lora_exp import inference
 from lora_exp.errors import LoraExpError
 from lora_exp.models.build import build_model
 from lora_exp.training import loop
-
-from . import tiny_checkpoints as tc
-from .conftest import make_cfg
-from .test_train import cli
+from tests.helpers import tiny_checkpoints as tc
+from tests.helpers.configs import make_cfg
+from tests.helpers.processes import cli
 
 
 def save_base(folder: Path, seed: int) -> Path:

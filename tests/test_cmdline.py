@@ -10,8 +10,7 @@ import yaml
 
 from lora_exp import cli
 from lora_exp.config.identity import TINY_ONLY
-
-from .test_train import cli as cli_process
+from tests.helpers.processes import cli as cli_process
 
 MODELS = (
     "bert_base, distilbert, minilm, roberta_base, tiny_bert, tiny_distilbert, tiny_whisper, whisper_small, "

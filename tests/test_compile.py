@@ -20,8 +20,7 @@ from lora_exp import cli, inference
 from lora_exp.models.build import build_model
 from lora_exp.training import job as job_setup
 from lora_exp.training.loop import train
-
-from .interrupts import train_until_update
+from tests.helpers.interrupts import train_until_update
 
 QUICK = ("trainer.epochs=1", "trainer.precision=fp32", "trainer.checkpoint_every=1", "trainer.keep_checkpoint=true")
 

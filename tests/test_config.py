@@ -12,8 +12,7 @@ from lora_exp.cli import CONF_DIR
 from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
 from lora_exp.errors import LoraExpError
-
-from .conftest import make_cfg
+from tests.helpers.configs import make_cfg
 
 GROUPS = ["model", "data", "method", "lora", "optimizer", "trainer", "logger", "experiment", "hparams_search"]
 

@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError
 from lora_exp.models import text as text_models
-
-from .conftest import write_reviews
+from tests.helpers.configs import write_reviews, write_string_labels
 
 
 def data_cfg(path: Path, tmp_path: Path, **kw):
@@ -109,14 +108,6 @@ def test_tokenise_and_length_grouped_batches(reviews: Path, tmp_path: Path) -> N
         for b in text_data.make_loaders(tok, tokenizer, 8, 16, False, torch.Generator().manual_seed(0)).train
     )
     assert grouped_pad < random_pad  # length grouping wastes less padding
-
-
-def write_string_labels(path: Path, labels: tuple[str, ...] = ("pos", "neg"), n: int = 60, **kw) -> Path:
-    """A plain csv whose label column holds names (review,sentiment), e.g. pos/neg."""
-    names = [labels[i % len(labels)] for i in range(n)]
-    rows = [f"{'good great' if y == 'pos' else 'bad dull'} film number {i},{y}" for i, y in enumerate(names)]
-    path.write_text("review,sentiment\n" + "\n".join(rows) + "\n", **kw)
-    return path
 
 
 def test_string_labels_map_to_sorted_ids(tmp_path: Path) -> None:

@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 
 from lora_exp.config.identity import config_hash, resolved_dict
-
-from .conftest import make_cfg
-from .test_train import cli
+from tests.helpers.configs import make_cfg
+from tests.helpers.processes import cli
 
 N = 60  # distinct, labelled rows in every file: split 48 / 6 / 6 when the file has no splits
 RUN = ["model=tiny_bert", "logger=none", "trainer.max_steps=2", "trainer.device=cpu", "trainer.batch_size=16"]

@@ -16,9 +16,8 @@ from lora_exp.adapters import eva
 from lora_exp.adapters import targets as injection
 from lora_exp.adapters.ipca import IncrementalPCA
 from lora_exp.models import methods as model_methods
-
-from . import parity
-from .parity import ARCHS, R, ours_cfg, peft_cfg, tiny
+from tests.helpers import parity
+from tests.helpers.parity import ARCHS, R, ours_cfg, peft_cfg, tiny_model
 
 TAU = 0.95  # PEFT's default 0.99 converges in more batches; the same code path, a faster test
 # Targets whose inputs differ in spectrum (FFN output, attention output), so the ranks are redistributed.
@@ -45,7 +44,7 @@ def batches(n: int = 40) -> list[dict[str, torch.Tensor]]:
 def eva_pair(request: pytest.FixtureRequest):
     """(arch, ours, PEFT's, head, base, EvaResult): both initialised by EVA from the same batches."""
     arch = request.param
-    base, head = tiny(arch)
+    base, head = tiny_model(arch)
     eva_config = EvaConfig(rho=2.0, tau=TAU)
     conf = peft_cfg(arch, head, 0.1, target_modules=EVA_TARGETS[arch], init_lora_weights="eva", eva_config=eva_config)
     ref = get_peft_model(copy.deepcopy(base), conf)
@@ -116,7 +115,7 @@ def test_eva_merge_unmerge_and_counts(eva_pair) -> None:
 
 def test_rank_zero_layer_gets_its_base_layer_back() -> None:
     """As PEFT: a layer the redistribution leaves at rank 0 loses its adapter."""
-    base, head = tiny("bert")
+    base, head = tiny_model("bert")
     model_methods.apply_method(base, "lora", head, ours_cfg("bert", init="eva"))
     layers = dict(injection.lora_layers(base))
     first = next(iter(layers))
@@ -138,7 +137,7 @@ test_eva_bad_options_are_one_line = parity.one_line_error_test(
 
 def test_eva_under_bf16_autocast() -> None:
     """Layer inputs in bf16 (autocast, as on a bf16 run) are hashed and decomposed (in fp32) like fp32 ones."""
-    base, head = tiny("bert")
+    base, head = tiny_model("bert")
     model_methods.apply_method(base, "lora", head, ours_cfg("bert", init="eva", targets=EVA_TARGETS["bert"]))
     layers = dict(injection.lora_layers(base))
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731

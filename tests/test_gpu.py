@@ -16,8 +16,7 @@ import torch
 from lora_exp.bench import run as bench
 from lora_exp.training import loop
 from lora_exp.training.loop import train
-
-from .interrupts import train_until_update
+from tests.helpers.interrupts import train_until_update
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,9 +14,8 @@ from lora_exp import cli
 from lora_exp import device as devices
 from lora_exp.analysis import fair, report
 from lora_exp.config.identity import arm_hash, group_hash
-
-from .conftest import make_cfg
-from .test_report import _result as write_result
+from tests.helpers.configs import make_cfg
+from tests.helpers.results import write_result
 
 CPU_BF16 = devices.compute_identity(torch.device("cpu"), "bf16", "fp32")
 CPU_FP32 = devices.compute_identity(torch.device("cpu"), "fp32", "fp32")

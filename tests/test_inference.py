@@ -13,8 +13,7 @@ from lora_exp import inference
 from lora_exp.adapters import store as adapter_store
 from lora_exp.adapters import targets as injection
 from lora_exp.models import methods as model_methods
-
-from .test_models import lora_cfg, tiny
+from tests.helpers.models import lora_cfg, tiny_text
 
 
 def _adapter_model(base, head, seed: int, folder: Path):
@@ -30,7 +29,7 @@ def _adapter_model(base, head, seed: int, folder: Path):
 
 
 def test_swap_adapters_matches_each_adapters_own_model(tmp_path: Path) -> None:
-    _, base, head = tiny("bert")
+    _, base, head = tiny_text("bert")
     own = {name: _adapter_model(base, head, seed, tmp_path / name) for seed, name in ((1, "sst"), (2, "news"))}
     shared = copy.deepcopy(base)
     model_methods.apply_method(shared, "lora", head, lora_cfg("q", "v", "ffn"))
@@ -58,9 +57,8 @@ def test_predict_prints_string_label_names(tiny_cfg, tmp_path: Path, method: str
     import json
 
     from lora_exp.training import loop
-
-    from .test_data import write_string_labels
-    from .test_train import cli
+    from tests.helpers.configs import write_string_labels
+    from tests.helpers.processes import cli
 
     path = write_string_labels(tmp_path / "reviews.csv", ("pos", "neg"), n=80)
     cfg = tiny_cfg(
@@ -85,8 +83,7 @@ def test_predict_prints_string_label_names(tiny_cfg, tmp_path: Path, method: str
 def short_run(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Path:
     """A tiny LoRA run trained with data.max_length=16."""
     from lora_exp.training import loop
-
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     root = tmp_path_factory.mktemp("predict")
     overrides = ["model=tiny_bert", f"data.path={reviews}", f"data.cache_dir={root / 'hf'}", "logger=none"]
@@ -99,7 +96,7 @@ def lines(n: int, seed: int = 0) -> list[str]:
     """``n`` review-like lines of 1 to 60 words (so batches by length differ from batches in input order)."""
     import random
 
-    from .conftest import FILLER, NEGATIVE, POSITIVE
+    from tests.helpers.configs import FILLER, NEGATIVE, POSITIVE
 
     rng = random.Random(seed)
     return [" ".join(rng.choices(POSITIVE + NEGATIVE + FILLER, k=rng.randint(1, 60))) for _ in range(n)]
@@ -126,7 +123,7 @@ def test_predict_batches_by_length_keeps_the_order_and_cuts_at_max_length(short_
 
 
 def test_predict_file_shows_progress_and_lines_per_second(short_run: Path, tmp_path: Path) -> None:
-    from .test_train import cli
+    from tests.helpers.processes import cli
 
     texts = lines(300, seed=1)
     texts[7] = "a good film\x85 then a dull plot"  # NEL (a cp1252 ellipsis read as latin-1) inside a line: one line

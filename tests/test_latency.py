@@ -12,8 +12,7 @@ from lora_exp.adapters import targets as injection
 from lora_exp.bench import latency
 from lora_exp.bench import run as bench
 from lora_exp.errors import LoraExpError
-
-from .conftest import make_cfg
+from tests.helpers.configs import make_cfg
 
 
 def test_latency_json_has_every_batch_model_and_statistic(reviews: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from lora_exp.models import build as model_build
 from lora_exp.models import methods as model_methods
 from lora_exp.training import checks, features, loop
 from lora_exp.training import job as job_setup
+from tests.helpers.models import count_calls
 
 
 class RecordingRun:
@@ -102,15 +103,7 @@ def test_base_dtype_needs_autocast_in_that_dtype(tiny_cfg, tmp_path: Path) -> No
 
 
 def test_frozen_feature_cache_runs_the_encoder_once(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
-    calls = {"n": 0}
-    forward = torch.nn.Module.__call__
-
-    def counting(self, *args, **kwargs):
-        if type(self).__name__ == "BertModel":
-            calls["n"] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+    calls = count_calls(monkeypatch, "BertModel")
     res = loop.train(tiny_cfg("method=frozen", "trainer.epochs=3"), tmp_path / "run")
     assert res["status"] == "ok" and res["feature_cache"] is True
     examples = res["train_examples"] + 2 * 16  # validation and test splits of the small corpus: 16 each

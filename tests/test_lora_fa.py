@@ -17,9 +17,8 @@ from lora_exp.adapters import store as adapter_store
 from lora_exp.adapters import targets as injection
 from lora_exp.adapters.params import is_adapter_param
 from lora_exp.models import methods as model_methods
-
-from . import parity
-from .parity import ARCHS, R, close, eval_logits, ours_cfg, peft_cfg, tiny
+from tests.helpers import parity
+from tests.helpers.parity import ARCHS, R, close, eval_logits, ours_cfg, peft_cfg, tiny_model
 
 LR, WD = 1e-2, 0.01
 
@@ -27,7 +26,7 @@ LR, WD = 1e-2, 0.01
 def fa_pair(arch: str, dropout: float = 0.0):
     """(ours, PEFT's, head, base) with equal A (frozen in ours, so copied too), B (randomised) and head;
     ours is lora.variant=lora_fa."""
-    base, head = tiny(arch)
+    base, head = tiny_model(arch)
     conf = ours_cfg(arch, dropout, variant="lora_fa")
     copied = lambda n, p: p.requires_grad or is_adapter_param(n)  # noqa: E731
     ours, ref = parity.build_pair(base, head, peft_cfg(arch, head, dropout), conf, copied=copied)

@@ -17,9 +17,8 @@ from lora_exp.adapters import targets as injection
 from lora_exp.adapters.peft_format import import_peft
 from lora_exp.errors import LoraExpError
 from lora_exp.models import methods as model_methods
-
-from . import parity
-from .parity import ARCHS, R, eval_logits, ours_cfg, peft_cfg, tiny
+from tests.helpers import parity
+from tests.helpers.parity import ARCHS, R, eval_logits, ours_cfg, peft_cfg, tiny_model
 
 SEED, N_BATCHES = 3, 4
 
@@ -40,7 +39,7 @@ def batches() -> list[dict[str, torch.Tensor]]:
 def ga_pair(request: pytest.FixtureRequest):
     """(arch, ours, PEFT's, head, base, grads): both initialised by LoRA-GA from the same batches and dropout."""
     arch = request.param
-    base, head = tiny(arch)
+    base, head = tiny_model(arch)
     conf = peft_cfg(arch, head, 0.1, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
     ref = copy.deepcopy(base)
 
@@ -126,7 +125,7 @@ test_lora_ga_bad_options_are_one_line = parity.one_line_error_test(
 
 
 def test_rank_too_large_for_a_layer_is_one_line_before_any_gradient() -> None:
-    base, head = tiny("bert")
+    base, head = tiny_model("bert")
     model_methods.apply_method(base, "lora", head, ours_cfg("bert", init="lora_ga", r=20))
     with pytest.raises(LoraExpError, match=r"needs 2 x lora.r <= min\(out, in\) .* is 32x32 at r=20"):
         lora_ga.check_ranks(dict(injection.lora_layers(base)))

@@ -12,32 +12,7 @@ from omegaconf import OmegaConf
 from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 from lora_exp.models import methods as model_methods
-from lora_exp.models import text as text_models
-
-H, FFN, LAYERS, R = 32, 64, 2, 4
-
-
-def tiny(arch: str):
-    cfg = OmegaConf.create(
-        {
-            "source": "tiny",
-            "arch": arch,
-            "hidden_size": H,
-            "layers": LAYERS,
-            "heads": 2,
-            "ffn_size": FFN,
-            "name": f"tiny_{arch}",
-            "path": None,
-            "trust_remote_code": False,
-        }
-    )
-    torch.manual_seed(0)
-    return text_models.build(cfg, num_labels=2)
-
-
-def lora_cfg(*targets: str, r: int = R):
-    return OmegaConf.create({"targets": list(targets), "r": r, "alpha": 8.0, "dropout": 0.0, "rslora": False})
-
+from tests.helpers.models import FFN, LAYERS, H, R, lora_cfg, tiny_text
 
 EXPECTED = {
     ("distilbert", "q"): ["distilbert.transformer.layer.{i}.attention.q_lin"],
@@ -51,15 +26,15 @@ EXPECTED = {
 
 @pytest.mark.parametrize(("arch", "alias"), list(EXPECTED))
 def test_alias_matches_exactly_the_expected_modules(arch: str, alias: str) -> None:
-    _, model, _ = tiny(arch)
+    _, model, _ = tiny_text(arch)
     got = injection.resolve_targets(model, [alias])
     want = [p.format(i=i) for i in range(LAYERS) for p in EXPECTED[(arch, alias)]]
     assert sorted(got) == sorted(want)
 
 
 def test_head_alias_only_where_it_names_a_pretrained_module() -> None:
-    assert injection.resolve_targets(tiny("bert")[1], ["head"]) == ["bert.pooler.dense"]  # pretrained pooler
-    _, model, head = tiny("distilbert")  # pre_classifier is head (trained in full): no alias can reach it
+    assert injection.resolve_targets(tiny_text("bert")[1], ["head"]) == ["bert.pooler.dense"]  # pretrained pooler
+    _, model, head = tiny_text("distilbert")  # pre_classifier is head (trained in full): no alias can reach it
     with pytest.raises(LoraExpError) as err:
         model_methods.apply_method(model, "lora", head, lora_cfg("q", "head"))
     assert str(err.value) == (
@@ -75,7 +50,7 @@ def test_head_alias_only_where_it_names_a_pretrained_module() -> None:
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
 @pytest.mark.parametrize("targets", [("q", "v"), ("q", "k", "v", "o"), ("q", "v", "ffn")])
 def test_lora_trainable_count_formula(arch: str, targets: tuple[str, ...]) -> None:
-    _, model, head = tiny(arch)
+    _, model, head = tiny_text(arch)
     head_params = sum(p.numel() for h in head for p in model.get_submodule(h).parameters())
     adapted = model_methods.apply_method(model, "lora", head, lora_cfg(*targets))
     per_layer = {"q": R * (H + H), "k": R * (H + H), "v": R * (H + H), "o": R * (H + H), "ffn": 2 * R * (H + FFN)}
@@ -90,13 +65,13 @@ def test_lora_trainable_count_formula(arch: str, targets: tuple[str, ...]) -> No
 
 def test_head_modules_per_architecture() -> None:
     """Tiny models go through the structural rule too (all of their weights are newly initialised)."""
-    assert tiny("distilbert")[2] == ["pre_classifier", "classifier"]
-    assert tiny("bert")[2] == ["classifier"]
+    assert tiny_text("distilbert")[2] == ["pre_classifier", "classifier"]
+    assert tiny_text("bert")[2] == ["classifier"]
 
 
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
 def test_trainable_sets_per_method(arch: str) -> None:
-    _, model, head = tiny(arch)
+    _, model, head = tiny_text(arch)
     total = sum(p.numel() for p in model.parameters())
     head_params = sum(p.numel() for h in head for p in model.get_submodule(h).parameters())
     model_methods.apply_method(model, "full", head)
@@ -109,7 +84,7 @@ def test_trainable_sets_per_method(arch: str) -> None:
 
 
 def test_suffix_and_regex_targets() -> None:
-    _, model, _ = tiny("bert")
+    _, model, _ = tiny_text("bert")
     assert injection.resolve_targets(model, ["attention.self.query"]) == [
         f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)
     ]
@@ -129,7 +104,7 @@ def test_suffix_and_regex_targets() -> None:
     ],
 )
 def test_bad_targets(targets: list[str], message: str) -> None:
-    _, model, head = tiny("bert")
+    _, model, head = tiny_text("bert")
     with pytest.raises(LoraExpError, match=message):
         model_methods.apply_method(model, "lora", head, lora_cfg(*targets))
 
@@ -147,13 +122,13 @@ def test_alias_unknown_for_architecture() -> None:
 
 
 def test_rank_larger_than_layer_is_an_error() -> None:
-    _, model, head = tiny("bert")
+    _, model, head = tiny_text("bert")
     with pytest.raises(LoraExpError, match=r"lora.r=40 must be in \[1, min\(out, in\)=32\]"):
         model_methods.apply_method(model, "lora", head, lora_cfg("q", r=40))
 
 
 def test_model_unchanged_at_step0_and_merge_roundtrip() -> None:
-    _, model, head = tiny("distilbert")
+    _, model, head = tiny_text("distilbert")
     model.eval()
     ids = torch.randint(5, 100, (3, 11))
     before = model(input_ids=ids).logits
@@ -173,7 +148,7 @@ def test_best_snapshot_is_a_copy_not_the_live_parameters() -> None:
     """On CPU `.to("cpu")` returns the tensor itself: a 'best' snapshot must not follow later updates."""
     from lora_exp.adapters.store import trainable_state
 
-    _, model, head = tiny("bert")
+    _, model, head = tiny_text("bert")
     model_methods.apply_method(model, "lora", head, lora_cfg("q"))
     snap = trainable_state(model)
     params = dict(model.named_parameters())

@@ -9,8 +9,7 @@ from omegaconf import OmegaConf
 from lora_exp.data import text as text_data
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
-
-from .conftest import make_cfg
+from tests.helpers.configs import make_cfg
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.errors import LoraExpError
 from lora_exp.models import heads as model_heads
 from lora_exp.models import methods as model_methods
-
-from .test_models import lora_cfg, tiny
+from tests.helpers.models import lora_cfg, randomise_trainables, tiny_text
 
 TARGETS = {"distilbert": ["q_lin", "v_lin", "lin1"], "bert": ["query", "value", "intermediate.dense"]}
 ALIASES = ("q", "v")
@@ -25,20 +24,12 @@ def _ids() -> torch.Tensor:
     return torch.randint(5, 100, (3, 13), generator=torch.Generator().manual_seed(1))
 
 
-def _randomise_trainables(model: torch.nn.Module) -> None:
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.2)
-
-
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
 def test_export_to_peft_gives_equal_logits(arch: str, tmp_path: Path) -> None:
-    _, base, head = tiny(arch)
+    _, base, head = tiny_text(arch)
     ours = copy.deepcopy(base)
     model_methods.apply_method(ours, "lora", head, lora_cfg(*ALIASES, "ffn"))
-    _randomise_trainables(ours)
+    randomise_trainables(ours)
     export_peft(ours, tmp_path / "peft", {"head_modules": head})
     ref = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
     ours.eval()
@@ -51,12 +42,12 @@ def test_export_to_peft_gives_equal_logits(arch: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_import_from_peft_gives_equal_logits(arch: str, rslora: bool, tmp_path: Path) -> None:
-    _, base, head = tiny(arch)
+    _, base, head = tiny_text(arch)
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=TARGETS[arch], task_type="SEQ_CLS", modules_to_save=head, use_rslora=rslora
     )
     ref = get_peft_model(copy.deepcopy(base), config)
-    _randomise_trainables(ref)
+    randomise_trainables(ref)
     ref.save_pretrained(tmp_path / "ref")
     ours = copy.deepcopy(base)
     adapted = import_peft(ours, tmp_path / "ref", head)
@@ -69,7 +60,7 @@ def test_import_from_peft_gives_equal_logits(arch: str, rslora: bool, tmp_path: 
 
 def test_peft_adapter_without_the_head_is_refused(tmp_path: Path) -> None:
     """PEFT's SEQ_CLS default saves `classifier` but not DistilBERT's newly initialised `pre_classifier`."""
-    _, base, head = tiny("distilbert")
+    _, base, head = tiny_text("distilbert")
     ref = get_peft_model(
         copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_lin"], task_type="SEQ_CLS")
     )
@@ -81,7 +72,7 @@ def test_peft_adapter_without_the_head_is_refused(tmp_path: Path) -> None:
 def test_export_keys_follow_peft_layout(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    _, base, head = tiny("bert")
+    _, base, head = tiny_text("bert")
     model_methods.apply_method(base, "lora", head, lora_cfg("q"))
     export_peft(base, tmp_path / "p", {"head_modules": head})
     keys = set(load_file(str(tmp_path / "p" / "adapter_model.safetensors")))
@@ -93,7 +84,7 @@ def test_export_keys_follow_peft_layout(tmp_path: Path) -> None:
 def _tiny_gpt2() -> tuple[torch.nn.Module, list[str]]:
     from transformers import AutoModelForSequenceClassification
 
-    from .tiny_checkpoints import config
+    from tests.helpers.tiny_checkpoints import config
 
     torch.manual_seed(0)
     conf = config("gpt2")
@@ -113,7 +104,7 @@ def test_gpt2_conv1d_parity_with_peft(tmp_path: Path) -> None:
     ours = copy.deepcopy(base)
     adapted = model_methods.apply_method(ours, "lora", head, lora_cfg("qkv", "o", "ffn"))
     assert len(adapted) == 2 * 4 and all(m.fan_in_fan_out for _, m in injection.lora_layers(ours))
-    _randomise_trainables(ours)
+    randomise_trainables(ours)
     ours.eval()
     config = LoraConfig(
         r=4,

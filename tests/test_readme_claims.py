@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_exp.training import loop
-
-from . import wandb_file
+from tests.helpers import wandb_file
 
 
 def test_train_loss_is_logged_every_log_every_steps(tiny_cfg, tmp_path: Path) -> None:

@@ -13,13 +13,12 @@ from lora_exp.analysis import fair, figures, report
 from lora_exp.cli import CONF_DIR
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
-
-from .conftest import make_cfg, write_reviews
-from .test_sweeps import methods_sweep  # noqa: F401  (module fixture: one tiny sweep)
+from tests.helpers.configs import make_cfg, write_reviews
+from tests.helpers.results import write_result
 
 
 @pytest.fixture(scope="module")
-def written(methods_sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+def written(methods_sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return report.write_report(methods_sweep, tmp_path_factory.mktemp("report"))
 
 
@@ -55,34 +54,12 @@ def test_figures_are_non_trivial_images(written: dict[str, Path], name: str) -> 
     assert img[..., :3].std() > 0.05  # not a blank canvas
 
 
-def _result(tmp: Path, name: str, **fields) -> None:
-    base = {
-        "status": "ok",
-        "method": "lora",
-        "targets": "q+v",
-        "rslora": False,
-        "lr": 1e-3,
-        "seed": 1,
-        "trainable_params": 100,
-        "trainable_pct": 1.0,
-        "peak_vram_bytes": None,
-        "peak_host_rss_bytes": 2**30,
-        "train_seconds": 10.0,
-        "samples_per_s": 5.0,
-        "best_val_acc": 0.8,
-        "test_acc": 0.8,
-        "history": [],
-    }
-    (tmp / name).mkdir(parents=True)
-    (tmp / name / "results.json").write_text(json.dumps({**base, **fields}))
-
-
 def test_seeds_give_mean_and_ci_and_rank_figures(tmp_path: Path) -> None:
     for r in (2, 4):
         for alpha in (r, 2 * r, 16):
             for seed, acc in ((1, 0.80), (2, 0.82), (3, 0.84)):
-                _result(tmp_path, f"r{r}a{alpha}s{seed}", r=r, alpha=alpha, seed=seed, test_acc=acc + r / 100)
-    _result(tmp_path, "broken", status="failed", failure="nan", reason="train loss is nan at step 7", r=4, alpha=4)
+                write_result(tmp_path, f"r{r}a{alpha}s{seed}", r=r, alpha=alpha, seed=seed, test_acc=acc + r / 100)
+    write_result(tmp_path, "broken", status="failed", failure="nan", reason="train loss is nan at step 7", r=4, alpha=4)
     written = report.write_report(tmp_path)
     summary = report.summarize(report.load_runs(tmp_path))
     assert len(summary) == 6 and (summary["seeds"] == 3).all()
@@ -100,7 +77,7 @@ def test_empty_dir_is_a_clear_error(tmp_path: Path) -> None:
         report.load_runs(tmp_path)
 
 
-def test_notebook_executes_on_a_sweep(methods_sweep: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_notebook_executes_on_a_sweep(methods_sweep: Path, tmp_path: Path) -> None:
     import nbformat
     from nbclient import NotebookClient
 
@@ -127,7 +104,7 @@ def test_readme_nbconvert_command_executes_the_notebook(tmp_path: Path) -> None:
     import sys
 
     for seed in (1, 2):
-        _result(tmp_path / "runs", f"s{seed}", r=8, alpha=16, seed=seed, history=[])
+        write_result(tmp_path / "runs", f"s{seed}", r=8, alpha=16, seed=seed, history=[])
     root = Path(CONF_DIR).parent
     env = {**os.environ, "LORA_EXP_RUNS": str(tmp_path / "runs"), "LORA_EXP_REPORT_OUT": str(tmp_path / "nb_report")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))  # the kernel: this checkout
@@ -151,7 +128,7 @@ def test_fair_protocol_picks_lr_on_validation_and_pairs_seeds(tmp_path: Path) ->
     for method, lrs in grid.items():
         for lr, (val, test) in lrs.items():
             for seed in (1, 2, 3):
-                _result(
+                write_result(
                     tmp_path,
                     f"{method}{lr}s{seed}",
                     method=method,
@@ -182,7 +159,7 @@ def test_two_models_on_two_csvs_give_four_rows_and_seeds_still_pool(tmp_path: Pa
     for model in ("local-bert", "minilm"):
         for data in ("reviews", "tweets"):
             for seed, acc in ((1, 0.7), (2, 0.8)):
-                _result(
+                write_result(
                     tmp_path,
                     f"{model}-{data}-{seed}",
                     model=model,
@@ -205,7 +182,9 @@ def test_group_hash_splits_what_config_keys_cannot_see(tmp_path: Path) -> None:
     # Two epochs settings: the same CONFIG_KEYS, different group_hash -> two rows, distinct labels.
     for epochs in (1, 3):
         for seed in (1, 2):
-            _result(tmp_path, f"e{epochs}s{seed}", r=8, alpha=16, seed=seed, epochs=epochs, group_hash=f"g{epochs}")
+            write_result(
+                tmp_path, f"e{epochs}s{seed}", r=8, alpha=16, seed=seed, epochs=epochs, group_hash=f"g{epochs}"
+            )
     summary = report.summarize(report.load_runs(tmp_path))
     assert len(summary) == 2 and (summary["seeds"] == 2).all()
     assert summary["config"].nunique() == 2 and all(" #" in c for c in summary["config"])
@@ -213,8 +192,8 @@ def test_group_hash_splits_what_config_keys_cannot_see(tmp_path: Path) -> None:
 
 def test_majority_baseline_one_class_flag_and_small_trainable_share(tmp_path: Path) -> None:
     common = {"method": "frozen", "r": None, "alpha": None, "targets": None, "majority_baseline_acc": 0.6}
-    _result(tmp_path, "s1", seed=1, trainable_pct=0.00339, test_pred_counts=[0, 128], test_acc=0.6, **common)
-    _result(tmp_path, "s2", seed=2, trainable_pct=0.00339, test_pred_counts=[40, 88], test_acc=0.7, **common)
+    write_result(tmp_path, "s1", seed=1, trainable_pct=0.00339, test_pred_counts=[0, 128], test_acc=0.6, **common)
+    write_result(tmp_path, "s2", seed=2, trainable_pct=0.00339, test_pred_counts=[40, 88], test_acc=0.7, **common)
     written = report.write_report(tmp_path)
     md = written["summary.md"].read_text()
     assert "Majority-class baseline (always the test split's most frequent class): 0.6000" in md
@@ -228,7 +207,7 @@ def test_majority_baseline_one_class_flag_and_small_trainable_share(tmp_path: Pa
 def test_fair_md_written_for_an_lr_grid(tmp_path: Path) -> None:
     for lr in (1e-3, 2e-3):
         for seed in (1, 2):
-            _result(tmp_path, f"{lr}s{seed}", r=8, alpha=16, lr=lr, seed=seed, best_val_acc=0.7 + lr * 10)
+            write_result(tmp_path, f"{lr}s{seed}", r=8, alpha=16, lr=lr, seed=seed, best_val_acc=0.7 + lr * 10)
     written = report.write_report(tmp_path)
     assert "fair.md" in written and "0.001, 0.002" in written["fair.md"].read_text()
 
@@ -236,7 +215,7 @@ def test_fair_md_written_for_an_lr_grid(tmp_path: Path) -> None:
 def test_legend_and_annotation_text_at_least_8_pt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for r in (2, 4):
         for seed in (1, 2):
-            _result(
+            write_result(
                 tmp_path,
                 f"r{r}s{seed}",
                 r=r,
@@ -310,7 +289,7 @@ def test_variants_pair_with_plain_lora_of_the_same_shape(tmp_path: Path) -> None
                 name = f"{variant}{r}{lr}s{seed}"
                 fields = dict(method=method, variant=variant, lr=lr, seed=seed, r=r, alpha=16 if r else None)
                 fields.update(test_acc=acc + seed / 100, best_val_acc=acc, targets="q+v" if r else None)
-                _result(tmp_path, name, **fields)
+                write_result(tmp_path, name, **fields)
     _, paired = report.fair_comparison(report.load_runs(tmp_path))
     vs_lora = paired[paired.reference == "LoRA"].set_index("config")["diff"]
     assert len(vs_lora) == 1 and vs_lora.iloc[0] == pytest.approx(0.03)  # dora r=8 - lora r=8; r=32 has no twin
@@ -324,7 +303,7 @@ def test_auc_monitor_gives_auc_columns_and_auc_curves(tmp_path: Path) -> None:
 
     for seed in (1, 2):
         history = [{"step": s, "epoch": s, "time_s": 2.0 * s, "val_acc": 0.5, "val_auc": 0.7 + s / 10} for s in (1, 2)]
-        _result(
+        write_result(
             tmp_path,
             f"s{seed}",
             seed=seed,
@@ -335,7 +314,7 @@ def test_auc_monitor_gives_auc_columns_and_auc_curves(tmp_path: Path) -> None:
             r=8,
             alpha=16,
         )
-    _result(tmp_path, "text", method="full", seed=1, best_val_auc=None, test_auc=None, lr=5e-5)
+    write_result(tmp_path, "text", method="full", seed=1, best_val_auc=None, test_auc=None, lr=5e-5)
     df = report.load_runs(tmp_path)
     md = report.to_markdown(report.summarize(df), df)
     assert "test AUC" in md and "0.8950 ± " in md  # mean of 0.89 and 0.90 over two seeds
@@ -347,7 +326,7 @@ def test_auc_monitor_gives_auc_columns_and_auc_curves(tmp_path: Path) -> None:
 
 def test_truncated_results_json_is_a_failed_job_not_a_nan_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for seed in (1, 2):
-        _result(tmp_path, f"s{seed}", r=8, alpha=16, seed=seed)
+        write_result(tmp_path, f"s{seed}", r=8, alpha=16, seed=seed)
     whole = json.dumps({"status": "ok", "method": "lora", "seed": 3, "test_acc": 0.9})
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "results.json").write_text(whole[: len(whole) // 2])  # a write cut short
@@ -373,9 +352,9 @@ def test_truncated_results_json_is_a_failed_job_not_a_nan_run(tmp_path: Path, ca
 
 
 def test_report_cli_names_an_unreadable_results_json_once(tmp_path: Path) -> None:
-    from .test_train import cli
+    from tests.helpers.processes import cli
 
-    _result(tmp_path / "sweep", "s1", r=8, alpha=16, seed=1)
+    write_result(tmp_path / "sweep", "s1", r=8, alpha=16, seed=1)
     (tmp_path / "sweep" / "cut").mkdir()
     (tmp_path / "sweep" / "cut" / "results.json").write_text('{"status": "ok", "method": "lo')
     proc = cli(["report", str(tmp_path / "sweep")], tmp_path)
@@ -393,10 +372,10 @@ def test_figures_keep_titles_and_labels_inside_the_image(tmp_path: Path) -> None
     memory label: every PNG keeps a blank margin on all four sides, so no title, axis label or legend is cut."""
     parts = dict(mem_params_bytes=1e5, mem_grads_bytes=1e5, mem_optimizer_bytes=2e5, mem_activations_bytes=3e5)
     history = [{"epoch": e, "time_s": 2.0 * e, "val_acc": 0.6 + e / 20} for e in (1, 2, 3)]
-    _result(tmp_path / "one", "lora", r=8, alpha=16, mem_predicted_peak_bytes=7e5, history=history, **parts)
+    write_result(tmp_path / "one", "lora", r=8, alpha=16, mem_predicted_peak_bytes=7e5, history=history, **parts)
     for r in (4, 8, 16, 32):
         fields = dict(r=r, alpha=2 * r, targets="q+k+v+o+ffn", mem_predicted_peak_bytes=7e5, history=history)
-        _result(tmp_path / "four", f"r{r}", **fields, **parts)
+        write_result(tmp_path / "four", f"r{r}", **fields, **parts)
     written = report.write_report(tmp_path / "one", tmp_path / "report1")
     written = {**{f"1-{k}": v for k, v in written.items()}, **report.write_report(tmp_path / "four")}
     assert {"memory.png", "memory_breakdown.png", "1-memory.png", "1-memory_breakdown.png"} <= set(written)
@@ -411,7 +390,7 @@ def test_figures_keep_titles_and_labels_inside_the_image(tmp_path: Path) -> None
 def test_validation_curves_draw_the_validation_majority_baseline(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     history = [{"epoch": e, "time_s": 2.0 * e, "val_acc": 0.7} for e in (1, 2)]
     for seed in (1, 2):
-        _result(
+        write_result(
             tmp_path, f"s{seed}", r=8, alpha=16, seed=seed, history=history, data="reviews",
             majority_baseline_acc=0.5, majority_baseline_val_acc=0.58,
         )  # fmt: skip
@@ -440,7 +419,9 @@ def test_fair_table_under_an_auc_monitor_reports_test_auc_and_pairs_it(tmp_path:
                 scores = {"best_val_auc": auc + lr, "best_val_acc": 0.9 - lr}  # the higher lr wins by AUC, not by acc
                 tests = {"test_auc": auc + seed / 100, "test_acc": 0.5 if method == "lora" else 0.7 + seed / 100}
                 name = f"{method}{lr}s{seed}"
-                _result(tmp_path, name, method=method, lr=lr, seed=seed, monitor="val/auc", **shape, **scores, **tests)
+                write_result(
+                    tmp_path, name, method=method, lr=lr, seed=seed, monitor="val/auc", **shape, **scores, **tests
+                )
     table, paired = report.fair_comparison(report.load_runs(tmp_path))
     assert dict(zip(table.method, table.lr)) == {"full": 1e-4, "lora": 2e-3}
     assert table.set_index("method").loc["lora", "headline"] == pytest.approx(0.94)  # mean AUC of seeds 1-3
@@ -461,7 +442,9 @@ def test_vera_and_adalora_pair_with_plain_lora_at_their_own_rank_meaning(tmp_pat
         for lr in (1e-3, 2e-3):
             for seed in (1, 2, 3):
                 fields = dict(method="lora", variant=variant, lr=lr, seed=seed, r=r, alpha=16, targets="q+v", **extra)
-                _result(tmp_path, f"{variant}{lr}s{seed}", test_acc=acc + seed / 100, best_val_acc=acc + lr, **fields)
+                write_result(
+                    tmp_path, f"{variant}{lr}s{seed}", test_acc=acc + seed / 100, best_val_acc=acc + lr, **fields
+                )
     _, paired = report.fair_comparison(report.load_runs(tmp_path))
     vs_lora = paired[paired.reference == "LoRA"]
     diffs = {c.split()[0]: (d, n) for c, d, n in zip(vs_lora.config, vs_lora["diff"], vs_lora.pairs)}
@@ -476,7 +459,7 @@ def test_chosen_curves_plot_each_arm_at_its_chosen_lr_only(tmp_path: Path, monke
             for seed in (1, 2):
                 history = [{"step": s, "epoch": s, "time_s": 2.0 * s, "val_acc": 0.6 + lr} for s in (1, 2)]
                 fields = dict(method=method, lr=lr, seed=seed, best_val_acc=0.6 + lr, history=history)
-                _result(tmp_path / "runs", f"{method}{lr}s{seed}", **fields)
+                write_result(tmp_path / "runs", f"{method}{lr}s{seed}", **fields)
     plotted: dict[str, set] = {}
     real = figures.plot_validation_curves
 

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,25 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .test_train import cli
+from tests.helpers.configs import tiny_run
+from tests.helpers.processes import cli, start
 
 EPOCHS, STEPS_PER_EPOCH = 6, 8  # 128 training examples / batch 16
 
 
 def args(reviews: Path, tmp: Path) -> list[str]:
-    return [
-        "model=tiny_bert",
-        f"data.path={reviews}",
-        f"data.cache_dir={tmp / 'hf'}",
-        "logger=wandb",
-        f"trainer.epochs={EPOCHS}",
-        "trainer.batch_size=16",
-        "trainer.checkpoint_every=1",
-        "trainer.device=cpu",
-        "optimizer.lr=3e-3",
-        "lora.dropout=0.1",
-        "lora.targets=[q,v,ffn]",
-    ]
+    run = ("logger=wandb", f"trainer.epochs={EPOCHS}", "trainer.checkpoint_every=1", "optimizer.lr=3e-3")
+    return tiny_run(reviews, tmp, *run, "lora.dropout=0.1", "lora.targets=[q,v,ffn]")
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +34,8 @@ def straight(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Path:
     return tmp / "run"
 
 
-def start(reviews: Path, tmp: Path, run_dir: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_SILENT": "true"}
-
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_exp", *args(reviews, tmp), f"hydra.run.dir={run_dir}"],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_run(reviews: Path, tmp: Path, run_dir: Path) -> subprocess.Popen:
+    return start([*args(reviews, tmp), f"hydra.run.dir={run_dir}"], tmp, stdout=subprocess.DEVNULL)
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> int:
@@ -86,7 +66,7 @@ def assert_same_run(resumed: Path, straight: Path) -> None:
 
 def test_sigkill_at_random_step_then_resume_is_bit_identical(straight: Path, reviews: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "crash"
-    proc = start(reviews, tmp_path, run_dir)
+    proc = start_run(reviews, tmp_path, run_dir)
     kill_at = random.Random().randint(2, EPOCHS * STEPS_PER_EPOCH - 6)
     wait_for_step(proc, run_dir, kill_at)
     proc.send_signal(signal.SIGKILL)
@@ -101,7 +81,7 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(straight: Path, rev
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(straight: Path, reviews: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "preempted"
-    proc = start(reviews, tmp_path, run_dir)
+    proc = start_run(reviews, tmp_path, run_dir)
     wait_for_step(proc, run_dir, 5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

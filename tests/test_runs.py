@@ -20,44 +20,18 @@ import yaml
 
 from lora_exp.errors import LoraExpError
 from lora_exp.training import lock
-
-from . import wandb_file
-from .test_train import cli
-
-
-def tiny(reviews: Path, tmp: Path, steps: int) -> list[str]:
-    return [
-        "model=tiny_bert",
-        f"data.path={reviews}",
-        f"data.cache_dir={tmp / 'hf'}",
-        f"trainer.max_steps={steps}",
-        "trainer.epochs=100",
-        "trainer.device=cpu",
-        "trainer.batch_size=16",
-    ]
-
-
-def start(args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
-    """``lora-exp`` in a fresh process (not attached to this test's W&B service), optionally as its own group."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_SILENT": "true"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_exp", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=new_session,
-    )
-
-
-def errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error")]
+from tests.helpers import wandb_file
+from tests.helpers.configs import tiny_run
+from tests.helpers.processes import cli, errors, start
 
 
 def test_two_runs_started_together_into_one_dir(reviews: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    base = [*tiny(reviews, tmp_path, 60), "logger=none", f"hydra.run.dir={run}"]
+    base = [
+        *tiny_run(reviews, tmp_path, "trainer.max_steps=60", "trainer.epochs=100"),
+        "logger=none",
+        f"hydra.run.dir={run}",
+    ]
     procs = {seed: start([*base, f"trainer.seed={seed}"], tmp_path) for seed in (1, 2)}
     outs = {seed: p.communicate(timeout=600) for seed, p in procs.items()}
     codes = {seed: p.returncode for seed, p in procs.items()}
@@ -94,7 +68,14 @@ def test_lock_of_a_dead_run_is_taken_over_and_wandb_records_only_what_applies(re
     dead.wait()
     owner = {"pid": dead.pid, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
     (run / lock.LOCK_FILE).write_text(json.dumps(owner))
-    proc = cli([*tiny(reviews, tmp_path, 2), "logger=wandb", f"hydra.run.dir={run}"], tmp_path)
+    proc = cli(
+        [
+            *tiny_run(reviews, tmp_path, "trainer.max_steps=2", "trainer.epochs=100"),
+            "logger=wandb",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (
         f"[lora-exp] hydra.run.dir='{run}': taking over the lock of a run that is no longer running "
@@ -122,7 +103,12 @@ def test_a_claimed_dir_is_refused_until_released(tmp_path: Path) -> None:
 def test_ctrl_c_in_a_single_run_checkpoints_and_says_how_to_resume(reviews: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = start(
-        [*tiny(reviews, tmp_path, 1000), "logger=none", "trainer.checkpoint_every=1", f"hydra.run.dir={run}"],
+        [
+            *tiny_run(reviews, tmp_path, "trainer.max_steps=1000", "trainer.epochs=100"),
+            "logger=none",
+            "trainer.checkpoint_every=1",
+            f"hydra.run.dir={run}",
+        ],
         tmp_path,
         new_session=True,
     )
@@ -171,7 +157,7 @@ def test_signal_to_the_group_stops_a_joblib_sweep(sig: signal.Signals, reviews: 
         "logger=none",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
-        *tiny(reviews, tmp_path, STEPS),
+        *tiny_run(reviews, tmp_path, f"trainer.max_steps={STEPS}", "trainer.epochs=100"),
         "trainer.checkpoint_every=1",  # cosmetic (not in the config hash): progress on disk at every step
         f"hydra.sweep.dir={sweep}",
     ]

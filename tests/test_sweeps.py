@@ -11,36 +11,16 @@ import yaml
 
 from lora_exp.cli import CONF_DIR
 from lora_exp.config.checks import validate
-
-from . import wandb_file
-from .conftest import make_cfg
-from .test_train import cli
+from tests.helpers import wandb_file
+from tests.helpers.configs import make_cfg, tiny_run
+from tests.helpers.processes import cli
+from tests.helpers.sweeps import expand
 
 SWEEPS = Path(CONF_DIR).parent / "sweeps"
 
 
-def tiny(reviews: Path, tmp: Path) -> list[str]:
-    return [
-        "model=tiny_bert",
-        f"data.path={reviews}",
-        f"data.cache_dir={tmp / 'hf'}",
-        "trainer.max_steps=4",
-        "trainer.device=cpu",
-        "trainer.batch_size=16",
-    ]
-
-
 def results(sweep_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
-
-
-@pytest.fixture(scope="module")
-def methods_sweep(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Path:
-    """`lora-exp -m +sweep=methods` on the tiny model, W&B offline."""
-    tmp = tmp_path_factory.mktemp("methods")
-    proc = cli(["-m", "+sweep=methods", *tiny(reviews, tmp), f"hydra.sweep.dir={tmp / 'sweep'}"], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "sweep"
 
 
 def test_methods_sweep_one_result_per_job(methods_sweep: Path) -> None:
@@ -68,7 +48,13 @@ def test_each_job_is_its_own_wandb_run_in_one_group(methods_sweep: Path) -> None
 def test_rerun_skips_finished_jobs(methods_sweep: Path, reviews: Path, tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in methods_sweep.glob("*/results.json")}
     proc = cli(
-        ["-m", "+sweep=methods", *tiny(reviews, methods_sweep.parent), f"hydra.sweep.dir={methods_sweep}"], tmp_path
+        [
+            "-m",
+            "+sweep=methods",
+            *tiny_run(reviews, methods_sweep.parent, "trainer.max_steps=4"),
+            f"hydra.sweep.dir={methods_sweep}",
+        ],
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("skip: this job already finished") == 3
@@ -81,7 +67,7 @@ def test_failed_job_does_not_stop_the_sweep_and_reruns(reviews: Path, tmp_path: 
         "method=full,lora,frozen",
         "lora.targets=[no_such_module]",
         "logger=none",
-        *tiny(reviews, tmp_path),
+        *tiny_run(reviews, tmp_path, "trainer.max_steps=4"),
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     proc = cli(args, tmp_path)
@@ -100,18 +86,6 @@ def test_sweep_files_document_their_command() -> None:
         head = path.read_text().splitlines()
         assert head[0] == "# @package _global_", path
         assert any(f"lora-exp -m +sweep={path.stem}" in line for line in head if line.startswith("#")), path
-
-
-def expand(params: dict[str, str]) -> list[list[str]]:
-    """Hydra's basic-sweeper grid of ``hydra.sweeper.params`` as override lists."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    axes = []
-    for key, value in params.items():
-        override = parser.parse_override(f"{key}={value}")
-        axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
-    return [list(c) for c in itertools.product(*axes)]
 
 
 @pytest.mark.parametrize(
@@ -161,7 +135,7 @@ def test_parallel_launchers_run_jobs_in_fresh_processes(launcher: str, reviews: 
             "logger=none",
             f"hydra/launcher={launcher}",
             *extra,
-            *tiny(reviews, tmp_path),
+            *tiny_run(reviews, tmp_path, "trainer.max_steps=4"),
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
         tmp_path,
@@ -185,7 +159,7 @@ def test_optuna_study_runs_and_persists(reviews: Path, tmp_path: Path) -> None:
         "hparams_search=lora_optuna",
         "hydra.sweeper.n_trials=2",
         "logger=none",
-        *tiny(reviews, tmp_path),
+        *tiny_run(reviews, tmp_path, "trainer.max_steps=4"),
         f"hydra.sweep.dir={sweep}",
     ]
     proc = cli(args, tmp_path)

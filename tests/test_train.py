@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,14 @@ from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError, TrainingFailure
 from lora_exp.models import build as model_build
 from lora_exp.training import checks, loop, metrics
-
-from . import wandb_file
+from tests.helpers import wandb_file
+from tests.helpers.processes import cli
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> dict[str, tuple[Path, dict]]:
     """One finished run per method, W&B offline, sharing a seed (module-scoped: trained once)."""
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     out = {}
     root = tmp_path_factory.mktemp("runs")
@@ -202,16 +199,6 @@ def test_lora_b_stuck_at_zero_is_caught() -> None:
 def test_max_length_beyond_model_is_an_error(tiny_cfg, tmp_path: Path) -> None:
     with pytest.raises(LoraExpError, match="data.max_length=1024 exceeds the model's maximum of 512"):
         loop.train(tiny_cfg("data.max_length=1024"), tmp_path / "run")
-
-
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``lora-exp`` as a user would (a fresh process)."""
-    # A fresh process, as a user's: not attached to this test process's W&B service (wandb exports
-    # WANDB_SERVICE to children once it has started one, and a SIGKILLed child's run would stay "in use").
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, "-m", "lora_exp", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
-    )
 
 
 def test_cli_bad_value_is_one_line_and_exit_2(tmp_path: Path) -> None:

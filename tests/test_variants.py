@@ -23,10 +23,10 @@ from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import timing
 from lora_exp.models import methods as model_methods
-
-from . import parity
-from .parity import ARCHS, TARGETS, R, close, eval_logits, ours_cfg, peft_cfg, peft_name, tiny
-from .test_models import tiny as tiny_built
+from tests.helpers import parity
+from tests.helpers.models import tiny_text
+from tests.helpers.parity import ARCHS, TARGETS, R, close, eval_logits, ours_cfg, peft_cfg, peft_name, tiny_model
+from tests.helpers.sweeps import label, sweep_jobs
 
 # name -> (our lora config overrides, PEFT LoraConfig kwargs)
 VARIANTS = {
@@ -42,7 +42,7 @@ VARIANTS = {
 
 def pair(arch: str, variant: str, dropout: float = 0.0, **extra):
     """(ours, PEFT's, head, base) built from one base with identical trainable tensors (B randomised)."""
-    base, head = tiny(arch)
+    base, head = tiny_model(arch)
     ours_over, peft_over = VARIANTS[variant]
     peft_conf = peft_cfg(arch, head, dropout, **peft_over, **extra.get("peft", {}))
     ours, ref = parity.build_pair(base, head, peft_conf, ours_cfg(arch, dropout, **ours_over, **extra.get("ours", {})))
@@ -116,7 +116,7 @@ def test_dora_magnitude_init_and_detached_norm() -> None:
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_residual_and_factors_equal_peft(arch: str, init: str) -> None:
     """(e) PiSSA / OLoRA: the residual base weight and A, B equal PEFT's; the model is unchanged at init."""
-    base, head = tiny(arch)
+    base, head = tiny_model(arch)
     ref = get_peft_model(copy.deepcopy(base), peft_cfg(arch, head, init_lora_weights=init))
     ours = copy.deepcopy(base)
     model_methods.apply_method(ours, "lora", head, ours_cfg(arch, init=init))
@@ -166,7 +166,7 @@ def test_bias_trainable_sets_equal_peft(arch: str, bias: str) -> None:
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_bitfit_trains_biases_and_head_only(arch: str) -> None:
-    _, model, head = tiny_built(arch)
+    _, model, head = tiny_text(arch)
     model_methods.apply_method(model, "bitfit", head)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     in_head = [n for n in trainable if any(n.startswith(h + ".") for h in head)]
@@ -196,13 +196,13 @@ def test_layers_and_patterns_equal_peft(arch: str, tmp_path: Path) -> None:
 
 
 def test_layers_that_select_nothing_is_an_error() -> None:
-    _, model, head = tiny_built("bert")
+    _, model, head = tiny_text("bert")
     with pytest.raises(LoraExpError, match=r"lora.layers=\[7\] selects none .*\[0, 1\]"):
         model_methods.apply_method(model, "lora", head, ours_cfg("bert", layers=[7]))
 
 
 def test_dora_magnitude_counts_as_adapter() -> None:
-    _, model, head = tiny_built("bert")
+    _, model, head = tiny_text("bert")
     model_methods.apply_method(model, "lora", head, ours_cfg("bert", variant="dora"))
     counts = model_methods.count_parameters(model, head)
     ab = 2 * (R * (32 + 32) * 2 + R * (32 + 64))  # 2 layers x (query, value: 32->32; intermediate 32->64)
@@ -270,26 +270,9 @@ VARIANT_LABELS = {
 }
 
 
-def sweep_jobs(name: str) -> list[list[str]]:
-    from hydra import compose, initialize_config_dir
-
-    from lora_exp.cli import CONF_DIR
-
-    from .test_sweeps import expand
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        hydra_cfg = compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
-    return expand(dict(hydra_cfg.hydra.sweeper.params))
-
-
-def label(cfg) -> str:
-    return adapter_params.variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio)
-
-
 def test_variants_sweep_composes_every_arm() -> None:
     from lora_exp.config.checks import validate
-
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     jobs = sweep_jobs("variants")
     assert len(jobs) == 9 * 2 * 2 + 2 + 3
@@ -308,7 +291,7 @@ def test_variants_sweep_composes_every_arm() -> None:
 
 
 def test_fair_variants_each_over_its_own_grid() -> None:
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     jobs = sweep_jobs("fair_variants")
     assert len(jobs) == 13 * 3 * 3
@@ -327,13 +310,13 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
     """`lora-exp -m +sweep=variants` on the tiny model, 2 steps per job: every arm trains and is counted."""
     import json
 
-    from .test_sweeps import tiny as tiny_overrides
-    from .test_train import cli
+    from tests.helpers.configs import tiny_run
+    from tests.helpers.processes import cli
 
     sweep = tmp_path / "sweep"
     # hidden 64: LoRA-GA at r=32 needs 2r <= min(out, in) of every layer (tiny_bert's 32 is too small)
     wide = ["model.hidden_size=64", "model.ffn_size=128"]
-    args = ["-m", "+sweep=variants", *tiny_overrides(reviews, tmp_path), *wide, "trainer.max_steps=2", "logger=none"]
+    args = ["-m", "+sweep=variants", *tiny_run(reviews, tmp_path), *wide, "trainer.max_steps=2", "logger=none"]
     proc = cli([*args, "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = []
@@ -375,12 +358,11 @@ def test_bad_variant_options_are_one_line_errors(override: str, message: str) ->
 
 def test_loraplus_needs_lora_and_use_dora_is_an_alias() -> None:
     from lora_exp.config.checks import validate
-
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     with pytest.raises(LoraExpError, match="loraplus_lr_ratio=16.0 needs method.name=lora"):
         validate(make_cfg(["method=full", "optimizer.loraplus_lr_ratio=16"]))
-    _, model, head = tiny_built("bert")
+    _, model, head = tiny_text("bert")
     model_methods.apply_method(model, "lora", head, ours_cfg("bert", use_dora=True))
     assert all(isinstance(m, dora.DoRALinear) for _, m in injection.lora_layers(model))
     assert all(m.lora_magnitude_vector.requires_grad for _, m in injection.lora_layers(model))

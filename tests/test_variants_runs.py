@@ -11,8 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from lora_exp.training.loop import train
-
-from .interrupts import train_until_update
+from tests.helpers.interrupts import train_until_update
 
 NEW_VARIANTS = ["lora_fa", "vera", "adalora"]  # eva, lora_ga: test_data_init_runs_once_...
 H, LAYERS, R = 32, 2, 8  # tiny_bert, the presets' r on q,v
@@ -63,8 +62,8 @@ def test_vera_run_counts_vectors(tiny_cfg, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("variant", "r"), [("lora_fa", 8), ("vera", 256), ("eva", 8), ("lora_ga", 8), ("adalora", 12)])
 def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
-    from .conftest import make_cfg
-    from .test_variants import label
+    from tests.helpers.configs import make_cfg
+    from tests.helpers.sweeps import label
 
     cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={variant}", f"lr_index={i}"]) for i in range(3)]
     assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)

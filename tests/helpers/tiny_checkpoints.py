@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from lora_exp.models.text import _tiny_tokenizer
 
-from .conftest import FILLER, NEGATIVE, POSITIVE
+from .configs import FILLER, NEGATIVE, POSITIVE
 
 H, FFN, LAYERS, HEADS, LABELS, VOCAB, MAX_POS = 16, 32, 2, 2, 2, 256, 160
 EOS = "<|endoftext|>"
