@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
+from tests.helpers import tiny_checkpoints as tc
 from tests.helpers.configs import make_cfg, tiny_run, write_reviews
 from tests.helpers.processes import cli
 
@@ -26,6 +27,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def reviews(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_reviews(tmp_path_factory.mktemp("data") / "reviews.csv.bz2")
+
+
+@pytest.fixture
+def lora_exp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The harness's own cache (LORA_EXP_CACHE: generated data, audio features, converted models) in ``tmp_path``."""
+    monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture
@@ -47,3 +55,17 @@ def methods_sweep(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Pa
     proc = cli(args, tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "sweep"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """``checkpoint(arch)``: a saved tiny checkpoint (``tests.helpers.tiny_checkpoints``) with its head (built once per
+    module and arch)."""
+    root, made = tmp_path_factory.mktemp("ckpt"), {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = tc.save(arch, root / arch)
+        return made[arch]
+
+    return get

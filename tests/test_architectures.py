@@ -1,5 +1,6 @@
-"""Any architecture's head trains: local checkpoints saved WITH their head, for 8 architectures, run
-lora / frozen / full end to end; the head is found from the structure, trained, saved, counted by formula.
+"""Any architecture's head trains: local checkpoints saved WITH their head, for 8 architectures, run lora / frozen /
+full end to end (tests/e2e/test_architectures_runs.py); the head is found from the structure, trained, saved,
+counted by formula.
 
 Formulas (H hidden, F ffn, L layers, C labels, r rank): each adapted layer ``k -> d`` adds ``r (k + d)``;
 the head is what the architecture puts outside its base model (e.g. RoBERTa: ``H H + H + H C + C``).
@@ -7,61 +8,24 @@ the head is what the architecture puts outside its base model (e.g. RoBERTa: ``H
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-from lora_exp import cli
 from lora_exp.adapters import targets as injection
 from lora_exp.errors import LoraExpError
 from lora_exp.models import build as model_build
 from lora_exp.models import heads as model_heads
 from lora_exp.models import methods as model_methods
 from lora_exp.models import text as text_models
-from lora_exp.training import loop
 from tests.helpers import tiny_checkpoints as tc
-from tests.helpers.tiny_checkpoints import FFN as F
 from tests.helpers.tiny_checkpoints import LABELS as C
 from tests.helpers.tiny_checkpoints import LAYERS as L
 from tests.helpers.tiny_checkpoints import H
 
-R = 4
-TARGETS = {
-    **{a: ["q", "v"] for a in ("bert", "distilbert", "roberta", "electra", "deberta-v2")},
-    "modernbert": ["qkv", "o", "ffn"],
-    "gpt2": ["qkv", "o", "ffn"],
-    "llama": ["q", "v", "ffn"],
-}
-ADAPTER = {  # sum of r (in + out) over the adapted layers, from the architecture's shapes
-    **{a: L * 2 * R * (H + H) for a in ("bert", "distilbert", "roberta", "electra", "deberta-v2")},
-    "modernbert": L * R * ((H + 3 * H) + (H + H) + (H + 2 * F) + (F + H)),  # Wqkv, Wo, Wi (GLU: 2F), mlp.Wo
-    "gpt2": L * R * ((H + 3 * H) + (H + H) + (H + F) + (F + H)),  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    "llama": L * R * ((H + H) + (H + H) + 3 * (H + F)),  # q, v, gate, up, down
-}
-LAYERS_ADAPTED = {**{a: 2 for a in ADAPTER}, "modernbert": 4, "gpt2": 4, "llama": 5}  # per block
-_DENSE, _OUT = ["weight", "bias"], ["weight", "bias"]
-HEAD_KEYS = {  # the head's tensors, as the architecture defines them outside its base
-    "bert": ["classifier.weight", "classifier.bias"],
-    "distilbert": ["pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"],
-    "roberta": [f"classifier.dense.{x}" for x in _DENSE] + [f"classifier.out_proj.{x}" for x in _OUT],
-    "electra": [f"classifier.dense.{x}" for x in _DENSE] + [f"classifier.out_proj.{x}" for x in _OUT],
-    "deberta-v2": ["pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias"],
-    "modernbert": ["head.dense.weight", "head.norm.weight", "classifier.weight", "classifier.bias"],
-    "gpt2": ["score.weight"],
-    "llama": ["score.weight"],
-}
-HEAD_PARAMS = {
-    "bert": H * C + C,
-    **{a: (H * H + H) + (H * C + C) for a in ("distilbert", "roberta", "electra", "deberta-v2")},
-    "modernbert": H * H + H + (H * C + C),  # dense and norm without bias (ModernBERT's defaults)
-    "gpt2": H * C,
-    "llama": H * C,
-}
 HEAD_MODULES = {
     "bert": ["classifier"],
     "distilbert": ["pre_classifier", "classifier"],
@@ -74,76 +38,22 @@ HEAD_MODULES = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    """``checkpoint(arch)``: a saved tiny checkpoint with its head (built once per module and arch)."""
-    root, made = tmp_path_factory.mktemp("ckpt"), {}
-
-    def get(arch: str) -> Path:
-        if arch not in made:
-            made[arch] = tc.save(arch, root / arch)
-        return made[arch]
-
-    return get
-
-
-def model_cfg(path: Path, arch: str):
-    return OmegaConf.create({"source": "local", "path": str(path), "name": arch, "trust_remote_code": False})
-
-
-def local(path: Path, arch: str) -> list[str]:
-    return [
-        "model.source=local",
-        f"model.path={path}",
-        f"model.name={arch}",
-        "trainer.max_steps=3",
-        "trainer.epochs=1",
-        "trainer.batch_size=8",
-        "trainer.eval_batch_size=32",
-        "data.limit=24",
-        "data.eval_limit=16",
-        "data.max_length=32",
-    ]
-
-
-@pytest.mark.parametrize("method", ["lora", "frozen", "full"])
-@pytest.mark.parametrize("arch", tc.ARCHS)
-def test_checkpoint_with_head_trains_each_method(arch: str, method: str, checkpoint, tiny_cfg, tmp_path: Path) -> None:
-    ckpt = checkpoint(arch)
-    cfg = tiny_cfg(*local(ckpt, arch), f"method={method}", f"lora.targets=[{','.join(TARGETS[arch])}]", f"lora.r={R}")
-    res = loop.train(cfg, tmp_path / "run")
-    assert res["status"] == "ok" and res["steps"] == 3
-    total = sum(p.numel() for p in AutoModelForSequenceClassification.from_config(tc.config(arch)).parameters())
-    assert res["total_params"] == total + res["adapter_params"]
-    assert res["head_params"] == HEAD_PARAMS[arch]
-    if method == "full":
-        assert res["trainable_params"] == total and res["adapter_params"] == 0
-        return
-    assert res["adapter_params"] == (ADAPTER[arch] if method == "lora" else 0)
-    assert res["trainable_params"] == res["adapter_params"] + HEAD_PARAMS[arch] and res["other_trainable_params"] == 0
-    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
-    assert sorted(k for k in saved if ".lora_" not in k) == sorted(HEAD_KEYS[arch])
-    assert sum(saved[k].numel() for k in HEAD_KEYS[arch]) == HEAD_PARAMS[arch]
-    stored = load_file(str(ckpt / "model.safetensors"))
-    assert not torch.equal(saved[HEAD_KEYS[arch][0]], stored[HEAD_KEYS[arch][0]])  # re-initialised, trained
-    adapted = [k for k in saved if ".lora_B." in k]
-    assert len(adapted) == res["lora_layers"] == (L * LAYERS_ADAPTED[arch] if method == "lora" else 0)
-
-
 @pytest.mark.parametrize("arch", tc.ARCHS)
 def test_head_found_with_and_without_saved_head(arch: str, tmp_path: Path) -> None:
     """The structural rule gives the same head whether the checkpoint holds it or not."""
     with_head, base = tc.save_pair(arch, tmp_path)
-    assert text_models.build(model_cfg(with_head, arch), 2)[2] == HEAD_MODULES[arch]
-    assert text_models.build(model_cfg(base, arch), 2)[2] == HEAD_MODULES[arch]
+    assert text_models.build(tc.model_cfg(with_head, arch), 2)[2] == HEAD_MODULES[arch]
+    assert text_models.build(tc.model_cfg(base, arch), 2)[2] == HEAD_MODULES[arch]
 
 
 @pytest.mark.parametrize("arch", ["distilbert", "gpt2"])
 def test_checkpoint_with_head_builds_exactly_like_its_base(arch: str, tiny_cfg, tmp_path: Path) -> None:
     """Same base weights, head saved or not: the same model after build (head re-initialised per seed)."""
     with_head, base = tc.save_pair(arch, tmp_path)
-    targets = f"lora.targets=[{','.join(TARGETS[arch])}]"
-    built = [model_build.build_model(tiny_cfg(*local(p, arch), "method=lora", targets))[1] for p in (with_head, base)]
+    targets = f"lora.targets=[{','.join(tc.TARGETS[arch])}]"
+    built = [
+        model_build.build_model(tiny_cfg(*tc.local(p, arch), "method=lora", targets))[1] for p in (with_head, base)
+    ]
     a, b = (dict(m.named_parameters()) for m in built)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -153,7 +63,7 @@ def test_missing_pooler_inside_the_base_is_head(tmp_path: Path) -> None:
     conf = BertConfig(**tc.CONFIGS["bert"])
     BertModel(conf, add_pooling_layer=False).save_pretrained(tmp_path / "nopool")
     text_models._tiny_tokenizer().save_pretrained(tmp_path / "nopool")
-    _, model, head = text_models.build(model_cfg(tmp_path / "nopool", "bert"), 2)
+    _, model, head = text_models.build(tc.model_cfg(tmp_path / "nopool", "bert"), 2)
     assert head == ["bert.pooler", "classifier"]
     model_methods.apply_method(model, "frozen", head)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
@@ -199,7 +109,7 @@ def test_bare_parameter_head_found_and_reinitialised() -> None:
 
 @pytest.mark.parametrize("head", [[], ["dropout"]])
 def test_head_without_parameters_is_refused(head: list[str], checkpoint) -> None:
-    _, model, _ = text_models.build(model_cfg(checkpoint("bert"), "bert"), 2)
+    _, model, _ = text_models.build(tc.model_cfg(checkpoint("bert"), "bert"), 2)
     for method in ("lora", "frozen"):
         with pytest.raises(LoraExpError, match=f"method={method}: the model has no classification head") as err:
             model_methods.apply_method(model, method, head, OmegaConf.create({"targets": ["q"], "r": 4, "alpha": 8.0}))
@@ -209,7 +119,7 @@ def test_head_without_parameters_is_refused(head: list[str], checkpoint) -> None
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_decoder_pads_with_eos(arch: str, checkpoint, capsys) -> None:
-    tokenizer, model, _ = text_models.build(model_cfg(checkpoint(arch), arch), 2)
+    tokenizer, model, _ = text_models.build(tc.model_cfg(checkpoint(arch), arch), 2)
     assert tokenizer.pad_token == tc.EOS and tokenizer.pad_token_id == model.config.pad_token_id == 1
     lines = [x for x in capsys.readouterr().out.splitlines() if "pad" in x]
     assert lines == [
@@ -226,7 +136,7 @@ def test_decoder_pads_with_eos(arch: str, checkpoint, capsys) -> None:
 def test_tokenizer_without_pad_and_eos_is_refused(tmp_path: Path) -> None:
     tc.save("gpt2", tmp_path / "g", eos=False)
     with pytest.raises(LoraExpError, match="the tokenizer has neither a pad nor an EOS token") as err:
-        text_models.build(model_cfg(tmp_path / "g", "gpt2"), 2)
+        text_models.build(tc.model_cfg(tmp_path / "g", "gpt2"), 2)
     assert str(err.value).startswith(f"model.path={str(tmp_path / 'g')!r}: ") and "\n" not in str(err.value)
 
 
@@ -291,32 +201,10 @@ def test_fused_qkv_families_point_to_qkv(arch: str, fused: str, alias: str) -> N
     )
 
 
-def test_truncated_safetensors_is_one_line_and_a_failed_run(checkpoint, tiny_cfg, tmp_path: Path, capsys) -> None:
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for f in checkpoint("bert").iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
-    line = (
-        f"model.path={str(folder)!r}: cannot load the model "
-        "(Error while deserializing header: incomplete metadata, file not fully covered)"
-    )
-    with pytest.raises(LoraExpError) as err:
-        text_models.build(model_cfg(folder, "bert"), 2)
-    assert str(err.value) == line
-    with pytest.raises(SystemExit) as exit_:  # as the CLI runs a job: one line, status failed
-        cli.run_job(tiny_cfg(*local(folder, "bert")), tmp_path / "run")
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"error: {line}"
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["status"] == "failed" and saved["reason"] == line
-
-
 def test_head_fine_tuned_for_other_labels_is_reinitialised(tmp_path: Path) -> None:
     conf = tc.config("roberta")
     conf.num_labels = 3
     AutoModelForSequenceClassification.from_config(conf).save_pretrained(tmp_path / "three")
     text_models._tiny_tokenizer().save_pretrained(tmp_path / "three")
-    _, model, head = text_models.build(model_cfg(tmp_path / "three", "roberta"), 2)
+    _, model, head = text_models.build(tc.model_cfg(tmp_path / "three", "roberta"), 2)
     assert head == ["classifier"] and model.classifier.out_proj.weight.shape == (C, H)

@@ -13,11 +13,7 @@ from lora_exp.errors import LoraExpError
 
 SMALL = GwOptions(n_train=16, n_validation=8, n_test=8)
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("lora_exp_cache")  # generated data goes to a temporary cache
 
 
 def test_simulate_is_deterministic_per_seed() -> None:
@@ -52,9 +48,9 @@ def test_noise_is_coloured_before_whitening() -> None:
     assert s[0] > 10 * s[1] and s[2] > 2 * s[1]
 
 
-def test_generated_once_into_the_cache_keyed_by_options(_cache: Path) -> None:
+def test_generated_once_into_the_cache_keyed_by_options(lora_exp_cache: Path) -> None:
     first = gw_data.load(SMALL)
-    folder = _cache / "gw" / SMALL.key()
+    folder = lora_exp_cache / "gw" / SMALL.key()
     stamp = (folder / "train.npz").stat().st_mtime_ns
     again = gw_data.load(SMALL)
     assert (folder / "train.npz").stat().st_mtime_ns == stamp

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from lora_exp.cli import CONF_DIR
-from lora_exp.config.checks import validate
 from tests.helpers import wandb_file
-from tests.helpers.configs import make_cfg, tiny_run
+from tests.helpers.configs import tiny_run
 from tests.helpers.processes import cli
-from tests.helpers.sweeps import expand
-
-SWEEPS = Path(CONF_DIR).parent / "sweeps"
 
 
 def results(sweep_dir: Path) -> list[dict]:
@@ -81,50 +74,6 @@ def test_failed_job_does_not_stop_the_sweep_and_reruns(reviews: Path, tmp_path: 
     assert len(list((tmp_path / "sweep").glob("*_lora/results.failed-0.json"))) == 1
 
 
-def test_sweep_files_document_their_command() -> None:
-    for path in SWEEPS.glob("*.yaml"):
-        head = path.read_text().splitlines()
-        assert head[0] == "# @package _global_", path
-        assert any(f"lora-exp -m +sweep={path.stem}" in line for line in head if line.startswith("#")), path
-
-
-@pytest.mark.parametrize(
-    ("name", "jobs"), [("methods", 3), ("quick", 3), ("rank_alpha", 42), ("targets", 6), ("seeds", 9)]
-)
-def test_sweep_grids_compose_and_validate(name: str, jobs: int) -> None:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        hydra_cfg = compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
-    grid = expand(dict(hydra_cfg.hydra.sweeper.params))
-    assert len(grid) == jobs
-    for overrides in grid[:: max(1, len(grid) // 7)]:
-        cfg = make_cfg([f"+sweep={name}", *overrides])
-        validate(cfg)
-        assert cfg.sweep_name == name
-        if name == "rank_alpha":
-            alpha = dict(o.split("=", 1) for o in overrides)["lora.alpha"]
-            r = cfg.lora.r
-            assert cfg.lora.alpha == {"'${lora.r}'": r, "'${mul:${lora.r},2}'": 2 * r}.get(alpha, 16)
-
-
-@pytest.mark.parametrize("path", sorted((SWEEPS.parent / "wandb_sweeps").glob("*.yaml")), ids=lambda p: p.stem)
-def test_wandb_sweep_yaml_renders_valid_commands(path: Path) -> None:
-    spec = yaml.safe_load(path.read_text())
-    assert spec["command"] == ["lora-exp", "${args_no_hyphens}"]
-    assert spec["metric"]["name"] == "best_val_acc"
-    axes = [
-        [(k, v)] if "value" in p else [(k, x) for x in p["values"]]
-        for k, p in spec["parameters"].items()
-        for v in [p.get("value")]
-    ]
-    for point in itertools.product(*axes):
-        args = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in point]  # as args_no_hyphens
-        cfg = make_cfg(args)
-        validate(cfg)
-        assert cfg.logger.mode == "online"
-
-
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_jobs_in_fresh_processes(launcher: str, reviews: Path, tmp_path: Path) -> None:
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]
@@ -143,13 +92,6 @@ def test_parallel_launchers_run_jobs_in_fresh_processes(launcher: str, reviews: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = results(tmp_path / "sweep")
     assert sorted(r["method"] for r in got) == ["frozen", "lora"] and all(r["status"] == "ok" for r in got)
-
-
-def test_fair_grid_uses_each_methods_own_lrs() -> None:
-    for method in ("full", "frozen", "lora"):
-        grid = list(make_cfg([f"method={method}"]).method.lr_grid)
-        got = [make_cfg(["+sweep=fair", f"method={method}", f"lr_index={i}"]).optimizer.lr for i in range(3)]
-        assert got == grid
 
 
 def test_optuna_study_runs_and_persists(reviews: Path, tmp_path: Path) -> None:

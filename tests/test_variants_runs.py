@@ -60,16 +60,6 @@ def test_vera_run_counts_vectors(tiny_cfg, tmp_path: Path) -> None:
     assert shapes == {"vera_A": (256, H), "vera_B": (H, 256)}
 
 
-@pytest.mark.parametrize(("variant", "r"), [("lora_fa", 8), ("vera", 256), ("eva", 8), ("lora_ga", 8), ("adalora", 12)])
-def test_fair_variants_grid_of_new_variants(variant: str, r: int) -> None:
-    from tests.helpers.configs import make_cfg
-    from tests.helpers.sweeps import label
-
-    cfgs = [make_cfg(["+sweep=fair_variants", f"+variant={variant}", f"lr_index={i}"]) for i in range(3)]
-    assert [c.optimizer.lr for c in cfgs] == list(cfgs[0].method.lr_grid)
-    assert all(label(c) == variant and (c.lora.r, list(c.lora.targets)) == (r, ["q", "v"]) for c in cfgs)
-
-
 @pytest.mark.parametrize(("init", "computes"), [("eva", "eva_components"), ("lora_ga", "estimate_gradients")])
 def test_data_init_runs_once_records_its_cost_and_keeps_the_data_order(
     init: str, computes: str, tiny_cfg, tmp_path: Path, monkeypatch

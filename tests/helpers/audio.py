@@ -12,6 +12,23 @@ from lora_exp.adapters.peft_format import export_peft, import_peft
 
 from .models import LAYERS, H
 
+GW_SMALL = [  # a run on tiny Whisper and a little synthetic GW data (cached outputs compared in fp32)
+    "experiment=gw_whisper_offline",
+    "model=tiny_whisper",
+    "model.hidden_size=32",
+    "model.heads=2",
+    "model.ffn_size=64",
+    "logger=none",
+    "trainer.device=cpu",
+    "trainer.precision=fp32",  # cached outputs are compared with the real encoder outside autocast
+    "trainer.batch_size=16",
+    "trainer.eval_batch_size=16",
+    "optimizer.warmup_ratio=0.0",
+    "data.gw.n_train=40",
+    "data.gw.n_validation=20",
+    "data.gw.n_test=20",
+]
+
 
 def whisper_cfg(**extra: object) -> DictConfig:
     """A ``model`` config slice of a tiny random Whisper encoder (hidden H, LAYERS layers), overridden by ``extra``."""

@@ -9,6 +9,22 @@ from hydra import compose, initialize_config_dir
 from lora_exp.adapters import params as adapter_params
 from lora_exp.cli import CONF_DIR
 
+VARIANT_LABELS = {  # every arm of +sweep=variants, as a run labels it
+    "lora",
+    "rslora",
+    "dora",
+    "pissa",
+    "lora+",
+    "lora_fa",
+    "vera",
+    "eva",
+    "lora_ga",
+    "adalora",
+    "bitfit",
+    "full",
+    "frozen",
+}
+
 
 def expand(params: dict[str, str]) -> list[list[str]]:
     """Hydra's basic-sweeper grid of ``hydra.sweeper.params`` as override lists."""

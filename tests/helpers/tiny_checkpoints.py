@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
@@ -92,3 +93,32 @@ def save_pair(arch: str, root: Path) -> tuple[Path, Path]:
     for folder in (with_head, base):
         (decoder_tokenizer() if arch in DECODERS else _tiny_tokenizer()).save_pretrained(folder)
     return with_head, base
+
+
+TARGETS = {  # the LoRA targets each architecture's tests adapt
+    **{a: ["q", "v"] for a in ("bert", "distilbert", "roberta", "electra", "deberta-v2")},
+    "modernbert": ["qkv", "o", "ffn"],
+    "gpt2": ["qkv", "o", "ffn"],
+    "llama": ["q", "v", "ffn"],
+}
+
+
+def model_cfg(path: Path, arch: str) -> DictConfig:
+    """A ``model`` config slice that loads the checkpoint saved at ``path``."""
+    return OmegaConf.create({"source": "local", "path": str(path), "name": arch, "trust_remote_code": False})
+
+
+def local(path: Path, arch: str) -> list[str]:
+    """Overrides for a 3-step run of the checkpoint saved at ``path`` on 24 training rows."""
+    return [
+        "model.source=local",
+        f"model.path={path}",
+        f"model.name={arch}",
+        "trainer.max_steps=3",
+        "trainer.epochs=1",
+        "trainer.batch_size=8",
+        "trainer.eval_batch_size=32",
+        "data.limit=24",
+        "data.eval_limit=16",
+        "data.max_length=32",
+    ]
