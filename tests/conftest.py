@@ -10,7 +10,7 @@ import pytest
 from omegaconf import DictConfig
 
 from tests.helpers import tiny_checkpoints as tc
-from tests.helpers.configs import make_cfg, tiny_run, write_reviews
+from tests.helpers.configs import make_cfg, tiny_run, tiny_sweep, write_reviews
 from tests.helpers.processes import cli
 
 E2E = Path(__file__).parent / "e2e"
@@ -51,8 +51,7 @@ def tiny_cfg(reviews: Path, tmp_path: Path):
 def methods_sweep(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Path:
     """`lora-exp -m +sweep=methods` on the tiny model, W&B offline (once per module that uses it)."""
     tmp = tmp_path_factory.mktemp("methods")
-    args = ["-m", "+sweep=methods", *tiny_run(reviews, tmp, "trainer.max_steps=4"), f"hydra.sweep.dir={tmp / 'sweep'}"]
-    proc = cli(args, tmp)
+    proc = cli(tiny_sweep(reviews, tmp, tmp / "sweep", "+sweep=methods"), tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "sweep"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wandb_file
-from tests.helpers.configs import tiny_run
+from tests.helpers.configs import tiny_sweep
 from tests.helpers.processes import cli
 
 
@@ -41,12 +41,7 @@ def test_each_job_is_its_own_wandb_run_in_one_group(methods_sweep: Path) -> None
 def test_rerun_skips_finished_jobs(methods_sweep: Path, reviews: Path, tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in methods_sweep.glob("*/results.json")}
     proc = cli(
-        [
-            "-m",
-            "+sweep=methods",
-            *tiny_run(reviews, methods_sweep.parent, "trainer.max_steps=4"),
-            f"hydra.sweep.dir={methods_sweep}",
-        ],
+        tiny_sweep(reviews, methods_sweep.parent, methods_sweep, "+sweep=methods"),
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -55,14 +50,8 @@ def test_rerun_skips_finished_jobs(methods_sweep: Path, reviews: Path, tmp_path:
 
 
 def test_failed_job_does_not_stop_the_sweep_and_reruns(reviews: Path, tmp_path: Path) -> None:
-    args = [
-        "-m",
-        "method=full,lora,frozen",
-        "lora.targets=[no_such_module]",
-        "logger=none",
-        *tiny_run(reviews, tmp_path, "trainer.max_steps=4"),
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]
+    axes = ("method=full,lora,frozen", "lora.targets=[no_such_module]", "logger=none")
+    args = tiny_sweep(reviews, tmp_path, tmp_path / "sweep", *axes)
     proc = cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = {r["method"]: r for r in results(tmp_path / "sweep")}
@@ -77,18 +66,8 @@ def test_failed_job_does_not_stop_the_sweep_and_reruns(reviews: Path, tmp_path: 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_jobs_in_fresh_processes(launcher: str, reviews: Path, tmp_path: Path) -> None:
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]
-    proc = cli(
-        [
-            "-m",
-            "method=frozen,lora",
-            "logger=none",
-            f"hydra/launcher={launcher}",
-            *extra,
-            *tiny_run(reviews, tmp_path, "trainer.max_steps=4"),
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        tmp_path,
-    )
+    axes = ("method=frozen,lora", "logger=none", f"hydra/launcher={launcher}", *extra)
+    proc = cli(tiny_sweep(reviews, tmp_path, tmp_path / "sweep", *axes), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = results(tmp_path / "sweep")
     assert sorted(r["method"] for r in got) == ["frozen", "lora"] and all(r["status"] == "ok" for r in got)
@@ -96,14 +75,7 @@ def test_parallel_launchers_run_jobs_in_fresh_processes(launcher: str, reviews: 
 
 def test_optuna_study_runs_and_persists(reviews: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "study"
-    args = [
-        "-m",
-        "hparams_search=lora_optuna",
-        "hydra.sweeper.n_trials=2",
-        "logger=none",
-        *tiny_run(reviews, tmp_path, "trainer.max_steps=4"),
-        f"hydra.sweep.dir={sweep}",
-    ]
+    args = tiny_sweep(reviews, tmp_path, sweep, "hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "logger=none")
     proc = cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = results(sweep)

@@ -63,3 +63,9 @@ def tiny_run(reviews: Path, tmp: Path, *extra: str) -> list[str]:
         "trainer.batch_size=16",
         *extra,
     ]
+
+
+def tiny_sweep(reviews: Path, tmp: Path, sweep_dir: Path, *overrides: str) -> list[str]:
+    """``lora-exp -m`` arguments: ``overrides`` (the sweep's axes, launcher, logger) over 4-step tiny runs
+    (``tiny_run`` with its Hugging Face cache under ``tmp``), the jobs in ``sweep_dir``."""
+    return ["-m", *overrides, *tiny_run(reviews, tmp, "trainer.max_steps=4"), f"hydra.sweep.dir={sweep_dir}"]
