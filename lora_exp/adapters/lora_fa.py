@@ -9,7 +9,7 @@ update reachable through B, ``g_B <- (1 / s^2) g_B (A A^T + 1e-8 I)^+`` (``s`` t
 PEFT computes that projection under ``torch.autocast(bfloat16)`` whenever bf16 is available (a CPU too),
 rounding the projected gradient to bf16; here it is computed in fp32, the paper's equation. Adam divides the
 gradient by its own running scale, so the rounding barely reaches the weights: after 3 steps the logits
-agree within 1e-5 with PEFT's default and with its fp32 path (tests/test_lora_fa.py).
+agree within 1e-5 with PEFT's default and with its fp32 path (tests/unit/adapters/test_lora_fa.py).
 """
 
 from __future__ import annotations

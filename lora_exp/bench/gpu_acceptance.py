@@ -3,7 +3,7 @@
 Four stages, each recorded with its status (and each given what is left of ``--budget`` seconds, so one
 slow stage cannot push the run past it), so one failure does not hide the others:
 
-1. ``pytest -m gpu`` (tests/test_gpu.py: bf16 / fp16 training, the measured peak of every method within 15% of
+1. ``pytest -m gpu`` (tests/e2e/test_gpu.py: bf16 / fp16 training, the measured peak of every method within 15% of
    the predicted one, the first job's baseline holding cuBLAS's workspace, resume on GPU, ``cuda:N``, the
    bench's MFU against independently counted FLOPs);
 2. ``lora-exp bench`` at equal precision, compile off and on (``--compile both``), on a randomly initialised

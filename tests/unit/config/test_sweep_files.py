@@ -1,0 +1,68 @@
+"""Sweep files (Hydra basic-sweeper grids, W&B sweep YAML): each documents its command, each grid composes and
+validates, the fair grid uses each method's own learning rates. Nothing runs."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_exp.cli import CONF_DIR
+from lora_exp.config.checks import validate
+from tests.helpers.configs import make_cfg
+from tests.helpers.sweeps import expand
+
+SWEEPS = Path(CONF_DIR).parent / "sweeps"
+
+
+def test_sweep_files_document_their_command() -> None:
+    for path in SWEEPS.glob("*.yaml"):
+        head = path.read_text().splitlines()
+        assert head[0] == "# @package _global_", path
+        assert any(f"lora-exp -m +sweep={path.stem}" in line for line in head if line.startswith("#")), path
+
+
+@pytest.mark.parametrize(
+    ("name", "jobs"), [("methods", 3), ("quick", 3), ("rank_alpha", 42), ("targets", 6), ("seeds", 9)]
+)
+def test_sweep_grids_compose_and_validate(name: str, jobs: int) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    grid = expand(dict(hydra_cfg.hydra.sweeper.params))
+    assert len(grid) == jobs
+    for overrides in grid[:: max(1, len(grid) // 7)]:
+        cfg = make_cfg([f"+sweep={name}", *overrides])
+        validate(cfg)
+        assert cfg.sweep_name == name
+        if name == "rank_alpha":
+            alpha = dict(o.split("=", 1) for o in overrides)["lora.alpha"]
+            r = cfg.lora.r
+            assert cfg.lora.alpha == {"'${lora.r}'": r, "'${mul:${lora.r},2}'": 2 * r}.get(alpha, 16)
+
+
+@pytest.mark.parametrize("path", sorted((SWEEPS.parent / "wandb_sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_wandb_sweep_yaml_renders_valid_commands(path: Path) -> None:
+    spec = yaml.safe_load(path.read_text())
+    assert spec["command"] == ["lora-exp", "${args_no_hyphens}"]
+    assert spec["metric"]["name"] == "best_val_acc"
+    axes = [
+        [(k, v)] if "value" in p else [(k, x) for x in p["values"]]
+        for k, p in spec["parameters"].items()
+        for v in [p.get("value")]
+    ]
+    for point in itertools.product(*axes):
+        args = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in point]  # as args_no_hyphens
+        cfg = make_cfg(args)
+        validate(cfg)
+        assert cfg.logger.mode == "online"
+
+
+def test_fair_grid_uses_each_methods_own_lrs() -> None:
+    for method in ("full", "frozen", "lora"):
+        grid = list(make_cfg([f"method={method}"]).method.lr_grid)
+        got = [make_cfg(["+sweep=fair", f"method={method}", f"lr_index={i}"]).optimizer.lr for i in range(3)]
+        assert got == grid
