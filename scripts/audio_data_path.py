@@ -18,7 +18,7 @@ from lora_exp.config.schema import typed_config
 from lora_exp.data import audio as audio_data
 from lora_exp.data import text as text_data
 from lora_exp.models import audio as audio_models
-from tests.conftest import make_cfg
+from tests.helpers.configs import make_cfg
 
 
 def main(overrides: list[str]) -> None:

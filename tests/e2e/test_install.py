@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import write_reviews
+from tests.helpers.configs import write_reviews
 
 pytestmark = pytest.mark.e2e
 

@@ -15,13 +15,13 @@ def test_variants_sweep_runs_each_job(reviews: Path, tmp_path: Path) -> None:
     """`lora-exp -m +sweep=variants` on the tiny model, 2 steps per job: every arm trains and is counted."""
     import json
 
-    from .test_sweeps import tiny as tiny_overrides
-    from .test_train import cli
+    from tests.helpers.configs import tiny_run
+    from tests.helpers.processes import cli
 
     sweep = tmp_path / "sweep"
     # hidden 64: LoRA-GA at r=32 needs 2r <= min(out, in) of every layer (tiny_bert's 32 is too small)
     wide = ["model.hidden_size=64", "model.ffn_size=128"]
-    args = ["-m", "+sweep=variants", *tiny_overrides(reviews, tmp_path), *wide, "trainer.max_steps=2", "logger=none"]
+    args = ["-m", "+sweep=variants", *tiny_run(reviews, tmp_path), *wide, "trainer.max_steps=2", "logger=none"]
     proc = cli([*args, "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = []

@@ -56,6 +56,8 @@ def tiny_model(arch: str) -> tuple[torch.nn.Module, list[str]]:
 def ours_cfg(arch: str, dropout: float = 0.0, **over) -> schema.LoraConfig:
     """Our ``lora`` options for ``arch``'s targets at rank R, alpha ALPHA, overridden by ``over``."""
     base = {"targets": TARGETS[arch], "r": R, "alpha": ALPHA, "dropout": dropout, "rslora": False}
+    if over.get("variant") == "vera":  # VeRA's rank is its own option (lora.vera.r): the rank these tests give
+        over = {**over, "vera": {"r": over.get("r", R), **over.get("vera", {})}}
     return schema.typed_config({**base, **over}, schema.LoraConfig)
 
 
