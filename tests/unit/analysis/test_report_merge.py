@@ -10,32 +10,13 @@ import sys
 from pathlib import Path
 
 from lora_exp.analysis import report
+from tests.helpers.results import write_result
 
 
 def result(folder: Path, **fields) -> None:
-    base = {
-        "status": "ok",
-        "method": "lora",
-        "targets": "q+v",
-        "r": 8,
-        "alpha": 16,
-        "lr": 1e-3,
-        "seed": 1,
-        "config_hash": "c-lora",
-        "group_hash": "g-lora",
-        "trainable_params": 100,
-        "trainable_pct": 1.0,
-        "peak_vram_bytes": None,
-        "peak_host_rss_bytes": 2**30,
-        "train_seconds": 10.0,
-        "samples_per_s": 5.0,
-        "best_val_acc": 0.8,
-        "test_acc": 0.8,
-        "wandb_id": None,
-        "history": [],
-    }
-    folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({**base, **fields}))
+    """``folder/results.json``: the helpers' finished LoRA run plus the identity fields that merging keys on."""
+    identity = {"r": 8, "alpha": 16, "config_hash": "c-lora", "group_hash": "g-lora", "wandb_id": None}
+    write_result(folder.parent, folder.name, **{**identity, **fields})
 
 
 def two_sweeps(tmp: Path) -> tuple[Path, Path]:
