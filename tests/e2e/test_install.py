@@ -18,7 +18,7 @@ from tests.helpers.configs import write_reviews
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "lora_exp", "conf", "sweeps")  # what the wheel is built from
+SOURCES = ("pyproject.toml", "README.md", "lora_exp", "conf", "sweeps", "hydra_plugins")  # what the wheel is built from
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -60,6 +60,9 @@ def test_the_installed_package_holds_its_configs(venv: Path, tmp_path: Path) -> 
     assert module.startswith(site) and conf.startswith(site) and sweeps.startswith(site)
     assert Path(conf, "config.yaml").is_file() and len(list(Path(conf, "preset").glob("*.yaml"))) == 13
     assert {p.stem for p in Path(sweeps).glob("*.yaml")} == {p.stem for p in (REPO / "sweeps").glob("*.yaml")}
+    code = "import hydra_plugins.lora_exp_plugins.slurm_launcher as m; print(m.__file__)"  # hydra/launcher=slurm
+    proc = run([str(venv / "bin" / "python"), "-c", code], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().startswith(site), proc.stderr[-3000:]
 
 
 def test_help_and_packaged_presets_and_sweeps_from_another_dir(venv: Path, tmp_path: Path) -> None:
