@@ -69,6 +69,7 @@ def test_incremental_pca_equals_peft() -> None:
     assert ours.components_.dtype == torch.float64
 
 
+@pytest.mark.e2e  # eva_pair runs PEFT's EVA initialisation per architecture (~30 s): the full tier
 def test_eva_ranks_alphas_and_a_equal_peft(eva_pair) -> None:
     arch, ours, ref, head, base, result = eva_pair
     config = ref.peft_config["default"]
@@ -82,11 +83,13 @@ def test_eva_ranks_alphas_and_a_equal_peft(eva_pair) -> None:
     assert result.batches > 2 and result.tokens > 0
 
 
+@pytest.mark.e2e  # eva_pair runs PEFT's EVA initialisation per architecture (~30 s): the full tier
 def test_eva_steps_equal_peft(eva_pair) -> None:
     arch, ours, ref, head, base, _ = eva_pair
     parity.assert_steps_equal_peft(copy.deepcopy(ours), copy.deepcopy(ref), head, base)
 
 
+@pytest.mark.e2e  # eva_pair runs PEFT's EVA initialisation per architecture (~30 s): the full tier
 def test_eva_round_trips_through_peft(eva_pair, tmp_path: Path) -> None:
     """Per-layer ranks / alphas travel as PEFT's rank_pattern / alpha_pattern, both ways."""
     arch, ours, ref, head, base, _ = eva_pair
@@ -100,6 +103,7 @@ def test_eva_round_trips_through_peft(eva_pair, tmp_path: Path) -> None:
     assert {n: m.r for n, m in injection.lora_layers(back)} == {n: m.r for n, m in injection.lora_layers(ours)}
 
 
+@pytest.mark.e2e  # eva_pair runs PEFT's EVA initialisation per architecture (~30 s): the full tier
 def test_eva_merge_unmerge_and_counts(eva_pair) -> None:
     arch, ours, _, head, _, _ = eva_pair
     ours = copy.deepcopy(ours)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lora_exp.analysis import report
 from tests.helpers.results import write_result
 
@@ -50,6 +52,7 @@ def test_copy_without_wandb_id_counts_once_and_a_rerun_stays_apart(tmp_path: Pat
     assert report.summarize(df).iloc[0]["seeds"] == 2
 
 
+@pytest.mark.e2e  # starts lora-exp report
 def test_report_command_merges_dirs_into_one_table(tmp_path: Path) -> None:
     a, b = two_sweeps(tmp_path)
     out = subprocess.run(
