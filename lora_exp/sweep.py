@@ -10,6 +10,7 @@ Ctrl-C aborts at once (joblib kills the workers; their last checkpoints remain).
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 import sys
@@ -100,6 +101,7 @@ class SweepCallback(Callback):
     pickles the callbacks into every joblib task."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        register_plugins(config)
         interrupt.install(escalate=True, then=forward_to_workers)
         use_interruptible_loky()
 
@@ -119,3 +121,21 @@ class SweepCallback(Callback):
             name = stopped.signal_name or "SIGINT"
             print(stopped_line(sweep_dir, name), file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.Signals[name].value)
+
+
+def register_plugins(config: DictConfig) -> None:
+    """Register the sweeper and launcher of ``hydra_plugins.lora_exp_plugins`` that this multirun names, before
+    Hydra instantiates them (it calls the callbacks' ``on_multirun_start`` first).
+
+    Hydra finds plugins by walking the ``hydra_plugins`` namespace package, which does not see a package that an
+    editable install (``pip install -e .``) serves through its import hook; an explicit registration works for
+    every kind of install. Only the plugins this run names are imported (the SLURM one needs submitit).
+    """
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()
+    for node in (config.hydra.sweeper, config.hydra.launcher):
+        target = str(node.get("_target_", ""))
+        module, _, name = target.rpartition(".")
+        if module.startswith("hydra_plugins.lora_exp_plugins.") and target not in plugins.class_name_to_class:
+            plugins.register(getattr(importlib.import_module(module), name))

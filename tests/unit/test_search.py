@@ -54,3 +54,23 @@ def test_trial_reports_its_validation_curve_and_is_pruned(tiny_cfg, tmp_path: Pa
     assert list(reported) == [2] and 0.0 <= reported[2] <= 1.0  # val/acc at step 2, then stopped
     monkeypatch.delenv(pruning.ENV_TRIAL)
     assert pruning.from_env() is None
+
+
+def test_multirun_start_registers_the_named_sweeper_for_any_install() -> None:
+    """An editable install serves hydra_plugins.lora_exp_plugins through an import hook that Hydra's namespace scan
+    does not walk: the sweep callback registers the sweeper the config names before Hydra instantiates it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.plugins import Plugins
+
+    from lora_exp.config.schema import CONF_DIR
+    from lora_exp.sweep import register_plugins
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=lora_optuna"], return_hydra_config=True)
+    target = cfg.hydra.sweeper._target_
+    assert target == "hydra_plugins.lora_exp_plugins.optuna_sweeper.OptunaSweeper"
+    Plugins.instance().class_name_to_class.pop(target, None)  # as an editable install leaves it: not scanned
+    register_plugins(cfg)
+    assert Plugins.instance().class_name_to_class[target].__name__ == "OptunaSweeper"
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    assert cfg.hydra.launcher._target_ == basic  # Hydra's own launcher: left to Hydra's scan
