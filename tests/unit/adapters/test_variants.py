@@ -253,6 +253,7 @@ def test_variant_label(over: dict, method: str, ratio: float | None, label: str)
     assert adapter_params.variant_label(LoraConfig(**over), method, ratio) == label
 
 
+@pytest.mark.e2e  # composes a whole sweep's jobs (>5 s): the full tier
 def test_variants_sweep_composes_every_arm() -> None:
     from lora_exp.config.checks import validate
     from lora_exp.config.identity import config_hash

@@ -44,6 +44,7 @@ def test_generated_grid_is_the_hydra_sweeps_job_set(name: str) -> None:
         assert config_hash(cfg) == config_hash(make_cfg(multirun))
 
 
+@pytest.mark.e2e  # composes a whole sweep's jobs (>5 s): the full tier
 def test_every_sweep_generates_and_a_monitor_sets_the_metric() -> None:
     names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
     assert {"methods", "quick", "fair", "fair_variants", "variants", "gw_methods"} <= set(names)

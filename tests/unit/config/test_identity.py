@@ -147,6 +147,7 @@ def test_lr_is_chosen_by_the_monitored_metric(tmp_path: Path) -> None:
     assert "0.9500 auc" in md and "0.2000 loss" in md
 
 
+@pytest.mark.e2e  # composes a whole sweep's jobs (>5 s): the full tier
 def test_a_chosen_lr_at_the_edge_is_flagged_and_report_prints_the_widening_sweep(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

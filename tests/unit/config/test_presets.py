@@ -97,6 +97,7 @@ def test_every_preset_composes_at_rank_32_on_every_layer(preset: str) -> None:
     assert cfg.optimizer.lr == cfg.method.lr and cfg.optimizer.lr in cfg.method.lr_grid
 
 
+@pytest.mark.e2e  # composes a whole sweep's jobs (>5 s): the full tier
 def test_old_variant_jobs_keep_their_config_hash() -> None:
     spelled = {}
     for old in OLD_VARIANT_HASHES:
@@ -115,6 +116,7 @@ def test_lora_shape_that_does_not_apply_is_the_same_job() -> None:
     assert group_hash(lora8) != group_hash(lora32)
 
 
+@pytest.mark.e2e  # composes a whole sweep's jobs (>5 s): the full tier
 def test_report_groups_the_variants_sweep_by_preset_rank_and_targets(tmp_path: Path) -> None:
     """Every grid point of ``+sweep=variants`` written as a result (as with skip_done=false): the report finds
     41 configurations, one per job that trains, labelled by variant, the layers' rank and the targets."""
