@@ -27,8 +27,9 @@ def table_texts(path: Path, text_column: str, pair_column: str | None) -> tuple[
     wanted = {"data.text_column": text_column, **({"data.text_pair_column": pair_column} if pair_column else {})}
     for option, col in wanted.items():
         if col not in table.column_names:
-            raise LoraExpError(f"predict: file={str(path)!r} has no column {col!r} (the run's {option}; columns: "
-                               f"{table.column_names})")
+            raise LoraExpError(
+                f"predict: file={str(path)!r} has no column {col!r} (the run's {option}; columns: {table.column_names})"
+            )
     texts = ["" if t is None else str(t) for t in table[text_column]]
     pairs = ["" if t is None else str(t) for t in table[pair_column]] if pair_column else None
     return texts, pairs

@@ -250,7 +250,8 @@ def _label_checks(e: list[str], d: DictConfig) -> None:
         _check(
             e,
             d.num_labels in (None, 1),
-            f"data.num_labels={d.num_labels} does not apply to data.problem_type=regression (one output); leave it null",
+            f"data.num_labels={d.num_labels} does not apply to data.problem_type=regression (one output); "
+            "leave it null",
         )
     else:
         _check(
@@ -259,7 +260,8 @@ def _label_checks(e: list[str], d: DictConfig) -> None:
             f"data.num_labels={d.num_labels} must be >= 2 or null (taken from the training split)",
         )
     pair = d.text_pair_column
-    _check(e, pair is None or (isinstance(pair, str) and pair.strip() != ""), "data.text_pair_column must be a column name or null")
+    named = pair is None or (isinstance(pair, str) and pair.strip() != "")
+    _check(e, named, "data.text_pair_column must be a column name or null")
     _check(
         e,
         pair is None or pair != d.text_column,
@@ -320,6 +322,8 @@ def _trainer_checks(e: list[str], cfg: DictConfig) -> None:
         e.append(f"trainer.monitor=val/auc needs a binary task (data.num_labels={n}); use val/f1")
     if regression and t.monitor in CLASS_MONITORS:
         allowed = ", ".join((*SCORE_MONITORS, "val/loss"))
-        e.append(f"trainer.monitor={t.monitor} is a classification metric; data.problem_type=regression takes {allowed}")
+        e.append(
+            f"trainer.monitor={t.monitor} is a classification metric; data.problem_type=regression takes {allowed}"
+        )
     if not regression and t.monitor in SCORE_MONITORS:
         e.append(f"trainer.monitor={t.monitor} is a score metric; set data.problem_type=regression or use val/acc")

@@ -189,10 +189,10 @@ def _as_classes(
         if n < 2:
             raise single_class(column, "data", "0")
     feature = ClassLabel(num_classes=n, names=names)
+    index = {v: i for i, v in enumerate(names or [])}
     out = {}
     for name, part in parts.items():
         if names is not None and getattr(part.features["label"], "dtype", None) in _STRINGS:
-            index = {v: i for i, v in enumerate(names)}
             part = part.map(lambda y: {"label": index[str(y)]}, input_columns="label")
         elif _kind(part.features["label"]) == "ids" and any(not 0 <= int(v) < n for v in part.unique("label")):
             raise LoraExpError(

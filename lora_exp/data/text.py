@@ -86,7 +86,8 @@ def _split(
     given = {k: v for k, v in (("train", ds), ("test", test), ("validation", validation)) if v is not None}
     parts, task = labels.encode(given, cfg.problem_type, cfg.num_labels, cfg.label_column)
     ds, test, validation = parts["train"], parts.get("test"), parts.get("validation")
-    kw = dict(seed=cfg.split_seed, **({"stratify_by_column": "label"} if task.problem_type != labels.REGRESSION else {}))
+    stratify = task.problem_type != labels.REGRESSION  # scores: a plain seeded split
+    kw = dict(seed=cfg.split_seed, **({"stratify_by_column": "label"} if stratify else {}))
     carve_test = test is None
     try:
         if carve_test:  # carve test first, then validation as val_size of the whole
@@ -197,9 +198,7 @@ def encode_texts(
     """Token ids and masks of ``texts`` (with ``pairs``: the tokenizer's pair encoding, ``[CLS] a [SEP] b [SEP]``
     or the model's own form, cut ``longest_first`` to ``max_length``, segment ids where the model has them)."""
     segments = pairs is not None and "token_type_ids" in tokenizer.model_input_names
-    return tokenizer(
-        texts, pairs, truncation="longest_first", max_length=max_length, return_token_type_ids=segments
-    )
+    return tokenizer(texts, pairs, truncation="longest_first", max_length=max_length, return_token_type_ids=segments)
 
 
 def tokenize(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:

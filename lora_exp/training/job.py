@@ -213,9 +213,7 @@ def configured_labels(cfg: Config) -> task_labels.Labels:
     return task_labels.Labels(task_labels.CLASSIFICATION, cfg.data.num_labels or 2)
 
 
-def build_model_for(
-    cfg: Config, labels: task_labels.Labels | None = None
-) -> tuple[Any, torch.nn.Module, list, list]:
+def build_model_for(cfg: Config, labels: task_labels.Labels | None = None) -> tuple[Any, torch.nn.Module, list, list]:
     """``models.build.build_model`` with this config's slices: tokenizer, model with the method applied, head and
     LoRA module paths. ``labels``: the task's (``load_data``; default ``configured_labels``)."""
     labels = labels or configured_labels(cfg)
