@@ -33,7 +33,11 @@ SPLITS = ("train", "validation", "test")
 DROP_REASONS = {
     "missing_label": ("row without a label (data.drop_missing=true)", "rows without a label (data.drop_missing=true)"),
     "empty_text": ("row with an empty text", "rows with an empty text"),
-    "duplicate": ("duplicate text (first kept)", "duplicate texts (first kept)"),  # pairs: both texts equal
+    "duplicate": ("duplicate text (first kept)", "duplicate texts (first kept)"),
+}
+PAIR_DROP_REASONS = {  # data.text_pair_column: a row is empty when either text is, a duplicate when both repeat
+    "empty_text": ("row with an empty text (either of the pair)", "rows with an empty text (either of the pair)"),
+    "duplicate": ("duplicate pair (both texts equal; first kept)", "duplicate pairs (both texts equal; first kept)"),
 }
 datasets.disable_progress_bars()  # sub-second steps here; the training bar is the one that matters
 
@@ -138,9 +142,9 @@ def _from_files(cfg: DataConfig, dropped: dict[str, int]) -> DatasetDict:
     return _split(_cleaned(_to_text_label(table, cfg, dropped), dropped, dedupe=True), cfg)
 
 
-def say_dropped(dropped: dict[str, int]) -> None:
-    """One line per reason that dropped rows (nothing when none did)."""
-    for reason, (one, many) in DROP_REASONS.items():
+def say_dropped(dropped: dict[str, int], pairs: bool = False) -> None:
+    """One line per reason that dropped rows (nothing when none did); ``pairs``: said of sentence pairs."""
+    for reason, (one, many) in ({**DROP_REASONS, **PAIR_DROP_REASONS} if pairs else DROP_REASONS).items():
         n = dropped.get(reason, 0)
         if n:
             print(f"[lora-exp] data: dropped {n} {one if n == 1 else many}")
@@ -175,7 +179,7 @@ def load_splits_counted(cfg: DataConfig) -> tuple[DatasetDict, dict[str, int]]:
         splits = _given_splits(raw, cfg, dropped, cfg.path, hub=True)
     else:  # files (csv: its old name) and the offline default's corpus
         splits = _from_files(cfg, dropped)
-    say_dropped(dropped)
+    say_dropped(dropped, pairs=cfg.text_pair_column is not None)
     _check_splits(splits, cfg)
     # Limits take a seeded random subset: Hub splits are often sorted by label, a head would be one class.
     if cfg.limit:
