@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from lora_exp.adapters import init_state, store
 from lora_exp.adapters import targets as injection
 from lora_exp.config.schema import Config, typed_config
+from lora_exp.data.labels import CLASSIFICATION, Labels
 from lora_exp.device import autocast, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
 
@@ -80,11 +81,11 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
             model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
     else:
         meta, tensors = store.read_adapter(run_dir / "adapter")
-        if meta.get("num_labels") != cfg.data.num_labels:
+        if cfg.data.num_labels is not None and meta.get("num_labels") != cfg.data.num_labels:
             raise LoraExpError(
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
-        tokenizer, model, _, _ = build_model_for(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
+        tokenizer, model, _, _ = build_model_for(cfg, adapter_labels(meta))
         if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
             init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
@@ -93,6 +94,14 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
         if merge:  # folded into W0 and unwrapped: the base model's own modules, no added latency
             injection.merge_and_unload(model)
     return tokenizer, model.to(device).eval(), precision
+
+
+def adapter_labels(meta: dict[str, Any]) -> Labels:
+    """The labels an adapter was trained for (its config: problem type, number of outputs, class names)."""
+    names = meta.get("id2label") or {}
+    problem_type = meta.get("problem_type") or CLASSIFICATION
+    n = int(meta.get("num_labels") or 2)
+    return Labels(problem_type, n, [names.get(str(i), names.get(i, str(i))) for i in range(n)] if names else None)
 
 
 def run_config(run_dir: Path) -> Config:
@@ -143,12 +152,20 @@ class AdapterBank:
 
 
 def predict(
-    run_dir: Path, texts: list[str], batch_size: int = 64, force: bool = False, progress: bool = True
+    run_dir: Path,
+    texts: list[str],
+    batch_size: int = 64,
+    force: bool = False,
+    progress: bool = True,
+    pairs: list[str] | None = None,
 ) -> list[tuple[str, float]]:
-    """(label, probability) for each text (audio runs: each .wav / .npy path) with a finished run's merged model.
+    """(label, probability) for each text (audio runs: each .wav / .npy path) with a finished run's merged model;
+    a regression run gives ("score", predicted score).
 
-    Texts are cut at the run's ``data.max_length`` (what it trained on). With ``progress`` a bar and, at the end,
-    one line with the lines/s go to stderr. ``force`` loads an adapter onto a base it was not trained on.
+    ``pairs``: each text's second text, for a run trained on sentence pairs (``data.text_pair_column``); it is
+    required there and refused elsewhere. Texts are cut at the run's ``data.max_length`` (what it trained on;
+    pairs longest first). With ``progress`` a bar and, at the end, one line with the lines/s go to stderr.
+    ``force`` loads an adapter onto a base it was not trained on.
     """
     tokenizer, model, precision = _load(Path(run_dir), merge=True, force=force)
     cfg = run_config(Path(run_dir))
@@ -162,8 +179,15 @@ def predict(
                 signal = audio.resample(signal, rate, cfg.data.gw.sample_rate)
             signals.append(np.asarray(signal, dtype=np.float32).reshape(-1))  # (detectors, n): back to back
         return predict_audio(model, tokenizer, signals, cfg.data.gw.sample_rate, batch_size, precision)
+    if (pairs is None) != (cfg.data.text_pair_column is None):
+        raise LoraExpError(
+            f"predict: the run was trained on sentence pairs (data.text_pair_column={cfg.data.text_pair_column!r}); "
+            "give text_pair=... or a table with both columns"
+            if pairs is None
+            else "predict: text_pair given but the run was trained on single texts (data.text_pair_column=null)"
+        )
     start = time.perf_counter()
-    out = predict_texts(model, tokenizer, texts, cfg.data.max_length, batch_size, progress, precision)
+    out = predict_texts(model, tokenizer, texts, cfg.data.max_length, batch_size, progress, precision, pairs)
     seconds, n = time.perf_counter() - start, len(texts)
     if progress:
         print(
@@ -183,13 +207,19 @@ def predict_texts(
     batch_size: int = 64,
     progress: bool = True,
     precision: str = "fp32",
+    pairs: list[str] | None = None,
 ) -> list[tuple[str, float]]:
-    """``(label, probability)`` per text, in the order given, on the model's device under autocast in ``precision``.
+    """``(label, probability)`` per text (with ``pairs``: per text and its second text), in the order given, on
+    the model's device under autocast in ``precision``; ``("score", value)`` for a regression model.
 
-    Tokenised once, cut at ``max_length``; batches are drawn from the texts sorted by token length (each padded
-    to its own longest, so little padding is computed) and the answers put back in the input order.
+    Tokenised once as in training (``data.text.encode_texts``), cut at ``max_length``; batches are drawn from the
+    texts sorted by token length (each padded to its own longest, so little padding is computed) and the answers
+    put back in the input order.
     """
-    enc = tokenizer(texts, truncation=True, max_length=max_length, return_token_type_ids=False)
+    from lora_exp.data.text import encode_texts
+
+    enc = encode_texts(tokenizer, texts, pairs, max_length)
+    regression = getattr(model.config, "problem_type", None) == "regression"
     order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]), reverse=True)
     id2label, device = model.config.id2label, next(model.parameters()).device
     out: list[tuple[str, float] | None] = [None] * len(texts)
@@ -200,6 +230,11 @@ def predict_texts(
             batch = tokenizer.pad([{k: enc[k][j] for k in enc} for j in rows], return_tensors="pt")
             with autocast(device, precision):
                 logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            if regression:
+                for j, v in zip(rows, logits.float().reshape(-1).tolist()):
+                    out[j] = ("score", v)
+                bar.update(len(rows))
+                continue
             probs = logits.float().softmax(-1)
             p, idx = probs.max(-1)
             for j, k, v in zip(rows, idx.tolist(), p.tolist()):

@@ -18,30 +18,41 @@ MONITOR_COLUMNS = {
     "val/acc": "best_val_acc",
     "val/f1": "best_val_f1",
     "val/auc": "best_val_auc",
+    "val/mcc": "best_val_mcc",
+    "val/pearson": "best_val_pearson",
+    "val/spearman": "best_val_spearman",
+    "val/mse": "best_val_mse",
     "val/loss": "best_val_loss",
 }
-LOWER_IS_BETTER = ("val/loss",)
+LOWER_IS_BETTER = ("val/mse", "val/loss")
 EDGE_MARKS = {"high": "▲ highest tried", "low": "▼ lowest tried"}
 # a job's own overrides that the widening command replaces
 GRID_KEYS = ("lr_index", "trainer.seed", "method.lr_grid", "optimizer.lr", "method.lr")
 
 
-# the test column a fair table reports for the metric its runs selected by (selected by the loss: accuracy)
+# the test column a fair table reports for the metric its runs selected by (selected by the loss: accuracy for
+# classes, Pearson for scores)
 TEST_COLUMNS = {
     "val/acc": ("test_acc", "test acc"),
     "val/f1": ("test_f1", "test F1"),
     "val/auc": ("test_auc", "test AUC"),
+    "val/mcc": ("test_mcc", "test MCC"),
+    "val/pearson": ("test_pearson", "test Pearson"),
+    "val/spearman": ("test_spearman", "test Spearman"),
+    "val/mse": ("test_mse", "test MSE"),
     "val/loss": ("test_acc", "test acc"),
 }
 
 
 def headline(runs: pd.DataFrame) -> tuple[str, str]:
-    """The test column and its label that a fair table and its paired differences report: the test value of
-    the metric every run monitored (AUC for a detector selected by validation AUC), accuracy when the runs
+    """The test column and its label that the summary, a fair table and its paired differences report: the test
+    value of the metric every run monitored (AUC for a detector selected by validation AUC, Pearson for scores
+    selected by it), else accuracy (classes) or Pearson (scores: regression runs have no accuracy) when the runs
     selected by different metrics or by the loss, or when the column is missing."""
     monitors = {m if m in MONITOR_COLUMNS else "val/acc" for m in runs.get("monitor", pd.Series(["val/acc"]))}
-    column, label = TEST_COLUMNS[monitors.pop()] if len(monitors) == 1 else TEST_COLUMNS["val/acc"]
-    return (column, label) if column in runs and runs[column].notna().any() else TEST_COLUMNS["val/acc"]
+    tried = [TEST_COLUMNS[monitors.pop()]] if len(monitors) == 1 else []
+    tried += [TEST_COLUMNS["val/acc"], TEST_COLUMNS["val/pearson"]]
+    return next((c for c in tried if c[0] in runs and runs[c[0]].notna().any()), TEST_COLUMNS["val/acc"])
 
 
 def lora_twin_rank(runs: pd.DataFrame) -> pd.Series:

@@ -2,7 +2,9 @@
 
 Every function takes the summary (one row per configuration) or the runs (one row per job, with a
 ``config`` label column) and a path, and returns the path (``None`` where the figure does not apply).
-Accuracy figures draw the majority-class baseline; legend and annotation text is at least 8 pt.
+The quality figures show the summary's headline metric (``headline``: the task's, accuracy for classes, MCC
+for CoLA, Pearson for scores; named by ``headline_name``); accuracy figures draw the majority-class baseline.
+Legend and annotation text is at least 8 pt.
 """
 
 from __future__ import annotations
@@ -56,11 +58,20 @@ def _colors(frame: pd.DataFrame) -> list[str]:
     return [METHOD_COLORS.get(m, "k") for m in frame["method"]]
 
 
+def _metric(summary: pd.DataFrame) -> tuple[pd.Series, pd.Series, str]:
+    """The summary's headline metric: test means, CI half-widths (0 where none) and the axis label."""
+    if "headline" not in summary:  # a summary of older code: accuracy
+        return summary["test_acc"], summary["test_acc_ci95"].fillna(0), "test accuracy"
+    name = str(summary["headline_name"].iloc[0])
+    return summary["headline"], summary["headline_ci95"].fillna(0), "test accuracy" if name == "test acc" else name
+
+
 def _majority(ax: plt.Axes, table: pd.DataFrame, split: str = "test") -> None:
     """A dashed horizontal line per distinct majority-class baseline of ``split`` (test, or validation for the
-    validation curves), one per data set in the table; nothing where the runs did not record it."""
+    validation curves), one per data set in the table; nothing where the runs did not record it, or where the
+    figure shows another metric than accuracy."""
     column = "majority_baseline_acc" if split == "test" else "majority_baseline_val_acc"
-    if column not in table:
+    if column not in table or table.get("headline_name", pd.Series(["test acc"])).iloc[0] != "test acc":
         return
     lines = table[["data", column]].dropna().drop_duplicates("data")
     for i, (_, row) in enumerate(lines.iterrows()):
@@ -83,16 +94,15 @@ def _marked(row: pd.Series) -> str:
 
 
 def plot_accuracy_vs_params(summary: pd.DataFrame, path: Path) -> Path:
-    """Test accuracy (mean, 95% CI) against trainable parameters on a log axis, with the majority baseline."""
+    """The test metric (accuracy, or the task's: mean, 95% CI) against trainable parameters on a log axis, with
+    the majority baseline for accuracy."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, row in summary.iterrows():
-        ci = 0 if pd.isna(row.test_acc_ci95) else row.test_acc_ci95
-        ax.errorbar(
-            row.trainable_params, row.test_acc, yerr=ci, fmt="o", capsize=3, color=METHOD_COLORS.get(row.method, "k")
-        )
+    values, cis, label = _metric(summary)
+    for (_, row), y, ci in zip(summary.iterrows(), values, cis):
+        ax.errorbar(row.trainable_params, y, yerr=ci, fmt="o", capsize=3, color=METHOD_COLORS.get(row.method, "k"))
         ax.annotate(
             _marked(row),
-            (row.trainable_params, row.test_acc),
+            (row.trainable_params, y),
             fontsize=TEXT_PT,
             xytext=(4, 4),
             textcoords="offset points",
@@ -100,8 +110,8 @@ def plot_accuracy_vs_params(summary: pd.DataFrame, path: Path) -> Path:
     _majority(ax, summary)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("What each method buys: accuracy vs trainable parameters")
+    ax.set_ylabel(label)
+    ax.set_title(f"What each method buys: {label.removeprefix('test ')} vs trainable parameters")
     ax.grid(alpha=0.3)
     _method_legend(ax, set(summary.method))
     return _save(fig, path)
@@ -139,6 +149,18 @@ def plot_cost(summary: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+METRIC_NAMES = {
+    "acc": "accuracy",
+    "f1": "macro-F1",
+    "auc": "ROC-AUC",
+    "mcc": "Matthews correlation",
+    "pearson": "Pearson correlation",
+    "spearman": "Spearman correlation",
+    "mse": "mean squared error",
+    "loss": "loss",
+}
+
+
 def monitored(runs: pd.DataFrame) -> str:
     """The metric the runs selected their best step by (``acc`` unless every run monitored another)."""
     monitors = set(runs["monitor"].fillna("val/acc")) if "monitor" in runs else set()
@@ -154,7 +176,7 @@ def plot_validation_curves(runs: pd.DataFrame, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     runs = runs[runs["status"] == "ok"]
     key = monitored(runs)
-    name = {"acc": "accuracy", "f1": "macro-F1", "auc": "ROC-AUC", "loss": "loss"}[key]
+    name = METRIC_NAMES[key]
     by_method = len(runs) > 8
     seen: set[str] = set()
     for _, row in runs.iterrows():
@@ -200,35 +222,37 @@ def _lora(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_accuracy_vs_rank(summary: pd.DataFrame, path: Path) -> Path | None:
-    """LoRA test accuracy against rank, one line per alpha rule (None with fewer than two ranks)."""
+    """LoRA's test metric (accuracy, or the task's) against rank, one line per alpha rule (None with fewer than two
+    ranks)."""
     lo = _lora(summary)
     if lo.empty or lo["r"].nunique() < 2:
         return None
     lo["rule"] = [_alpha_rule(r, a) + (" rsLoRA" if rs is True else "") for r, a, rs in zip(lo.r, lo.alpha, lo.rslora)]
+    values, cis, label = _metric(lo)
+    lo = lo.assign(_y=values, _ci=cis)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for rule, part in lo.groupby("rule"):
         part = part.sort_values("r")
-        ax.errorbar(
-            part.r.astype(float), part.test_acc, yerr=part.test_acc_ci95.fillna(0), marker="o", capsize=3, label=rule
-        )
+        ax.errorbar(part.r.astype(float), part._y, yerr=part._ci, marker="o", capsize=3, label=rule)
     _majority(ax, lo)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank r (log2 scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"LoRA: accuracy vs rank ({lo.iloc[0]['model']} on {lo.iloc[0]['data']})")
+    ax.set_ylabel(label)
+    ax.set_title(f"LoRA: {label.removeprefix('test ')} vs rank ({lo.iloc[0]['model']} on {lo.iloc[0]['data']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=TEXT_PT)
     return _save(fig, path)
 
 
 def plot_rank_alpha_heatmap(summary: pd.DataFrame, path: Path) -> Path | None:
-    """Mean test accuracy over rank x alpha rule (None unless both vary)."""
+    """The mean test metric (accuracy, or the task's) over rank x alpha rule (None unless both vary)."""
     lo = _lora(summary)
     lo = lo[lo.rslora != True]  # noqa: E712 (object column)
     if lo.empty or lo["r"].nunique() < 2 or lo["alpha"].nunique() < 2:
         return None
-    lo = lo.assign(rule=[_alpha_rule(r, a) for r, a in zip(lo.r, lo.alpha)])
-    grid = lo.pivot_table(index="r", columns="rule", values="test_acc", aggfunc="mean").sort_index()
+    values, _, label = _metric(lo)
+    lo = lo.assign(rule=[_alpha_rule(r, a) for r, a in zip(lo.r, lo.alpha)], _y=values)
+    grid = lo.pivot_table(index="r", columns="rule", values="_y", aggfunc="mean").sort_index()
     fig, ax = plt.subplots(figsize=(1.6 * grid.shape[1] + 2.5, 0.5 * grid.shape[0] + 2))
     im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(grid.shape[1]), grid.columns)
@@ -237,24 +261,26 @@ def plot_rank_alpha_heatmap(summary: pd.DataFrame, path: Path) -> Path | None:
         ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=TEXT_PT)
     ax.set_xlabel("alpha")
     ax.set_ylabel("rank r")
-    ax.set_title("LoRA test accuracy: rank x alpha")
-    fig.colorbar(im, ax=ax, label="test accuracy")
+    ax.set_title(f"LoRA {label}: rank x alpha")
+    fig.colorbar(im, ax=ax, label=label)
     return _save(fig, path)
 
 
 def plot_pareto(summary: pd.DataFrame, path: Path) -> Path:
-    """Test accuracy (CI bars) against peak memory and against trainable parameters, one point per config."""
+    """The test metric (accuracy, or the task's; CI bars) against peak memory and against trainable parameters,
+    one point per config."""
     mem, mem_label = peak_memory(summary)
+    values, cis, metric = _metric(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for x, ax, label in (
         (mem, axes[0], mem_label),
         (summary["trainable_params"], axes[1], "trainable parameters (log scale)"),
     ):
-        for xv, (_, row) in zip(x, summary.iterrows()):
+        for xv, (_, row), y, ci in zip(x, summary.iterrows(), values, cis):
             ax.errorbar(
                 xv,
-                row.test_acc,
-                yerr=0 if pd.isna(row.test_acc_ci95) else row.test_acc_ci95,
+                y,
+                yerr=ci,
                 fmt="o",
                 capsize=3,
                 color=METHOD_COLORS.get(row.method, "k"),
@@ -264,9 +290,10 @@ def plot_pareto(summary: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
-    axes[0].set_ylabel("test accuracy")
-    axes[0].set_title("Accuracy vs memory")
-    axes[1].set_title("Accuracy vs trainable parameters")
+    axes[0].set_ylabel(metric)
+    short = metric.removeprefix("test ")
+    axes[0].set_title(f"{short[:1].upper() + short[1:]} vs memory")
+    axes[1].set_title(f"{short[:1].upper() + short[1:]} vs trainable parameters")
     axes[1].legend(fontsize=TEXT_PT)
     return _save(fig, path)
 

@@ -76,7 +76,11 @@ COLUMNS = [
     "lora_init",
     "best_val_f1",
     "best_val_loss",
+    "problem_type",
 ]
+# Every metric a run may report (classes or scores), as best_val_<m> and test_<m>: numeric columns of the table.
+METRICS = ("acc", "f1", "auc", "mcc", "pearson", "spearman", "mse", "loss")
+METRIC_COLUMNS = [f"{where}_{m}" for m in METRICS for where in ("best_val", "test")]
 
 
 def load_runs(roots: Path | Sequence[Path]) -> pd.DataFrame:
@@ -98,6 +102,8 @@ def load_runs(roots: Path | Sequence[Path]) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in df:
             df[col] = None
+    for col in METRIC_COLUMNS:  # null (an undefined AUC, a metric of the other task kind) as NaN
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else math.nan
     df = df[~df.assign(_run=run_ids(df)).duplicated("_run", keep="first")].reset_index(drop=True)
     df["_group"] = _identity(df, "group_hash", CONFIG_KEYS)
     df["_arm"] = _identity(df, "arm_hash", ARM_KEYS)
@@ -181,6 +187,23 @@ def _gib(values: pd.Series) -> float:
     return values.mean() / 2**30 if values.notna().any() else math.nan
 
 
+def _metric_columns(summary: pd.DataFrame) -> dict[str, list[str]]:
+    """The summary's metric columns: best validation and test accuracy for classes (plus AUC when a run
+    selected by it, ``_auc_columns``); for another headline metric (MCC, F1, Pearson, ...) its best validation
+    and test value too, and for scores only those."""
+    name = summary["headline_name"].iloc[0]
+    key = name.removeprefix("test ")
+    columns = {}
+    if summary["test_acc"].notna().any():
+        columns["best val acc"] = summary["best_val_acc"].map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")
+        columns["test acc"] = [mean_ci(m, c) for m, c in zip(summary.test_acc, summary.test_acc_ci95)]
+    columns.update(_auc_columns(summary))
+    if name not in columns and key != "AUC":
+        columns[f"best val {key}"] = summary["headline_val"].map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")
+        columns[name] = [mean_ci(m, c) for m, c in zip(summary.headline, summary.headline_ci95)]
+    return columns
+
+
 def _auc_columns(summary: pd.DataFrame) -> dict[str, list[str]]:
     """Validation / test ROC-AUC columns when a run selected its best step by AUC (``trainer.monitor``)."""
     if not (summary["monitor"] == "val/auc").any():
@@ -211,16 +234,11 @@ def aggregations(runs: pd.DataFrame) -> dict[str, tuple]:
         "train_s": ("train_seconds", "mean"),
         "samples_per_s": ("samples_per_s", "mean"),
         "steady_samples_per_s": ("steady_samples_per_s", "mean"),
-        "best_val_acc": ("best_val_acc", "mean"),
-        "test_acc": ("test_acc", "mean"),
-        "test_acc_ci95": ("test_acc", ci95),
+        **{c: (c, "mean") for c in METRIC_COLUMNS if c in runs},
+        **{f"{c}_ci95": (c, ci95) for c in METRIC_COLUMNS if c.startswith("test_") and c in runs},
         "monitor": ("monitor", "first"),
         "precision": ("precision", "first"),
         "base_dtype": ("base_dtype", "first"),
-        "best_val_auc": ("best_val_auc", "mean"),
-        "test_auc": ("test_auc", "mean"),
-        "test_auc_ci95": ("test_auc", ci95),
-        **({"test_f1": ("test_f1", "mean"), "test_f1_ci95": ("test_f1", ci95)} if "test_f1" in runs else {}),
         "majority_baseline_acc": ("majority_baseline_acc", "mean"),
         "one_class_runs": ("one_class", "sum"),
         **{c: (c, "mean") for c in MEMORY_PARTS if c in runs},
@@ -228,13 +246,18 @@ def aggregations(runs: pd.DataFrame) -> dict[str, tuple]:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration (``group_hash``) over its seeds: costs (params, memory, time), accuracy
-    (mean, CI), the majority-class baseline and how many runs predicted a single class."""
+    """One row per configuration (``group_hash``) over its seeds: costs (params, memory, time), every metric
+    (mean; test: with its CI), the headline metric (``fair.headline``: the task's, e.g. accuracy, MCC or Pearson)
+    as ``headline`` / ``headline_ci95`` / ``headline_val`` named by ``headline_name``, the majority-class
+    baseline and how many runs predicted a single class."""
     ok = df[df["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame()
     agg = ok.groupby("_group", sort=False).agg(**aggregations(ok)).reset_index()
     agg.insert(0, "config", _labels(agg, "_group"))
+    column, name = fair.headline(ok)  # the task's metric: what the markdown table and the figures show
+    agg["headline"], agg["headline_ci95"], agg["headline_name"] = agg[column], agg[f"{column}_ci95"], name
+    agg["headline_val"] = agg[column.replace("test_", "best_val_", 1)]
     return agg.sort_values(["model", "data", "method", "trainable_params", "lr"], kind="stable").reset_index(drop=True)
 
 
@@ -277,9 +300,7 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                 "samples/s": summary["samples_per_s"].map("{:.1f}".format),
                 "steady samples/s": summary["steady_samples_per_s"].map(rate),
                 "lr": summary["lr"].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v)),
-                "best val acc": summary["best_val_acc"].map("{:.4f}".format),
-                "test acc": [mean_ci(m, c) for m, c in zip(summary.test_acc, summary.test_acc_ci95)],
-                **_auc_columns(summary),
+                **_metric_columns(summary),
                 "seeds": summary["seeds"],
             }
         )

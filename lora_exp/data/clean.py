@@ -1,10 +1,11 @@
 """Rows a classifier cannot use, found with Arrow compute (no per-row Python): rows without a label (an error
-listing them, or dropped with ``data.drop_missing``), empty texts and duplicate texts (dropped, counted)."""
+listing them, or dropped with ``data.drop_missing``), empty texts and duplicate texts or pairs (dropped, counted)."""
 
 from __future__ import annotations
 
 import datasets
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -60,21 +61,30 @@ def check_label_column(
     return ds, n
 
 
-def drop_counts(ds: datasets.Dataset, text_column: str, dedupe: bool = True) -> tuple[datasets.Dataset, dict[str, int]]:
-    """Drop rows with an empty / whitespace-only text, then (``dedupe``) exact duplicate texts, the first kept.
+def drop_counts(
+    ds: datasets.Dataset, text_columns: str | list[str], dedupe: bool = True
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Drop rows with an empty / whitespace-only text, then (``dedupe``) exact duplicate rows, the first kept.
 
-    Texts compare with surrounding whitespace stripped (a duplicate on both sides of a split leaks test rows into
-    training), vectorised with Arrow and pandas hashing. None counts as an empty text. Returns the dataset (order
-    kept) and ``{"empty_text": n1, "duplicate": n2}``.
+    ``text_columns`` is the text column, or the columns of a sentence pair: a row is empty when any of its
+    texts is, and a duplicate only when all of its texts equal an earlier row's. Texts compare with surrounding
+    whitespace stripped (a duplicate on both sides of a split leaks test rows into training), vectorised with
+    Arrow and pandas hashing. None counts as an empty text. Returns the dataset (order kept) and
+    ``{"empty_text": n1, "duplicate": n2}``.
     """
-    col = _column(ds, text_column, "data.text_column")
-    empty = _blank(col)
+    names = [text_columns] if isinstance(text_columns, str) else list(text_columns)
+    options = {0: "data.text_column", 1: "data.text_pair_column"}
+    cols = [_column(ds, name, options.get(i, "data.text_column")) for i, name in enumerate(names)]
+    empty = np.logical_or.reduce([_blank(col) for col in cols])
     duplicate = np.zeros(len(ds), dtype=bool)
     if dedupe:
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            col = pc.cast(col, pa.large_string())
-        keys = pc.utf8_trim_whitespace(col).to_pandas()
-        duplicate[~empty] = keys[~empty].duplicated(keep="first").to_numpy()
+        keys = []
+        for col in cols:
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                col = pc.cast(col, pa.large_string())
+            keys.append(pc.utf8_trim_whitespace(col).to_pandas())
+        frame = pd.concat(keys, axis=1, ignore_index=True)
+        duplicate[~empty] = frame[~empty].duplicated(keep="first").to_numpy()
     counts = {"empty_text": int(empty.sum()), "duplicate": int(duplicate.sum())}
     if counts["empty_text"] or counts["duplicate"]:
         ds = ds.select(np.flatnonzero(~(empty | duplicate)))

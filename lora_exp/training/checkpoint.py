@@ -50,7 +50,7 @@ class Progress:
     steady_seconds: float = 0.0  # the steady part of train_seconds (measure.timing.Steady)
     steady_samples: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0})
+    best: dict[str, Any] = field(default_factory=dict)  # evaluate's metrics at the best step, with step / epoch
     wandb_id: str | None = None
     order_digest: str = ""
     config_hash: str | None = None  # whose checkpoint this is (a reused job dir must not resume another's)

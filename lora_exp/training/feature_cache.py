@@ -40,13 +40,15 @@ SEQUENCE, VECTOR = "sequence", "vector"
 
 
 TEXT_INPUTS = ("input_ids", "attention_mask")
+SEGMENT_IDS = "token_type_ids"  # sentence pairs, for models that have segment embeddings
 AUDIO_INPUTS = ("input_features", "input_values")  # Whisper's log-mels; wav2vec2-style raw samples
 
 
 def input_names(columns: list[str]) -> tuple[str, ...] | None:
-    """The inputs the frozen part runs on: token ids + mask (text), or the audio input; None if neither."""
+    """The inputs the frozen part runs on: token ids + mask (text; + segment ids of sentence pairs), or the audio
+    input; None if neither."""
     if "input_ids" in columns:
-        return TEXT_INPUTS
+        return (*TEXT_INPUTS, SEGMENT_IDS) if SEGMENT_IDS in columns else TEXT_INPUTS
     return next(((name,) for name in AUDIO_INPUTS if name in columns), None)
 
 
@@ -253,7 +255,7 @@ def estimated_bytes(model: nn.Module, splits: Any, names: tuple[str, ...]) -> in
     unknown (an audio encoder without a fixed output length)."""
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", 0)
     examples = sum(len(split) for split in splits.values())
-    if names == TEXT_INPUTS:
+    if names[:2] == TEXT_INPUTS:
         tokens = sum(sum(split.with_format(None)["length"]) for split in splits.values())
         return 4 * hidden * (tokens + examples)
     positions = getattr(model.config, "max_source_positions", None)
@@ -346,7 +348,7 @@ def _split_batches(src: Source, clock: dict[str, float]) -> Iterator[tuple[dict[
     for name, split in src.splits.items():
         start = time.perf_counter()
         part = split.select_columns([*src.names, ROW])
-        if src.names == TEXT_INPUTS:
+        if src.names[:2] == TEXT_INPUTS:
             collate = DataCollatorWithPadding(src.tokenizer, pad_to_multiple_of=8, return_tensors="pt")
             loader = DataLoader(part, batch_size=src.batch_size, collate_fn=collate)
         else:  # fixed-size audio inputs: one read of the Arrow file per batch
@@ -379,7 +381,7 @@ def _cache_base(
                 out = base(**inputs)
             if cached is None:
                 first = inputs[src.names[0]]
-                kinds = _describe(out, first.shape[0], first.shape[1] if src.names == TEXT_INPUTS else None)
+                kinds = _describe(out, first.shape[0], first.shape[1] if src.names[:2] == TEXT_INPUTS else None)
                 if not kinds:
                     print("[lora-exp] feature cache off: this base model's outputs cannot be cached")
                     return None
@@ -394,7 +396,7 @@ def _cache_base(
 @torch.inference_mode()
 def _cache_prefix(src: Source, base: nn.Module, k: int, clock: dict[str, float]) -> FeatureCache | None:
     layers = layer_stack(base)
-    kind = SEQUENCE if src.names == TEXT_INPUTS else VECTOR
+    kind = SEQUENCE if src.names[:2] == TEXT_INPUTS else VECTOR
     lookup, captured = CachedLayerOutput(src.lengths, src.pin, kind), {}
 
     def capture(_: nn.Module, __: Any, out: Any) -> None:

@@ -24,6 +24,7 @@ from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
 from lora_exp.config.schema import Config, OptimizerConfig, typed_config
 from lora_exp.data import audio as audio_data
+from lora_exp.data import labels as task_labels
 from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import memory
@@ -61,7 +62,7 @@ class Job:
     timer: PhaseTimer
     baseline: int  # allocated bytes before this job (CUDA)
     rss: RssPeak
-    id2label: dict[int, str] | None
+    labels: task_labels.Labels  # classes (their number and names) or scores, as the data gave them
     data_dropped: dict[str, int]  # rows dropped while loading, by reason (results.json)
     progress: checkpoint.Progress
     baseline_reserved: int = 0  # reserved bytes before this job (CUDA)
@@ -132,8 +133,8 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
     seeds = sub_seeds(t.seed)
     baseline = reset_memory(device)  # clean state before anything of this job is allocated
     baseline_reserved = reserved(device)
-    splits, id2label, dropped = load_data(cfg)
-    tokenizer, model, head, adapted = build_model_for(cfg, id2label)
+    splits, labels, dropped = load_data(cfg)
+    tokenizer, model, head, adapted = build_model_for(cfg, labels)
     counts = count_parameters(model, head)
     place_model(model, device, t.gradient_checkpointing)
     generator = torch.Generator().manual_seed(seeds["data"])
@@ -167,7 +168,7 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
         baseline=baseline,
         baseline_reserved=baseline_reserved,
         rss=rss,
-        id2label=id2label,
+        labels=labels,
         data_dropped=dropped,
         progress=checkpoint.Progress(),
         resumed=resume,
@@ -204,26 +205,42 @@ def base_dtype(cfg: Config) -> str:
     return devices.effective_base_dtype(cfg.model.base_dtype, cfg.method.name)
 
 
-def build_model_for(cfg: Config, id2label: dict[int, str] | None = None) -> tuple[Any, torch.nn.Module, list, list]:
+def configured_labels(cfg: Config) -> task_labels.Labels:
+    """The labels as the config alone says them (``data.problem_type``, ``data.num_labels``; 2 classes when it is
+    null): what a model is built for before any data is read."""
+    if cfg.data.problem_type == task_labels.REGRESSION:
+        return task_labels.Labels(task_labels.REGRESSION, 1)
+    return task_labels.Labels(task_labels.CLASSIFICATION, cfg.data.num_labels or 2)
+
+
+def build_model_for(cfg: Config, labels: task_labels.Labels | None = None) -> tuple[Any, torch.nn.Module, list, list]:
     """``models.build.build_model`` with this config's slices: tokenizer, model with the method applied, head and
-    LoRA module paths."""
+    LoRA module paths. ``labels``: the task's (``load_data``; default ``configured_labels``)."""
+    labels = labels or configured_labels(cfg)
     return build_model(
         cfg.model,
         cfg.method.name,
         cfg.lora,
-        num_labels=cfg.data.num_labels,
+        num_labels=labels.num_labels,
         max_length=cfg.data.max_length,
         seed=cfg.trainer.seed,
-        id2label=id2label,
+        id2label=labels.id2label,
+        problem_type=labels.problem_type,
     )
 
 
-def load_data(cfg: Config) -> tuple[Any, dict[int, str] | None, dict[str, int]]:
-    """Raw splits (tokenised once the model's limits are known), string label names if any, and the rows
-    dropped by reason (missing label, empty text, duplicate)."""
+def load_data(cfg: Config) -> tuple[Any, task_labels.Labels, dict[str, int]]:
+    """Raw splits (tokenised once the model's limits are known), the task's labels (classes with their number and
+    names, inferred from the training split unless ``data.num_labels`` is set, or scores) and the rows dropped by
+    reason (missing label, empty text, duplicate). One line when the labels cannot feed ``trainer.monitor``."""
     splits, dropped = text_data.load_splits_counted(cfg.data)
-    names = getattr(splits["train"].features["label"], "names", None)
-    return splits, (dict(enumerate(names)) if names and not names[0].isdigit() else None), dropped
+    labels = task_labels.describe(splits["train"].features["label"])
+    if cfg.trainer.monitor == "val/auc" and labels.num_labels != 2:
+        raise LoraExpError(
+            f"trainer.monitor=val/auc needs a binary task; data.label_column={cfg.data.label_column!r} has "
+            f"{labels.num_labels} classes; use val/f1 or val/mcc"
+        )
+    return splits, labels, dropped
 
 
 def place_model(model: torch.nn.Module, device: torch.device, gradient_checkpointing: bool) -> None:
@@ -315,6 +332,7 @@ def derived_facts(job: Job) -> dict[str, Any]:
         "compute": devices.compute_identity(job.device, job.precision, base_dtype(job.cfg)),
         "feature_cache": job.cache is not None,
         "model": model_facts(job.model),
+        "labels": {"problem_type": job.labels.problem_type, "num_labels": job.labels.num_labels},
     }
 
 

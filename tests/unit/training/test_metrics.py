@@ -74,3 +74,49 @@ def test_evaluate_shows_a_progress_bar_named_after_the_split(capsys: pytest.Capt
     err = capsys.readouterr().err
     assert "test:" in err and "batch" in err  # tqdm's line: "test:   0%| | 0/3 [... batch/s]"
     assert m["acc"] == classification_metrics(LOGITS, LABELS)["acc"] and m["label_counts"] == [3, 3]
+
+
+def test_mcc_and_regression_metrics_equal_scikit_learn_and_scipy() -> None:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import matthews_corrcoef, mean_squared_error
+
+    from lora_exp.training.metrics import regression_metrics
+
+    pred = LOGITS.argmax(-1).numpy()
+    assert classification_metrics(LOGITS, LABELS)["mcc"] == pytest.approx(matthews_corrcoef(LABELS.numpy(), pred))
+    p, y = torch.tensor([[0.1], [0.9], [0.4], [2.0]]), torch.tensor([0.0, 1.0, 1.0, 2.0])
+    m = regression_metrics(p, y)
+    assert m["pearson"] == pytest.approx(pearsonr(p.reshape(-1).numpy(), y.numpy()).statistic)
+    assert m["spearman"] == pytest.approx(spearmanr(p.reshape(-1).numpy(), y.numpy()).statistic)
+    assert m["mse"] == pytest.approx(mean_squared_error(y.numpy(), p.reshape(-1).numpy()))
+    assert m["mse"] == pytest.approx((0.01 + 0.01 + 0.36 + 0.0) / 4)  # by hand
+    constant = regression_metrics(torch.ones(4, 1), y)  # a collapsed regressor: no correlation, but an MSE
+    assert math.isnan(constant["pearson"]) and math.isnan(constant["spearman"]) and constant["mse"] > 0
+
+
+@pytest.mark.parametrize(
+    ("monitor", "new", "best", "expected"),
+    [("val/mcc", 0.3, 0.2, True), ("val/pearson", 0.5, 0.6, False), ("val/spearman", 0.7, None, True)]
+    + [("val/mse", 0.2, 0.3, True), ("val/mse", 0.4, 0.3, False)],
+)
+def test_is_better_for_the_new_monitors(monitor: str, new: float, best: float, expected: bool) -> None:
+    assert is_better(monitor, new, best) is expected
+
+
+def test_evaluate_of_a_regression_model_gives_score_metrics() -> None:
+    """A model with one output and float labels: Pearson / Spearman / MSE and the loss, no class counts."""
+    from contextlib import nullcontext
+
+    from lora_exp.training.metrics import evaluate
+
+    class Scores(torch.nn.Module):
+        def forward(self, x: torch.Tensor, labels: torch.Tensor):  # noqa: ANN201
+            out = x.unsqueeze(-1)
+            return type("Out", (), {"logits": out, "loss": torch.nn.functional.mse_loss(out.squeeze(-1), labels)})
+
+    x, y = torch.tensor([0.0, 1.0, 3.0, 2.0]), torch.tensor([0.0, 1.0, 2.0, 3.0])
+    m = evaluate(
+        Scores(), [{"x": x[:2], "labels": y[:2]}, {"x": x[2:], "labels": y[2:]}], torch.device("cpu"), nullcontext
+    )
+    assert set(m) == {"pearson", "spearman", "mse", "loss"}
+    assert m["mse"] == pytest.approx(0.5) and m["loss"] == pytest.approx(0.5) and m["spearman"] == pytest.approx(0.8)
