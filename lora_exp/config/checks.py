@@ -45,19 +45,55 @@ def _is_codec(name: str) -> bool:
     return True
 
 
+def _audio_data(d: DictConfig) -> bool:
+    """Whether ``data`` is audio: the GW generator, or clips (a table with data.audio_column, or an audiofolder)."""
+    if d.source == "gw":
+        return True
+    if d.source not in ("files", "csv"):
+        return False
+    from lora_exp.data.audio_files import is_audio_folder
+
+    return bool(d.get("audio_column")) or is_audio_folder(None if OmegaConf.is_missing(d, "path") else d.path)
+
+
 def _audio_checks(e: list[str], cfg: DictConfig) -> None:
-    """model.task / audio window / data.source=gw consistency (the gw options themselves: ``data.gw.check``)."""
+    """model.task and the data agree (audio model, audio data), the audio window and clip length; the gw options
+    themselves: ``data.gw.check``."""
     m, d = cfg.model, cfg.data
     _one_of(e, "model.task", m.task, MODEL_TASKS)
-    audio = m.task == "audio"
+    audio, audio_data = m.task == "audio", _audio_data(d)
     if m.source == "tiny" and (m.arch == "whisper") != audio:
         e.append(f"model.arch={m.arch} needs model.task={'audio' if m.arch == 'whisper' else 'text'}")
     if d.source == "gw" and not audio:
         e.append("data.source=gw is audio: set model.task=audio (e.g. model=tiny_whisper)")
-    if audio and d.source != "gw":
-        e.append(f"model.task=audio needs an audio dataset (data.source=gw), not data.source={d.source}")
+    elif audio_data and not audio:
+        what = f"data.audio_column={d.audio_column}" if d.get("audio_column") else f"data.path={d.path!r} (audio clips)"
+        e.append(
+            f"{what} is audio: use an audio model (model=whisper_tiny_en or tiny_whisper, or model.task=audio with a "
+            "local audio checkpoint)"
+        )
+    if audio and not audio_data:
+        given = d.source in ("files", "csv") and not OmegaConf.is_missing(d, "path") and d.path
+        e.append(
+            f"model.task=audio needs audio data: data=files with data.path=a folder of class subfolders of .wav clips "
+            f"or a table with data.audio_column, or data=gw_synthetic (not data.source={d.source}"
+            + (f" data.path={d.path!r})" if given else ")")
+        )
     if m.audio_max_seconds is not None and not audio:
         e.append("model.audio_max_seconds applies to model.task=audio only; leave it null")
+    seconds = d.get("max_seconds")
+    if seconds is not None:
+        if d.source == "gw" or not audio_data:
+            e.append(f"data.max_seconds={seconds} applies to audio clips (data=files) only; leave it null")
+        elif not seconds > 0:
+            e.append(f"data.max_seconds={seconds} must be > 0 (seconds each clip is cut or padded to) or null")
+        elif m.audio_max_seconds is not None and m.audio_max_seconds + 1e-9 < seconds:
+            e.append(
+                f"model.audio_max_seconds={m.audio_max_seconds} is shorter than data.max_seconds={seconds}: the "
+                "encoder would cut the clips; raise it or leave it null (it then follows data.max_seconds)"
+            )
+    if d.get("audio_column") and d.source not in ("files", "csv"):
+        e.append(f"data.audio_column applies to local files (data=files), not data.source={d.source}")
     if d.source == "gw":
         opts = gw.GwOptions.from_cfg(OmegaConf.to_container(d.gw))
         e += gw.check(opts)
@@ -254,6 +290,10 @@ def _file_checks(e: list[str], d: DictConfig) -> None:
     if not (has_path or fmt):
         return
     from lora_exp.data import files  # imports datasets: only when a local file is to be read
+    from lora_exp.data.audio_files import is_audio_folder
+
+    if has_path and not d.get("audio_column") and is_audio_folder(d.path):  # clips in class subfolders: no table
+        return
 
     try:
         if has_path:

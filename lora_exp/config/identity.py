@@ -34,7 +34,13 @@ TRAINER_COSMETIC = (
 
 
 # Data options added later, at the value that reads as before: left out, so a sweep started before resumes.
-DATA_DEFAULTS = {"format": None, "drop_missing": False}
+DATA_DEFAULTS = {
+    "format": None,
+    "drop_missing": False,
+    "audio_column": None,
+    "max_seconds": None,
+    "problem_type": "single_label_classification",
+}
 
 
 def applicable_lora(lora: dict) -> dict:
