@@ -152,6 +152,12 @@ def predict(
     """
     tokenizer, model, precision = _load(Path(run_dir), merge=True, force=force)
     cfg = run_config(Path(run_dir))
+    if cfg.model.task == "audio" and cfg.data.source != "gw":  # clips as in training: resampled, cut / padded
+        from lora_exp.data.audio_files import ClipReader
+
+        reader = ClipReader(tokenizer.sampling_rate, cfg.data.max_seconds)
+        signals = [reader(path) for path in texts]
+        return predict_audio(model, tokenizer, signals, tokenizer.sampling_rate, batch_size, precision)
     if cfg.model.task == "audio":
         from lora_exp.data import audio
 
@@ -218,7 +224,7 @@ def predict_audio(
     precision: str = "fp32",
 ) -> list[tuple[str, float]]:
     """``(label, probability)`` per mono signal at ``source_rate`` (e.g. from ``read_audio`` or a generated clip),
-    on the model's device, under autocast in ``precision``."""
+    on the model's device, under autocast in ``precision``; a regression model (one output): ``("score", value)``."""
     from lora_exp.data.audio import AudioCollator
 
     collate, out = AudioCollator(fe, source_rate), []
@@ -228,6 +234,9 @@ def predict_audio(
         batch = {k: v.to(device) for k, v in collate.features(signals[i : i + batch_size]).items()}
         with autocast(device, precision):
             logits = model(**batch).logits
+        if logits.shape[-1] == 1:  # a score per clip
+            out += [("score", float(v)) for v in logits.float().reshape(-1)]
+            continue
         probs = torch.softmax(logits.float(), -1)
         conf, idx = probs.max(-1)
         out += [(model.config.id2label[int(j)], float(c)) for j, c in zip(idx, conf)]

@@ -1,5 +1,5 @@
-"""``lora-exp predict adapter=RUN_DIR text="..." | file=F | audio=CLIP [--force]``: merged inference, one line per
-input: label, probability, input."""
+"""``lora-exp predict adapter=RUN_DIR text="..." | file=F | audio=CLIP|FOLDER [--force]``: merged inference, one line
+per input: label, probability, input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from lora_exp.errors import LoraExpError
 
 
 def main(*args: str) -> int:
-    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy [--force]  (key=value
+    """lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|.npy|FOLDER [--force]  (key=value
     arguments; --force: load the adapter although the base's weights differ from those it was trained on)."""
     from lora_exp.inference import predict
 
@@ -19,17 +19,19 @@ def main(*args: str) -> int:
     bad = [a for a in args if "=" not in a] + [k for k in kv if k not in ("adapter", "run", "text", "file", "audio")]
     if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file") or kv.get("audio")):
         raise LoraExpError(
-            'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav '
+            'predict: usage: lora-exp predict adapter=RUN_DIR text="..." | file=TEXTS.txt | audio=CLIP.wav|FOLDER '
             f"[--force] (got {list(args)})"
         )
     run_dir = Path(kv.get("adapter") or kv["run"])
     if run_dir.name == "adapter":  # the adapter folder itself: its run dir holds the config
         run_dir = run_dir.parent
     texts = [kv["text"]] if "text" in kv else []
-    if "audio" in kv:  # an audio run: the clip's path (.wav, or .npy at the data's sample rate)
-        if not Path(kv["audio"]).is_file():
-            raise LoraExpError(f"predict: audio={kv['audio']!r}: no such file")
-        texts.append(kv["audio"])
+    if "audio" in kv:  # an audio run: a clip (.wav, or .npy at the GW data's sample rate) or a folder of .wav clips
+        if not Path(kv["audio"]).exists():
+            raise LoraExpError(f"predict: audio={kv['audio']!r}: no such file or folder")
+        from lora_exp.data.audio_files import clips_of
+
+        texts += clips_of(kv["audio"])
     if "file" in kv:
         if not Path(kv["file"]).is_file():
             raise LoraExpError(f"predict: file={kv['file']!r}: no such file")

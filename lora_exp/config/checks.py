@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,13 @@ def _audio_checks(e: list[str], cfg: DictConfig) -> None:
             f"{what} is audio: use an audio model (model=whisper_tiny_en or tiny_whisper, or model.task=audio with a "
             "local audio checkpoint)"
         )
-    if audio and not audio_data:
-        given = d.source in ("files", "csv") and not OmegaConf.is_missing(d, "path") and d.path
+    given = d.source in ("files", "csv") and not OmegaConf.is_missing(d, "path") and d.path
+    if audio and not audio_data and given and os.path.isdir(d.path):
+        e.append(
+            f"data.path={d.path!r} holds no .wav clips in class subfolders (FOLDER/<class>/<clip>.wav); for a table "
+            "of clip paths give data.path=the table and data.audio_column=its path column"
+        )
+    elif audio and not audio_data:
         e.append(
             f"model.task=audio needs audio data: data=files with data.path=a folder of class subfolders of .wav clips "
             f"or a table with data.audio_column, or data=gw_synthetic (not data.source={d.source}"
@@ -262,7 +268,7 @@ def _optimizer_checks(e: list[str], cfg: DictConfig) -> None:
 def _data_checks(e: list[str], cfg: DictConfig) -> None:
     d = cfg.data
     _one_of(e, "data.source", d.source, DATA_SOURCES)
-    _file_checks(e, d)
+    _file_checks(e, d, audio=cfg.model.task == "audio")
     if d.source == "hub" and (OmegaConf.is_missing(d, "path") or not d.path):
         e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
     _check(e, _is_codec(d.encoding), f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8)")
@@ -276,7 +282,7 @@ def _data_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, d.eval_limit is None or d.eval_limit >= 1, f"data.eval_limit={d.eval_limit} must be >= 1 or null")
 
 
-def _file_checks(e: list[str], d: DictConfig) -> None:
+def _file_checks(e: list[str], d: DictConfig, audio: bool = False) -> None:
     """data.path and data.format of a local source (files, csv: its old name, the offline corpus): the path is
     there and its format known (from the extension or folder, or data.format); one line for the first problem."""
     has_path = not OmegaConf.is_missing(d, "path") and bool(d.path)
@@ -292,8 +298,8 @@ def _file_checks(e: list[str], d: DictConfig) -> None:
     from lora_exp.data import files  # imports datasets: only when a local file is to be read
     from lora_exp.data.audio_files import is_audio_folder
 
-    if has_path and not d.get("audio_column") and is_audio_folder(d.path):  # clips in class subfolders: no table
-        return
+    if has_path and not d.get("audio_column") and (is_audio_folder(d.path) or (audio and os.path.isdir(d.path))):
+        return  # clips in class subfolders, no table (a folder without clips: _audio_checks says so)
 
     try:
         if has_path:
