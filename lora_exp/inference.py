@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -84,7 +85,8 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
             raise LoraExpError(
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
-        tokenizer, model, _, _ = build_model_for(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
+        with contextlib.redirect_stdout(sys.stderr):  # the model's banner: stdout carries the predictions
+            tokenizer, model, _, _ = build_model_for(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
         if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
             init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
