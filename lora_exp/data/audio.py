@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from math import gcd
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,12 @@ import numpy as np
 import scipy
 import torch
 import transformers
-from scipy.signal import resample_poly
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from lora_exp.data import assets
-from lora_exp.data.audio_files import ClipReader
+from lora_exp.data.audio_files import ClipReader, resample
 from lora_exp.data.text import ROW, Loaders
 from lora_exp.errors import LoraExpError
-
-
-def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Polyphase resampling (anti-aliased) along the last axis, float32."""
-    if rate == target:
-        return np.asarray(x, np.float32)
-    g = gcd(int(rate), int(target))
-    return resample_poly(x, target // g, rate // g, axis=-1).astype(np.float32)
 
 
 @dataclass

@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from math import gcd
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
+from scipy.signal import resample_poly
 
 from lora_exp.errors import LoraExpError
 
@@ -121,6 +123,14 @@ def resolve_paths(ds: datasets.Dataset, base: str, column: str, where: str = "")
     return ds.map(lambda _, i: {"audio": full[i]}, with_indices=True, input_columns="audio")
 
 
+def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Polyphase resampling (anti-aliased) along the last axis, float32."""
+    if rate == target:
+        return np.asarray(x, np.float32)
+    g = gcd(int(rate), int(target))
+    return resample_poly(x, target // g, rate // g, axis=-1).astype(np.float32)
+
+
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """A mono float32 signal and its rate from a ``.wav`` (integer PCM scaled to [-1, 1], channels averaged);
     one line when the file cannot be read."""
@@ -150,8 +160,6 @@ class ClipReader:
     max_seconds: float | None = None
 
     def __call__(self, path: str | Path) -> np.ndarray:
-        from lora_exp.data.audio import resample
-
         x, rate = read_wav(path)
         x = resample(x, rate, self.rate)
         if self.max_seconds is None:
