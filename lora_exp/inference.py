@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -85,7 +86,8 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
             raise LoraExpError(
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
-        tokenizer, model, _, _ = build_model_for(cfg, adapter_labels(meta))
+        with contextlib.redirect_stdout(sys.stderr):  # the model's banner: stdout carries the predictions
+            tokenizer, model, _, _ = build_model_for(cfg, adapter_labels(meta))
         if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
             init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
@@ -169,6 +171,12 @@ def predict(
     """
     tokenizer, model, precision = _load(Path(run_dir), merge=True, force=force)
     cfg = run_config(Path(run_dir))
+    if cfg.model.task == "audio" and cfg.data.source != "gw":  # clips as in training: resampled, cut / padded
+        from lora_exp.data.audio_files import ClipReader
+
+        reader = ClipReader(tokenizer.sampling_rate, cfg.data.max_seconds)
+        signals = [reader(path) for path in texts]
+        return predict_audio(model, tokenizer, signals, tokenizer.sampling_rate, batch_size, precision)
     if cfg.model.task == "audio":
         from lora_exp.data import audio
 
@@ -253,7 +261,7 @@ def predict_audio(
     precision: str = "fp32",
 ) -> list[tuple[str, float]]:
     """``(label, probability)`` per mono signal at ``source_rate`` (e.g. from ``read_audio`` or a generated clip),
-    on the model's device, under autocast in ``precision``."""
+    on the model's device, under autocast in ``precision``; a regression model (one output): ``("score", value)``."""
     from lora_exp.data.audio import AudioCollator
 
     collate, out = AudioCollator(fe, source_rate), []
@@ -263,6 +271,9 @@ def predict_audio(
         batch = {k: v.to(device) for k, v in collate.features(signals[i : i + batch_size]).items()}
         with autocast(device, precision):
             logits = model(**batch).logits
+        if logits.shape[-1] == 1:  # a score per clip
+            out += [("score", float(v)) for v in logits.float().reshape(-1)]
+            continue
         probs = torch.softmax(logits.float(), -1)
         conf, idx = probs.max(-1)
         out += [(model.config.id2label[int(j)], float(c)) for j, c in zip(idx, conf)]

@@ -1,4 +1,4 @@
-"""``lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=F | audio=CLIP [--force]``: merged
+"""``lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=F | audio=CLIP|FOLDER [--force]``: merged
 inference, one line per input: label (``score`` for a regression run), probability (the score), input."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from lora_exp.errors import LoraExpError
 KEYS = ("adapter", "run", "text", "text_pair", "file", "audio")
 USAGE = (
     'predict: usage: lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=TEXTS.txt|TABLE.csv '
-    "| audio=CLIP.wav [--force]"
+    "| audio=CLIP.wav|FOLDER [--force]"
 )
 
 
@@ -36,10 +36,10 @@ def table_texts(path: Path, text_column: str, pair_column: str | None) -> tuple[
 
 
 def main(*args: str) -> int:
-    """lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=TEXTS.txt|TABLE | audio=CLIP.wav|.npy
+    """lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=TEXTS.txt|TABLE | audio=CLIP.wav|.npy|FOLDER
     [--force]  (key=value arguments; a .txt file: one text per line; a table (csv, tsv, json, parquet, ...): the
-    run's text column(s); --force: load the adapter although the base's weights differ from those it was trained
-    on)."""
+    run's text column(s); a folder of .wav clips: every clip; --force: load the adapter although the base's weights
+    differ from those it was trained on)."""
     from lora_exp.inference import predict, run_config
 
     force = "--force" in args  # an adapter onto a base of the same shapes but other weights
@@ -55,10 +55,12 @@ def main(*args: str) -> int:
     pairs: list[str] | None = [kv["text_pair"]] if "text_pair" in kv else None
     if "text_pair" in kv and "text" not in kv:
         raise LoraExpError(f"predict: text_pair=... goes with text=... ({USAGE})")
-    if "audio" in kv:  # an audio run: the clip's path (.wav, or .npy at the data's sample rate)
-        if not Path(kv["audio"]).is_file():
-            raise LoraExpError(f"predict: audio={kv['audio']!r}: no such file")
-        texts.append(kv["audio"])
+    if "audio" in kv:  # an audio run: a clip (.wav, or .npy at the GW data's sample rate) or a folder of .wav clips
+        if not Path(kv["audio"]).exists():
+            raise LoraExpError(f"predict: audio={kv['audio']!r}: no such file or folder")
+        from lora_exp.data.audio_files import clips_of
+
+        texts += clips_of(kv["audio"])
     if "file" in kv:
         path = Path(kv["file"])
         if not path.exists():

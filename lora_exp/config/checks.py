@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,60 @@ def _is_codec(name: str) -> bool:
     return True
 
 
+def _audio_data(d: DictConfig) -> bool:
+    """Whether ``data`` is audio: the GW generator, or clips (a table with data.audio_column, or an audiofolder)."""
+    if d.source == "gw":
+        return True
+    if d.source not in ("files", "csv"):
+        return False
+    from lora_exp.data.audio_files import is_audio_folder
+
+    return bool(d.get("audio_column")) or is_audio_folder(None if OmegaConf.is_missing(d, "path") else d.path)
+
+
 def _audio_checks(e: list[str], cfg: DictConfig) -> None:
-    """model.task / audio window / data.source=gw consistency (the gw options themselves: ``data.gw.check``)."""
+    """model.task and the data agree (audio model, audio data), the audio window and clip length; the gw options
+    themselves: ``data.gw.check``."""
     m, d = cfg.model, cfg.data
     _one_of(e, "model.task", m.task, MODEL_TASKS)
-    audio = m.task == "audio"
+    audio, audio_data = m.task == "audio", _audio_data(d)
     if m.source == "tiny" and (m.arch == "whisper") != audio:
         e.append(f"model.arch={m.arch} needs model.task={'audio' if m.arch == 'whisper' else 'text'}")
     if d.source == "gw" and not audio:
         e.append("data.source=gw is audio: set model.task=audio (e.g. model=tiny_whisper)")
-    if audio and d.source != "gw":
-        e.append(f"model.task=audio needs an audio dataset (data.source=gw), not data.source={d.source}")
+    elif audio_data and not audio:
+        what = f"data.audio_column={d.audio_column}" if d.get("audio_column") else f"data.path={d.path!r} (audio clips)"
+        e.append(
+            f"{what} is audio: use an audio model (model=whisper_tiny_en or tiny_whisper, or model.task=audio with a "
+            "local audio checkpoint)"
+        )
+    given = d.source in ("files", "csv") and not OmegaConf.is_missing(d, "path") and d.path
+    if audio and not audio_data and given and os.path.isdir(d.path):
+        e.append(
+            f"data.path={d.path!r} holds no .wav clips in class subfolders (FOLDER/<class>/<clip>.wav); for a table "
+            "of clip paths give data.path=the table and data.audio_column=its path column"
+        )
+    elif audio and not audio_data:
+        e.append(
+            f"model.task=audio needs audio data: data=files with data.path=a folder of class subfolders of .wav clips "
+            f"or a table with data.audio_column, or data=gw_synthetic (not data.source={d.source}"
+            + (f" data.path={d.path!r})" if given else ")")
+        )
     if m.audio_max_seconds is not None and not audio:
         e.append("model.audio_max_seconds applies to model.task=audio only; leave it null")
+    seconds = d.get("max_seconds")
+    if seconds is not None:
+        if d.source == "gw" or not audio_data:
+            e.append(f"data.max_seconds={seconds} applies to audio clips (data=files) only; leave it null")
+        elif not seconds > 0:
+            e.append(f"data.max_seconds={seconds} must be > 0 (seconds each clip is cut or padded to) or null")
+        elif m.audio_max_seconds is not None and m.audio_max_seconds + 1e-9 < seconds:
+            e.append(
+                f"model.audio_max_seconds={m.audio_max_seconds} is shorter than data.max_seconds={seconds}: the "
+                "encoder would cut the clips; raise it or leave it null (it then follows data.max_seconds)"
+            )
+    if d.get("audio_column") and d.source not in ("files", "csv"):
+        e.append(f"data.audio_column applies to local files (data=files), not data.source={d.source}")
     if d.source == "gw":
         opts = gw.GwOptions.from_cfg(OmegaConf.to_container(d.gw))
         e += gw.check(opts)
@@ -229,7 +271,7 @@ def _optimizer_checks(e: list[str], cfg: DictConfig) -> None:
 def _data_checks(e: list[str], cfg: DictConfig) -> None:
     d = cfg.data
     _one_of(e, "data.source", d.source, DATA_SOURCES)
-    _file_checks(e, d)
+    _file_checks(e, d, audio=cfg.model.task == "audio")
     if d.source == "hub" and (OmegaConf.is_missing(d, "path") or not d.path):
         e.append("data.path is required when data.source=hub (a Hub dataset id, e.g. imdb)")
     _check(e, _is_codec(d.encoding), f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8)")
@@ -271,7 +313,7 @@ def _label_checks(e: list[str], d: DictConfig) -> None:
         _one_of(e, "data.task", d.task, tuple(glue.TASKS))
 
 
-def _file_checks(e: list[str], d: DictConfig) -> None:
+def _file_checks(e: list[str], d: DictConfig, audio: bool = False) -> None:
     """data.path and data.format of a local source (files, csv: its old name, the offline corpus): the path is
     there and its format known (from the extension or folder, or data.format); one line for the first problem."""
     has_path = not OmegaConf.is_missing(d, "path") and bool(d.path)
@@ -285,6 +327,10 @@ def _file_checks(e: list[str], d: DictConfig) -> None:
     if not (has_path or fmt):
         return
     from lora_exp.data import files  # imports datasets: only when a local file is to be read
+    from lora_exp.data.audio_files import is_audio_folder
+
+    if has_path and not d.get("audio_column") and (is_audio_folder(d.path) or (audio and os.path.isdir(d.path))):
+        return  # clips in class subfolders, no table (a folder without clips: _audio_checks says so)
 
     try:
         if has_path:

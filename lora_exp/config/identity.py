@@ -40,6 +40,8 @@ DATA_DEFAULTS = {
     "text_pair_column": None,
     "problem_type": "single_label_classification",
     "task": None,
+    "audio_column": None,
+    "max_seconds": None,
 }
 # data.num_labels: null (taken from the training split) hashes as the old default 2. For two-class data the job is
 # the same one; for data of more classes an explicit 2 never ran (it was refused), so no two jobs share a hash.

@@ -170,6 +170,12 @@ class DataConfig:
     # single_label_classification (classes: integers or names) | regression (a float score per row, one output,
     # MSE loss): transformers' names
     problem_type: str = "single_label_classification"
+    # audio clips (data=files, model.task=audio): the column of a table holding each clip's path (.wav; relative
+    # paths from the table's folder); null: text, or a folder of class subfolders (FOLDER/<class>/<clip>.wav)
+    audio_column: str | None = None
+    # audio clips: each clip cut or zero-padded to this many seconds after resampling to the feature extractor's
+    # rate (a Whisper encoder then runs on that window, rounded up to 0.02 s); null: the model's own window
+    max_seconds: float | None = None
     encoding: str = "utf-8"  # csv / tsv / json files: the text encoding (e.g. latin-1, cp1252, utf-16)
     drop_missing: bool = False  # rows without a label: an error listing them (false), or dropped and counted (true)
     num_labels: int | None = None  # classes; null: from the training split (names, or the largest id + 1)

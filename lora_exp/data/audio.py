@@ -1,6 +1,7 @@
 """Audio inputs: clips resampled to the feature extractor's rate and its features (log-mel for Whisper),
-computed once per clip into the cache (``featurize``); DataLoaders over them; reading ``.wav`` / ``.npy``
-files for ``predict``."""
+computed once per clip into the cache (``featurize``: signals in the splits, as the GW generator makes them, or
+clip paths read by ``data.audio_files.ClipReader``); DataLoaders over them; reading ``.wav`` / ``.npy`` files for
+``predict``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from math import gcd
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +19,12 @@ import numpy as np
 import scipy
 import torch
 import transformers
-from scipy.signal import resample_poly
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from lora_exp.data import assets
+from lora_exp.data.audio_files import ClipReader, resample
 from lora_exp.data.text import ROW, Loaders
 from lora_exp.errors import LoraExpError
-
-
-def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Polyphase resampling (anti-aliased) along the last axis, float32."""
-    if rate == target:
-        return np.asarray(x, np.float32)
-    g = gcd(int(rate), int(target))
-    return resample_poly(x, target // g, rate // g, axis=-1).astype(np.float32)
 
 
 @dataclass
@@ -65,10 +57,12 @@ class AudioCollator:
 FEATURES_FORMAT = 1  # bump when what a features file holds changes: older files are then never read
 
 
-def features_key(split: Any, fe: Any, source_rate: int) -> str:
+def features_key(split: Any, fe: Any, source_rate: int, reader: ClipReader | None = None) -> str:
     """What a split's features depend on, hashed: its clips and labels, their rate, every option of the
     extractor (its class, window and mel settings), the versions of the code that computes them
-    (transformers' extractor, scipy's resampler) and the file format. 16 hex digits of sha256."""
+    (transformers' extractor, scipy's resampler) and the file format. 16 hex digits of sha256. With ``reader``
+    the ``audio`` column holds paths: the reader's settings and each file's path, size and mtime count instead
+    of the samples (no clip is read to find a cached file)."""
     opts = {
         "format": FEATURES_FORMAT,
         "source_rate": int(source_rate),
@@ -77,18 +71,24 @@ def features_key(split: Any, fe: Any, source_rate: int) -> str:
         **fe.to_dict(),
     }
     digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode())
-    rows = split.with_format("numpy")[:]  # every row, column by column
-    audio = rows["audio"]
-    for clip in audio if audio.dtype == object else [audio]:  # object: clips of different lengths
-        digest.update(np.ascontiguousarray(clip, np.float32).tobytes())
-    digest.update(np.asarray(rows["label"], np.int64).tobytes())
+    if reader is not None:
+        digest.update(reader.digest(split["audio"]).digest())
+        labels = np.asarray(split["label"])
+    else:
+        rows = split.with_format("numpy")[:]  # every row, column by column
+        audio, labels = rows["audio"], rows["label"]
+        for clip in audio if audio.dtype == object else [audio]:  # object: clips of different lengths
+            digest.update(np.ascontiguousarray(clip, np.float32).tobytes())
+    floats = np.issubdtype(labels.dtype, np.floating)  # scores (regression) hash as floats
+    digest.update(np.asarray(labels, np.float64 if floats else np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
-def _feature_types(collate: AudioCollator, split: Any) -> datasets.Features:
+def _feature_types(collate: AudioCollator, split: Any, reader: ClipReader | None) -> datasets.Features:
     """Arrow types of the model inputs (fixed shapes, from one clip) plus ``labels``."""
     types = {}
-    for name, value in collate.features([split.with_format("numpy")[0]["audio"]]).items():
+    first = reader(split[0]["audio"]) if reader is not None else split.with_format("numpy")[0]["audio"]
+    for name, value in collate.features([first]).items():
         shape, dtype = tuple(value.shape[1:]), str(value.numpy().dtype)
         if len(shape) == 2:
             types[name] = datasets.Array2D(shape, dtype)
@@ -98,8 +98,9 @@ def _feature_types(collate: AudioCollator, split: Any) -> datasets.Features:
     return datasets.Features(types)
 
 
-def _encode(audio: list, label: list, collate: AudioCollator) -> dict[str, Any]:
-    return {**{k: v.numpy() for k, v in collate.features(list(audio)).items()}, "labels": label}
+def _encode(audio: list, label: list, collate: AudioCollator, reader: ClipReader | None) -> dict[str, Any]:
+    clips = [reader(path) for path in audio] if reader is not None else list(audio)
+    return {**{k: v.numpy() for k, v in collate.features(clips).items()}, "labels": label}
 
 
 @contextmanager
@@ -114,19 +115,29 @@ def _progress_bars() -> Iterator[None]:
             datasets.disable_progress_bars()
 
 
-def featurize(splits: Any, fe: Any, source_rate: int, folder: Path | None = None) -> datasets.DatasetDict:
+def featurize(
+    splits: Any, fe: Any, source_rate: int, folder: Path | None = None, reader: ClipReader | None = None
+) -> datasets.DatasetDict:
     """Every clip's model inputs (Whisper: log-mel ``input_features``) and ``labels``, computed once.
+
+    ``audio`` holds signals at ``source_rate``, or with ``reader`` each clip's path (read, resampled to the
+    extractor's rate, which is then ``source_rate``, and cut or padded by the reader).
 
     ``datasets.map`` writes one Arrow file per split into ``folder`` (``$LORA_EXP_CACHE/audio_features``),
     named by ``features_key``: later runs on the same clips with the same extractor (other methods, seeds,
     learning rates) read them back memory-mapped instead of resampling and computing log-mels per batch.
     """
+    if reader is not None and reader.max_seconds is None and getattr(fe, "n_samples", None) is None:
+        raise LoraExpError(
+            f"data.max_seconds is needed for this model's {type(fe).__name__} (no fixed window): clips are cut "
+            "or zero-padded to it, e.g. data.max_seconds=2"
+        )
     folder = Path(folder) if folder is not None else assets.cache_dir() / "audio_features"
     folder.mkdir(parents=True, exist_ok=True)
     collate, out, computed = AudioCollator(fe, source_rate), {}, []
     start = time.perf_counter()
     for name, split in splits.items():
-        key = features_key(split, fe, source_rate)
+        key = features_key(split, fe, source_rate, reader)
         path = folder / f"{name}-{key}.arrow"
         if not path.exists():
             computed.append(name)
@@ -137,8 +148,8 @@ def featurize(splits: Any, fe: Any, source_rate: int, folder: Path | None = None
                 batch_size=64,
                 input_columns=["audio", "label"],
                 remove_columns=split.column_names,
-                features=_feature_types(collate, split),
-                fn_kwargs={"collate": collate},
+                features=_feature_types(collate, split, reader),
+                fn_kwargs={"collate": collate, "reader": reader},
                 cache_file_name=str(path),
                 load_from_cache_file=True,
                 new_fingerprint=key,  # what the file holds; datasets need not hash the extractor

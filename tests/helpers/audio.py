@@ -63,3 +63,37 @@ def assert_audio_peft_round_trip(
         back = copy.deepcopy(base)
         assert len(import_peft(back, folder, head)) == tensors
         torch.testing.assert_close(back.eval()(input_features=x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+CLIP_RATES = (8000, 16000, 22050, 44100)  # every rate a researcher's recordings come in, each resampled to 16 kHz
+TONES = {"low": 300.0, "mid": 900.0, "high": 2500.0}  # a class per pitch: a tiny encoder can tell them apart
+
+
+def write_clip(path: Path, hz: float, seconds: float, rate: int, kind: str = "int16", seed: int = 0) -> Path:
+    """A real .wav: a tone at ``hz`` with a little noise, ``seconds`` long at ``rate`` Hz; ``kind`` int16 (mono),
+    float32 (mono) or stereo (int16, two channels)."""
+    import numpy as np
+    from scipy.io import wavfile
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.5 * np.sin(2 * np.pi * hz * t) + 0.05 * rng.standard_normal(len(t))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "float32":
+        wavfile.write(path, rate, x.astype(np.float32))
+    else:
+        pcm = (x * 32767).astype(np.int16)
+        wavfile.write(path, rate, np.stack([pcm, pcm], axis=1) if kind == "stereo" else pcm)
+    return path
+
+
+def write_clips(root: Path, per_class: int = 10, classes: dict[str, float] = TONES) -> list[tuple[Path, str]]:
+    """An audiofolder ``root/<class>/<i>.wav``: ``per_class`` clips per class of 0.3..1.6 s (cut to 1 s or padded),
+    at each of ``CLIP_RATES`` in turn, int16 / float32 / stereo in turn. Returns (path, class) per clip."""
+    out = []
+    for c, (name, hz) in enumerate(classes.items()):
+        for i in range(per_class):
+            rate, kind = CLIP_RATES[i % len(CLIP_RATES)], ("int16", "float32", "stereo")[i % 3]
+            seconds = 0.3 + 1.3 * i / max(per_class - 1, 1)
+            out.append((write_clip(root / name / f"{i}.wav", hz, seconds, rate, kind, seed=100 * c + i), name))
+    return out
