@@ -7,7 +7,7 @@ lora-exp resume=RUN_DIR               continue an interrupted run from its check
 lora-exp fetch                        fetch the offline models and data once (else done on first use)
 lora-exp report DIR [DIR ...] [--out D] [--wandb]   summary.csv / .md / fair.md / figures from results under DIRs
 lora-exp rerun JOB_DIR [--out D]      train a finished job again from its recorded config, compare
-lora-exp predict adapter=RUN_DIR text="..." | file=F | audio=CLIP|FOLDER [--force]   merged inference: label, prob.
+lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=F | audio=CLIP|FOLDER [--force]   merged inference
 lora-exp export-peft RUN_DIR OUT [--force]   a LoRA run's adapter + head in the PEFT layout
 lora-exp bench [--steps N] [--compile off|on|both] [overrides]    our loop vs HF Trainer (+ PEFT), same work
 lora-exp bench --latency [--out F] [overrides]    ms per batch: base / LoRA unmerged / LoRA merged

@@ -228,7 +228,11 @@ def _hf_model(cfg: Config) -> tuple[Any, torch.nn.Module]:
     from lora_exp.models.methods import apply_method, store_frozen_in
 
     torch.manual_seed(sub_seeds(cfg.trainer.seed)["model"])
-    tokenizer, model, head = text.build(cfg.model, cfg.data.num_labels)
+    from lora_exp.training.job import configured_labels
+
+    labels = configured_labels(cfg)  # data.num_labels, 2 when null (taken from the data: ours reads it there)
+    tokenizer, model, head = text.build(cfg.model, labels.num_labels, labels.id2label)
+    model.config.problem_type = labels.problem_type
     method = cfg.method.name
     if method == "lora":
         from peft import LoraConfig, get_peft_model

@@ -13,6 +13,7 @@ def main(*args: str) -> int:
     from lora_exp.adapters import init_state, store
     from lora_exp.adapters.peft_format import export_peft
     from lora_exp.config.schema import typed_config
+    from lora_exp.inference import adapter_labels
     from lora_exp.training.job import build_model_for
     from lora_exp.training.rundir import recorded_config
 
@@ -32,7 +33,7 @@ def main(*args: str) -> int:
     if cfg.method.name != "lora":
         raise LoraExpError(f"export-peft: {str(run_dir)!r} is a method={cfg.method.name} run; only lora exports")
     meta, tensors = store.read_adapter(run_dir / "adapter")
-    _, model, _, _ = build_model_for(typed_config(cfg))
+    _, model, _, _ = build_model_for(typed_config(cfg), adapter_labels(meta))  # its classes (or a score), as trained
     if init_state.exists(run_dir):  # lora.init=eva: the saved ranks
         init_state.restore_state(model, run_dir)
     store.load_into(model, tensors, str(run_dir / "adapter"))

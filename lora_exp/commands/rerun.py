@@ -30,13 +30,21 @@ def main(*args: str) -> int:
     old = json.loads((ns.job_dir / "results.json").read_text()) if (ns.job_dir / "results.json").exists() else {}
     tolerance = rerun_tolerance(new)
     same = True
-    for key in RERUN_COMPARED:
+    for key in compared(new):
         equal = same_metric(old.get(key), new.get(key), tolerance)
         same &= equal
         print(f"  {key:<20} {old.get(key)!s:<22} {new.get(key)!s:<22} {'same' if equal else 'DIFFERENT'}")
     how = "identical" if tolerance == 0 else f"within {tolerance:g} (CUDA without trainer.deterministic)"
     print(f"rerun in {out}: {how if same else 'differs'} (config hash {new['config_hash']})")
     return 0
+
+
+def compared(results: dict) -> tuple[str, ...]:
+    """The results a rerun compares: ``RERUN_COMPARED`` plus the monitored metric's best validation and test
+    values when it is not accuracy (a regression run has no accuracy: its Pearson, ...)."""
+    key = str(results.get("monitor") or "val/acc").split("/", 1)[-1]
+    extra = () if key in ("acc", "loss") else (f"best_val_{key}", f"test_{key}")
+    return (*RERUN_COMPARED, *extra)
 
 
 def rerun_tolerance(results: dict) -> float:

@@ -309,7 +309,9 @@ def _label_checks(e: list[str], d: DictConfig) -> None:
         pair is None or pair != d.text_column,
         f"data.text_pair_column={pair!r} is data.text_column too; give the second text's column (or null)",
     )
-    if d.source == "glue":
+    if d.source == "glue" and d.task is None:
+        e.append(f"data.task is required with data=glue: one of {', '.join(glue.TASKS)}")
+    elif d.source == "glue":
         _one_of(e, "data.task", d.task, tuple(glue.TASKS))
 
 

@@ -351,3 +351,31 @@ def test_chosen_curves_plot_each_arm_at_its_chosen_lr_only(tmp_path: Path, monke
     assert written["validation_curves_chosen.png"].stat().st_size > 0
     assert plotted["validation_curves_chosen.png"] == {("full", 1e-4), ("frozen", 3e-2)}
     assert len(plotted["validation_curves.png"]) == 4  # the plain figure keeps every lr
+
+
+def test_regression_runs_report_in_pearson(tmp_path: Path) -> None:
+    """Scores (data.problem_type=regression) have no accuracy: the summary, the fair table and its paired
+    differences and the figures are in the monitored Pearson correlation, with CIs."""
+    for method, lrs, base in (("full", (5e-5, 1e-4), 0.60), ("lora", (1e-3, 2e-3), 0.62)):
+        for lr in lrs:
+            for seed in (1, 2, 3):
+                shape = {"r": 8, "alpha": 16} if method == "lora" else {}
+                scores = {"best_val_pearson": base + lr, "best_val_mse": 0.1, "best_val_loss": 0.1}
+                tests = {"test_pearson": base + seed / 100, "test_spearman": 0.5, "test_mse": 0.2}
+                write_result(
+                    tmp_path, f"{method}{lr}s{seed}", method=method, lr=lr, seed=seed, monitor="val/pearson",
+                    problem_type="regression", best_val_acc=None, test_acc=None, test_pred_counts=None,
+                    majority_baseline_acc=None, **shape, **scores, **tests,
+                )  # fmt: skip
+    df = report.load_runs(tmp_path)
+    summary = report.summarize(df)
+    assert set(summary["headline_name"]) == {"test Pearson"}
+    md = report.to_markdown(summary, df)
+    assert "test Pearson" in md and "best val Pearson" in md and "test acc" not in md and "0.6400 ± " in md
+    table, paired = report.fair_comparison(df)
+    assert dict(zip(table.method, table.lr)) == {"full": 1e-4, "lora": 2e-3}
+    assert table.set_index("method").loc["lora", "headline"] == pytest.approx(0.64)
+    assert paired.iloc[0]["diff"] == pytest.approx(0.02) and paired.iloc[0]["metric"] == "test Pearson"
+    assert "test Pearson − full fine-tuning" in fair.markdown(table, paired)
+    written = report.write_report(tmp_path, tmp_path / "out")
+    assert {"accuracy_vs_params.png", "pareto.png", "fair.md"} <= set(written)

@@ -27,7 +27,7 @@ BAD = [
     ),
     ("trainer.monitor=val/pearson", "trainer.monitor=val/pearson is a score metric; set data.problem_type=regression"),
     ("trainer.monitor=val/r2", "trainer.monitor='val/r2' is not one of val/acc, val/f1, val/auc, val/mcc, val/pearson"),
-    ("data=glue", "data.task=None is not one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte"),
+    ("data=glue", "data.task is required with data=glue: one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte"),
     ("data=glue data.task=wnli", "data.task='wnli' is not one of cola, sst2"),
 ]
 

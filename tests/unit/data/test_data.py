@@ -70,10 +70,11 @@ def test_plain_csv_with_integer_labels(tmp_path: Path) -> None:
     cfg = data_cfg(path, tmp_path, text_column="sentence", label_column="y", num_labels=3)
     splits = text_data.load_splits(cfg)
     assert set(splits["train"]["label"]) == {0, 1, 2}
-    inferred = text_data.load_splits(data_cfg(path, tmp_path, text_column="sentence", label_column="y", num_labels=None))
+    columns = {"text_column": "sentence", "label_column": "y"}
+    inferred = text_data.load_splits(data_cfg(path, tmp_path, **columns, num_labels=None))
     assert inferred["train"].features["label"].num_classes == 3  # data.num_labels null: from the training split
-    with pytest.raises(LoraExpError, match=r"data.label_column='y': labels must be integers 0..1 or names \(3 distinct"):
-        text_data.load_splits(data_cfg(path, tmp_path, text_column="sentence", label_column="y"))
+    with pytest.raises(LoraExpError, match=r"data.label_column='y': labels must be integers 0..1 or names \(3 dist"):
+        text_data.load_splits(data_cfg(path, tmp_path, **columns))
     with pytest.raises(LoraExpError, match="data.text_column='text' is not a column"):
         text_data.load_splits(data_cfg(path, tmp_path, label_column="y"))
 
