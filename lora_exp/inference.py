@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from lora_exp.adapters import init_state, store
 from lora_exp.adapters import targets as injection
 from lora_exp.config.schema import Config, typed_config
-from lora_exp.device import autocast, pick_device, pick_precision
+from lora_exp.device import QUANT_DTYPES, autocast, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
 
 
@@ -67,7 +67,7 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     device, precision = run_compute(run_dir, cfg)
-    if cfg.model.base_dtype not in ("fp32", precision):  # e.g. an fp16 base read on a CPU
+    if cfg.model.base_dtype not in ("fp32", precision, *QUANT_DTYPES):  # e.g. an fp16 base read on a CPU
         cfg.model.base_dtype = "fp32"
     if cfg.method.name == "full":
         if not (run_dir / "model").is_dir():
@@ -84,7 +84,8 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
             raise LoraExpError(
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
-        tokenizer, model, _, _ = build_model_for(cfg, {int(k): v for k, v in (meta.get("id2label") or {}).items()})
+        labels = {int(k): v for k, v in (meta.get("id2label") or {}).items()}
+        tokenizer, model, _, _ = build_model_for(cfg, labels, precision)  # a quantised base: the same quantisation
         if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
             init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
@@ -92,7 +93,19 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
         store.check_base(meta, model.base_fingerprint, where, model_location(cfg.model) or cfg.model.name, force)
         if merge:  # folded into W0 and unwrapped: the base model's own modules, no added latency
             injection.merge_and_unload(model)
+        if cfg.model.base_dtype in QUANT_DTYPES:
+            print(f"[lora-exp] {_quant_line(cfg.model.base_dtype, merge)}", file=sys.stderr)  # stdout: predictions
     return tokenizer, model.to(device).eval(), precision
+
+
+def _quant_line(kind: str, merged: bool) -> str:
+    """What a run on a quantised base is predicted with: merged into a dequantised fp32 copy, or unmerged."""
+    if merged:
+        return (
+            f"the {kind} base is dequantised into an fp32 copy and the adapter merged into it (the function trained: "
+            "W0 as quantised + the update, unrounded; the base at fp32 size in memory)"
+        )
+    return f"the adapter runs unmerged on the {kind} base (quantised in memory, the update computed beside it)"
 
 
 def run_config(run_dir: Path) -> Config:
@@ -143,14 +156,20 @@ class AdapterBank:
 
 
 def predict(
-    run_dir: Path, texts: list[str], batch_size: int = 64, force: bool = False, progress: bool = True
+    run_dir: Path,
+    texts: list[str],
+    batch_size: int = 64,
+    force: bool = False,
+    progress: bool = True,
+    merge: bool = True,
 ) -> list[tuple[str, float]]:
     """(label, probability) for each text (audio runs: each .wav / .npy path) with a finished run's merged model.
 
     Texts are cut at the run's ``data.max_length`` (what it trained on). With ``progress`` a bar and, at the end,
-    one line with the lines/s go to stderr. ``force`` loads an adapter onto a base it was not trained on.
+    one line with the lines/s go to stderr. ``force`` loads an adapter onto a base it was not trained on. ``merge``
+    false keeps LoRA unmerged (a quantised base then stays quantised; merged, it is dequantised: stderr says which).
     """
-    tokenizer, model, precision = _load(Path(run_dir), merge=True, force=force)
+    tokenizer, model, precision = _load(Path(run_dir), merge=merge, force=force)
     cfg = run_config(Path(run_dir))
     if cfg.model.task == "audio":
         from lora_exp.data import audio

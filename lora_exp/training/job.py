@@ -133,7 +133,7 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
     baseline = reset_memory(device)  # clean state before anything of this job is allocated
     baseline_reserved = reserved(device)
     splits, id2label, dropped = load_data(cfg)
-    tokenizer, model, head, adapted = build_model_for(cfg, id2label)
+    tokenizer, model, head, adapted = build_model_for(cfg, id2label, precision)
     counts = count_parameters(model, head)
     place_model(model, device, t.gradient_checkpointing)
     generator = torch.Generator().manual_seed(seeds["data"])
@@ -204,9 +204,11 @@ def base_dtype(cfg: Config) -> str:
     return devices.effective_base_dtype(cfg.model.base_dtype, cfg.method.name)
 
 
-def build_model_for(cfg: Config, id2label: dict[int, str] | None = None) -> tuple[Any, torch.nn.Module, list, list]:
+def build_model_for(
+    cfg: Config, id2label: dict[int, str] | None = None, precision: str = "fp32"
+) -> tuple[Any, torch.nn.Module, list, list]:
     """``models.build.build_model`` with this config's slices: tokenizer, model with the method applied, head and
-    LoRA module paths."""
+    LoRA module paths; ``precision`` (resolved) is a quantised base's compute dtype."""
     return build_model(
         cfg.model,
         cfg.method.name,
@@ -215,6 +217,7 @@ def build_model_for(cfg: Config, id2label: dict[int, str] | None = None) -> tupl
         max_length=cfg.data.max_length,
         seed=cfg.trainer.seed,
         id2label=id2label,
+        precision=precision,
     )
 
 
