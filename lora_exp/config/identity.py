@@ -163,8 +163,9 @@ def inapplicable(config: dict) -> list[str]:
     """Dotted paths of the fields that do not apply to this (resolved) config's model, data and method.
 
     Tiny-model fields only for ``model.source=tiny`` (which has no path and runs no remote code); the audio
-    window only for ``model.task=audio``; ``model.double_quant`` only for a 4-bit base; ``data.gw.*`` only for ``data.source=gw``, whose runs read none of the
-    text data's fields; the lora section only for ``method=lora``; the lr grid only when the fair sweep indexes it.
+    window only for ``model.task=audio``; ``model.double_quant`` only for a 4-bit base; ``data.gw.*`` only for
+    ``data.source=gw``, whose runs read none of the text data's fields; the lora section only for ``method=lora``;
+    the lr grid only when the fair sweep indexes it.
     """
     drop = _hash_drops(config)
     if config.get("model", {}).get("task", "text") != "audio":
