@@ -15,6 +15,7 @@ import torch
 from lora_exp.errors import LoraExpError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_DTYPES = ("nf4", "fp4", "int8")  # model.base_dtype through bitsandbytes (lora_exp.quantize)
 AMP_DTYPES = {name: dtype for name, dtype in DTYPES.items() if dtype != torch.float32}  # autocast: low precision
 
 
@@ -111,8 +112,9 @@ def resolve_compute(trainer: Any, model: Any, method: str) -> dict[str, str | No
 
 
 def check_base_dtype(base_dtype: str, precision: str) -> None:
-    """A low-precision frozen base needs autocast in that dtype (plain fp32 matmuls would mix dtypes)."""
-    if base_dtype != "fp32" and base_dtype != precision:
+    """A low-precision frozen base needs autocast in that dtype (plain fp32 matmuls would mix dtypes). A quantised
+    base (nf4 / fp4 / int8) computes in the run's precision, whichever it is."""
+    if base_dtype not in ("fp32", *QUANT_DTYPES) and base_dtype != precision:
         raise LoraExpError(
             f"model.base_dtype={base_dtype} needs trainer.precision={base_dtype} (autocast in that dtype); "
             f"this run computes in {precision}"

@@ -17,7 +17,7 @@ from lora_exp.adapters import init_state, store
 from lora_exp.adapters import targets as injection
 from lora_exp.config.schema import Config, typed_config
 from lora_exp.data.labels import CLASSIFICATION, Labels
-from lora_exp.device import autocast, pick_device, pick_precision
+from lora_exp.device import QUANT_DTYPES, autocast, pick_device, pick_precision
 from lora_exp.errors import LoraExpError
 
 
@@ -69,7 +69,7 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     device, precision = run_compute(run_dir, cfg)
-    if cfg.model.base_dtype not in ("fp32", precision):  # e.g. an fp16 base read on a CPU
+    if cfg.model.base_dtype not in ("fp32", precision, *QUANT_DTYPES):  # e.g. an fp16 base read on a CPU
         cfg.model.base_dtype = "fp32"
     if cfg.method.name == "full":
         if not (run_dir / "model").is_dir():
@@ -87,7 +87,8 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
                 f"adapter num_labels={meta.get('num_labels')} but the run's data.num_labels={cfg.data.num_labels}"
             )
         with contextlib.redirect_stdout(sys.stderr):  # the model's banner: stdout carries the predictions
-            tokenizer, model, _, _ = build_model_for(cfg, adapter_labels(meta))
+            # a quantised base: the same quantisation
+            tokenizer, model, _, _ = build_model_for(cfg, adapter_labels(meta), precision)
         if init_state.exists(run_dir):  # lora.init=eva: the saved ranks, not recomputed from data
             init_state.restore_state(model, run_dir)
         store.load_into(model, tensors, str(run_dir / "adapter"))  # keys and shapes first: "same shapes" holds
@@ -95,6 +96,8 @@ def _load(run_dir: Path, merge: bool, force: bool = False) -> tuple[Any, torch.n
         store.check_base(meta, model.base_fingerprint, where, model_location(cfg.model) or cfg.model.name, force)
         if merge:  # folded into W0 and unwrapped: the base model's own modules, no added latency
             injection.merge_and_unload(model)
+        if cfg.model.base_dtype in QUANT_DTYPES:
+            print(f"[lora-exp] {_quant_line(cfg.model.base_dtype, merge)}", file=sys.stderr)  # stdout: predictions
     return tokenizer, model.to(device).eval(), precision
 
 
@@ -104,6 +107,16 @@ def adapter_labels(meta: dict[str, Any]) -> Labels:
     problem_type = meta.get("problem_type") or CLASSIFICATION
     n = int(meta.get("num_labels") or 2)
     return Labels(problem_type, n, [names.get(str(i), names.get(i, str(i))) for i in range(n)] if names else None)
+
+
+def _quant_line(kind: str, merged: bool) -> str:
+    """What a run on a quantised base is predicted with: merged into a dequantised fp32 copy, or unmerged."""
+    if merged:
+        return (
+            f"the {kind} base is dequantised into an fp32 copy and the adapter merged into it (the function trained: "
+            "W0 as quantised + the update, unrounded; the base at fp32 size in memory)"
+        )
+    return f"the adapter runs unmerged on the {kind} base (quantised in memory, the update computed beside it)"
 
 
 def run_config(run_dir: Path) -> Config:
@@ -160,6 +173,7 @@ def predict(
     force: bool = False,
     progress: bool = True,
     pairs: list[str] | None = None,
+    merge: bool = True,
 ) -> list[tuple[str, float]]:
     """(label, probability) for each text (audio runs: each .wav / .npy path) with a finished run's merged model;
     a regression run gives ("score", predicted score).
@@ -167,9 +181,10 @@ def predict(
     ``pairs``: each text's second text, for a run trained on sentence pairs (``data.text_pair_column``); it is
     required there and refused elsewhere. Texts are cut at the run's ``data.max_length`` (what it trained on;
     pairs longest first). With ``progress`` a bar and, at the end, one line with the lines/s go to stderr.
-    ``force`` loads an adapter onto a base it was not trained on.
+    ``force`` loads an adapter onto a base it was not trained on. ``merge`` false keeps LoRA unmerged (a quantised
+    base then stays quantised; merged, it is dequantised: stderr says which).
     """
-    tokenizer, model, precision = _load(Path(run_dir), merge=True, force=force)
+    tokenizer, model, precision = _load(Path(run_dir), merge=merge, force=force)
     cfg = run_config(Path(run_dir))
     if cfg.model.task == "audio" and cfg.data.source != "gw":  # clips as in training: resampled, cut / padded
         from lora_exp.data.audio_files import ClipReader

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_exp.errors import LoraExpError
+from lora_exp.quantize import dequantized_weight, is_quantized
 
 
 def scaling(r: int, alpha: float, rslora: bool = False) -> float:
@@ -42,6 +43,7 @@ class LoRALinear(nn.Module):
             raise LoraExpError(f"lora.r={r} must be in [1, min(out, in)={min(d, k)}] for this layer")
         self.base_layer = base.requires_grad_(False)
         dev, dt = base.weight.device, base.weight.dtype
+        dt = dt if dt.is_floating_point else torch.float32  # a quantised base (packed uint8 / int8): fp32 factors
         self.lora_A = nn.Linear(k, r, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(r, d, bias=False, device=dev, dtype=dt)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -85,6 +87,7 @@ class LoRALinear(nn.Module):
         """Fold the update into ``W0`` so inference runs the plain ``nn.Linear`` / ``Conv1D`` path."""
         if self.merged:
             raise LoraExpError("merge(): this LoRA layer is already merged; call unmerge() first")
+        refuse_quantized(self, "merge()")
         w = self.base_layer.weight
         merged = w.float() + self._stored_delta()
         if not torch.isfinite(merged).all():
@@ -120,13 +123,26 @@ def cast_for(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.to(weight.dtype)
 
 
+def refuse_quantized(layer: nn.Module, what: str) -> None:
+    """One line where ``what`` would write W0 of a quantised (bitsandbytes) base layer."""
+    if is_quantized(layer.base_layer):
+        raise LoraExpError(
+            f"{what}: the base layer is quantised ({type(layer.base_layer).__name__}); merge into a dequantised "
+            "copy (adapters.targets.merge_and_unload does) or run unmerged"
+        )
+
+
 def base_weight(layer: LoRALinear) -> torch.Tensor:
-    """W0 as (out, in), whatever the storage (GPT-2 Conv1D stores (in, out): ``fan_in_fan_out``)."""
+    """W0 as (out, in), whatever the storage (GPT-2 Conv1D stores (in, out): ``fan_in_fan_out``; a quantised
+    base: its dequantised weight, fp32)."""
+    if is_quantized(layer.base_layer):
+        return dequantized_weight(layer.base_layer)
     w = layer.base_layer.weight
     return w.T if getattr(layer, "fan_in_fan_out", False) else w
 
 
 @torch.no_grad()
 def _set_base_weight(layer: LoRALinear, w_out_in: torch.Tensor) -> None:
+    refuse_quantized(layer, "rewriting W0")
     w = layer.base_layer.weight
     w.copy_((w_out_in.T if getattr(layer, "fan_in_fan_out", False) else w_out_in).to(w.dtype))

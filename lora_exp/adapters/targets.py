@@ -18,6 +18,7 @@ from lora_exp.adapters.layer import LoRALinear
 from lora_exp.adapters.lora_fa import LoRAFALinear
 from lora_exp.adapters.vera import VeraLinear
 from lora_exp.errors import LoraExpError
+from lora_exp.quantize import dequantize, dequantize_model, is_quantized
 
 LAYER_CLASSES = {cls.variant: cls for cls in (LoRALinear, DoRALinear, LoRAFALinear, VeraLinear, AdaLoraLinear)}
 
@@ -220,8 +221,16 @@ def merge(model: nn.Module) -> int:
 
 def merge_and_unload(model: nn.Module) -> int:
     """Merge every LoRA layer and put its wrapped module back in its place (PEFT's name): the model is then the
-    base model's own structure, so inference pays nothing for the adapter. Returns how many were unloaded."""
+    base model's own structure, so inference pays nothing for the adapter. Returns how many were unloaded.
+
+    A quantised base (bitsandbytes layers) is dequantised first, every block Linear, into an fp32 copy: the merged
+    model is the 32-bit model whose W0 is the quantised one's (re-quantising W0 + dW would round the update away).
+    """
     layers = list(lora_layers(model))
+    for _, layer in layers:
+        if is_quantized(layer.base_layer):
+            layer.base_layer = dequantize(layer.base_layer)
+    dequantize_model(model)  # the layers without an adapter: the same plain fp32 Linear
     for name, layer in layers:
         layer.merge()
         parent_name, _, child = name.rpartition(".")

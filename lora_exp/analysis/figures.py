@@ -43,6 +43,37 @@ def peak_memory(summary: pd.DataFrame) -> tuple[pd.Series, str]:
     return summary["peak_host_rss_gib"], "peak host RSS (GiB), CPU runs"
 
 
+QUANT_BASES = ("nf4", "fp4", "int8")  # model.base_dtype values that quantise the base (lora_exp.device.QUANT_DTYPES)
+REFERENCE_BASES = ("bf16", "fp16", "fp32")  # LoRA's reference base: a 16-bit one first, else fp32
+SAME_ARM = ("model", "data", "precision", "variant", "r", "alpha", "targets")
+
+
+def _same(frame: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.DataFrame:
+    """The rows of ``frame`` equal to ``row`` on ``keys`` (missing equals missing)."""
+    mask = pd.Series(True, index=frame.index)
+    for k in keys:
+        mask &= (frame[k] == row[k]) | (frame[k].isna() & pd.isna(row[k]))
+    return frame[mask]
+
+
+def peak_vs_lora(summary: pd.DataFrame) -> pd.Series:
+    """Each row's peak (``peak_memory``) over that of the LoRA row with a 16-bit base (fp32 where the table has
+    none) of the same model, data, precision and, for a LoRA row, adapter shape: below 1 a quantised base saves
+    memory, above 1 it costs more. NaN where the table has no such LoRA row."""
+    mem, _ = peak_memory(summary)
+    out = pd.Series(float("nan"), index=summary.index)
+    lora = summary[(summary["method"] == "lora") & summary["base_dtype"].isin(REFERENCE_BASES)]
+    for i, row in summary.iterrows():
+        keys = [k for k in (SAME_ARM if row["method"] == "lora" else SAME_ARM[:3]) if k in summary]
+        same = _same(lora, row, keys)
+        for base in REFERENCE_BASES:
+            ref = same.index[same["base_dtype"] == base]
+            if len(ref) and mem[ref[0]] > 0:
+                out[i] = mem[i] / mem[ref[0]]
+                break
+    return out
+
+
 TEXT_PT = 8  # smallest legend / annotation text
 
 
@@ -289,11 +320,24 @@ def plot_pareto(summary: pd.DataFrame, path: Path) -> Path:
         _majority(ax, summary)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
+    quantised = "base_dtype" in summary and summary["base_dtype"].isin(QUANT_BASES).any()
+    if quantised:  # where QLoRA saves memory, or not
+        ratio = peak_vs_lora(summary)
+        for xv, y, (i, row) in zip(mem, values, summary.iterrows()):
+            if row.base_dtype in QUANT_BASES and pd.notna(ratio[i]):
+                axes[0].annotate(
+                    f"{row.base_dtype} {ratio[i]:.2f}x",
+                    (xv, y),
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                    fontsize=TEXT_PT,
+                )
     axes[1].set_xscale("log")
     axes[0].set_ylabel(metric)
     short = metric.removeprefix("test ")
-    axes[0].set_title(f"{short[:1].upper() + short[1:]} vs memory")
-    axes[1].set_title(f"{short[:1].upper() + short[1:]} vs trainable parameters")
+    short = short[:1].upper() + short[1:]
+    axes[0].set_title(f"{short} vs memory" + (" (Nx: peak / LoRA's on a 16/32-bit base)" if quantised else ""))
+    axes[1].set_title(f"{short} vs trainable parameters")
     axes[1].legend(fontsize=TEXT_PT)
     return _save(fig, path)
 

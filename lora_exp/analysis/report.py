@@ -304,6 +304,8 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                 "seeds": summary["seeds"],
             }
         )
+        if summary["base_dtype"].isin(figures.QUANT_BASES).any():  # QLoRA rows: where a quantised base saves memory
+            show.insert(4, "peak / LoRA 16/32-bit base", figures.peak_vs_lora(summary).map(_times))
         baselines = summary["majority_baseline_acc"].dropna().round(6).unique()
         if len(baselines) > 1:  # several data sets: each row its own
             show["majority baseline"] = summary["majority_baseline_acc"].map(
@@ -331,6 +333,10 @@ def to_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
         ]
         table += "\n\nFailed jobs:\n" + "\n".join(lines)
     return table + "\n"
+
+
+def _times(v: float) -> str:
+    return "-" if pd.isna(v) else f"{v:.2f}x"
 
 
 def lr_grid_swept(df: pd.DataFrame) -> bool:

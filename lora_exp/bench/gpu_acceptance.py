@@ -1,6 +1,6 @@
 """GPU acceptance check (``bash scripts/gpu_acceptance.sh``): one command, at most 8 minutes on one H100/H200.
 
-Four stages, each recorded with its status (and each given what is left of ``--budget`` seconds, so one
+Five stages, each recorded with its status (and each given what is left of ``--budget`` seconds, so one
 slow stage cannot push the run past it), so one failure does not hide the others:
 
 1. ``pytest -m gpu`` (tests/e2e/test_gpu.py: bf16 / fp16 training, the measured peak of every method within 15% of
@@ -14,7 +14,10 @@ slow stage cannot push the run past it), so one failure does not hide the others
 3. the methods sweep (full, frozen, LoRA) for one epoch on the offline default with ``model.base_dtype=bf16``
    (the real MiniLM and corpus from ``.gpu_assets/`` when present, see ``../shared/gpu/offline_assets.sh``):
    measured (allocated and reserved) and predicted peak per method, LoRA / full with a bf16 base;
-4. ``lora-exp bench --latency`` (MiniLM): batch 1 and 32, base / LoRA unmerged / LoRA merged.
+4. QLoRA: LoRA r=8 on q,v on a bf16, an nf4 (double quant) and an int8 base (``+sweep=qlora``, one seed, one lr,
+   ``--qlora-steps`` updates on the offline default): the measured and predicted peak per base, measured / predicted
+   (the same 15% bound as the methods), and each base's peak over the bf16 one (where QLoRA saves memory);
+5. ``lora-exp bench --latency`` (MiniLM): batch 1 and 32, base / LoRA unmerged / LoRA merged.
 
 Writes ONE JSON summary (``--out``), with the issue's targets evaluated (a benchmark, not a test: they are
 reported, never raised). Intermediate files go to a temporary folder, not next to the summary.
@@ -75,6 +78,8 @@ SWEEP_KEYS = (
     "steady_samples_per_s",
     "gpu_name",
 )
+QLORA_BASES = ("bf16", "nf4", "int8")
+QLORA_KEYS = (*SWEEP_KEYS, "mem_quant_state_bytes", "mem_dequant_buffer_bytes", "weights_bytes")
 
 
 def write_imdb_like(path: Path, n: int, seed: int = 0, median_tokens: int = 230) -> dict[str, float]:
@@ -192,6 +197,31 @@ def stage_sweep(tmp: Path, epochs: int, timeout: int) -> dict[str, Any]:
     return out
 
 
+def qlora_command(sweep_dir: Path, steps: int, extra: list[str]) -> list[str]:
+    """The QLoRA stage's multirun: ``+sweep=qlora`` at one seed and LoRA's middle lr over the bf16 / nf4 / int8
+    bases, ``steps`` updates in bf16, nothing saved; ``extra`` overrides last (assets, or a CPU check's tiny model)."""
+    return [
+        sys.executable, "-m", "lora_exp", "-m", "+sweep=qlora", "lr_index=1", "trainer.seed=1",
+        f"model.base_dtype={','.join(QLORA_BASES)}", "trainer.precision=bf16", "trainer.epochs=1",
+        f"trainer.max_steps={steps}", "data.eval_limit=512", "logger=none", "save_weights=false",
+        f"hydra.sweep.dir={sweep_dir}", *extra,
+    ]  # fmt: skip
+
+
+def stage_qlora(tmp: Path, steps: int, timeout: int, extra: list[str] | None = None) -> dict[str, Any]:
+    """QLoRA's peak: LoRA on a bf16, nf4 and int8 base (``qlora_command``); one row per base dtype."""
+    sweep_dir = tmp / "qlora"
+    extra = [f"data.cache_dir={tmp / 'hf'}", *_assets()] if extra is None else extra
+    out = _run(qlora_command(sweep_dir, steps, extra), tmp / "qlora.log", timeout=timeout)
+    rows = []
+    for path in sorted(sweep_dir.glob("*/results.json")):
+        res = json.loads(path.read_text())
+        rows.append({k: res.get(k) for k in QLORA_KEYS})
+    out["rows"] = rows
+    out["status"] = "ok" if out["returncode"] == 0 and len(rows) == len(QLORA_BASES) else "failed"
+    return out
+
+
 def stage_latency(tmp: Path, timeout: int) -> dict[str, Any]:
     """``lora-exp bench --latency`` on MiniLM: batch 1 and 32, base / LoRA unmerged / LoRA merged."""
     result = tmp / "latency.json"
@@ -238,12 +268,29 @@ def _memory_targets(sweep: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def qlora_targets(qlora: dict[str, Any]) -> dict[str, Any]:
+    """Per base dtype: the measured peak (allocated; predicted where not measured) over the bf16 base's, and
+    measured / predicted."""
+    by_base = {r["base_dtype"]: r for r in qlora.get("rows", []) if r.get("status") == "ok"}
+
+    def peak(r: dict[str, Any]) -> float | None:
+        return r.get("peak_vram_bytes") or r.get("mem_predicted_peak_bytes")
+
+    ref = peak(by_base.get("bf16", {}))
+    return {
+        "qlora_peak_over_bf16_base": {b: _ratio(peak(r), ref) for b, r in by_base.items()},
+        "qlora_measured_over_predicted": {b: r.get("mem_measured_over_predicted") for b, r in by_base.items()},
+    }
+
+
 def targets(summary: dict[str, Any]) -> dict[str, Any]:
     """The issue's GPU targets, evaluated where the stages produced the numbers (None where they did not)."""
     out = {**_bench_targets(summary["bench"]), **_memory_targets(summary["sweep"])}
+    out.update(qlora_targets(summary.get("qlora", {})))
     latency = summary.get("latency", {}).get("merged_over_base") or {}
     out["merged_over_base_latency"] = latency
     ratios = list(out["measured_over_predicted"].values())
+    qlora = list(out["qlora_measured_over_predicted"].values())
     speedup, mfu, peak = out["lora_speedup_vs_hf_peft"], out["lora_mfu"], out["lora_over_full_measured_peak"]
     checks = {
         "speedup_at_least_3x": None if speedup is None else speedup >= 3,
@@ -254,12 +301,15 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
         "measured_over_predicted_within_15pct": None
         if not ratios or None in ratios
         else all(0.85 <= r <= 1.15 for r in ratios),
+        "qlora_measured_over_predicted_within_15pct": None
+        if not qlora or None in qlora
+        else all(0.85 <= r <= 1.15 for r in qlora),
         "merged_adds_no_latency": None if not latency else all(r <= 1.05 for r in latency.values()),
     }
     return {**out, "met": checks}
 
 
-STAGE_CAPS = {"tests": 150, "bench": 270, "sweep": 180, "latency": 90}  # seconds; the budget may cut them
+STAGE_CAPS = {"tests": 150, "bench": 270, "sweep": 180, "qlora": 120, "latency": 90}  # seconds; the budget may cut them
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--qlora-steps", type=int, default=60, help="updates per base dtype in the QLoRA stage")
     parser.add_argument("--budget", type=int, default=470, help="seconds for all stages together (default 470)")
-    parser.add_argument("--skip", default="", help="stages to leave out, comma-separated: tests,bench,sweep,latency")
+    parser.add_argument(
+        "--skip", default="", help="stages to leave out, comma-separated: tests,bench,sweep,qlora,latency"
+    )
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise LoraExpError("gpu_acceptance: no CUDA device is visible (torch.cuda.is_available() is False)")
@@ -291,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "tests": lambda t: stage_tests(tmp, t),
             "bench": lambda t: stage_bench(tmp, ns.bench_methods, ns.warmup, ns.steps, ns.reps, t),
             "sweep": lambda t: stage_sweep(tmp, ns.epochs, t),
+            "qlora": lambda t: stage_qlora(tmp, ns.qlora_steps, t),
             "latency": lambda t: stage_latency(tmp, t),
         }
         ns.out.parent.mkdir(parents=True, exist_ok=True)

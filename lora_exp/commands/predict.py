@@ -1,5 +1,6 @@
-"""``lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=F | audio=CLIP|FOLDER [--force]``: merged
-inference, one line per input: label (``score`` for a regression run), probability (the score), input."""
+"""``lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=F | audio=CLIP|FOLDER [--force]
+[--unmerged]``: merged inference (``--unmerged``: LoRA beside the base, e.g. a quantised base kept quantised), one
+line per input: label (``score`` for a regression run), probability (the score), input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from lora_exp.errors import LoraExpError
 KEYS = ("adapter", "run", "text", "text_pair", "file", "audio")
 USAGE = (
     'predict: usage: lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=TEXTS.txt|TABLE.csv '
-    "| audio=CLIP.wav|FOLDER [--force]"
+    "| audio=CLIP.wav|FOLDER [--force] [--unmerged]"
 )
 
 
@@ -37,13 +38,15 @@ def table_texts(path: Path, text_column: str, pair_column: str | None) -> tuple[
 
 def main(*args: str) -> int:
     """lora-exp predict adapter=RUN_DIR text="..." [text_pair="..."] | file=TEXTS.txt|TABLE | audio=CLIP.wav|.npy|FOLDER
-    [--force]  (key=value arguments; a .txt file: one text per line; a table (csv, tsv, json, parquet, ...): the
-    run's text column(s); a folder of .wav clips: every clip; --force: load the adapter although the base's weights
-    differ from those it was trained on)."""
+    [--force] [--unmerged]  (key=value arguments; a .txt file: one text per line; a table (csv, tsv, json, parquet,
+    ...): the run's text column(s); a folder of .wav clips: every clip; --force: load the adapter although the
+    base's weights differ from those it was trained on; --unmerged: keep LoRA beside the base: a quantised base
+    stays quantised instead of merged into an fp32 copy)."""
     from lora_exp.inference import predict, run_config
 
     force = "--force" in args  # an adapter onto a base of the same shapes but other weights
-    args = tuple(a for a in args if a != "--force")
+    unmerged = "--unmerged" in args
+    args = tuple(a for a in args if a not in ("--force", "--unmerged"))
     kv = dict(a.split("=", 1) for a in args if "=" in a)
     bad = [a for a in args if "=" not in a] + [k for k in kv if k not in KEYS]
     if bad or not (kv.get("adapter") or kv.get("run")) or not (kv.get("text") or kv.get("file") or kv.get("audio")):
@@ -74,6 +77,6 @@ def main(*args: str) -> int:
             texts += more
             pairs = (pairs or []) + more_pairs if more_pairs is not None else pairs
     shown = texts if pairs is None else [f"{a}\t{b}" for a, b in zip(texts, pairs)]
-    for (label, value), text in zip(predict(run_dir, texts, force=force, pairs=pairs), shown):
+    for (label, value), text in zip(predict(run_dir, texts, force=force, pairs=pairs, merge=not unmerged), shown):
         print(f"{label}\t{value:.4f}\t{text}")
     return 0

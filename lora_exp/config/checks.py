@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from lora_exp.config.schema import (
 )
 from lora_exp.data import glue, gw
 from lora_exp.data.labels import PROBLEM_TYPES, REGRESSION
+from lora_exp.device import QUANT_DTYPES
 from lora_exp.errors import LoraExpError
+from lora_exp.quantize import EXTRA
 
 
 def _one_of(errors: list[str], option: str, value: Any, allowed: tuple) -> None:
@@ -144,6 +147,27 @@ def _model_checks(e: list[str], cfg: DictConfig) -> None:
     if m.source == "local" and m.path and not Path(m.path).is_dir():
         e.append(f"model.path={m.path!r} is not a folder")
     _one_of(e, "model.base_dtype", m.base_dtype, BASE_DTYPES)
+    _quant_checks(e, cfg)
+
+
+def _quant_checks(e: list[str], cfg: DictConfig) -> None:
+    """A quantised base (model.base_dtype=nf4|fp4|int8): frozen weights only, W0 never rewritten after
+    quantisation, bitsandbytes installed (one line naming the extra)."""
+    kind = cfg.model.base_dtype
+    if kind not in QUANT_DTYPES:
+        return
+    if cfg.method.name == "full":
+        e.append(
+            f"model.base_dtype={kind} quantises the frozen base, but method=full trains every weight; use "
+            "method=lora (QLoRA), frozen or bitfit, or model.base_dtype=fp32|bf16"
+        )
+    if cfg.method.name == "lora" and cfg.lora.init == "lora_ga":
+        e.append(
+            f"lora.init=lora_ga needs W0's full gradient and rewrites W0, which a quantised base "
+            f"(model.base_dtype={kind}) has neither of; use another lora.init or model.base_dtype=fp32|bf16"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        e.append(f"model.base_dtype={kind} needs bitsandbytes, which is not installed: pip install 'lora-exp[{EXTRA}]'")
 
 
 def _method_checks(e: list[str], cfg: DictConfig) -> None:

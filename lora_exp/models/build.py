@@ -12,7 +12,8 @@ from transformers import logging as hf_logging
 from lora_exp.errors import LoraExpError
 from lora_exp.models import audio, text
 from lora_exp.models.heads import init_head
-from lora_exp.models.methods import apply_method, base_fingerprint, store_frozen_in
+from lora_exp.models.methods import apply_method, base_fingerprint, quantize_base, store_frozen_in
+from lora_exp.quantize import is_quant
 
 if TYPE_CHECKING:
     from lora_exp.config.schema import LoraConfig, ModelConfig
@@ -40,6 +41,7 @@ def build_model(
     id2label: dict[int, str] | None = None,
     problem_type: str | None = None,
     clip_seconds: float | None = None,
+    precision: str = "fp32",
 ) -> tuple[Any, torch.nn.Module, list, list]:
     """Tokenizer, model with the method applied, head and LoRA module paths; deterministic per ``seed``
     (``trainer.seed``). ``model_cfg`` is ``model``, ``method`` is ``method.name``, ``lora_cfg`` is ``lora`` (read
@@ -50,7 +52,9 @@ def build_model(
 
     The head is re-initialised from its own sub-seed so every method of one seed starts from the same
     head (a paired comparison); LoRA A from another, so adding LoRA does not shift the head's init.
-    Frozen parameters are then stored in ``model.base_dtype``; trainable ones stay fp32 (master weights).
+    Frozen parameters are then stored in ``model.base_dtype``; trainable ones stay fp32 (master weights). A
+    quantised base (nf4 / fp4 / int8) has its block Linears quantised instead (``quantize_base``), computing in
+    ``precision`` (the run's, resolved).
     ``model.base_fingerprint`` is the sha256 of the pristine fp32 base (``base_fingerprint``), taken first.
     """
     seeds = sub_seeds(seed)
@@ -69,5 +73,8 @@ def build_model(
     init_head(model, head)
     torch.manual_seed(seeds["lora"])
     adapted = apply_method(model, method, head, lora_cfg)
-    store_frozen_in(model, model_cfg.base_dtype)
+    if is_quant(model_cfg.base_dtype):
+        quantize_base(model, model_cfg.base_dtype, head, precision, model_cfg.double_quant)
+    else:
+        store_frozen_in(model, model_cfg.base_dtype)
     return tokenizer, model, head, adapted

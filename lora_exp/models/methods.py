@@ -12,10 +12,11 @@ from torch import nn
 from lora_exp.adapters import params as adapter_params
 from lora_exp.adapters import targets as injection
 from lora_exp.adapters.dora import DoRALinear
-from lora_exp.adapters.targets import is_under
-from lora_exp.device import DTYPES
+from lora_exp.adapters.targets import is_under, layer_index
+from lora_exp.device import DTYPES, QUANT_DTYPES
 from lora_exp.errors import LoraExpError
 from lora_exp.models.heads import head_parameters
+from lora_exp.quantize import logical_numel, quantize_linear
 
 if TYPE_CHECKING:
     from lora_exp.config.schema import LoraConfig
@@ -77,7 +78,7 @@ def count_parameters(model: nn.Module, head: list[str]) -> dict[str, int | float
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
-        counts["total"] += p.numel()
+        counts["total"] += logical_numel(p)  # a packed 4-bit weight counts the weights it stands for
         if not p.requires_grad:
             continue
         counts["trainable"] += p.numel()
@@ -99,7 +100,7 @@ def store_frozen_in(model: nn.Module, base_dtype: str) -> int:
     unchanged at step 0 (from the fp32 W0 they would not match the norm forward computes). Returns how many
     parameter tensors were converted.
     """
-    dtype = DTYPES[base_dtype]
+    dtype = DTYPES.get(base_dtype, torch.float32)  # nf4 / fp4 / int8: the rest stays fp32 (quantize_base)
     if dtype == torch.float32:
         return 0
     n = 0
@@ -111,6 +112,43 @@ def store_frozen_in(model: nn.Module, base_dtype: str) -> int:
         if isinstance(module, DoRALinear) and n:
             module.reset_magnitude()
     return n
+
+
+def block_linears(model: nn.Module, head: list[str]) -> list[str]:
+    """Paths of the ``nn.Linear`` layers inside the blocks (a block index in the path: every layer LoRA can
+    target), outside ``head``; inside a LoRA layer, its ``base_layer``."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and layer_index(n) is not None and not is_under(n, head) and ".lora_" not in n
+    ]
+
+
+def quantize_base(model: nn.Module, kind: str, head: list[str], compute_dtype: str, double_quant: bool) -> list[str]:
+    """``model.base_dtype=nf4|fp4|int8``: every block Linear (``block_linears``) replaced by its bitsandbytes
+    layer (``lora_exp.quantize``) in place, computing in ``compute_dtype`` (the run's precision); returns their
+    paths. Embeddings, norms, the pooler and the head stay fp32 (PEFT's ``prepare_model_for_kbit_training``).
+
+    Called after LoRA injection: a LoRA layer's ``base_layer`` is quantised, its adapter (initialised on the
+    full-precision W0, as PiSSA / OLoRA need) stays fp32, and DoRA's magnitudes are taken again from the
+    dequantised W0, so the adapted model equals the quantised base at step 0.
+    """
+    if kind not in QUANT_DTYPES:
+        raise LoraExpError(f"model.base_dtype={kind!r} is not one of {', '.join(QUANT_DTYPES)}")
+    names = block_linears(model, head)
+    if not names:
+        raise LoraExpError(
+            f"model.base_dtype={kind}: this {type(model).__name__} has no nn.Linear inside numbered blocks to "
+            "quantise; use fp32 or bf16"
+        )
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, quantize_linear(getattr(parent, child), kind, DTYPES[compute_dtype], double_quant))
+    for module in model.modules():
+        if isinstance(module, DoRALinear):
+            module.reset_magnitude()
+    return names
 
 
 def model_facts(model: Any) -> dict[str, Any]:
@@ -127,7 +165,7 @@ def model_facts(model: Any) -> dict[str, Any]:
     for name, p in model.named_parameters():
         if ".lora_" not in name and p.data_ptr() not in seen:
             seen.add(p.data_ptr())
-            n += p.numel()
+            n += logical_numel(p)
     return {
         "model_type": getattr(c, "model_type", None),
         "hidden_size": first("hidden_size", "dim", "d_model", "n_embd"),

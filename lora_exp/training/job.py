@@ -135,7 +135,7 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
     baseline = reset_memory(device)  # clean state before anything of this job is allocated
     baseline_reserved = reserved(device)
     splits, labels, dropped = load_data(cfg)
-    tokenizer, model, head, adapted = build_model_for(cfg, labels)
+    tokenizer, model, head, adapted = build_model_for(cfg, labels, precision)
     counts = count_parameters(model, head)
     place_model(model, device, t.gradient_checkpointing)
     generator = torch.Generator().manual_seed(seeds["data"])
@@ -214,9 +214,12 @@ def configured_labels(cfg: Config) -> task_labels.Labels:
     return task_labels.Labels(task_labels.CLASSIFICATION, cfg.data.num_labels or 2)
 
 
-def build_model_for(cfg: Config, labels: task_labels.Labels | None = None) -> tuple[Any, torch.nn.Module, list, list]:
+def build_model_for(
+    cfg: Config, labels: task_labels.Labels | None = None, precision: str = "fp32"
+) -> tuple[Any, torch.nn.Module, list, list]:
     """``models.build.build_model`` with this config's slices: tokenizer, model with the method applied, head and
-    LoRA module paths. ``labels``: the task's (``load_data``; default ``configured_labels``)."""
+    LoRA module paths. ``labels``: the task's (``load_data``; default ``configured_labels``); ``precision``
+    (resolved) is a quantised base's compute dtype."""
     labels = labels or configured_labels(cfg)
     return build_model(
         cfg.model,
@@ -228,6 +231,7 @@ def build_model_for(cfg: Config, labels: task_labels.Labels | None = None) -> tu
         id2label=labels.id2label,
         problem_type=labels.problem_type,
         clip_seconds=cfg.data.max_seconds if cfg.data.source != "gw" else None,
+        precision=precision,
     )
 
 

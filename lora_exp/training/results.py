@@ -171,6 +171,9 @@ MEMORY_KEYS = (
     "mem_measured_over_predicted",
     "mem_sampled_update",
     "mem_sampled_tokens",
+    "mem_step_predicted_growth_bytes",
+    "mem_step_rss_growth_bytes",
+    "mem_rss_growth_over_predicted",
 )
 
 

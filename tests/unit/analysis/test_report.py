@@ -379,3 +379,47 @@ def test_regression_runs_report_in_pearson(tmp_path: Path) -> None:
     assert "test Pearson − full fine-tuning" in fair.markdown(table, paired)
     written = report.write_report(tmp_path, tmp_path / "out")
     assert {"accuracy_vs_params.png", "pareto.png", "fair.md"} <= set(written)
+
+
+def test_quantised_bases_get_their_rows_and_their_peak_against_lora_on_a_16_bit_base(tmp_path: Path) -> None:
+    peaks = {"bf16": 400, "nf4": 300, "int8": 500, "fp32": 800}  # MiB, predicted (CPU runs)
+    for base, peak in peaks.items():
+        for seed in (1, 2):
+            write_result(
+                tmp_path,
+                f"{base}s{seed}",
+                seed=seed,
+                base_dtype=base,
+                group_hash=f"g-{base}",
+                model="minilm",
+                data="rt",
+                precision="bf16",
+                variant="lora",
+                r=8,
+                alpha=16,
+                mem_predicted_peak_bytes=peak * 2**20,
+            )
+    write_result(
+        tmp_path,
+        "frozen",
+        method="frozen",
+        base_dtype="nf4",
+        group_hash="g-frozen",
+        model="minilm",
+        data="rt",
+        precision="bf16",
+        mem_predicted_peak_bytes=100 * 2**20,
+    )
+    summary = report.summarize(report.load_runs(tmp_path))
+    assert len(summary) == 5  # each base dtype its own row
+    ratio = dict(zip(summary["base_dtype"] + summary["method"], figures.peak_vs_lora(summary)))
+    # against the 16-bit base, not fp32: QLoRA saves a quarter here, int8 costs more
+    assert ratio == pytest.approx(
+        {"bf16lora": 1.0, "nf4lora": 0.75, "int8lora": 1.25, "fp32lora": 2.0, "nf4frozen": 0.25}
+    )
+    md = report.to_markdown(summary, report.load_runs(tmp_path))
+    assert "peak / LoRA 16/32-bit base" in md and "0.75x" in md and "1.25x" in md
+    assert (tmp_path / "out").mkdir() is None and figures.plot_pareto(summary, tmp_path / "out" / "p.png").is_file()
+    no_ref = summary[summary["base_dtype"] != "bf16"].reset_index(drop=True)  # fp32 becomes the reference
+    got = dict(zip(no_ref["base_dtype"] + no_ref["method"], figures.peak_vs_lora(no_ref)))
+    assert got == pytest.approx({"nf4lora": 0.375, "int8lora": 0.625, "fp32lora": 1.0, "nf4frozen": 0.125})

@@ -112,6 +112,36 @@ def test_gpu_acceptance_summary_targets_from_the_stages() -> None:
         "mfu_at_least_30pct": False,
         "lora_peak_at_most_half_of_full": True,
         "measured_over_predicted_within_15pct": False,  # full at 1.2
+        "qlora_measured_over_predicted_within_15pct": None,  # the QLoRA stage did not run
         "merged_adds_no_latency": False,  # batch 32 at 1.2
     }
     assert targets({"bench": {}, "sweep": {}})["met"]["lora_peak_at_most_half_of_full"] is None  # nothing ran
+
+
+def test_gpu_acceptance_qlora_stage_targets_and_jobs() -> None:
+    from lora_exp.bench.gpu_acceptance import QLORA_BASES, qlora_command, targets
+    from lora_exp.config.checks import validate
+    from tests.helpers.configs import make_cfg
+
+    rows = [
+        {"status": "ok", "base_dtype": b, "peak_vram_bytes": p, "mem_measured_over_predicted": r}
+        for b, p, r in (("bf16", 400, 1.05), ("nf4", 300, 1.1), ("int8", 500, 0.9))
+    ]
+    got = targets({"bench": {}, "sweep": {}, "qlora": {"rows": rows}})
+    assert got["qlora_peak_over_bf16_base"] == {"bf16": 1.0, "nf4": 0.75, "int8": 1.25}
+    assert got["met"]["qlora_measured_over_predicted_within_15pct"] is True
+    rows[1]["mem_measured_over_predicted"] = 1.3
+    assert (
+        targets({"bench": {}, "sweep": {}, "qlora": {"rows": rows}})["met"][
+            "qlora_measured_over_predicted_within_15pct"
+        ]
+        is False
+    )
+    cmd = qlora_command(Path("/tmp/q"), 60, ["data.cache_dir=/tmp/hf"])
+    overrides = cmd[cmd.index("+sweep=qlora") :]
+    assert f"model.base_dtype={','.join(QLORA_BASES)}" in overrides
+    for base in QLORA_BASES:  # each job of the stage composes and validates
+        job = [o for o in overrides if not o.startswith(("model.base_dtype=", "hydra."))] + [f"model.base_dtype={base}"]
+        cfg = make_cfg(job)
+        validate(cfg)
+        assert (cfg.method.name, cfg.trainer.max_steps, cfg.trainer.precision) == ("lora", 60, "bf16")

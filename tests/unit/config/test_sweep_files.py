@@ -22,7 +22,8 @@ def test_sweep_files_document_their_command() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "jobs"), [("methods", 3), ("quick", 3), ("rank_alpha", 42), ("targets", 6), ("seeds", 9)]
+    ("name", "jobs"),
+    [("methods", 3), ("quick", 3), ("rank_alpha", 42), ("targets", 6), ("seeds", 9), ("qlora", 27)],
 )
 def test_sweep_grids_compose_and_validate(name: str, jobs: int) -> None:
     from hydra import compose, initialize_config_dir
@@ -39,6 +40,14 @@ def test_sweep_grids_compose_and_validate(name: str, jobs: int) -> None:
             alpha = dict(o.split("=", 1) for o in overrides)["lora.alpha"]
             r = cfg.lora.r
             assert cfg.lora.alpha == {"'${lora.r}'": r, "'${mul:${lora.r},2}'": 2 * r}.get(alpha, 16)
+
+
+def test_qlora_grid_is_each_base_dtype_at_loras_lrs() -> None:
+    grid = list(make_cfg(["method=lora"]).method.lr_grid)
+    for base in ("fp32", "nf4", "int8"):
+        got = [make_cfg(["+sweep=qlora", f"model.base_dtype={base}", f"lr_index={i}"]) for i in range(3)]
+        assert [c.optimizer.lr for c in got] == grid and {c.model.base_dtype for c in got} == {base}
+        assert {c.method.name for c in got} == {"lora"}
 
 
 def test_fair_grid_uses_each_methods_own_lrs() -> None:

@@ -259,7 +259,13 @@ def test_sampled_step_gives_every_key_and_the_watched_backward() -> None:
         "mem_measured_peak_bytes",
         "mem_static_bytes",
         "mem_measured_over_predicted",
+        "mem_quant_state_bytes",  # 0 and 0 here: no quantised base
+        "mem_dequant_buffer_bytes",
+        "mem_step_predicted_growth_bytes",  # the CPU's RSS window (Linux)
+        "mem_step_rss_growth_bytes",
+        "mem_rss_growth_over_predicted",
     }
+    assert got["mem_quant_state_bytes"] == got["mem_dequant_buffer_bytes"] == 0
     assert got["mem_activations_bytes"] == step(tiny_bert("full"), 8).activations_bytes
     assert got["mem_grads_bytes"] <= got["mem_backward_live_bytes"] <= 1.05 * got["mem_activations_bytes"]
     p, o = got["mem_params_bytes"], got["mem_optimizer_bytes"]
