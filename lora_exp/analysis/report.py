@@ -357,8 +357,9 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     monitored (``trainer.monitor``: accuracy, F1, AUC, or the loss, lower being better) over seeds; the test
     value of that metric at that lr (``fair.headline``: AUC under val/auc, accuracy under the loss; mean, 95% CI),
     ``lr_edge`` when that lr is the highest / lowest tried; and the paired differences of the same test metric
-    (same seeds) to the reference arms: full fine-tuning, and plain LoRA (``variant`` lora) of the same rank,
-    alpha, targets and dropout when the dir holds it. A run pairs at most once with each reference
+    (same seeds) to the reference arms: full fine-tuning, plain LoRA (``variant`` lora) of the same rank,
+    alpha, targets and dropout when the dir holds it, and for LoRA on a quantised base (nf4 / fp4 / int8) that
+    LoRA on an unquantised base. A run pairs at most once with each reference
     arm; two reference arms of one method (e.g. two full fine-tunings that differ in weight decay) give one row
     each, named after the reference arm."""
     ok = _filled(df[df["status"] == "ok"], PAIR_KEYS)
@@ -382,6 +383,10 @@ def fair_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     plain = chosen["variant"].eq("lora") & lora
     if plain.any():  # LoRA of the same shape: what each variant claims to beat
         references.append(("LoRA", plain, lora & ~plain, LORA_REFERENCE_KEYS))
+    quant = chosen["base_dtype"].isin(figures.QUANT_BASES)
+    if (plain & ~quant).any() and (lora & quant).any():  # QLoRA: against LoRA of the same shape on an unquantised base
+        keys = [k for k in LORA_REFERENCE_KEYS if k != "base_dtype"]
+        references.append(("LoRA on a 16/32-bit base", plain & ~quant, lora & quant, keys))
     rows = []
     for ref_name, is_ref, compared, keys in references:
         ref_arms = list(chosen[is_ref].groupby("_arm", sort=False))

@@ -423,3 +423,17 @@ def test_quantised_bases_get_their_rows_and_their_peak_against_lora_on_a_16_bit_
     no_ref = summary[summary["base_dtype"] != "bf16"].reset_index(drop=True)  # fp32 becomes the reference
     got = dict(zip(no_ref["base_dtype"] + no_ref["method"], figures.peak_vs_lora(no_ref)))
     assert got == pytest.approx({"nf4lora": 0.375, "int8lora": 0.625, "fp32lora": 1.0, "nf4frozen": 0.125})
+
+
+def test_fair_protocol_pairs_qlora_with_lora_on_an_unquantised_base(tmp_path: Path) -> None:
+    for base, shift in (("fp32", 0.0), ("nf4", -0.02)):
+        for lr, val in ((2e-3, 0.80), (4e-3, 0.82)):
+            for seed in (1, 2, 3):
+                write_result(
+                    tmp_path, f"{base}{lr}s{seed}", base_dtype=base, lr=lr, seed=seed, best_val_acc=val,
+                    test_acc=0.8 + seed / 100 + shift, group_hash=f"g{base}{lr}", arm_hash=f"a{base}",
+                    model="minilm", data="rt", variant="lora", r=8, alpha=16,
+                )  # fmt: skip
+    _, paired = report.fair_comparison(report.load_runs(tmp_path))
+    row = paired[paired["reference"] == "LoRA on a 16/32-bit base"].iloc[0]
+    assert row["pairs"] == 3 and row["diff"] == pytest.approx(-0.02) and "nf4" in row["config"]
