@@ -175,9 +175,7 @@ def run_pack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
                     continue
                 todo.append(i)
                 resumes.append(checkpoint.exists(run_dir))
-            if len(todo) == 1:
-                out[todo[0]] = cli._train_or_record(cfgs[todo[0]], run_dirs[todo[0]], True)
-            elif todo:
+            if todo:
                 _train_recorded(cfgs, run_dirs, todo, resumes, out, train_pack)
         finally:
             for lock in held:
@@ -191,9 +189,18 @@ def _train_recorded(
     """Train the pack; a job's failure recorded as ``cli`` records a solo job's; a pack that cannot start runs its
     jobs one by one instead."""
     from lora_exp import cli
+    from lora_exp.training.pack import PackTooLarge
 
+    if len(todo) == 1:
+        out[todo[0]] = cli._train_or_record(cfgs[todo[0]], run_dirs[todo[0]], True)
+        return
     try:
         results = train([cfgs[i] for i in todo], [run_dirs[i] for i in todo], resumes)
+    except PackTooLarge as err:  # split before training: packs of the size that fits
+        print(f"[lora-exp] pack of {len(todo)}: {err}; split into packs of {err.fits}", file=sys.stderr, flush=True)
+        for a in range(0, len(todo), err.fits):
+            _train_recorded(cfgs, run_dirs, todo[a : a + err.fits], resumes[a : a + err.fits], out, train)
+        return
     except Exception as err:  # the pack itself (not one job) failed: each job runs (or resumes) on its own
         print(
             f"[lora-exp] pack of {len(todo)} could not run ({cli.one_line(err)}); running its jobs one by one",

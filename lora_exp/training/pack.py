@@ -29,7 +29,7 @@ from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.identity import recorded
 from lora_exp.config.schema import typed_config
 from lora_exp.errors import TrainingFailure
-from lora_exp.measure import tracking
+from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import RssPeak
 from lora_exp.training import checkpoint, interrupt, metrics, pruning
 from lora_exp.training.job import Job, setup
@@ -130,6 +130,55 @@ class PackRun:
                 yield
         except (TrainingFailure, FloatingPointError, RuntimeError, ValueError) as err:
             self.fail(k, err)
+
+
+class PackTooLarge(Exception):
+    """The pack's predicted peak exceeds the budget: at most ``fits`` of its jobs fit together."""
+
+    def __init__(self, fits: int, predicted: int, budget: int):
+        super().__init__(f"predicted peak {predicted / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB")
+        self.fits, self.predicted, self.budget = fits, predicted, budget
+
+
+def activation_bytes(job: Job) -> int:
+    """Bytes saved for backward by one micro-batch of ``batch_size`` x ``data.max_length`` tokens (the longest a
+    batch can be) through the job's model in train mode; measured with ``memory.SavedTensorMeter`` on one forward,
+    the RNG put back (the run's dropout stream is untouched)."""
+    t, length = job.cfg.trainer, job.cfg.data.max_length
+    ids = torch.zeros((t.batch_size, length), dtype=torch.long, device=job.device)
+    devices = [job.device] if job.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), memory.SavedTensorMeter(job.model) as meter, job.amp():
+        job.model.train()
+        out = job.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    del out
+    return meter.activations_bytes + meter.autocast_copies_bytes
+
+
+def predict(jobs: Sequence[Job], activations: int) -> tuple[int, list[int]]:
+    """The pack's predicted peak (one base, K adapters with their gradients and optimizer state, K micro-batches'
+    activations: ``memory.predicted_peak_bytes``) and each job's solo prediction on the same terms."""
+    first = jobs[0].model
+    base = sum(p.numel() * p.element_size() for p in first.parameters() if not p.requires_grad)
+    parts = [memory.static_bytes(j.model, j.optimizer) for j in jobs]
+    accum = jobs[0].cfg.trainer.grad_accum
+    solo = [
+        memory.predicted_peak_bytes(
+            s["mem_params_bytes"], s["mem_grads_bytes"], s["mem_optimizer_bytes"], activations, 0, accum
+        )
+        for s in parts
+    ]
+    own = sum(s["mem_params_bytes"] - base for s in parts)
+    grads, optim = sum(s["mem_grads_bytes"] for s in parts), sum(s["mem_optimizer_bytes"] for s in parts)
+    pack = memory.predicted_peak_bytes(base + own, grads, optim, len(jobs) * activations, 0, accum)
+    return pack, solo
+
+
+def budget_bytes(cfg: Any, device: torch.device) -> int | None:
+    """``trainer.max_memory_gib`` and, on CUDA, the device's free memory: the smaller; None when unbounded."""
+    limits = [] if cfg.trainer.max_memory_gib is None else [int(cfg.trainer.max_memory_gib * 2**30)]
+    if device.type == "cuda":
+        limits.append(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device))
+    return min(limits) if limits else None
 
 
 def row_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -291,6 +340,12 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
             rng.append(torch.get_rng_state())  # after restore_or_seed: the solo run's dropout stream
         _check_shared(jobs)
         pk.share_base([j.model for j in jobs])
+        per_batch = activation_bytes(jobs[0])
+        predicted, solo = predict(jobs, per_batch)
+        budget = budget_bytes(jobs[0].cfg, jobs[0].device)
+        if budget is not None and predicted > budget:
+            fits = max([k for k in range(1, len(jobs)) if predict(jobs[:k], per_batch)[0] <= budget] or [1])
+            raise PackTooLarge(fits, predicted, budget)
         run = PackRun(jobs)
         run.rng = dict(enumerate(rng))
         stop = stack.enter_context(interrupt.stop_flag())
@@ -318,6 +373,10 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
                 continue
             results["packed_with"] = [n for n in names if n != job.run_dir.name]
             results["pack_size"] = len(jobs)
+            results["mem_pack_predicted_peak_bytes"] = predicted  # the whole pack's, not this job's
+            results["mem_solo_predicted_peak_bytes"] = solo[k]  # this job alone, on the same terms
+            results["mem_pack_activations_per_batch_bytes"] = per_batch  # batch_size x max_length, measured
+            results["mem_pack_measured_peak_rss_bytes"] = rss.peak  # the pack's process (peak_host_rss_bytes too)
             job.run.summary.update({"pack_size": len(jobs)})
             tracking.write_json(job.run_dir / "results.json", results)
             out.append(results)

@@ -94,3 +94,23 @@ def test_an_interrupted_pack_resumes_bit_identical(tiny_cfg, tmp_path: Path, mon
         assert isinstance(r, dict) and r["resumed"], r
         assert largest_relative_difference(tmp_path / f"w{i}" / ADAPTER, dirs[i] / ADAPTER) == 0.0
         assert r["test_loss"] == whole[i]["test_loss"]
+
+
+def test_memory_model_of_a_pack(tiny_cfg, tmp_path: Path) -> None:
+    """One base, K adapters, K micro-batches: the pack's prediction is the sum of the solo ones less K-1 bases and
+    parameters; each packed job records both, clearly named."""
+    from lora_exp.training.pack import PackTooLarge
+
+    cfgs = [tiny_cfg(*job, "trainer.max_steps=1", "trainer.epochs=1") for job in JOBS]
+    out = train_pack(cfgs, [tmp_path / f"p{i}" for i in range(3)], [False] * 3)
+    pack = {r["mem_pack_predicted_peak_bytes"] for r in out}
+    assert len(pack) == 1
+    solo = [r["mem_solo_predicted_peak_bytes"] for r in out]
+    assert max(solo) < pack.pop() < sum(solo)
+    assert out[0]["mem_pack_activations_per_batch_bytes"] > 0 and out[0]["mem_pack_measured_peak_rss_bytes"] > 0
+    # a budget the pack exceeds: refused before training (no checkpoint, no results), with how many fit
+    budget = (max(solo) + 1) / 2**30
+    small = [tiny_cfg(*job, "trainer.max_steps=1", f"trainer.max_memory_gib={budget}") for job in JOBS]
+    with pytest.raises(PackTooLarge) as err:
+        train_pack(small, [tmp_path / f"s{i}" for i in range(3)], [False] * 3)
+    assert err.value.fits == 1 and not list(tmp_path.glob("s*/results.json"))
