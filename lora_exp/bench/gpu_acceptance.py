@@ -14,7 +14,9 @@ slow stage cannot push the run past it), so one failure does not hide the others
 3. the methods sweep (full, frozen, LoRA) for one epoch on the offline default with ``model.base_dtype=bf16``
    (the real MiniLM and corpus from ``.gpu_assets/`` when present, see ``../shared/gpu/offline_assets.sh``):
    measured (allocated and reserved) and predicted peak per method, LoRA / full with a bf16 base;
-4. ``lora-exp bench --latency`` (MiniLM): batch 1 and 32, base / LoRA unmerged / LoRA merged.
+4. ``lora-exp bench --latency`` (MiniLM): batch 1 and 32, base / LoRA unmerged / LoRA merged;
+5. packs of 1, 4 and 16 LoRA jobs on one base (``lora_exp.bench.pack_bench``, issue 28) on MiniLM and on the
+   DistilBERT-size random model: samples/s per job, MFU of the base's matmuls, peak memory measured / predicted.
 
 Writes ONE JSON summary (``--out``), with the issue's targets evaluated (a benchmark, not a test: they are
 reported, never raised). Intermediate files go to a temporary folder, not next to the summary.
@@ -204,6 +206,30 @@ def stage_latency(tmp: Path, timeout: int) -> dict[str, Any]:
     return out
 
 
+def stage_packs(tmp: Path, steps: int, timeout: int) -> dict[str, Any]:
+    """``lora_exp.bench.pack_bench`` packs of 1, 4, 16 on MiniLM (offline assets when present) and on the
+    DistilBERT-size random model, batch 32, max length 128; the time left split between the two models."""
+    out: dict[str, Any] = {}
+    models = {"minilm": _assets(), "distilbert_base_random": DISTILBERT_BASE}
+    start = time.perf_counter()
+    for i, (name, model) in enumerate(models.items()):
+        left = int(timeout - (time.perf_counter() - start))
+        result = tmp / f"packs_{name}.json"
+        cmd = [
+            sys.executable, "-m", "lora_exp.bench.pack_bench", "--sizes", "1,4,16", "--steps", str(steps),
+            "--out", str(result), *model, "trainer.batch_size=32", "data.max_length=128",
+            f"data.cache_dir={tmp / 'hf'}",
+        ]  # fmt: skip
+        run = _run(cmd, tmp / f"packs_{name}.log", timeout=max(left // (len(models) - i), 10))
+        rows = json.loads(result.read_text())["rows"] if result.exists() else []
+        out[name] = {**run, "rows": rows}
+    complete = all(len(v["rows"]) == 3 for v in out.values())
+    out["status"] = (
+        "ok" if complete and all(v["returncode"] == 0 for v in out.values() if isinstance(v, dict)) else "failed"
+    )
+    return out
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -259,7 +285,7 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     return {**out, "met": checks}
 
 
-STAGE_CAPS = {"tests": 150, "bench": 270, "sweep": 180, "latency": 90}  # seconds; the budget may cut them
+STAGE_CAPS = {"tests": 150, "bench": 270, "sweep": 180, "latency": 90, "packs": 240}  # seconds; the budget may cut them
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--pack-steps", type=int, default=20, help="updates per job in the packs stage (default 20)")
     parser.add_argument("--budget", type=int, default=470, help="seconds for all stages together (default 470)")
-    parser.add_argument("--skip", default="", help="stages to leave out, comma-separated: tests,bench,sweep,latency")
+    parser.add_argument(
+        "--skip", default="", help="stages to leave out, comma-separated: tests,bench,sweep,latency,packs"
+    )
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise LoraExpError("gpu_acceptance: no CUDA device is visible (torch.cuda.is_available() is False)")
@@ -292,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": lambda t: stage_bench(tmp, ns.bench_methods, ns.warmup, ns.steps, ns.reps, t),
             "sweep": lambda t: stage_sweep(tmp, ns.epochs, t),
             "latency": lambda t: stage_latency(tmp, t),
+            "packs": lambda t: stage_packs(tmp, ns.pack_steps, t),
         }
         ns.out.parent.mkdir(parents=True, exist_ok=True)
         for stage, fn in stages.items():
