@@ -3,7 +3,8 @@
 # marked `gpu`, the bench at equal precision with compile off and on (MFU against this GPU model's peak at the
 # precision used), the methods sweep for one epoch with model.base_dtype=bf16 (measured / predicted peak per
 # method, LoRA / full), QLoRA's peak (LoRA on a bf16, nf4 and int8 base: measured / predicted, each over bf16),
-# and the merged-inference latency, and writes ONE JSON summary (details:
+# the merged-inference latency and packs of 1 / 4 / 16 LoRA jobs on one base (issue 28: samples/s per job, MFU,
+# peak memory), and writes ONE JSON summary (details:
 # lora_exp/bench/gpu_acceptance.py).
 #
 # Prepare on the CPU machine, from the project root (the GPU image has torch, transformers, peft, pandas,
@@ -17,6 +18,7 @@
 # the summary is rewritten after each stage, so a run cut off keeps what finished; --skip splits it over calls.
 # Extra options go to the Python module, e.g. --skip tests or --steps 100:
 #   bash scripts/gpu_acceptance.sh "$OUT/gpu.json" --skip sweep
+# The packs stage comes last; to give it its full cap on its own:  --skip tests,bench,sweep,latency
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then

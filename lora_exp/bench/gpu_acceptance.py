@@ -1,6 +1,6 @@
 """GPU acceptance check (``bash scripts/gpu_acceptance.sh``): one command, at most 8 minutes on one H100/H200.
 
-Five stages, each recorded with its status (and each given what is left of ``--budget`` seconds, so one
+Six stages, each recorded with its status (and each given what is left of ``--budget`` seconds, so one
 slow stage cannot push the run past it), so one failure does not hide the others:
 
 1. ``pytest -m gpu`` (tests/e2e/test_gpu.py: bf16 / fp16 training, the measured peak of every method within 15% of
@@ -17,7 +17,9 @@ slow stage cannot push the run past it), so one failure does not hide the others
 4. QLoRA: LoRA r=8 on q,v on a bf16, an nf4 (double quant) and an int8 base (``+sweep=qlora``, one seed, one lr,
    ``--qlora-steps`` updates on the offline default): the measured and predicted peak per base, measured / predicted
    (the same 15% bound as the methods), and each base's peak over the bf16 one (where QLoRA saves memory);
-5. ``lora-exp bench --latency`` (MiniLM): batch 1 and 32, base / LoRA unmerged / LoRA merged.
+5. ``lora-exp bench --latency`` (MiniLM): batch 1 and 32, base / LoRA unmerged / LoRA merged;
+6. packs of 1, 4 and 16 LoRA jobs on one base (``lora_exp.bench.pack_bench``, issue 28) on MiniLM and on the
+   DistilBERT-size random model: samples/s per job, MFU of the base's matmuls, peak memory measured / predicted.
 
 Writes ONE JSON summary (``--out``), with the issue's targets evaluated (a benchmark, not a test: they are
 reported, never raised). Intermediate files go to a temporary folder, not next to the summary.
@@ -234,6 +236,30 @@ def stage_latency(tmp: Path, timeout: int) -> dict[str, Any]:
     return out
 
 
+def stage_packs(tmp: Path, steps: int, timeout: int) -> dict[str, Any]:
+    """``lora_exp.bench.pack_bench`` packs of 1, 4, 16 on MiniLM (offline assets when present) and on the
+    DistilBERT-size random model, batch 32, max length 128; the time left split between the two models."""
+    out: dict[str, Any] = {}
+    models = {"minilm": _assets(), "distilbert_base_random": DISTILBERT_BASE}
+    start = time.perf_counter()
+    for i, (name, model) in enumerate(models.items()):
+        left = int(timeout - (time.perf_counter() - start))
+        result = tmp / f"packs_{name}.json"
+        cmd = [
+            sys.executable, "-m", "lora_exp.bench.pack_bench", "--sizes", "1,4,16", "--steps", str(steps),
+            "--out", str(result), *model, "trainer.batch_size=32", "data.max_length=128",
+            f"data.cache_dir={tmp / 'hf'}",
+        ]  # fmt: skip
+        run = _run(cmd, tmp / f"packs_{name}.log", timeout=max(left // (len(models) - i), 10))
+        rows = json.loads(result.read_text())["rows"] if result.exists() else []
+        out[name] = {**run, "rows": rows}
+    complete = all(len(v["rows"]) == 3 for v in out.values())
+    out["status"] = (
+        "ok" if complete and all(v["returncode"] == 0 for v in out.values() if isinstance(v, dict)) else "failed"
+    )
+    return out
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -309,7 +335,8 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     return {**out, "met": checks}
 
 
-STAGE_CAPS = {"tests": 150, "bench": 270, "sweep": 180, "qlora": 120, "latency": 90}  # seconds; the budget may cut them
+# seconds per stage, 470 in all: every stage gets its share of the 8 minutes (the budget may cut them further)
+STAGE_CAPS = {"tests": 70, "bench": 130, "sweep": 90, "qlora": 70, "latency": 30, "packs": 80}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--qlora-steps", type=int, default=60, help="updates per base dtype in the QLoRA stage")
+    parser.add_argument("--pack-steps", type=int, default=20, help="updates per job in the packs stage (default 20)")
     parser.add_argument("--budget", type=int, default=470, help="seconds for all stages together (default 470)")
     parser.add_argument(
-        "--skip", default="", help="stages to leave out, comma-separated: tests,bench,sweep,qlora,latency"
+        "--skip", default="", help="stages to leave out, comma-separated: tests,bench,sweep,qlora,latency,packs"
     )
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -346,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": lambda t: stage_sweep(tmp, ns.epochs, t),
             "qlora": lambda t: stage_qlora(tmp, ns.qlora_steps, t),
             "latency": lambda t: stage_latency(tmp, t),
+            "packs": lambda t: stage_packs(tmp, ns.pack_steps, t),
         }
         ns.out.parent.mkdir(parents=True, exist_ok=True)
         for stage, fn in stages.items():

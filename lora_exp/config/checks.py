@@ -387,6 +387,8 @@ def _trainer_checks(e: list[str], cfg: DictConfig) -> None:
     _check(e, t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
     _check(e, t.num_threads is None or t.num_threads >= 1, f"trainer.num_threads={t.num_threads} must be >= 1")
     _check(e, t.feature_cache_max_gib > 0, f"trainer.feature_cache_max_gib={t.feature_cache_max_gib} must be > 0")
+    mm = t.get("max_memory_gib")
+    _check(e, mm is None or mm > 0, f"trainer.max_memory_gib={mm} must be > 0 (GiB) or null")
     _check(e, 0 <= t.seed < 2**32, f"trainer.seed={t.seed} must be an integer in [0, 2**32)")
     _one_of(e, "trainer.monitor", t.monitor, MONITORS)
     n, regression = cfg.data.num_labels, cfg.data.problem_type == REGRESSION

@@ -30,6 +30,7 @@ TRAINER_COSMETIC = (
     "eval_batch_size",
     "feature_cache_max_gib",
     "memory_probe",
+    "max_memory_gib",  # hydra/launcher=packed's budget: how jobs are grouped, not what one computes
 )
 
 

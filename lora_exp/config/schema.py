@@ -221,6 +221,7 @@ class TrainerConfig:
     monitor: str = "${task_monitor:${data.source},${data.problem_type},${oc.select:data.task,null}}"
     compile: bool = False  # torch.compile the model (inductor); checkpoints and adapters keep its own names
     memory_probe: bool = True  # sample the longest batch's memory (activations; on CUDA its measured peak)
+    max_memory_gib: float | None = None  # hydra/launcher=packed: a pack predicted above this is split before it starts
 
 
 @dataclass

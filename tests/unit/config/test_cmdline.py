@@ -46,7 +46,7 @@ REFUSED = [
     ),
     (
         ["hydra/launcher=jobilb"],
-        "error: hydra/launcher=jobilb: no such option; hydra/launcher is one of basic, joblib, slurm, submitit_local, "
+        "error: hydra/launcher=jobilb: no such option; hydra/launcher is one of basic, joblib, packed, slurm, submitit_local, "
         "submitit_slurm (did you mean joblib?)",
     ),
     (["sweep=quick"], "error: sweep=quick: sweep is not chosen by default; write +sweep=quick"),
