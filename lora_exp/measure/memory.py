@@ -20,6 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_exp.errors import LoraExpError
+from lora_exp.measure import timing
 from lora_exp.quantize import quant_summary
 
 
@@ -307,33 +308,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.disable_input_require_grads()
 
 
-def _proc_status_bytes(field: str) -> int | None:
-    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` in bytes (None off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _fresh_rss_window() -> int | None:
-    """Start a host-memory window on Linux: free heap pages go back to the OS (``malloc_trim``, so memory freed
-    earlier is not silently reused inside the window), the peak RSS (``VmHWM``) is reset to the current RSS
-    (``/proc/self/clear_refs`` 5); returns that RSS, or None where any of it is unavailable."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except (OSError, AttributeError):
-        return None
-    return _proc_status_bytes("VmRSS")
-
-
 class StepMemoryProbe:
     """The measured peak of one training step on CUDA (None elsewhere), split so it compares with the model.
 
@@ -368,7 +342,7 @@ class StepMemoryProbe:
     def before_forward(self) -> None:
         """Record the static floor and start a fresh peak window (on a Linux CPU: the host RSS's)."""
         if not self.cuda:
-            self.rss_floor = _fresh_rss_window()
+            self.rss_floor = timing.open_rss_window()
             return
         torch.cuda.synchronize(self.device)
         self.static = torch.cuda.memory_allocated(self.device) - self.baseline
@@ -379,7 +353,7 @@ class StepMemoryProbe:
     def after_backward(self) -> None:
         """Read the window's peak (forward and backward of the sampled step)."""
         if not self.cuda:
-            hwm = _proc_status_bytes("VmHWM") if self.rss_floor is not None else None
+            hwm = timing.proc_status_bytes("VmHWM") if self.rss_floor is not None else None
             self.rss_growth = None if hwm is None else hwm - self.rss_floor
             return
         torch.cuda.synchronize(self.device)

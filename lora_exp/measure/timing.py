@@ -112,6 +112,33 @@ class RssPeak:
         self.peak = max(self.peak, self.current())
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def open_rss_window() -> int | None:
+    """Start a host-memory window on Linux: free heap pages go back to the OS (``malloc_trim``, so memory freed
+    earlier is not silently reused inside the window), the peak RSS (``VmHWM``) is reset to the current RSS
+    (``/proc/self/clear_refs`` 5); returns that RSS, or None where any of it is unavailable."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError):
+        return None
+    return proc_status_bytes("VmRSS")
+
+
 class PhaseTimer:
     """Forward / backward / optimizer time of sampled steps.
 
