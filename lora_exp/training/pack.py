@@ -338,8 +338,8 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
         for cfg, run_dir, resume in zip(cfgs, run_dirs, resumes):
             jobs.append(setup(cfg, run_dir, resume, rss))
             rng.append(torch.get_rng_state())  # after restore_or_seed: the solo run's dropout stream
-        _check_shared(jobs)
-        pk.share_base([j.model for j in jobs])
+            _check_shared(jobs[0], jobs[-1])
+            pk.share_base([jobs[0].model, jobs[-1].model])  # one base in memory from here on
         per_batch = activation_bytes(jobs[0])
         predicted, solo = predict(jobs, per_batch)
         budget = budget_bytes(jobs[0].cfg, jobs[0].device)
@@ -388,15 +388,13 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     return out
 
 
-def _check_shared(jobs: list[Job]) -> None:
-    """The jobs really share one base: same fingerprint, same data, same batch count, same epoch."""
-    first = jobs[0]
-    for job in jobs[1:]:
-        if job.model.base_fingerprint != first.model.base_fingerprint:
-            raise ValueError(f"pack: {job.run_dir.name} has another base than {first.run_dir.name}")
-        if len(job.loaders.train) != len(first.loaders.train) or job.progress.epoch != first.progress.epoch:
-            raise ValueError(f"pack: {job.run_dir.name} is at another epoch or has other data than the pack")
-        if job.cache is not None:
-            raise ValueError(f"pack: {job.run_dir.name} uses a frozen-feature cache")
-    if not all(any(True for _ in lora_layers(j.model)) for j in jobs):
-        raise ValueError("pack: a job has no LoRA layer")
+def _check_shared(first: Job, job: Job) -> None:
+    """``job`` really shares ``first``'s base: same fingerprint, same batch count, same epoch, no feature cache."""
+    if job.model.base_fingerprint != first.model.base_fingerprint:
+        raise ValueError(f"pack: {job.run_dir.name} has another base than {first.run_dir.name}")
+    if len(job.loaders.train) != len(first.loaders.train) or job.progress.epoch != first.progress.epoch:
+        raise ValueError(f"pack: {job.run_dir.name} is at another epoch or has other data than the pack")
+    if job.cache is not None:
+        raise ValueError(f"pack: {job.run_dir.name} uses a frozen-feature cache")
+    if not any(True for _ in lora_layers(job.model)):
+        raise ValueError(f"pack: {job.run_dir.name} has no LoRA layer")
