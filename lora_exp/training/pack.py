@@ -12,6 +12,7 @@ under that job's RNG state). A job that fails (NaN, a failed check) leaves the p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -333,7 +334,7 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     """Train the jobs as one pack; per job its results dict, or the exception that failed it (recorded by the
     caller as a solo failure is). The jobs must share ``base_key`` and be ``packable``."""
     names = [d.name for d in run_dirs]
-    with RssPeak() as rss, contextlib.ExitStack() as stack:
+    with RssPeak() as rss, contextlib.ExitStack() as stack, shared_data():
         jobs, rng = [], []
         for cfg, run_dir, resume in zip(cfgs, run_dirs, resumes):
             jobs.append(setup(cfg, run_dir, resume, rss))
@@ -386,6 +387,28 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
                 shutil.rmtree(job.run_dir / checkpoint.FOLDER, ignore_errors=True)
             print_summary(results, job.run_dir)
     return out
+
+
+@contextlib.contextmanager
+def shared_data() -> Iterator[None]:
+    """While a pack is set up, jobs with the same ``data`` options get the same loaded splits (read and cleaned
+    once): ``job.load_data`` memoised on the data config (the splits are only read; each job tokenises and batches
+    them in its own order)."""
+    from lora_exp.training import job as job_module
+
+    real, memo = job_module.load_data, {}
+
+    def load(cfg: Any) -> Any:
+        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+        if key not in memo:
+            memo[key] = real(cfg)
+        return memo[key]
+
+    job_module.load_data = load
+    try:
+        yield
+    finally:
+        job_module.load_data = real
 
 
 def _check_shared(first: Job, job: Job) -> None:
