@@ -12,6 +12,7 @@ under that job's RNG state). A job that fails (NaN, a failed check) leaves the p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -333,13 +334,13 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     """Train the jobs as one pack; per job its results dict, or the exception that failed it (recorded by the
     caller as a solo failure is). The jobs must share ``base_key`` and be ``packable``."""
     names = [d.name for d in run_dirs]
-    with RssPeak() as rss, contextlib.ExitStack() as stack:
+    with RssPeak() as rss, contextlib.ExitStack() as stack, shared_data():
         jobs, rng = [], []
         for cfg, run_dir, resume in zip(cfgs, run_dirs, resumes):
             jobs.append(setup(cfg, run_dir, resume, rss))
             rng.append(torch.get_rng_state())  # after restore_or_seed: the solo run's dropout stream
-        _check_shared(jobs)
-        pk.share_base([j.model for j in jobs])
+            _check_shared(jobs[0], jobs[-1])
+            pk.share_base([jobs[0].model, jobs[-1].model])  # one base in memory from here on
         per_batch = activation_bytes(jobs[0])
         predicted, solo = predict(jobs, per_batch)
         budget = budget_bytes(jobs[0].cfg, jobs[0].device)
@@ -388,15 +389,35 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     return out
 
 
-def _check_shared(jobs: list[Job]) -> None:
-    """The jobs really share one base: same fingerprint, same data, same batch count, same epoch."""
-    first = jobs[0]
-    for job in jobs[1:]:
-        if job.model.base_fingerprint != first.model.base_fingerprint:
-            raise ValueError(f"pack: {job.run_dir.name} has another base than {first.run_dir.name}")
-        if len(job.loaders.train) != len(first.loaders.train) or job.progress.epoch != first.progress.epoch:
-            raise ValueError(f"pack: {job.run_dir.name} is at another epoch or has other data than the pack")
-        if job.cache is not None:
-            raise ValueError(f"pack: {job.run_dir.name} uses a frozen-feature cache")
-    if not all(any(True for _ in lora_layers(j.model)) for j in jobs):
-        raise ValueError("pack: a job has no LoRA layer")
+@contextlib.contextmanager
+def shared_data() -> Iterator[None]:
+    """While a pack is set up, jobs with the same ``data`` options get the same loaded splits (read and cleaned
+    once): ``job.load_data`` memoised on the data config (the splits are only read; each job tokenises and batches
+    them in its own order)."""
+    from lora_exp.training import job as job_module
+
+    real, memo = job_module.load_data, {}
+
+    def load(cfg: Any) -> Any:
+        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+        if key not in memo:
+            memo[key] = real(cfg)
+        return memo[key]
+
+    job_module.load_data = load
+    try:
+        yield
+    finally:
+        job_module.load_data = real
+
+
+def _check_shared(first: Job, job: Job) -> None:
+    """``job`` really shares ``first``'s base: same fingerprint, same batch count, same epoch, no feature cache."""
+    if job.model.base_fingerprint != first.model.base_fingerprint:
+        raise ValueError(f"pack: {job.run_dir.name} has another base than {first.run_dir.name}")
+    if len(job.loaders.train) != len(first.loaders.train) or job.progress.epoch != first.progress.epoch:
+        raise ValueError(f"pack: {job.run_dir.name} is at another epoch or has other data than the pack")
+    if job.cache is not None:
+        raise ValueError(f"pack: {job.run_dir.name} uses a frozen-feature cache")
+    if not any(True for _ in lora_layers(job.model)):
+        raise ValueError(f"pack: {job.run_dir.name} has no LoRA layer")
