@@ -46,8 +46,8 @@ REFUSED = [
     ),
     (
         ["hydra/launcher=jobilb"],
-        "error: hydra/launcher=jobilb: no such option; hydra/launcher is one of basic, joblib, packed, slurm, submitit_local, "
-        "submitit_slurm (did you mean joblib?)",
+        "error: hydra/launcher=jobilb: no such option; hydra/launcher is one of basic, joblib, packed, slurm, "
+        "submitit_local, submitit_slurm (did you mean joblib?)",
     ),
     (["sweep=quick"], "error: sweep=quick: sweep is not chosen by default; write +sweep=quick"),
     (["+model=tiny_bert"], "error: +model=tiny_bert: model is already chosen by default; write model=tiny_bert"),
