@@ -392,23 +392,24 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
 @contextlib.contextmanager
 def shared_data() -> Iterator[None]:
     """While a pack is set up, jobs with the same ``data`` options get the same loaded splits (read and cleaned
-    once): ``job.load_data`` memoised on the data config (the splits are only read; each job tokenises and batches
-    them in its own order)."""
-    from lora_exp.training import job as job_module
+    once): the data read (``text.load_splits_counted``) memoised on the data config, so each job still runs its
+    own checks on them (``job.load_data``: labels against its ``trainer.monitor``); the splits are only read, each
+    job tokenises and batches them in its own order."""
+    from lora_exp.data import text as text_data
 
-    real, memo = job_module.load_data, {}
+    real, memo = text_data.load_splits_counted, {}
 
-    def load(cfg: Any) -> Any:
-        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+    def load(data_cfg: Any) -> Any:
+        key = json.dumps(dataclasses.asdict(data_cfg), sort_keys=True, default=str)
         if key not in memo:
-            memo[key] = real(cfg)
+            memo[key] = real(data_cfg)
         return memo[key]
 
-    job_module.load_data = load
+    text_data.load_splits_counted = load
     try:
         yield
     finally:
-        job_module.load_data = real
+        text_data.load_splits_counted = real
 
 
 def _check_shared(first: Job, job: Job) -> None:
