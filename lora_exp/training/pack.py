@@ -38,7 +38,8 @@ from lora_exp.training.loop import log_train_loss, optimizer_step, save_checkpoi
 from lora_exp.training.results import finish, print_summary
 
 SOLO_INITS = ("pissa", "olora", "lora_ga")  # these rewrite W0: each job has its own base
-ADAPTER_SIDE = {"lora", "optimizer", "logger", "resume", "skip_done", "sweep_name"}
+ADAPTER_SIDE = {"lora", "optimizer", "logger", "resume", "skip_done", "sweep_name", "lr_index", "save_weights"}
+METHOD_ADAPTER_SIDE = {"lr", "lr_grid"}  # they only pick optimizer.lr (the fair sweep's lr_index into lr_grid)
 TRAINER_ADAPTER_SIDE = {"seed", "max_grad_norm", "keep_checkpoint", "memory_probe", "profile_every"}
 
 
@@ -64,11 +65,13 @@ def packable(cfg: DictConfig) -> str | None:
 
 
 def base_key(cfg: DictConfig) -> str:
-    """The base side a pack shares: everything but the adapter side (lora, optimizer, seed, clipping, logging).
+    """The base side a pack shares: everything but the adapter side (lora, optimizer and the method's lr and lr grid
+    with the fair sweep's ``lr_index``, seed, clipping, logging, whether weights are saved).
     A randomly initialised model's base is drawn from the seed: its seed is then part of the base side."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     key = {k: v for k, v in resolved.items() if k not in ADAPTER_SIDE}
+    key["method"] = {k: v for k, v in key.get("method", {}).items() if k not in METHOD_ADAPTER_SIDE}
     trainer = {k: v for k, v in key.get("trainer", {}).items() if k not in TRAINER_ADAPTER_SIDE}
     if cfg.model.get("source") == "tiny":
         trainer["seed"] = cfg.trainer.seed
