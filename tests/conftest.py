@@ -4,9 +4,11 @@ and the tiers: every test under ``tests/e2e/`` is marked ``e2e`` (left out of a 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from tests.helpers import tiny_checkpoints as tc
@@ -14,6 +16,10 @@ from tests.helpers.configs import make_cfg, tiny_run, tiny_sweep, write_reviews
 from tests.helpers.processes import cli
 
 E2E = Path(__file__).parent / "e2e"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the workers share the cores, so one thread each, in
+    os.environ["OMP_NUM_THREADS"] = "1"  # this process and in the CLI / training processes it starts
+    torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection, so that -m "not e2e" sees the mark

@@ -10,6 +10,7 @@ Needs Debian's ``slurm-wlm`` and ``munge`` and root (``missing()`` says why not,
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -22,6 +23,10 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 TOOLS = ("sbatch", "squeue", "scontrol", "scancel")
 NODE = "localhost"
+# One local cluster at a time on a machine (slurmd's node is always "localhost"): start() holds this lock until
+# stop(), so test processes running side by side (pytest -n 2) take turns instead of colliding.
+LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "lora-exp-test-slurm.lock"
+_held: dict[Path, int] = {}
 
 
 def missing() -> str | None:
@@ -108,6 +113,9 @@ def start(root: Path) -> dict[str, str]:
     """Start munged, slurmctld and slurmd with config and state under ``root``; the environment (``SLURM_CONF``)
     that sbatch / squeue / scontrol need. Raises RuntimeError (with the daemons' log tails) if one does not come up."""
     root = Path(root).resolve()
+    fd = os.open(LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another process's cluster is up
+    _held[root] = fd
     for sub in ("munge", "state", "spool"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "munge", 0o700)
@@ -164,6 +172,9 @@ def stop(root: Path) -> None:
             time.sleep(0.1)
         else:
             os.kill(pid, signal.SIGKILL)
+    fd = _held.pop(root, None)
+    if fd is not None:
+        os.close(fd)  # drops the flock: the next cluster may start
 
 
 if __name__ == "__main__":
