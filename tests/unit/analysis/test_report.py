@@ -437,3 +437,31 @@ def test_fair_protocol_pairs_qlora_with_lora_on_an_unquantised_base(tmp_path: Pa
     _, paired = report.fair_comparison(report.load_runs(tmp_path))
     row = paired[paired["reference"] == "LoRA on a 16/32-bit base"].iloc[0]
     assert row["pairs"] == 3 and row["diff"] == pytest.approx(-0.02) and "nf4" in row["config"]
+
+
+def test_packed_jobs_report_as_their_solo_runs(tmp_path: Path) -> None:
+    """A packed job's results.json adds ``packed_with``, ``pack_size`` and the pack's memory fields (issue 28): the
+    report's rows, fair table and paired differences are those of the same jobs run solo, and a sweep with some
+    jobs packed and some solo pools them as one arm (they are the same configuration)."""
+
+    def sweep(root: Path, packed: set[int]) -> None:
+        for i, (lr, seed) in enumerate((lr, s) for lr in (1e-3, 2e-3) for s in (1, 2, 3)):
+            extra = {}
+            if i in packed:
+                extra = {"packed_with": [f"job{j}" for j in packed if j != i], "pack_size": len(packed)}
+                extra |= {"mem_pack_predicted_peak_bytes": 3 * 2**30, "mem_solo_predicted_peak_bytes": 2**30}
+            acc = 0.7 + lr * 50 + seed / 100
+            write_result(root, f"job{i}", lr=lr, seed=seed, r=8, alpha=16, best_val_acc=acc, test_acc=acc, **extra)
+
+    sweep(tmp_path / "solo", set())
+    sweep(tmp_path / "packed", {0, 1, 2, 3, 4, 5})
+    sweep(tmp_path / "mixed", {0, 2, 4})
+    runs = {name: report.load_runs(tmp_path / name) for name in ("solo", "packed", "mixed")}
+    summaries = {name: report.summarize(df) for name, df in runs.items()}
+    cols = ["lr", "seeds", "test_acc", "test_acc_ci95"]
+    for name in ("packed", "mixed"):
+        assert summaries[name][cols].equals(summaries["solo"][cols]), name
+        table, paired = report.fair_comparison(runs[name])
+        solo_table, solo_paired = report.fair_comparison(runs["solo"])
+        assert table[["method", "lr", "test_acc"]].equals(solo_table[["method", "lr", "test_acc"]])
+    assert list(summaries["mixed"]["seeds"]) == [3, 3]  # packed and solo seeds pool in one arm per lr
