@@ -99,7 +99,8 @@ class PackRun:
     def pack(self, members: Sequence[int], rows: list[int], lengths: list[int]) -> pk.Pack:
         """The layout of one micro-step over ``members``."""
         cuda = [self.cuda_rng[k] for k in members] if self.cuda_rng else []
-        return pk.Pack(rows, lengths, max(lengths), [self.rng[k] for k in members], cuda)
+        slots = None if list(members) == self.live else [self.live.index(k) for k in members]
+        return pk.Pack(rows, lengths, max(lengths), [self.rng[k] for k in members], cuda, slots)
 
     def keep(self, members: Sequence[int], pack: pk.Pack) -> None:
         """Store the members' RNG states after a step."""
@@ -111,7 +112,7 @@ class PackRun:
     @contextlib.contextmanager
     def as_job(self, k: int) -> Iterator[None]:
         """The global RNG is job ``k``'s (checkpoints record it)."""
-        pack = self.pack([k], [0], [1])
+        pack = pk.Pack([0], [1], 1, [self.rng[k]], [self.cuda_rng[k]] if self.cuda_rng else [])
         with pk.job_rng(pack, k=0):
             yield
         self.keep([k], pack)
@@ -255,7 +256,9 @@ def micro_step(run: PackRun, members: list[int], batches: dict[int, dict[str, to
 
 def fit_pack(run: PackRun) -> None:
     """The solo loop (``loop.fit``) for every live job at once: one packed micro-step, then each job's update,
-    log, validation and checkpoint under its own RNG; a failing job leaves the pack."""
+    log, validation and checkpoint under its own RNG; a failing job leaves the pack. Jobs resumed from different
+    positions (a kill between two jobs' checkpoints) each skip what they did: a job trains in a micro-step only
+    from its own epoch and batch on, and only until its last step, as its solo run does."""
     jobs = run.jobs
     t = jobs[0].cfg.trainer
     start = time.perf_counter()
@@ -267,21 +270,26 @@ def fit_pack(run: PackRun) -> None:
             jobs[k].progress.train_seconds += now - start
         start = now
 
+    def training(k: int) -> bool:
+        return jobs[k].progress.step < jobs[k].total_steps
+
     for job in jobs:
         job.probe_at = None
         job.model.train()
-    for epoch in range(jobs[0].progress.epoch, t.epochs):
-        if not run.live or all(jobs[k].progress.step >= jobs[k].total_steps for k in run.live):
+    for epoch in range(min((jobs[k].progress.epoch for k in run.live), default=t.epochs), t.epochs):
+        # this epoch's jobs: not yet past it, not finished (a solo run resumed from its final checkpoint stops)
+        now_in = [k for k in run.live if jobs[k].progress.epoch <= epoch and training(k)]
+        if not now_in:
             break
-        epoch_state = {k: jobs[k].generator.get_state() for k in run.live}
+        epoch_state = {k: jobs[k].generator.get_state() for k in now_in}
         iters = {}
-        for k in run.live:
+        for k in now_in:
             jobs[k].progress.epoch = epoch
             iters[k] = iter(jobs[k].loaders.train)
-        n = len(jobs[run.live[0]].loaders.train)
+        n = len(jobs[now_in[0]].loaders.train)
         for i in range(n):
-            batches = {k: next(iters[k]) for k in run.live}
-            members = [k for k in run.live if i >= jobs[k].progress.batches_done]
+            batches = {k: next(iters[k]) for k in now_in if k in run.live and training(k)}
+            members = [k for k in batches if i >= jobs[k].progress.batches_done]
             if not members:
                 continue
             last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == n
@@ -296,10 +304,10 @@ def fit_pack(run: PackRun) -> None:
                 with run.guarded(k):
                     _after_update(jobs[k], epoch + (i + 1) / n, epoch_state[k])
             start = time.perf_counter()
-            if not run.live or all(jobs[k].progress.step >= jobs[k].total_steps for k in run.live):
+            if not any(k in run.live and training(k) for k in now_in):
                 break
         charge()
-        for k in list(run.live):
+        for k in [k for k in now_in if k in run.live]:
             with run.guarded(k):
                 _end_epoch(jobs[k], epoch, n)
         start = time.perf_counter()
@@ -416,8 +424,8 @@ def _check_shared(first: Job, job: Job) -> None:
     """``job`` really shares ``first``'s base: same fingerprint, same batch count, same epoch, no feature cache."""
     if job.model.base_fingerprint != first.model.base_fingerprint:
         raise ValueError(f"pack: {job.run_dir.name} has another base than {first.run_dir.name}")
-    if len(job.loaders.train) != len(first.loaders.train) or job.progress.epoch != first.progress.epoch:
-        raise ValueError(f"pack: {job.run_dir.name} is at another epoch or has other data than the pack")
+    if len(job.loaders.train) != len(first.loaders.train):
+        raise ValueError(f"pack: {job.run_dir.name} has other data than the pack")
     if job.cache is not None:
         raise ValueError(f"pack: {job.run_dir.name} uses a frozen-feature cache")
     if not any(True for _ in lora_layers(job.model)):

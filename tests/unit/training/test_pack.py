@@ -4,6 +4,7 @@ with base and LoRA dropout on and batches of different padded lengths; a divergi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,81 @@ def test_what_cannot_pack_says_why(tiny_cfg) -> None:
     assert torch.get_default_dtype() == torch.float32
 
 
-def test_an_interrupted_pack_resumes_bit_identical(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+RESUMABLE = JOBS[:2]
+
+
+@pytest.fixture(scope="module")
+def whole_pack(reviews: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, Path]:
+    """An uninterrupted pack of two jobs (2 epochs of 8 updates, checkpoints every 2 updates; dropout on): the
+    reference for the interrupted ones."""
+    tmp = tmp_path_factory.mktemp("whole")
+    cfgs = [packed_cfg(reviews, tmp, *job) for job in RESUMABLE]
+    whole = train_pack(cfgs, [tmp / "w0", tmp / "w1"], [False, False])
+    assert all(isinstance(r, dict) for r in whole)
+    return whole, tmp
+
+
+def packed_cfg(reviews: Path, tmp: Path, *overrides: str):
+    """``tiny_cfg``'s config, checkpoints every 2 updates, one thread (a module-scoped fixture cannot use the
+    function-scoped ``tiny_cfg``)."""
+    from tests.helpers.configs import make_cfg, tiny_run
+
+    shrink = ("logger=none", "trainer.epochs=2", "trainer.log_every=2", "optimizer.warmup_ratio=0.0")
+    return make_cfg(tiny_run(reviews, tmp, *shrink, "trainer.checkpoint_every=2", "trainer.num_threads=1", *overrides))
+
+
+def assert_same_as_whole(whole: list, tmp: Path, resumed: list, dirs: list[Path]) -> None:
+    for i, r in enumerate(resumed):
+        assert isinstance(r, dict) and r["resumed"], r
+        assert largest_relative_difference(tmp / f"w{i}" / ADAPTER, dirs[i] / ADAPTER) == 0.0
+        for key in ("test_loss", "test_acc", "test_pred_counts", "best_val_acc", "best_step", "steps"):
+            assert r[key] == whole[i][key], key
+        assert [h["val_loss"] for h in r["history"]] == [h["val_loss"] for h in whole[i]["history"]]
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL: nothing in the pack catches it, nothing after it is written."""
+
+
+@pytest.mark.parametrize("at", ["mid-epoch", "epoch end"])
+def test_a_pack_killed_between_its_jobs_checkpoints_resumes(
+    whole_pack, reviews: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str
+) -> None:
+    """A kill lands after job 0 wrote a checkpoint and before job 1 wrote its own for the same update: the jobs
+    resume from different positions (mid-epoch: steps 4 and 2; epoch end: epoch 1 start and epoch 0's last
+    update), and the pack still ends bit-identical to the uninterrupted one."""
+    from lora_exp.training import pack
+
+    whole, tmp = whole_pack
+    cfgs = [packed_cfg(reviews, tmp_path, *job) for job in RESUMABLE]
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    real_save = pack.save_checkpoint
+
+    def save_then_die(job, epoch_state) -> None:
+        real_save(job, epoch_state)
+        p = job.progress
+        if job.run_dir == dirs[0] and ((p.step, p.batches_done) == (4, 4) if at == "mid-epoch" else p.epoch == 1):
+            raise Killed
+
+    monkeypatch.setattr(pack, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_pack(cfgs, dirs, [False, False])
+    monkeypatch.setattr(pack, "save_checkpoint", real_save)
+    saved = [json.loads((d / "checkpoint" / "progress.json").read_text()) for d in dirs]
+    positions = [(s["epoch"], s["batches_done"], s["step"]) for s in saved]
+    assert positions == ([(0, 4, 4), (0, 2, 2)] if at == "mid-epoch" else [(1, 0, 8), (0, 8, 8)])
+    assert_same_as_whole(whole, tmp, train_pack(cfgs, dirs, [True, True]), dirs)
+
+
+def test_an_interrupted_pack_resumes_bit_identical(
+    whole_pack, reviews: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ctrl-C / SIGTERM mid-epoch: every job checkpoints and records preempted; the pack resumed from the jobs'
     own checkpoints ends with the adapters of an uninterrupted pack (dropout on: the RNG streams continue)."""
     from lora_exp.training import pack
 
-    cfgs = [tiny_cfg(*job, "trainer.checkpoint_every=2", "trainer.num_threads=1") for job in JOBS[:2]]
-    whole = train_pack(cfgs, [tmp_path / "w0", tmp_path / "w1"], [False, False])
-    assert all(isinstance(r, dict) for r in whole)
+    whole, tmp = whole_pack
+    cfgs = [packed_cfg(reviews, tmp_path, *job) for job in RESUMABLE]
     real_step = pack.optimizer_step
 
     def stop_at_5(job, timed: bool) -> None:
@@ -89,11 +157,7 @@ def test_an_interrupted_pack_resumes_bit_identical(tiny_cfg, tmp_path: Path, mon
     stopped = train_pack(cfgs, dirs, [False, False])
     assert [getattr(r, "kind", None) for r in stopped] == ["preempted", "preempted"]
     monkeypatch.setattr(pack, "optimizer_step", real_step)
-    resumed = train_pack(cfgs, dirs, [True, True])
-    for i, r in enumerate(resumed):
-        assert isinstance(r, dict) and r["resumed"], r
-        assert largest_relative_difference(tmp_path / f"w{i}" / ADAPTER, dirs[i] / ADAPTER) == 0.0
-        assert r["test_loss"] == whole[i]["test_loss"]
+    assert_same_as_whole(whole, tmp, train_pack(cfgs, dirs, [True, True]), dirs)
 
 
 def test_memory_model_of_a_pack(tiny_cfg, tmp_path: Path) -> None:
