@@ -5,7 +5,7 @@ micro-batches and applies job k's adapter, head and dropout to its rows ``[k*B:(
 weights (``share_base``): a copy of job 0's module tree whose parameters are job 0's tensors, where
 
 - each LoRA layer becomes a ``PackedAdapter``: the base ``nn.Linear`` once over every row, then each job's own
-  layer (any variant: LoRA, rsLoRA, DoRA, LoRA-FA, VeRA) on its rows, handed the base's output for them;
+  layer (any variant: LoRA, rsLoRA, DoRA, LoRA-FA, VeRA, AdaLoRA) on its rows, handed the base's output for them;
 - each head module becomes ``PackedRows`` (job k's head on job k's rows);
 - each ``nn.Dropout`` becomes ``PackedDropout``, and the attention function (sdpa or eager, attention-prob dropout
   inside) runs per job (``packed_attention``).
@@ -32,7 +32,7 @@ from torch import nn
 from lora_exp.adapters.layer import LoRALinear
 from lora_exp.adapters.targets import is_under
 
-PACKABLE_VARIANTS = ("lora", "dora", "lora_fa", "vera")  # AdaLoRA: its orthogonality term rides on model.loss
+PACKABLE_VARIANTS = ("lora", "dora", "lora_fa", "vera", "adalora")
 
 
 @dataclass

@@ -24,16 +24,18 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.adapters import adalora
 from lora_exp.adapters import packed as pk
 from lora_exp.adapters.params import variant_label, variant_of
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.identity import recorded
 from lora_exp.config.schema import typed_config
+from lora_exp.data import text as text_data
 from lora_exp.errors import TrainingFailure
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import RssPeak
 from lora_exp.training import checkpoint, interrupt, metrics, pruning
-from lora_exp.training.job import Job, setup
+from lora_exp.training.job import Job, ReadSplits, setup
 from lora_exp.training.loop import log_train_loss, optimizer_step, save_checkpoint, validate_now
 from lora_exp.training.results import finish, print_summary
 
@@ -245,6 +247,7 @@ def micro_step(run: PackRun, members: list[int], batches: dict[int, dict[str, to
     total = None
     for (_, a, b), job, batch in zip(pack.spans(), jobs, own):
         loss = row_loss(job.model, logits[a:b].float(), batch["labels"].to(job.device))
+        loss = _regularised(job, loss)
         job.loss_sum += loss.detach().float()
         job.loss_count += 1
         scaled = loss / group
@@ -252,6 +255,19 @@ def micro_step(run: PackRun, members: list[int], batches: dict[int, dict[str, to
         total = scaled if total is None else total + scaled
     assert total is not None
     total.backward()
+
+
+def _regularised(job: Job, loss: torch.Tensor) -> torch.Tensor:
+    """AdaLoRA's loss: HF's plus ``orth_reg_weight`` x its orthogonality term over this job's layers, as the hook
+    on its solo model adds it (``adapters.adalora.add_orthogonality``: inside the forward, under autocast); the
+    packed forward passes no labels, so the hook adds nothing there. Other variants: the loss as it is. (The rank
+    allocator needs nothing here: it is a hook on the job's own optimizer, run by its ``optimizer_step``.)"""
+    layers = [m for _, m in lora_layers(job.model) if isinstance(m, adalora.AdaLoraLinear)]
+    weight = float(job.cfg.lora.adalora.orth_reg_weight)
+    if not layers or weight <= 0:
+        return loss
+    with job.amp():
+        return loss + weight * adalora.orthogonality(layers)
 
 
 def fit_pack(run: PackRun) -> None:
@@ -342,10 +358,11 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     """Train the jobs as one pack; per job its results dict, or the exception that failed it (recorded by the
     caller as a solo failure is). The jobs must share ``base_key`` and be ``packable``."""
     names = [d.name for d in run_dirs]
-    with RssPeak() as rss, contextlib.ExitStack() as stack, shared_data():
+    read = shared_reader()
+    with RssPeak() as rss, contextlib.ExitStack() as stack:
         jobs, rng = [], []
         for cfg, run_dir, resume in zip(cfgs, run_dirs, resumes):
-            jobs.append(setup(cfg, run_dir, resume, rss))
+            jobs.append(setup(cfg, run_dir, resume, rss, read))
             rng.append(torch.get_rng_state())  # after restore_or_seed: the solo run's dropout stream
             _check_shared(jobs[0], jobs[-1])
             pk.share_base([jobs[0].model, jobs[-1].model])  # one base in memory from here on
@@ -397,27 +414,19 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     return out
 
 
-@contextlib.contextmanager
-def shared_data() -> Iterator[None]:
-    """While a pack is set up, jobs with the same ``data`` options get the same loaded splits (read and cleaned
-    once): the data read (``text.load_splits_counted``) memoised on the data config, so each job still runs its
-    own checks on them (``job.load_data``: labels against its ``trainer.monitor``); the splits are only read, each
-    job tokenises and batches them in its own order."""
-    from lora_exp.data import text as text_data
+def shared_reader() -> ReadSplits:
+    """The data read (``text.load_splits_counted``) for a pack's jobs, memoised on the data options: jobs with the
+    same ``data`` get the same splits (read and cleaned once; only read, each job tokenises and batches them in its
+    own order) and each job still runs its own checks on them (``job.load_data``: labels against its monitor)."""
+    memo: dict[str, Any] = {}
 
-    real, memo = text_data.load_splits_counted, {}
-
-    def load(data_cfg: Any) -> Any:
+    def read(data_cfg: Any) -> Any:
         key = json.dumps(dataclasses.asdict(data_cfg), sort_keys=True, default=str)
         if key not in memo:
-            memo[key] = real(data_cfg)
+            memo[key] = text_data.load_splits_counted(data_cfg)
         return memo[key]
 
-    text_data.load_splits_counted = load
-    try:
-        yield
-    finally:
-        text_data.load_splits_counted = real
+    return read
 
 
 def _check_shared(first: Job, job: Job) -> None:
