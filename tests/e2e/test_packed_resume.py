@@ -25,7 +25,7 @@ JOBS = ("0_lora", "1_lora")  # the job dirs (hydra.sweep.subdir)
 STEPS = 16  # 2 epochs x 8 updates (128 training examples / batch 16)
 
 
-def wait_for_step(proc: subprocess.Popen, progress: Path, step: int, timeout: float = 300) -> None:
+def wait_for_step(proc: subprocess.Popen, progress: Path, step: int, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "the pack finished before it could be killed"
