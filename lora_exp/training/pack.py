@@ -430,7 +430,8 @@ def shared_reader() -> ReadSplits:
 
 
 def _check_shared(first: Job, job: Job) -> None:
-    """``job`` really shares ``first``'s base: same fingerprint, same batch count, same epoch, no feature cache."""
+    """``job`` really shares ``first``'s base: same fingerprint, same batch count, no feature cache (its epoch and
+    step may differ: ``fit_pack`` starts each job where its checkpoint left it)."""
     if job.model.base_fingerprint != first.model.base_fingerprint:
         raise ValueError(f"pack: {job.run_dir.name} has another base than {first.run_dir.name}")
     if len(job.loaders.train) != len(first.loaders.train):
