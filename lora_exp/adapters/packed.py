@@ -5,7 +5,7 @@ micro-batches and applies job k's adapter, head and dropout to its rows ``[k*B:(
 weights (``share_base``): a copy of job 0's module tree whose parameters are job 0's tensors, where
 
 - each LoRA layer becomes a ``PackedAdapter``: the base ``nn.Linear`` once over every row, then each job's own
-  layer (any variant: LoRA, rsLoRA, DoRA, LoRA-FA, VeRA) on its rows, handed the base's output for them;
+  layer (any variant: LoRA, rsLoRA, DoRA, LoRA-FA, VeRA, AdaLoRA) on its rows, handed the base's output for them;
 - each head module becomes ``PackedRows`` (job k's head on job k's rows);
 - each ``nn.Dropout`` becomes ``PackedDropout``, and the attention function (sdpa or eager, attention-prob dropout
   inside) runs per job (``packed_attention``).
@@ -32,7 +32,7 @@ from torch import nn
 from lora_exp.adapters.layer import LoRALinear
 from lora_exp.adapters.targets import is_under
 
-PACKABLE_VARIANTS = ("lora", "dora", "lora_fa", "vera")  # AdaLoRA: its orthogonality term rides on model.loss
+PACKABLE_VARIANTS = ("lora", "dora", "lora_fa", "vera", "adalora")
 
 
 @dataclass
@@ -44,6 +44,12 @@ class Pack:
     length: int
     rng: list[torch.Tensor]  # CPU RNG state per job (the global generator's, swapped in for that job's draws)
     cuda_rng: list[torch.Tensor] = field(default_factory=list)
+    slots: list[int] | None = None  # each job's place in the packed model's jobs (None: the k-th is the k-th)
+
+    def slot(self, k: int) -> int:
+        """Which of the packed model's jobs the pack's ``k``-th job is (a step may leave jobs out: a resumed job
+        still behind the others trains alone until it has caught up)."""
+        return k if self.slots is None else self.slots[k]
 
     def spans(self) -> Iterator[tuple[int, int, int]]:
         """``(k, first row, end row)`` per job."""
@@ -153,7 +159,8 @@ class PackedRows(nn.Module):
         self.jobs = nn.ModuleList(modules)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return per_job(x, lambda k, piece: self.jobs[k](piece, *args, **kwargs), seq_dims_of(x))
+        pack = current()
+        return per_job(x, lambda k, piece: self.jobs[pack.slot(k)](piece, *args, **kwargs), seq_dims_of(x))
 
 
 class _Given(nn.Module):
@@ -191,7 +198,7 @@ class PackedAdapter(nn.Module):
         outs = []
         dims = seq_dims_of(x)
         for k, a, b in pack.spans():
-            layer, n = self.jobs[k], pack.lengths[k]
+            layer, n = self.jobs[pack.slot(k)], pack.lengths[k]
             xs, ys = x[a:b], base_out[a:b]
             if dims and xs.shape[1] == pack.length and n < pack.length:
                 xs, ys_cut = xs[:, :n].contiguous(), ys[:, :n]

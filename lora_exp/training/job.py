@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from lora_exp.models.build import build_model, sub_seeds
 from lora_exp.models.methods import count_parameters, model_facts
 from lora_exp.training import adalora_hooks, checkpoint, data_init, feature_cache
 
+ReadSplits = Callable[[Any], tuple[Any, dict[str, int]]]  # data options -> (raw splits, rows dropped by reason)
 CHECKED_UPDATES = 10  # the gradient checks run in the first update and in this one (LoRA moving)
 
 
@@ -122,10 +124,10 @@ def make_optimizer(model: torch.nn.Module, o: OptimizerConfig, device: torch.dev
     )
 
 
-def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Job:
+def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak, read: ReadSplits | None = None) -> Job:
     """Validate, record the resolved config, turn it into the schema's dataclasses (the one conversion: every
     step below reads ``Config``), then seed -> data -> model -> method -> optimizer -> schedule -> feature cache;
-    restore a checkpoint when resuming."""
+    restore a checkpoint when resuming. ``read``: how the raw splits are read (``load_data``)."""
     validate(composed)
     config = _prepare_run_dir(composed, run_dir)
     cfg = typed_config(composed)
@@ -134,7 +136,7 @@ def setup(composed: DictConfig, run_dir: Path, resume: bool, rss: RssPeak) -> Jo
     seeds = sub_seeds(t.seed)
     baseline = reset_memory(device)  # clean state before anything of this job is allocated
     baseline_reserved = reserved(device)
-    splits, labels, dropped = load_data(cfg)
+    splits, labels, dropped = load_data(cfg, read)
     tokenizer, model, head, adapted = build_model_for(cfg, labels, precision)
     counts = count_parameters(model, head)
     place_model(model, device, t.gradient_checkpointing)
@@ -235,11 +237,13 @@ def build_model_for(
     )
 
 
-def load_data(cfg: Config) -> tuple[Any, task_labels.Labels, dict[str, int]]:
+def load_data(cfg: Config, read: ReadSplits | None = None) -> tuple[Any, task_labels.Labels, dict[str, int]]:
     """Raw splits (tokenised once the model's limits are known), the task's labels (classes with their number and
     names, inferred from the training split unless ``data.num_labels`` is set, or scores) and the rows dropped by
-    reason (missing label, empty text, duplicate). One line when the labels cannot feed ``trainer.monitor``."""
-    splits, dropped = text_data.load_splits_counted(cfg.data)
+    reason (missing label, empty text, duplicate). One line when the labels cannot feed ``trainer.monitor``.
+    ``read``: reads the splits and the drop counts from ``cfg.data`` (default ``text.load_splits_counted``; a pack
+    passes one that reads them once for all its jobs)."""
+    splits, dropped = (read or text_data.load_splits_counted)(cfg.data)
     labels = task_labels.describe(splits["train"].features["label"])
     if cfg.trainer.monitor == "val/auc" and labels.num_labels != 2:
         raise LoraExpError(

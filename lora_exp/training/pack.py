@@ -24,16 +24,18 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp.adapters import adalora
 from lora_exp.adapters import packed as pk
 from lora_exp.adapters.params import variant_label, variant_of
 from lora_exp.adapters.targets import lora_layers
 from lora_exp.config.identity import recorded
 from lora_exp.config.schema import typed_config
+from lora_exp.data import text as text_data
 from lora_exp.errors import TrainingFailure
 from lora_exp.measure import memory, tracking
 from lora_exp.measure.timing import RssPeak
 from lora_exp.training import checkpoint, interrupt, metrics, pruning
-from lora_exp.training.job import Job, setup
+from lora_exp.training.job import Job, ReadSplits, setup
 from lora_exp.training.loop import log_train_loss, optimizer_step, save_checkpoint, validate_now
 from lora_exp.training.results import finish, print_summary
 
@@ -102,7 +104,8 @@ class PackRun:
     def pack(self, members: Sequence[int], rows: list[int], lengths: list[int]) -> pk.Pack:
         """The layout of one micro-step over ``members``."""
         cuda = [self.cuda_rng[k] for k in members] if self.cuda_rng else []
-        return pk.Pack(rows, lengths, max(lengths), [self.rng[k] for k in members], cuda)
+        slots = None if list(members) == self.live else [self.live.index(k) for k in members]
+        return pk.Pack(rows, lengths, max(lengths), [self.rng[k] for k in members], cuda, slots)
 
     def keep(self, members: Sequence[int], pack: pk.Pack) -> None:
         """Store the members' RNG states after a step."""
@@ -114,7 +117,7 @@ class PackRun:
     @contextlib.contextmanager
     def as_job(self, k: int) -> Iterator[None]:
         """The global RNG is job ``k``'s (checkpoints record it)."""
-        pack = self.pack([k], [0], [1])
+        pack = pk.Pack([0], [1], 1, [self.rng[k]], [self.cuda_rng[k]] if self.cuda_rng else [])
         with pk.job_rng(pack, k=0):
             yield
         self.keep([k], pack)
@@ -247,6 +250,7 @@ def micro_step(run: PackRun, members: list[int], batches: dict[int, dict[str, to
     total = None
     for (_, a, b), job, batch in zip(pack.spans(), jobs, own):
         loss = row_loss(job.model, logits[a:b].float(), batch["labels"].to(job.device))
+        loss = _regularised(job, loss)
         job.loss_sum += loss.detach().float()
         job.loss_count += 1
         scaled = loss / group
@@ -256,9 +260,24 @@ def micro_step(run: PackRun, members: list[int], batches: dict[int, dict[str, to
     total.backward()
 
 
+def _regularised(job: Job, loss: torch.Tensor) -> torch.Tensor:
+    """AdaLoRA's loss: HF's plus ``orth_reg_weight`` x its orthogonality term over this job's layers, as the hook
+    on its solo model adds it (``adapters.adalora.add_orthogonality``: inside the forward, under autocast); the
+    packed forward passes no labels, so the hook adds nothing there. Other variants: the loss as it is. (The rank
+    allocator needs nothing here: it is a hook on the job's own optimizer, run by its ``optimizer_step``.)"""
+    layers = [m for _, m in lora_layers(job.model) if isinstance(m, adalora.AdaLoraLinear)]
+    weight = float(job.cfg.lora.adalora.orth_reg_weight)
+    if not layers or weight <= 0:
+        return loss
+    with job.amp():
+        return loss + weight * adalora.orthogonality(layers)
+
+
 def fit_pack(run: PackRun) -> None:
     """The solo loop (``loop.fit``) for every live job at once: one packed micro-step, then each job's update,
-    log, validation and checkpoint under its own RNG; a failing job leaves the pack."""
+    log, validation and checkpoint under its own RNG; a failing job leaves the pack. Jobs resumed from different
+    positions (a kill between two jobs' checkpoints) each skip what they did: a job trains in a micro-step only
+    from its own epoch and batch on, and only until its last step, as its solo run does."""
     jobs = run.jobs
     t = jobs[0].cfg.trainer
     start = time.perf_counter()
@@ -270,21 +289,26 @@ def fit_pack(run: PackRun) -> None:
             jobs[k].progress.train_seconds += now - start
         start = now
 
+    def training(k: int) -> bool:
+        return jobs[k].progress.step < jobs[k].total_steps
+
     for job in jobs:
         job.probe_at = None
         job.model.train()
-    for epoch in range(jobs[0].progress.epoch, t.epochs):
-        if not run.live or all(jobs[k].progress.step >= jobs[k].total_steps for k in run.live):
+    for epoch in range(min((jobs[k].progress.epoch for k in run.live), default=t.epochs), t.epochs):
+        # this epoch's jobs: not yet past it, not finished (a solo run resumed from its final checkpoint stops)
+        now_in = [k for k in run.live if jobs[k].progress.epoch <= epoch and training(k)]
+        if not now_in:
             break
-        epoch_state = {k: jobs[k].generator.get_state() for k in run.live}
+        epoch_state = {k: jobs[k].generator.get_state() for k in now_in}
         iters = {}
-        for k in run.live:
+        for k in now_in:
             jobs[k].progress.epoch = epoch
             iters[k] = iter(jobs[k].loaders.train)
-        n = len(jobs[run.live[0]].loaders.train)
+        n = len(jobs[now_in[0]].loaders.train)
         for i in range(n):
-            batches = {k: next(iters[k]) for k in run.live}
-            members = [k for k in run.live if i >= jobs[k].progress.batches_done]
+            batches = {k: next(iters[k]) for k in now_in if k in run.live and training(k)}
+            members = [k for k in batches if i >= jobs[k].progress.batches_done]
             if not members:
                 continue
             last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == n
@@ -299,10 +323,10 @@ def fit_pack(run: PackRun) -> None:
                 with run.guarded(k):
                     _after_update(jobs[k], epoch + (i + 1) / n, epoch_state[k])
             start = time.perf_counter()
-            if not run.live or all(jobs[k].progress.step >= jobs[k].total_steps for k in run.live):
+            if not any(k in run.live and training(k) for k in now_in):
                 break
         charge()
-        for k in list(run.live):
+        for k in [k for k in now_in if k in run.live]:
             with run.guarded(k):
                 _end_epoch(jobs[k], epoch, n)
         start = time.perf_counter()
@@ -337,10 +361,11 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     """Train the jobs as one pack; per job its results dict, or the exception that failed it (recorded by the
     caller as a solo failure is). The jobs must share ``base_key`` and be ``packable``."""
     names = [d.name for d in run_dirs]
-    with RssPeak() as rss, contextlib.ExitStack() as stack, shared_data():
+    read = shared_reader()
+    with RssPeak() as rss, contextlib.ExitStack() as stack:
         jobs, rng = [], []
         for cfg, run_dir, resume in zip(cfgs, run_dirs, resumes):
-            jobs.append(setup(cfg, run_dir, resume, rss))
+            jobs.append(setup(cfg, run_dir, resume, rss, read))
             rng.append(torch.get_rng_state())  # after restore_or_seed: the solo run's dropout stream
             _check_shared(jobs[0], jobs[-1])
             pk.share_base([jobs[0].model, jobs[-1].model])  # one base in memory from here on
@@ -392,35 +417,28 @@ def train_pack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resumes: Se
     return out
 
 
-@contextlib.contextmanager
-def shared_data() -> Iterator[None]:
-    """While a pack is set up, jobs with the same ``data`` options get the same loaded splits (read and cleaned
-    once): the data read (``text.load_splits_counted``) memoised on the data config, so each job still runs its
-    own checks on them (``job.load_data``: labels against its ``trainer.monitor``); the splits are only read, each
-    job tokenises and batches them in its own order."""
-    from lora_exp.data import text as text_data
+def shared_reader() -> ReadSplits:
+    """The data read (``text.load_splits_counted``) for a pack's jobs, memoised on the data options: jobs with the
+    same ``data`` get the same splits (read and cleaned once; only read, each job tokenises and batches them in its
+    own order) and each job still runs its own checks on them (``job.load_data``: labels against its monitor)."""
+    memo: dict[str, Any] = {}
 
-    real, memo = text_data.load_splits_counted, {}
-
-    def load(data_cfg: Any) -> Any:
+    def read(data_cfg: Any) -> Any:
         key = json.dumps(dataclasses.asdict(data_cfg), sort_keys=True, default=str)
         if key not in memo:
-            memo[key] = real(data_cfg)
+            memo[key] = text_data.load_splits_counted(data_cfg)
         return memo[key]
 
-    text_data.load_splits_counted = load
-    try:
-        yield
-    finally:
-        text_data.load_splits_counted = real
+    return read
 
 
 def _check_shared(first: Job, job: Job) -> None:
-    """``job`` really shares ``first``'s base: same fingerprint, same batch count, same epoch, no feature cache."""
+    """``job`` really shares ``first``'s base: same fingerprint, same batch count, no feature cache (its epoch and
+    step may differ: ``fit_pack`` starts each job where its checkpoint left it)."""
     if job.model.base_fingerprint != first.model.base_fingerprint:
         raise ValueError(f"pack: {job.run_dir.name} has another base than {first.run_dir.name}")
-    if len(job.loaders.train) != len(first.loaders.train) or job.progress.epoch != first.progress.epoch:
-        raise ValueError(f"pack: {job.run_dir.name} is at another epoch or has other data than the pack")
+    if len(job.loaders.train) != len(first.loaders.train):
+        raise ValueError(f"pack: {job.run_dir.name} has other data than the pack")
     if job.cache is not None:
         raise ValueError(f"pack: {job.run_dir.name} uses a frozen-feature cache")
     if not any(True for _ in lora_layers(job.model)):
