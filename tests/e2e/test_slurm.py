@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import slurm_cluster
+from tests.helpers.configs import tiny_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
@@ -160,41 +161,28 @@ def test_requeued_job_resumes_bit_identical_and_counts_once(cluster, reviews: Pa
     assert len(rows) == 2 and "Failed jobs" not in report.stdout  # results.failed-0.json is not counted
 
 
-def test_a_pack_runs_as_one_slurm_job(cluster, reviews: Path, tmp_path: Path) -> None:
+def test_a_pack_runs_as_one_slurm_job(cluster, reviews: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``hydra/launcher=packed hydra.launcher.under=slurm``: a pack of 2 is ONE SLURM job (one array task), its
     jobs both finish with their pack-mate recorded."""
     from omegaconf import OmegaConf
 
-    env = {
-        **os.environ,
-        **cluster,
-        "WANDB_SILENT": "true",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    from tests.helpers.processes import cli
+
+    for key, value in cluster.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     sweep_dir = tmp_path / "sweep"
     slurm = ("partition=debug", "gpus_per_node=0", "cpus_per_task=1", "mem_gb=2", "timeout_min=10", "poll_s=1")
     args = [
+        "-m",
         "hydra/launcher=packed",
         "hydra.launcher.under=slurm",
         *(f"hydra.launcher.slurm.{s}" for s in slurm),
         "optimizer.lr=1e-3,2e-3",
         f"hydra.sweep.dir={sweep_dir}",
-        "model=tiny_bert",
-        f"data.path={reviews}",
-        f"data.cache_dir={tmp_path / 'hf'}",
-        "logger=none",
-        "trainer.max_steps=4",
-        "trainer.batch_size=16",
-        "trainer.device=cpu",
+        *tiny_run(reviews, tmp_path, "trainer.max_steps=4", "logger=none"),
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_exp", "-m", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 job(s) -> 1 pack(s) of [2], 0 solo, under slurm" in proc.stdout
     submitted = proc.stdout.split("submitted 1 job(s) to SLURM: ", 1)[1].split()[0]
