@@ -124,24 +124,30 @@ def ran_out_line(job_id: str, run_dir: Path, sweep_dir: Path) -> str | None:
     )
 
 
+def slurm_executor(settings: dict[str, Any]) -> tuple[Any, float]:
+    """A submitit SLURM executor from the settings of conf/hydra/launcher/slurm.yaml (resolved), and ``poll_s``."""
+    import submitit
+
+    quiet_sacct()
+    params = {k: v for k, v in settings.items() if k != "_target_"}
+    poll_s = float(params.pop("poll_s", 10))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name"}
+    base.add("stderr_to_stdout")
+    if not params.get("gpus_per_node"):  # 0: no GPU requested (a CPU-only partition, the local test cluster)
+        params["gpus_per_node"] = None
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    return executor, poll_s
+
+
 class SlurmLauncher(_SubmititSlurm):
     """submitit's SLURM launcher whose results are the jobs' last attempts (see the module's docstring)."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Submit the jobs as one array, wait for their last attempts, and return what those recorded."""
-        import submitit
-
-        quiet_sacct()
-        params = dict(self.params)
-        poll_s = float(params.pop("poll_s", 10))
-        executor = submitit.AutoExecutor(
-            cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
-        )
-        base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name"}
-        base.add("stderr_to_stdout")
-        if not params.get("gpus_per_node"):  # 0: no GPU requested (a CPU-only partition, the local test cluster)
-            params["gpus_per_node"] = None
-        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+        executor, poll_s = slurm_executor(self.params)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         nums = range(initial_job_idx, initial_job_idx + len(job_overrides))

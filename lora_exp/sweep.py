@@ -102,6 +102,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         register_plugins(config)
+        check_launcher(config)
         interrupt.install(escalate=True, then=forward_to_workers)
         use_interruptible_loky()
 
@@ -121,6 +122,22 @@ class SweepCallback(Callback):
             name = stopped.signal_name or "SIGINT"
             print(stopped_line(sweep_dir, name), file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.Signals[name].value)
+
+
+def check_launcher(config: DictConfig) -> None:
+    """``hydra/launcher=packed``: its options (``pack``, ``under``, ``n_jobs``) checked before Hydra builds the
+    launcher, a bad one refused in one line (exit 2), as the rest of the config is."""
+    node = config.hydra.launcher
+    if not str(node.get("_target_", "")).endswith(".PackedLauncher"):
+        return
+    from lora_exp.errors import LoraExpError
+    from lora_exp.pack_launcher import check_options
+
+    try:
+        check_options(node.get("pack"), node.get("under"), node.get("n_jobs"))
+    except LoraExpError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def register_plugins(config: DictConfig) -> None:

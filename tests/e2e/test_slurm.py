@@ -2,6 +2,7 @@
 job requeued mid-run with ``scontrol requeue`` (what preemption does: SIGTERM), the other sent SIGUSR2 (what SLURM
 sends ``signal_delay_s`` before the time limit: the job requeues itself). The requeued job ends bit-identical to an
 uninterrupted run with the same W&B run id, the sweep's summary counts both as finished, the report has both rows.
+And ``hydra/launcher=packed hydra.launcher.under=slurm``: a pack of 2 LoRA jobs runs as ONE SLURM job.
 
 Needs root and Debian's slurm-wlm + munge (``.ci/run`` installs them); skipped with the reason otherwise.
 """
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import slurm_cluster
+from tests.helpers.configs import tiny_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
@@ -157,3 +159,38 @@ def test_requeued_job_resumes_bit_identical_and_counts_once(cluster, reviews: Pa
     assert report.returncode == 0, report.stderr[-2000:]
     rows = [line for line in report.stdout.splitlines() if line.startswith("| ") and "config" not in line]
     assert len(rows) == 2 and "Failed jobs" not in report.stdout  # results.failed-0.json is not counted
+
+
+def test_a_pack_runs_as_one_slurm_job(cluster, reviews: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hydra/launcher=packed hydra.launcher.under=slurm``: a pack of 2 is ONE SLURM job (one array task), its
+    jobs both finish with their pack-mate recorded."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers.processes import cli
+
+    for key, value in cluster.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    sweep_dir = tmp_path / "sweep"
+    slurm = ("partition=debug", "gpus_per_node=0", "cpus_per_task=1", "mem_gb=2", "timeout_min=10", "poll_s=1")
+    args = [
+        "-m",
+        "hydra/launcher=packed",
+        "hydra.launcher.under=slurm",
+        *(f"hydra.launcher.slurm.{s}" for s in slurm),
+        "optimizer.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={sweep_dir}",
+        *tiny_run(reviews, tmp_path, "trainer.max_steps=4", "logger=none"),
+    ]
+    proc = cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 job(s) -> 1 pack(s) of [2], 0 solo, under slurm" in proc.stdout
+    submitted = proc.stdout.split("submitted 1 job(s) to SLURM: ", 1)[1].split()[0]
+    tasks = sorted((sweep_dir / ".submitit").glob("*/*_log.out"))
+    assert len(tasks) == 1, tasks  # one SLURM job (one array task) for the whole pack
+    assert "pack of 2 (#0 #1) in process" in tasks[0].read_text()
+    for run_dir, mate in ((sweep_dir / "0_lora", "1_lora"), (sweep_dir / "1_lora", "0_lora")):
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "ok" and results["packed_with"] == [mate] and results["pack_size"] == 2
+        job_id = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.id
+        assert str(job_id).split("_")[0] == submitted  # both jobs ran in that SLURM job
