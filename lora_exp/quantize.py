@@ -149,10 +149,10 @@ def dequant_buffer_bytes(module: nn.Module) -> int:
 
 
 def keeps_input(module: nn.Module) -> bool:
-    """Whether a layer's bitsandbytes autograd function keeps its input alive for backward as a plain attribute
-    (``ctx.A``), out of sight of ``saved_tensors_hooks``: ``Linear8bitLt`` (``MatMul8bitFp`` on a CPU, where it
-    computes the weight gradient's ingredients in backward; ``MatMul8bitLt`` on CUDA, its ``ctx.tensors``).
-    The 4-bit ``MatMul4Bit`` keeps only the packed weight."""
+    """Whether a layer's bitsandbytes autograd function keeps its input alive for backward as a plain attribute,
+    out of sight of ``saved_tensors_hooks``: ``Linear8bitLt`` (``MatMul8bitFp`` on a CPU: ``ctx.A``, kept even
+    when only the input's gradient is needed; ``MatMul8bitLt`` on CUDA: ``ctx.tensors``). The 4-bit
+    ``MatMul4Bit`` keeps only the packed weight."""
     return is_quantized(module) and type(module).__name__ == "Linear8bitLt"
 
 
