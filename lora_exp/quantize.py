@@ -15,6 +15,7 @@ move with the model; on CUDA bitsandbytes then runs its GPU kernels, on a CPU it
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,6 +146,27 @@ def dequant_buffer_bytes(module: nn.Module) -> int:
     dtype = getattr(module, "compute_dtype", None) or torch.float32
     cast = 0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8
     return module.out_features * module.in_features * (4 + cast)
+
+
+def keeps_input(module: nn.Module) -> bool:
+    """Whether a layer's bitsandbytes autograd function keeps its input alive for backward as a plain attribute,
+    out of sight of ``saved_tensors_hooks``: ``Linear8bitLt`` (``MatMul8bitFp`` on a CPU: ``ctx.A``, kept even
+    when only the input's gradient is needed; ``MatMul8bitLt`` on CUDA: ``ctx.tensors``). The 4-bit
+    ``MatMul4Bit`` keeps only the packed weight."""
+    return is_quantized(module) and type(module).__name__ == "Linear8bitLt"
+
+
+def watch_kept_inputs(model: nn.Module, record: Callable[[torch.Tensor], Any]) -> list[Any]:
+    """Forward pre-hooks on every layer that ``keeps_input``: ``record(x)`` for each input the graph will keep
+    (grad enabled and ``x`` requiring grad: the autograd node exists then, and lives until backward reaches it,
+    with gradient checkpointing too). Returns the hook handles (``.remove()`` each)."""
+
+    def hook(_: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if torch.is_tensor(x) and x.requires_grad and torch.is_grad_enabled():
+            record(x)
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if keeps_input(m)]
 
 
 def quant_summary(model: nn.Module) -> dict[str, int]:

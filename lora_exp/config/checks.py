@@ -166,6 +166,12 @@ def _quant_checks(e: list[str], cfg: DictConfig) -> None:
             f"lora.init=lora_ga needs W0's full gradient and rewrites W0, which a quantised base "
             f"(model.base_dtype={kind}) has neither of; use another lora.init or model.base_dtype=fp32|bf16"
         )
+    if cfg.method.name == "lora" and cfg.lora.init == "olora":
+        e.append(
+            f"lora.init=olora on a quantised base (model.base_dtype={kind}) differs from PEFT's, which takes the QR of "
+            "the already-quantised W0 and quantises the residual again; use another lora.init or "
+            "model.base_dtype=fp32|bf16"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         e.append(f"model.base_dtype={kind} needs bitsandbytes, which is not installed: pip install 'lora-exp[{EXTRA}]'")
 

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_exp.errors import LoraExpError
 from lora_exp.measure import timing
-from lora_exp.quantize import quant_summary
+from lora_exp.quantize import quant_summary, watch_kept_inputs
 
 
 class _CastRecorder(TorchDispatchMode):
@@ -77,6 +77,10 @@ class SavedTensorMeter:
     ``torch.compile``d model may run eagerly under the dispatch mode, so the sampled step can measure the
     eager graph; tensors saved inside a gradient-checkpointed block are packed by the checkpoint's own hooks
     (nothing is kept), while the block's inputs, which checkpoint saves, are counted.
+
+    An int8 base (bitsandbytes ``Linear8bitLt``) keeps each layer's input for backward as an attribute of its
+    autograd node, which the pack hook never sees: with ``model`` given, those inputs are counted too (by
+    storage, like the rest; ``quantize.watch_kept_inputs``), with gradient checkpointing as well.
     """
 
     def __init__(self, model: nn.Module | None = None, exclude: Iterable[torch.Tensor] = ()):
@@ -90,6 +94,7 @@ class SavedTensorMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._casts = _CastRecorder(self._param_ptrs)
         self._alive: dict[StorageWeakRef, int] = {}
+        self._model, self._kept_hooks = model, []
         self.activations_bytes = 0
         self.autocast_copies_bytes = 0
         self.saved_storages = 0
@@ -114,9 +119,13 @@ class SavedTensorMeter:
         self._casts.__enter__()
         self._saved.clear()
         self._storageless = 0
+        if self._model is not None:
+            self._kept_hooks = watch_kept_inputs(self._model, self._pack)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        for h in self._kept_hooks:
+            h.remove()
         self._casts.__exit__(*exc)
         self._hooks.__exit__(*exc)
         alive = {ref: n for ref, n in self._saved.items() if not ref.expired()}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from lora_exp import inference
 from lora_exp.commands import export_peft
@@ -20,6 +19,7 @@ from lora_exp.training import loop
 from lora_exp.training.job import build_model_for
 from lora_exp.training.rundir import recorded_config
 from tests.helpers.configs import make_cfg, tiny_run
+from tests.helpers.quant import quantise_like_a_client
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -39,27 +39,6 @@ def qlora_run(tmp_path_factory: pytest.TempPathFactory, reviews: Path) -> Path:
     result = loop.train(make_cfg(overrides), root / "run")
     assert result["status"] == "ok" and result["base_dtype"] == "nf4"
     return root / "run"
-
-
-def quantise_like_a_client(model: nn.Module) -> int:
-    """What a PEFT user does on a CPU, with bitsandbytes directly: each block Linear becomes a ``Linear4bit``
-    (nf4, double quant, fp32 compute), loaded from the fp32 weights and quantised by ``.to("cpu")``."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and ".layer." in n]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        lin = model.get_submodule(name)
-        q = bnb.nn.Linear4bit(
-            lin.in_features,
-            lin.out_features,
-            bias=lin.bias is not None,
-            compute_dtype=torch.float32,
-            compress_statistics=True,
-            quant_type="nf4",
-        )
-        q.load_state_dict(lin.state_dict())
-        setattr(model.get_submodule(parent), child, q.to("cpu"))
-    model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model: PEFT then picks its bnb LoRA layers
-    return len(names)
 
 
 def test_export_peft_of_a_qlora_run_equals_peft_on_bitsandbytes_layers(qlora_run: Path, tmp_path: Path) -> None:

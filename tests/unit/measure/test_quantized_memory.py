@@ -77,3 +77,54 @@ def test_counted_state_of_a_4bit_and_an_8bit_layer() -> None:
 def test_predicted_peak_carries_one_dequantised_layer() -> None:
     plain = memory.predicted_peak_bytes(100, 10, 20, 50, 0)
     assert memory.predicted_peak_bytes(100, 10, 20, 50, 0, dequant_buffer=7) == plain + 7
+
+
+def _int8_kept_inputs(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs bitsandbytes' int8 autograd nodes hold as ``ctx.A``, found by walking the graph (the node of a
+    custom autograd Function is its ctx)."""
+    kept, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in ("MatMul8bitFpBackward", "MatMul8bitLtBackward") and node.A is not None:
+            kept.append(node.A)
+        stack.extend(f for f, _ in node.next_functions)
+    return kept
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meter_counts_the_inputs_an_int8_base_keeps_for_backward(tiny_cfg, checkpointing: bool) -> None:  # noqa: ANN001
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from lora_exp.config.schema import typed_config
+    from lora_exp.training.job import build_model_for
+
+    _, model, _, _ = build_model_for(typed_config(tiny_cfg("method=lora", "model.base_dtype=int8")))
+    if checkpointing:
+        memory.enable_gradient_checkpointing(model)
+    model.train()
+    batch = {"input_ids": torch.randint(5, 100, (8, 24), generator=torch.Generator().manual_seed(0))}
+    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # autograd's saved tensors, by storage, as the meter counts them
+        if t.untyped_storage().data_ptr() not in frozen:
+            saved[StorageWeakRef(t.untyped_storage())] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch, labels=torch.zeros(8, dtype=torch.long)).loss
+    kept = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes() for t in _int8_kept_inputs(loss)}
+    assert len(kept) >= 2 * 3  # per block at least: the attention output's, the FFN's two inputs
+    hooks_only = sum(n for ref, n in saved.items() if not ref.expired())
+    expected = sum(n for ref, n in {**saved, **kept}.items() if not ref.expired())
+    del loss
+    with memory.SavedTensorMeter(model) as meter:
+        loss = model(**batch, labels=torch.zeros(8, dtype=torch.long)).loss
+    loss.backward()
+    assert meter.activations_bytes == expected > hooks_only  # int8's kept inputs are real, and now counted
+    with memory.SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()]) as blind:  # no model: as before
+        loss = model(**batch, labels=torch.zeros(8, dtype=torch.long)).loss
+    assert blind.activations_bytes == hooks_only

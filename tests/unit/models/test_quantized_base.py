@@ -114,6 +114,7 @@ def test_block_linears_of_whisper_are_its_encoder_layers() -> None:
     [
         (["method=full"], r"model.base_dtype=nf4 quantises the frozen base, but method=full trains every weight"),
         (["lora.init=lora_ga"], r"lora.init=lora_ga needs W0's full gradient and rewrites W0"),
+        (["lora.init=olora"], r"^lora.init=olora on a quantised base .*differs from PEFT's"),
     ],
 )
 def test_refused_before_any_work(overrides: list[str], message: str) -> None:
