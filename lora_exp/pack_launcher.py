@@ -2,7 +2,7 @@
 share the base side (``training.pack.base_key``: model, data and cleaning, max length, batch size, epochs,
 precision, base dtype, the frozen-base method) train in packs of at most ``pack`` jobs in one process, the frozen
 base running once per step for all of them (``training.pack``). Jobs that cannot pack (``training.pack.packable``:
-full fine-tuning, AdaLoRA, a base-rewriting init, ...) or that are alone on their base side run as the basic
+full fine-tuning, a base-rewriting init, ...) or that are alone on their base side run as the basic
 launcher runs them, in the same sweep.
 
 Each packed job is still a Hydra job: its own job dir (``.hydra/``, ``config.yaml``), ``results.json`` (with
