@@ -119,6 +119,9 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return _digest(_identity(_resolved(cfg)))
 
 
+METHOD_LR_ROUTES = ("lr", "lr_grid")  # method keys that only pick optimizer.lr (with the top-level lr_index)
+
+
 def _group_identity(cfg: DictConfig | dict, compute: dict | None = None) -> dict:
     """What a job computes except its seed: the settings that apply (``recorded``), with the learning rate
     only as the optimizer uses it (``method.lr``, ``method.lr_grid`` and ``lr_index`` only route to it).
@@ -131,7 +134,7 @@ def _group_identity(cfg: DictConfig | dict, compute: dict | None = None) -> dict
     ident = _identity(without(resolved, _hash_drops(resolved)))
     ident.pop("lr_index", None)
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k != "seed"}
-    ident["method"] = {k: v for k, v in ident.get("method", {}).items() if k not in ("lr", "lr_grid")}
+    ident["method"] = {k: v for k, v in ident.get("method", {}).items() if k not in METHOD_LR_ROUTES}
     if compute:
         ident["trainer"].update(device=compute["device"], precision=compute["precision"], gpu=compute.get("gpu"))
         ident["model"] = {**ident.get("model", {}), "base_dtype": compute["base_dtype"]}

@@ -28,7 +28,7 @@ from lora_exp.adapters import adalora
 from lora_exp.adapters import packed as pk
 from lora_exp.adapters.params import variant_label, variant_of
 from lora_exp.adapters.targets import lora_layers
-from lora_exp.config.identity import recorded
+from lora_exp.config.identity import METHOD_LR_ROUTES, recorded
 from lora_exp.config.schema import typed_config
 from lora_exp.data import text as text_data
 from lora_exp.errors import TrainingFailure
@@ -41,7 +41,6 @@ from lora_exp.training.results import finish, print_summary
 
 SOLO_INITS = ("pissa", "olora", "lora_ga")  # these rewrite W0: each job has its own base
 ADAPTER_SIDE = {"lora", "optimizer", "logger", "resume", "skip_done", "sweep_name", "lr_index", "save_weights"}
-METHOD_ADAPTER_SIDE = {"lr", "lr_grid"}  # they only pick optimizer.lr (the fair sweep's lr_index into lr_grid)
 TRAINER_ADAPTER_SIDE = {"seed", "max_grad_norm", "keep_checkpoint", "memory_probe", "profile_every"}
 
 
@@ -73,7 +72,7 @@ def base_key(cfg: DictConfig) -> str:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     key = {k: v for k, v in resolved.items() if k not in ADAPTER_SIDE}
-    key["method"] = {k: v for k, v in key.get("method", {}).items() if k not in METHOD_ADAPTER_SIDE}
+    key["method"] = {k: v for k, v in key.get("method", {}).items() if k not in METHOD_LR_ROUTES}
     trainer = {k: v for k, v in key.get("trainer", {}).items() if k not in TRAINER_ADAPTER_SIDE}
     if cfg.model.get("source") == "tiny":
         trainer["seed"] = cfg.trainer.seed
